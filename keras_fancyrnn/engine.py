@@ -1,0 +1,209 @@
+"""The one recurrence engine every keras_fancyrnn layer runs on.
+
+A layer hands the engine its cell and its inputs; the engine owns everything that is about *time*:
+
+* the **hoisted input projection**: ``x_t W + b`` for all timesteps is one matmul before the loop
+  (``cell.project_inputs``); only ``h_{t-1} U`` runs inside the loop (``cell.step``);
+* variational dropout masks (one mask per sequence, as Keras), masking, direction, initial states;
+* truncated BPTT (``bptt_truncate=k``): every gradient flows back at most ``k`` steps;
+* the diagnostics probe: a zero tensor ``p_t`` added to each state after each step, so that
+  ``∂ℓ/∂p_t`` is the *total* derivative ``∂ℓ/∂h_t`` through the recurrence.
+
+The engine never imports a cell class. A cell it can run has
+
+* ``state_size`` (int or list of ints) and ``get_initial_state(batch_size)``;
+* ``project_inputs(x, dropout_mask) -> xp`` for ``x`` of shape ``[..., D]``;
+* ``step(xp_t, states, recurrent_mask) -> (output, new_states)`` with ``output`` equal to
+  ``new_states[0]`` (the hidden state ``h_t``);
+* the Keras ``DropoutRNNCell`` mask API (``get_dropout_mask`` …).
+
+Truncation (the WildML tutorial's ``bptt_truncate``): the gradient of the output at step ``t``
+reaches ``h_t, h_{t-1}, …, h_{t-k}`` and no further, i.e. every Jacobian product
+``∂h_t/∂h_s`` with ``t - s > k`` is cut, while forward values are unchanged. The engine realises
+this exactly with ``k + 1`` copies of the state stacked along the batch axis: copy ``j`` at step
+``t`` is computed from copy ``j - 1`` at step ``t - 1`` and copy 0 is a ``stop_gradient``; outputs
+are read from the top copy. Every copy holds the same value, so the forward pass is unchanged and
+a gradient can pass through at most ``k`` steps. Cost: ``k + 1`` times the per-step work, so it is
+only used where ``k < T - 1`` (otherwise truncation changes nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from keras_fancyrnn._tf import tf
+
+
+def _as_list(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _tile_batch(x, copies: int):
+    """Stacks ``copies`` copies of ``x`` along axis 0 (the batch axis)."""
+    if x is None:
+        return None
+    if isinstance(x, (list, tuple)):
+        return [_tile_batch(e, copies) for e in x]
+    return tf.concat([x] * copies, axis=0) if copies > 1 else x
+
+
+def _where(mask_t, new, old):
+    """``new`` where ``mask_t`` ([B] bool) is true, else ``old``."""
+    return tf.where(tf.expand_dims(mask_t, -1), new, old)
+
+
+def _make_dropout_masks(cell, x0, h0, training: bool):
+    """Draws this call's variational dropout masks (constant over time, as Keras)."""
+    dp_mask = rec_mask = None
+    if training and 0.0 < getattr(cell, "dropout", 0.0) < 1.0:
+        dp_mask = cell.get_dropout_mask(x0)
+    if training and 0.0 < getattr(cell, "recurrent_dropout", 0.0) < 1.0:
+        rec_mask = cell.get_recurrent_dropout_mask(h0)
+    if hasattr(cell, "reset_dropout_mask"):
+        cell.reset_dropout_mask()
+        cell.reset_recurrent_dropout_mask()
+    return dp_mask, rec_mask
+
+
+def run(
+    cell,
+    inputs,
+    initial_state: Sequence,
+    *,
+    mask=None,
+    training: bool = False,
+    go_backwards: bool = False,
+    unroll: bool = False,
+    return_sequences: bool = True,
+    zero_output_for_mask: bool = False,
+    bptt_truncate: int | None = None,
+    probes: dict | None = None,
+):
+    """Runs ``cell`` over the time axis of ``inputs``.
+
+    Args:
+        cell: a cell with the engine contract (module docstring).
+        inputs: ``[B, T, D]`` float tensor.
+        initial_state: list of ``[B, S_i]`` tensors, one per entry of ``cell.state_size``.
+        mask: optional ``[B, T]`` boolean tensor; at a masked step the states are carried over
+            unchanged and the output is the previous output (zeros with ``zero_output_for_mask``).
+        go_backwards: process the sequence in reverse; returned sequences are in processing
+            order, as in Keras.
+        unroll: a Python loop instead of a ``tf.while_loop`` (needs a static ``T``).
+        bptt_truncate: ``None`` (full BPTT) or ``k >= 1``: gradients flow back at most ``k`` steps.
+        probes: ``{state_index: [B, T, S_i] tensor}`` added to state ``state_index`` after the step
+            at input time ``t`` (input order, also when ``go_backwards``). Zero tensors make
+            ``∂ℓ/∂probe[:, t]`` the total derivative ``∂ℓ/∂h_t``. At masked steps the probe is not
+            added, so its gradient there is 0.
+
+    Returns:
+        ``(last_output [B, H], outputs [B, T, H] or None, final_states list)``.
+    """
+    initial_state = _as_list(initial_state)
+    inputs = tf.convert_to_tensor(inputs)
+    batch = tf.shape(inputs)[0]
+    steps_static = inputs.shape[1]
+
+    dp_mask, rec_mask = _make_dropout_masks(cell, inputs[:, 0], initial_state[0], training)
+    xp = cell.project_inputs(inputs, dp_mask)  # the hoisted projection: one matmul for all t
+    xp = tf.transpose(xp, [1, 0, 2])  # time-major [T, B, P]
+    if mask is not None:
+        mask = tf.transpose(tf.cast(mask, tf.bool), [1, 0])  # [T, B]
+    if probes:
+        probes = {i: tf.transpose(p, [1, 0, 2]) for i, p in probes.items()}
+    if go_backwards:
+        xp = tf.reverse(xp, [0])
+        mask = None if mask is None else tf.reverse(mask, [0])
+        probes = {i: tf.reverse(p, [0]) for i, p in (probes or {}).items()}
+
+    copies = 1
+    if bptt_truncate is not None and (steps_static is None or bptt_truncate < steps_static - 1):
+        copies = bptt_truncate + 1
+    states = _tile_batch(initial_state, copies)
+    rec_mask = _tile_batch(rec_mask, copies)
+
+    def step(xp_t, mask_t, probe_t, states, prev_output):
+        if copies > 1:  # copy j reads copy j-1 of the previous step; copy 0 is cut off
+            states = [
+                tf.concat([tf.stop_gradient(s[:batch]), s[:-batch]], axis=0) for s in states
+            ]
+            xp_t = _tile_batch(xp_t, copies)
+            mask_t = _tile_batch(mask_t, copies)
+            probe_t = {i: _tile_batch(p, copies) for i, p in probe_t.items()}
+        output, new_states = cell.step(xp_t, states, rec_mask)
+        new_states = _as_list(new_states)
+        if probe_t:
+            new_states = [s + probe_t[i] if i in probe_t else s for i, s in enumerate(new_states)]
+            output = new_states[0]
+        if mask_t is not None:
+            new_states = [_where(mask_t, n, s) for n, s in zip(new_states, states)]
+            fallback = tf.zeros_like(output) if zero_output_for_mask else prev_output
+            output = _where(mask_t, output, _tile_batch(fallback, copies))
+        if copies > 1:
+            output = output[-batch:]
+        return output, new_states
+
+    out0 = tf.zeros_like(initial_state[0])
+    if unroll:
+        if steps_static is None:
+            raise ValueError(
+                "unroll=True needs a static number of timesteps; the input has shape "
+                f"{tuple(inputs.shape)}. Pass keras.Input(shape=(T, D)) with a fixed T."
+            )
+        output, outputs = out0, []
+        for t in range(steps_static):
+            mask_t = None if mask is None else mask[t]
+            probe_t = {i: p[t] for i, p in (probes or {}).items()}
+            output, states = step(xp[t], mask_t, probe_t, states, output)
+            outputs.append(output)
+        stacked = tf.stack(outputs, axis=1) if return_sequences else None
+        return output, stacked, _untile(states, copies, batch)
+
+    n_steps = tf.shape(xp)[0]
+    xp_ta = tf.TensorArray(xp.dtype, size=n_steps, element_shape=xp.shape[1:]).unstack(xp)
+    mask_ta = None
+    if mask is not None:
+        mask_ta = tf.TensorArray(tf.bool, size=n_steps, element_shape=mask.shape[1:]).unstack(mask)
+    probe_tas = {
+        i: tf.TensorArray(p.dtype, size=n_steps, element_shape=p.shape[1:]).unstack(p)
+        for i, p in (probes or {}).items()
+    }
+    out_ta = tf.TensorArray(out0.dtype, size=n_steps if return_sequences else 0,
+                            element_shape=out0.shape)
+
+    def body(t, output, out_ta, *states):
+        mask_t = None if mask_ta is None else mask_ta.read(t)
+        probe_t = {i: ta.read(t) for i, ta in probe_tas.items()}
+        output, new_states = step(xp_ta.read(t), mask_t, probe_t, list(states), output)
+        if return_sequences:
+            out_ta = out_ta.write(t, output)
+        return (t + 1, output, out_ta, *new_states)
+
+    loop = tf.while_loop(
+        lambda t, *_: t < n_steps,
+        body,
+        (tf.constant(0), out0, out_ta, *states),
+        maximum_iterations=n_steps,
+    )
+    output, out_ta, states = loop[1], loop[2], list(loop[3:])
+    outputs = tf.transpose(out_ta.stack(), [1, 0, 2]) if return_sequences else None
+    return output, outputs, _untile(states, copies, batch)
+
+
+def _untile(states, copies: int, batch):
+    """The top copy of each state (the one whose values and gradients are the layer's)."""
+    return [s[-batch:] for s in states] if copies > 1 else list(states)
+
+
+def validate_bptt_truncate(bptt_truncate) -> int | None:
+    """``None`` or a positive int, else a ValueError that says so."""
+    if bptt_truncate is None:
+        return None
+    if isinstance(bptt_truncate, bool) or not isinstance(bptt_truncate, int) or bptt_truncate < 1:
+        raise ValueError(
+            f"bptt_truncate must be None (full BPTT) or a positive integer, got {bptt_truncate!r}"
+        )
+    return bptt_truncate
+
+
+__all__ = ["run", "validate_bptt_truncate"]

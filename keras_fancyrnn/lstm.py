@@ -1,0 +1,146 @@
+"""Long short-term memory: ``LSTMCell`` (one step) and ``LSTM`` (the layer)."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from keras_fancyrnn.base import RNN, RecurrentCell, get_activation
+from keras_fancyrnn.gpu import CudnnMixin
+
+
+@keras.saving.register_keras_serializable(package="keras_fancyrnn")
+class LSTMCell(RecurrentCell):
+    r"""One LSTM step (Hochreiter & Schmidhuber 1997, with the forget gate of Gers et al. 2000),
+    Keras's layout and numerics. Gates in kernel order i, f, c, o; ``z = x_t W + b + h_{t-1} U``:
+
+    .. math::
+        i = \sigma(z_i),\; f = \sigma(z_f),\; g = \tanh(z_c),\; o = \sigma(z_o) \\
+        c_t = f \odot c_{t-1} + i \odot g, \qquad h_t = o \odot \tanh(c_t)
+
+    Weights: ``kernel`` ``(D, 4·units)``, ``recurrent_kernel`` ``(units, 4·units)``,
+    ``bias`` ``(4·units,)``. ``unit_forget_bias=True`` initialises ``b_f`` to 1
+    (Jozefowicz et al. 2015), visibly in the weights. States: ``[h, c]``.
+    """
+
+    gates = 4
+
+    def __init__(self, units, activation="tanh", recurrent_activation="sigmoid",
+                 unit_forget_bias=True, **kwargs):
+        super().__init__(units, activation=activation, **kwargs)
+        self.recurrent_activation = get_activation("recurrent_activation", recurrent_activation)
+        self.unit_forget_bias = bool(unit_forget_bias)
+        if self.unit_forget_bias and getattr(self.bias_initializer, "sets_forget_bias", False):
+            raise ValueError(
+                f"{type(self.bias_initializer).__name__} sets the forget-gate bias itself: pass "
+                "unit_forget_bias=False with it"
+            )
+
+    @property
+    def state_size(self):
+        return [self.units, self.units]
+
+    def bias_layout(self):
+        units, init = self.units, self.bias_initializer
+        if not self.unit_forget_bias:
+            return (4 * units,), init
+
+        def bias_with_forget_one(shape, dtype=None):
+            return ops.concatenate([init((units,), dtype=dtype), ops.ones((units,), dtype=dtype),
+                                    init((2 * units,), dtype=dtype)])
+
+        return (4 * units,), bias_with_forget_one
+
+    def step(self, xp_t, states, recurrent_mask=None):
+        h_prev, c_prev = states
+        z = xp_t + self.recurrent_matmul(h_prev, recurrent_mask, self.recurrent_kernel)
+        z_i, z_f, z_c, z_o = ops.split(z, 4, axis=-1)
+        i = self.recurrent_activation(z_i)
+        f = self.recurrent_activation(z_f)
+        g = self.activation(z_c)
+        o = self.recurrent_activation(z_o)
+        c = f * c_prev + i * g
+        h = o * self.activation(c)
+        return h, [h, c]
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "recurrent_activation": keras.activations.serialize(self.recurrent_activation),
+            "unit_forget_bias": self.unit_forget_bias,
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_fancyrnn")
+class LSTM(CudnnMixin, RNN):
+    """Drop-in ``keras.layers.LSTM`` on the keras_fancyrnn engine (see ``LSTMCell``).
+
+    Same arguments, defaults, weights and outputs as Keras, plus ``bptt_truncate``.
+    """
+
+    cell_class = LSTMCell
+
+    def __init__(
+        self,
+        units,
+        activation="tanh",
+        recurrent_activation="sigmoid",
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        recurrent_initializer="orthogonal",
+        bias_initializer="zeros",
+        unit_forget_bias=True,
+        kernel_regularizer=None,
+        recurrent_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        recurrent_constraint=None,
+        bias_constraint=None,
+        dropout=0.0,
+        recurrent_dropout=0.0,
+        seed=None,
+        return_sequences=False,
+        return_state=False,
+        go_backwards=False,
+        stateful=False,
+        unroll=False,
+        use_cudnn="auto",
+        bptt_truncate=None,
+        **kwargs,
+    ):
+        cell = LSTMCell(
+            units,
+            activation=activation,
+            recurrent_activation=recurrent_activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            unit_forget_bias=unit_forget_bias,
+            recurrent_initializer=recurrent_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            recurrent_regularizer=recurrent_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            recurrent_constraint=recurrent_constraint,
+            bias_constraint=bias_constraint,
+            dropout=dropout,
+            recurrent_dropout=recurrent_dropout,
+            seed=seed,
+            implementation=kwargs.pop("implementation", 2),
+            dtype=kwargs.get("dtype"),
+            trainable=kwargs.get("trainable", True),
+            name="lstm_cell",
+        )
+        super().__init__(
+            cell,
+            return_sequences=return_sequences,
+            return_state=return_state,
+            go_backwards=go_backwards,
+            stateful=stateful,
+            unroll=unroll,
+            activity_regularizer=activity_regularizer,
+            bptt_truncate=bptt_truncate,
+            use_cudnn=use_cudnn,
+            **kwargs,
+        )

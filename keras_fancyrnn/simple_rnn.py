@@ -1,0 +1,98 @@
+"""Elman's recurrent network: ``SimpleRNNCell`` (one step) and ``SimpleRNN`` (the layer)."""
+
+from __future__ import annotations
+
+import keras
+
+from keras_fancyrnn.base import RNN, RecurrentCell
+
+
+@keras.saving.register_keras_serializable(package="keras_fancyrnn")
+class SimpleRNNCell(RecurrentCell):
+    r"""One step of a fully-connected RNN (Elman 1990), Keras's layout and numerics.
+
+    .. math::  h_t = \sigma(x_t W + b + h_{t-1} U)
+
+    Weights: ``kernel`` W ``(D, units)``, ``recurrent_kernel`` U ``(units, units)``,
+    ``bias`` b ``(units,)``. ``x_t W + b`` is hoisted out of the time loop by the engine.
+    For an IRNN (Le, Jaitly & Hinton 2015) use ``activation="relu"``,
+    ``recurrent_initializer=keras.initializers.Identity()`` and a zero bias.
+    Dropout is variational (one mask per sequence) on ``x`` and on ``h_{t-1}``, as in Keras.
+    """
+
+    gates = 1
+
+    def step(self, xp_t, states, recurrent_mask=None):
+        h_prev = states[0]
+        h = self.activation(xp_t + self.recurrent_matmul(h_prev, recurrent_mask,
+                                                         self.recurrent_kernel))
+        return h, [h]
+
+
+@keras.saving.register_keras_serializable(package="keras_fancyrnn")
+class SimpleRNN(RNN):
+    """Drop-in ``keras.layers.SimpleRNN`` on the keras_fancyrnn engine (see ``SimpleRNNCell``).
+
+    Same arguments, defaults, weights and outputs as Keras, plus ``bptt_truncate``.
+    """
+
+    cell_class = SimpleRNNCell
+
+    def __init__(
+        self,
+        units,
+        activation="tanh",
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        recurrent_initializer="orthogonal",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        recurrent_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        recurrent_constraint=None,
+        bias_constraint=None,
+        dropout=0.0,
+        recurrent_dropout=0.0,
+        return_sequences=False,
+        return_state=False,
+        go_backwards=False,
+        stateful=False,
+        unroll=False,
+        seed=None,
+        bptt_truncate=None,
+        **kwargs,
+    ):
+        cell = SimpleRNNCell(
+            units,
+            activation=activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            recurrent_initializer=recurrent_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            recurrent_regularizer=recurrent_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            recurrent_constraint=recurrent_constraint,
+            bias_constraint=bias_constraint,
+            dropout=dropout,
+            recurrent_dropout=recurrent_dropout,
+            seed=seed,
+            implementation=kwargs.pop("implementation", 2),
+            dtype=kwargs.get("dtype"),
+            trainable=kwargs.get("trainable", True),
+            name="simple_rnn_cell",
+        )
+        super().__init__(
+            cell,
+            return_sequences=return_sequences,
+            return_state=return_state,
+            go_backwards=go_backwards,
+            stateful=stateful,
+            unroll=unroll,
+            activity_regularizer=activity_regularizer,
+            bptt_truncate=bptt_truncate,
+            **kwargs,
+        )
