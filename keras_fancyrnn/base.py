@@ -276,6 +276,11 @@ class RNN(keras.layers.RNN):
                 f"{self.name} expects inputs of shape (batch, timesteps, features), got "
                 f"{tuple(sequences_shape)}"
             )
+        if self.unroll and sequences_shape[1] is None:
+            raise ValueError(
+                f"{self.name}: unroll=True needs a static number of timesteps, got input shape "
+                f"{tuple(sequences_shape)}; pass keras.Input(shape=(T, D)) with a fixed T"
+            )
         super().build(sequences_shape, initial_state_shape)
         self.input_spec = keras.layers.InputSpec(ndim=3, axes={-1: sequences_shape[-1]})
 

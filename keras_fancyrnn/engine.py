@@ -184,6 +184,8 @@ def run(
         body,
         (tf.constant(0), out0, out_ta, *states),
         maximum_iterations=n_steps,
+        parallel_iterations=32,
+        swap_memory=True,
     )
     output, out_ta, states = loop[1], loop[2], list(loop[3:])
     outputs = tf.transpose(out_ta.stack(), [1, 0, 2]) if return_sequences else None

@@ -1,0 +1,242 @@
+"""The engine against independent references: the WildML numpy BPTT, hand-unrolled Keras cells
+under a GradientTape, float64 finite differences, and reversal/unroll identities."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_fancyrnn as fr
+
+B, T, D, H = 2, 8, 3, 4
+
+CELLS = {
+    "simple_rnn": (fr.SimpleRNN, keras.layers.SimpleRNNCell, {}),
+    "lstm": (fr.LSTM, keras.layers.LSTMCell, {}),
+    "gru": (fr.GRU, keras.layers.GRUCell, {}),
+    "gru_reset_before": (fr.GRU, keras.layers.GRUCell, {"reset_after": False}),
+}
+
+
+def build(kind, dtype="float32", **kw):
+    fr_cls, keras_cell_cls, extra = CELLS[kind]
+    layer = fr_cls(H, return_sequences=True, dtype=dtype, **extra, **kw)
+    layer.build((None, T, D))
+    rng = np.random.default_rng(3)
+    layer.set_weights([rng.normal(0, 0.6, w.shape).astype(dtype) for w in layer.get_weights()])
+    ref_cell = keras_cell_cls(H, dtype=dtype, **extra)
+    ref_cell.build((None, D))
+    ref_cell.set_weights(layer.get_weights())
+    return layer, ref_cell
+
+
+def data(dtype="float32"):
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(B, T, D)).astype(dtype)
+    coef = rng.normal(size=(B, T, H)).astype(dtype)
+    return x, coef
+
+
+def wildml_truncated_bptt(x, coef, W, U, b, k):
+    """Denny Britz's WildML `bptt` for h_t = tanh(x_t W + h_{t-1} U + b) and the loss
+    sum_t <coef_t, h_t>: for every output t walk back to max(0, t - k). Returns the gradients of
+    W, U, b, x and the (truncated) total derivative dl/dh_t."""
+    n, steps, _ = x.shape
+    h = np.zeros((n, steps + 1, U.shape[0]))  # h[:, s + 1] is h_s; h[:, 0] is h_{-1} = 0
+    for s in range(steps):
+        h[:, s + 1] = np.tanh(x[:, s] @ W + h[:, s] @ U + b)
+    dW, dU, db = np.zeros_like(W), np.zeros_like(U), np.zeros_like(b)
+    dx, dh = np.zeros_like(x), np.zeros((n, steps, U.shape[0]))
+    for t in range(steps):
+        g = coef[:, t]
+        lowest = 0 if k is None else max(0, t - k)
+        for s in range(t, lowest - 1, -1):
+            dh[:, s] += g
+            delta = g * (1.0 - h[:, s + 1] ** 2)
+            dW += x[:, s].T @ delta
+            dU += h[:, s].T @ delta
+            db += delta.sum(0)
+            dx[:, s] += delta @ W.T
+            g = delta @ U.T
+    return dW, dU, db, dx, dh
+
+
+def probed_gradients(layer, x, coef):
+    """Weight, input and probe gradients of sum_t <coef_t, h_t> through the fr layer."""
+    x = tf.convert_to_tensor(x)
+    probe = tf.zeros((B, T, H), x.dtype)
+    with tf.GradientTape() as tape:
+        tape.watch([x, probe])
+        layer._fr_probes = {0: probe}
+        try:
+            out = layer(x)
+        finally:
+            layer._fr_probes = None
+        loss = tf.reduce_sum(out * coef)
+    grads = tape.gradient(loss, layer.trainable_weights + [x, probe])
+    return out.numpy(), [g.numpy() for g in grads]
+
+
+@pytest.mark.parametrize("k", [None, 1, 3, T - 1, T + 5])
+def test_truncation_matches_wildml_numpy(k):
+    layer, _ = build("simple_rnn", dtype="float64", bptt_truncate=k)
+    x, coef = data("float64")
+    W, U, b = layer.get_weights()
+    out, (gW, gU, gb, gx, gh) = probed_gradients(layer, x, coef)
+    dW, dU, db, dx, dh = wildml_truncated_bptt(x, coef, W, U, b, k)
+    for got, want in [(gW, dW), (gU, dU), (gb, db), (gx, dx), (gh, dh)]:
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    full, _ = probed_gradients(build("simple_rnn", dtype="float64")[0], x, coef)
+    np.testing.assert_array_equal(out, full)  # forward values unchanged
+
+
+def hand_unrolled(ref_cell, x, coef, k=None):
+    """Reference through Keras's own cell: the loss of output t is computed by unrolling from
+    stop_gradient(state_{t-k-1}), which is what "gradients flow back at most k steps" means.
+    Returns weight grads, input grads and dl/dh_t (total, through the unrolled graph)."""
+    x = tf.convert_to_tensor(x)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        n_states = 2 if isinstance(ref_cell, keras.layers.LSTMCell) else 1
+        zero = [tf.zeros((B, H), x.dtype)] * n_states
+        # forward values (every path), kept for the stopped starting points
+        states, values = zero, []
+        for t in range(T):
+            _, states = ref_cell(x[:, t], states)
+            states = list(states) if isinstance(states, (list, tuple)) else [states]
+            values.append(states)
+        hs_per_level, loss = [], 0.0
+        for t in range(T):
+            start = 0 if k is None else max(0, t - k)
+            s_state = zero if start == 0 else [tf.stop_gradient(v) for v in values[start - 1]]
+            hs = {}
+            for s in range(start, t + 1):
+                h, s_state = ref_cell(x[:, s], s_state)
+                s_state = list(s_state) if isinstance(s_state, (list, tuple)) else [s_state]
+                hs[s] = h
+            loss += tf.reduce_sum(hs[t] * coef[:, t])
+            hs_per_level.append(hs)
+    gw = tape.gradient(loss, ref_cell.trainable_weights)
+    gx = tape.gradient(loss, x)
+    dh = np.zeros((B, T, H))
+    for hs in hs_per_level:
+        for s, h in hs.items():
+            g = tape.gradient(loss, h)
+            # each unrolled copy of h_s is a separate path; their sum is dl/dh_s
+            dh[:, s] += 0.0 if g is None else g.numpy()
+    return [g.numpy() for g in gw], gx.numpy(), dh
+
+
+@pytest.mark.parametrize("kind", CELLS)
+@pytest.mark.parametrize("k", [None, 2])
+def test_probe_and_truncation_match_hand_unrolled_keras_cell(kind, k):
+    layer, ref_cell = build(kind, dtype="float64", bptt_truncate=k)
+    x, coef = data("float64")
+    _, grads = probed_gradients(layer, x, coef)
+    want_w, want_x, want_dh = hand_unrolled(ref_cell, x, coef, k)
+    n_w = len(want_w)
+    for got, want in zip(grads[:n_w], want_w):
+        np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(grads[n_w], want_x, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(grads[n_w + 1], want_dh, rtol=1e-8, atol=1e-10)
+
+
+def test_probe_is_total_not_direct_derivative():
+    layer, _ = build("lstm")
+    x, coef = data()
+    coef[:, :-1] = 0.0  # only the last output enters the loss
+    _, grads = probed_gradients(layer, x, coef)
+    dh = grads[-1]
+    assert np.all(np.linalg.norm(dh[:, :-1], axis=-1) > 0)  # the direct term would be 0 there
+
+
+def test_probe_at_masked_steps_is_zero_and_probe_free_when_unset():
+    layer, _ = build("gru")
+    x, coef = data()
+    mask = np.ones((B, T), bool)
+    mask[0, 5:] = False
+    probe = tf.zeros((B, T, H))
+    with tf.GradientTape() as tape:
+        tape.watch(probe)
+        layer._fr_probes = {0: probe}
+        out = layer(x, mask=mask)
+        layer._fr_probes = None
+        loss = tf.reduce_sum(out * coef)
+    dh = tape.gradient(loss, probe).numpy()
+    np.testing.assert_array_equal(dh[0, 5:], 0.0)
+    assert np.all(dh[0, :5] != 0.0)
+    np.testing.assert_array_equal(layer(x, mask=mask), out)  # the zero probe changes nothing
+
+
+@pytest.mark.parametrize("kind", CELLS)
+def test_finite_differences_float64(kind):
+    layer, _ = build(kind, dtype="float64", return_state=True)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(B, T, D))
+    mask = np.ones((B, T), bool)
+    mask[1, 6:] = False
+
+    def loss_of(x_):
+        out, *states = layer(x_, mask=mask)
+        return tf.reduce_sum(tf.sin(out)) + sum(tf.reduce_sum(s ** 2) for s in states)
+
+    theoretical, numerical = tf.test.compute_gradient(loss_of, [tf.constant(x)], delta=1e-6)
+    np.testing.assert_allclose(theoretical[0], numerical[0], rtol=1e-6, atol=1e-7)
+
+    # weights: directional derivatives along random directions, central differences
+    with tf.GradientTape() as tape:
+        loss = loss_of(x)
+    grads = tape.gradient(loss, layer.trainable_weights)
+    for w, g in zip(layer.trainable_weights, grads):
+        v = rng.normal(size=w.shape)
+        w0 = w.numpy()
+        eps = 1e-6
+        w.assign(w0 + eps * v)
+        up = loss_of(x).numpy()
+        w.assign(w0 - eps * v)
+        down = loss_of(x).numpy()
+        w.assign(w0)
+        np.testing.assert_allclose(np.sum(g.numpy() * v), (up - down) / (2 * eps), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", CELLS)
+def test_step_by_step_unroll_of_cell_equals_layer(kind):
+    layer, _ = build(kind)
+    x, _ = data()
+    states = layer.cell.get_initial_state(B)
+    outs = []
+    for t in range(T):  # the Keras cell contract, one call per step
+        out, states = layer.cell(x[:, t], states)
+        outs.append(out)
+    np.testing.assert_allclose(layer(x), np.stack(outs, 1), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", CELLS)
+def test_go_backwards_equals_forward_on_reversed_input(kind):
+    layer, _ = build(kind)
+    fr_cls, _, extra = CELLS[kind]
+    backwards = fr_cls(H, return_sequences=True, go_backwards=True, **extra)
+    backwards.build((None, T, D))
+    backwards.set_weights(layer.get_weights())
+    x = np.arange(1, B * T * D + 1, dtype="float32").reshape(B, T, D) / (B * T * D)
+    np.testing.assert_allclose(backwards(x), layer(x[:, ::-1]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", CELLS)
+def test_unrolled_equals_while_loop_with_truncation_and_mask(kind):
+    layer, _ = build(kind, bptt_truncate=2)
+    fr_cls, _, extra = CELLS[kind]
+    unrolled = fr_cls(H, return_sequences=True, unroll=True, bptt_truncate=2, **extra)
+    unrolled.build((None, T, D))
+    unrolled.set_weights(layer.get_weights())
+    x, coef = data()
+    mask = np.ones((B, T), bool)
+    mask[0, 3] = False
+    outs = []
+    for lyr in (layer, unrolled):
+        with tf.GradientTape() as tape:
+            out = lyr(x, mask=mask)
+            loss = tf.reduce_sum(out * coef)
+        outs.append([out] + tape.gradient(loss, lyr.trainable_weights))
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
