@@ -12,6 +12,7 @@ from keras import ops
 from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
 
 from keras_fancyrnn import engine
+from keras_fancyrnn._tf import tf
 
 _serialize = keras.saving.serialize_keras_object
 
@@ -269,6 +270,10 @@ class RNN(keras.layers.RNN):
         self.bptt_truncate = engine.validate_bptt_truncate(bptt_truncate)
         self.input_spec = keras.layers.InputSpec(ndim=3)
         self._fr_probes = None  # {state_index: [B, T, S]} set by the gradient monitor
+        # On CPU, XLA's while loop is about 2x slower than TensorFlow's for these recurrences
+        # (benchmarks/rnn_speed.py), so `jit_compile="auto"` leaves XLA off; True still forces it.
+        if not tf.config.list_logical_devices("GPU"):
+            self.supports_jit = False
 
     def build(self, sequences_shape, initial_state_shape=None):
         if len(sequences_shape) != 3:

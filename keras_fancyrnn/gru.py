@@ -21,7 +21,8 @@ class GRUCell(RecurrentCell):
         \hat h = \tanh(x W_h + b_h + r \odot (h U_h + b'_h)),\;
         h_t = z \odot h_{t-1} + (1 - z) \odot \hat h
 
-    ``reset_after=False``: :math:`\hat h = \tanh(x W_h + b_h + (r \odot h) U_h)`, bias ``(3·units,)``.
+    ``reset_after=False``: :math:`\hat h = \tanh(x W_h + b_h + (r \odot h) U_h)`,
+    bias ``(3·units,)``.
     Weights: ``kernel`` ``(D, 3·units)``, ``recurrent_kernel`` ``(units, 3·units)``.
     """
 
@@ -47,7 +48,8 @@ class GRUCell(RecurrentCell):
         h_prev = states[0]
         u = self.units
         x_z, x_r, x_h = ops.split(xp_t, 3, axis=-1)
-        masks = recurrent_mask if isinstance(recurrent_mask, (list, tuple)) else [recurrent_mask] * 3
+        per_gate = isinstance(recurrent_mask, (list, tuple))
+        masks = list(recurrent_mask) if per_gate else [recurrent_mask] * 3
         if self.reset_after:
             rec = self.recurrent_matmul(h_prev, recurrent_mask, self.recurrent_kernel)
             if self.bias is not None:
@@ -57,8 +59,7 @@ class GRUCell(RecurrentCell):
             r = self.recurrent_activation(x_r + r_r)
             h_hat = self.activation(x_h + r * r_h)
         else:
-            zr_mask = None if recurrent_mask is None else (
-                masks[:2] if isinstance(recurrent_mask, (list, tuple)) else recurrent_mask)
+            zr_mask = masks[:2] if per_gate else recurrent_mask
             rec = self.recurrent_matmul(h_prev, zr_mask, self.recurrent_kernel[:, : 2 * u])
             r_z, r_r = ops.split(rec, 2, axis=-1)
             z = self.recurrent_activation(x_z + r_z)

@@ -240,7 +240,7 @@ def test_recurrent_dropout_mask_constant_over_time(kind):
     np.testing.assert_allclose(out, np.stack(manual, 1), rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("jit_compile", ["auto", False])
+@pytest.mark.parametrize("jit_compile", ["auto", False, True])
 def test_trains_under_compile_modes(jit_compile, rng):
     x = rng.normal(size=(64, 8, 3)).astype("float32")
     y = x[:, :3, 0].sum(axis=1, keepdims=True)

@@ -1,0 +1,171 @@
+"""Side-by-side training / inference throughput: keras_fancyrnn vs keras.layers (vs torch.nn).
+
+Every implementation is built in this one process and timed alternately after a warm-up, so the
+machine's noise hits all of them alike; the table reports medians and the ratios fr / keras and
+fr / torch, the achieved GFLOP/s of the recurrent matmuls, and the rate of one large matmul
+measured in the same run (the roofline).
+
+    python benchmarks/rnn_speed.py                       # LSTM, B=64 T=100 D=H=128, train
+    python benchmarks/rnn_speed.py --cells=lstm,gru,simple_rnn --modes=train,predict \
+        --batch=16,64 --time=50,200 --hidden=64,256 --jit=auto,off --out=bench.md
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import platform
+import resource
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+import keras_fancyrnn as fr  # noqa: E402
+from keras_fancyrnn._tf import tf  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("cells", ["lstm"], "Cells: simple_rnn, lstm, gru.")
+flags.DEFINE_list("modes", ["train"], "train (fit steps) and/or predict.")
+flags.DEFINE_list("batch", ["64"], "Batch sizes.")
+flags.DEFINE_list("time", ["100"], "Sequence lengths.")
+flags.DEFINE_list("hidden", ["128"], "Hidden sizes (units).")
+flags.DEFINE_integer("input_dim", 128, "Input features D.")
+flags.DEFINE_list("jit", ["auto"], "jit_compile settings: auto, on, off.")
+flags.DEFINE_integer("repeats", 7, "Timed rounds per implementation (median reported).")
+flags.DEFINE_integer("steps", 10, "Training/predict steps per timed round.")
+flags.DEFINE_bool("torch", True, "Include torch.nn when torch is installed.")
+flags.DEFINE_string("out", None, "Write the Markdown table here too.")
+
+GATES = {"simple_rnn": 1, "lstm": 4, "gru": 3}
+KERAS = {"simple_rnn": keras.layers.SimpleRNN, "lstm": keras.layers.LSTM, "gru": keras.layers.GRU}
+FR = {"simple_rnn": fr.SimpleRNN, "lstm": fr.LSTM, "gru": fr.GRU}
+
+
+def flops_per_step(cell, batch, steps, dim, units, train):
+    """Matmul FLOPs of one forward (x W and h U) and, when training, backward (x 2)."""
+    g = GATES[cell] * units
+    forward = 2 * batch * steps * (dim * g + units * g)
+    return forward * (3 if train else 1)
+
+
+def matmul_roofline(n=1024, repeats=20):
+    a = tf.random.normal((n, n))
+    mm = tf.function(lambda: tf.matmul(a, a))
+    mm()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mm().numpy()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / np.median(times) / 1e9
+
+
+def keras_runner(layer_cls, cell, batch, steps, dim, units, train, jit):
+    x = np.random.default_rng(0).normal(size=(batch * FLAGS.steps, steps, dim)).astype("float32")
+    y = np.zeros((batch * FLAGS.steps, 1), "float32")
+    model = keras.Sequential([keras.Input((steps, dim)), layer_cls(units), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.Adam(1e-3), "mse", jit_compile={"on": True, "off": False}.get(
+        jit, "auto"))
+    if train:
+        return lambda: model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=False)
+    return lambda: model.predict(x, batch_size=batch, verbose=0)
+
+
+def torch_runner(cell, batch, steps, dim, units, train):
+    import torch
+
+    torch.manual_seed(0)
+    rnn = {"simple_rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](
+        dim, units, batch_first=True)
+    head = torch.nn.Linear(units, 1)
+    params = list(rnn.parameters()) + list(head.parameters())
+    opt = torch.optim.Adam(params, 1e-3)
+    xs = torch.randn(FLAGS.steps, batch, steps, dim)
+    y = torch.zeros(batch, 1)
+
+    def train_fn():
+        for i in range(FLAGS.steps):
+            out, _ = rnn(xs[i])
+            loss = ((head(out[:, -1]) - y) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    @torch.no_grad()
+    def predict_fn():
+        for i in range(FLAGS.steps):
+            out, _ = rnn(xs[i])
+            head(out[:, -1])
+
+    return train_fn if train else predict_fn
+
+
+def time_alternating(runners):
+    for run in runners.values():  # warm-up: tracing, compilation, first allocations
+        run()
+        run()
+    times = {name: [] for name in runners}
+    for _ in range(FLAGS.repeats):
+        for name, run in runners.items():
+            t = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t)
+    return {name: FLAGS.steps / np.median(ts) for name, ts in times.items()}
+
+
+def main(argv):
+    del argv
+    have_torch = False
+    if FLAGS.torch:
+        try:
+            import torch
+
+            torch.set_num_threads(os.cpu_count() or 1)
+            have_torch = True
+        except ImportError:
+            pass
+    roof = matmul_roofline()
+    header = ("| cell | mode | B | T | H | jit | fr steps/s | keras steps/s | torch steps/s | "
+              "fr/keras | fr/torch | fr GFLOP/s | fr % of roofline |")
+    rows = [header, "|" + "---|" * 13]
+    grid = itertools.product(FLAGS.cells, FLAGS.modes, map(int, FLAGS.batch),
+                             map(int, FLAGS.time), map(int, FLAGS.hidden), FLAGS.jit)
+    for cell, mode, batch, steps, units, jit in grid:
+        train = mode == "train"
+        dims = (cell, batch, steps, FLAGS.input_dim, units, train)
+        runners = {"fr": keras_runner(FR[cell], *dims, jit),
+                   "keras": keras_runner(KERAS[cell], *dims, jit)}
+        if have_torch and jit == FLAGS.jit[0]:
+            runners["torch"] = torch_runner(*dims)
+        rate = time_alternating(runners)
+        gflops = flops_per_step(*dims) * rate["fr"] / 1e9
+        torch_rate = rate.get("torch")
+        torch_cell = "" if torch_rate is None else f"{torch_rate:.1f}"
+        vs_torch = "" if torch_rate is None else f"{rate['fr'] / torch_rate:.2f}"
+        rows.append(
+            f"| {cell} | {mode} | {batch} | {steps} | {units} | {jit} | {rate['fr']:.1f} | "
+            f"{rate['keras']:.1f} | {torch_cell} | "
+            f"{rate['fr'] / rate['keras']:.2f} | "
+            f"{vs_torch} | "
+            f"{gflops:.0f} | {100 * gflops / roof:.0f} % |"
+        )
+        print(rows[-1], flush=True)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    footer = (f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+              f"TF {tf.__version__}, Keras {keras.__version__}"
+              f"{', torch ' + __import__('torch').__version__ if have_torch else ''}; "
+              f"1024x1024 matmul roofline {roof:.0f} GFLOP/s; process peak RSS {peak_mb:.0f} MB; "
+              f"{time.strftime('%Y-%m-%d')}.")
+    table = "\n".join(rows) + "\n" + footer
+    print(footer)
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
