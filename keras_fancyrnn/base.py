@@ -164,21 +164,18 @@ class RecurrentCell(keras.layers.Layer, DropoutRNNCell):
 
     # -- engine contract -----------------------------------------------------------------------
     def project_inputs(self, x, dropout_mask=None):
-        """``x W + b`` for ``x`` of shape ``[B, D]`` or ``[B, T, D]``: the part hoisted out of
-        the time loop. ``dropout_mask`` is ``None``, one ``[B, D]`` mask, or one per gate."""
-
-        def masked(m):
-            return x * (ops.expand_dims(m, 1) if len(x.shape) == 3 else m)
-
+        """``x W + b`` for ``x`` of shape ``[B, D]`` or time-major ``[T, B, D]``: the part hoisted
+        out of the time loop. ``dropout_mask`` is ``None``, one ``[B, D]`` mask, or one per gate
+        (it broadcasts over the leading time axis)."""
         if dropout_mask is None:
             xp = ops.matmul(x, self.kernel)
         elif isinstance(dropout_mask, (list, tuple)):
             blocks = ops.split(self.kernel, self.gates, axis=1)
             xp = ops.concatenate(
-                [ops.matmul(masked(m), k) for m, k in zip(dropout_mask, blocks)], axis=-1
+                [ops.matmul(x * m, k) for m, k in zip(dropout_mask, blocks)], axis=-1
             )
         else:
-            xp = ops.matmul(masked(dropout_mask), self.kernel)
+            xp = ops.matmul(x * dropout_mask, self.kernel)
         return xp if self.input_bias is None else xp + self.input_bias
 
     def recurrent_matmul(self, h, recurrent_mask, kernel):

@@ -12,7 +12,7 @@ A layer hands the engine its cell and its inputs; the engine owns everything tha
 The engine never imports a cell class. A cell it can run has
 
 * ``state_size`` (int or list of ints) and ``get_initial_state(batch_size)``;
-* ``project_inputs(x, dropout_mask) -> xp`` for ``x`` of shape ``[..., D]``;
+* ``project_inputs(x, dropout_mask) -> xp`` for ``x`` of shape ``[B, D]`` or ``[T, B, D]``;
 * ``step(xp_t, states, recurrent_mask) -> (output, new_states)`` with ``output`` equal to
   ``new_states[0]`` (the hidden state ``h_t``);
 * the Keras ``DropoutRNNCell`` mask API (``get_dropout_mask`` …).
@@ -105,8 +105,9 @@ def run(
     steps_static = inputs.shape[1]
 
     dp_mask, rec_mask = _make_dropout_masks(cell, inputs[:, 0], initial_state[0], training)
-    xp = cell.project_inputs(inputs, dp_mask)  # the hoisted projection: one matmul for all t
-    xp = tf.transpose(xp, [1, 0, 2])  # time-major [T, B, P]
+    # The hoisted projection, one matmul for all t. Transposing x (D wide) rather than x W
+    # (gates x units wide) to time-major moves the least memory.
+    xp = cell.project_inputs(tf.transpose(inputs, [1, 0, 2]), dp_mask)  # [T, B, P]
     if mask is not None:
         mask = tf.transpose(tf.cast(mask, tf.bool), [1, 0])  # [T, B]
     if probes:
