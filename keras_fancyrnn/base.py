@@ -227,7 +227,24 @@ LAYER_ARGS = (
 )
 
 
-class RNN(keras.layers.RNN):
+class SequenceMaskFromInput:
+    """Takes the mask from ``sequences`` also when ``initial_state`` holds tensors.
+
+    ``keras.layers.Layer.__call__`` only fills ``mask`` from the input when the call has a single
+    tensor argument, so a functional model that passes ``initial_state`` tensors would silently
+    drop an ``Embedding(mask_zero=True)`` / ``Masking`` mask (Keras's own RNN layers and
+    Bidirectional do).
+    """
+
+    def __call__(self, sequences, *args, **kwargs):
+        if kwargs.get("mask") is None and len(args) < 2:
+            mask = getattr(sequences, "_keras_mask", None)
+            if mask is not None:
+                kwargs["mask"] = mask
+        return super().__call__(sequences, *args, **kwargs)
+
+
+class RNN(SequenceMaskFromInput, keras.layers.RNN):
     """A recurrent layer that runs an fr cell on the keras_fancyrnn engine.
 
     Same arguments and behaviour as ``keras.layers.RNN`` plus ``bptt_truncate``: ``None`` for full

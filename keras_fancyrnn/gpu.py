@@ -14,6 +14,8 @@ def cudnn_eligible(layer, mask=None, training=False) -> tuple[bool, str]:
     dropout and right-padded masks; the diagnostics probe and truncated BPTT need the engine's loop.
     """
     cell = layer.cell
+    if not hasattr(cell, "recurrent_activation"):
+        return False, "cuDNN runs only LSTM and GRU cells"
     checks = [
         (cell.activation is keras.activations.tanh, "activation is not tanh"),
         (cell.recurrent_activation is keras.activations.sigmoid,
@@ -22,6 +24,9 @@ def cudnn_eligible(layer, mask=None, training=False) -> tuple[bool, str]:
         (getattr(cell, "reset_after", True), "reset_after=False"),
         (not layer.unroll, "unroll=True"),
         (not (training and cell.recurrent_dropout > 0), "recurrent_dropout is active"),
+        (not (training and cell.dropout > 0
+              and getattr(cell, "dropout_mask_count", None) is not None),
+         "input dropout draws one mask per gate (implementation=1)"),
         (layer.bptt_truncate is None, "bptt_truncate is set"),
         (layer._fr_probes is None, "the gradient monitor's probe is set"),
         (keras.config.backend() == "tensorflow", "the backend is not TensorFlow"),
