@@ -331,12 +331,16 @@ class RNN(SequenceMaskFromInput, keras.layers.RNN):
             zero_output_for_mask=self.zero_output_for_mask,
             bptt_truncate=self.bptt_truncate,
             probes=self._fr_probes,
+            use_cudnn=self._use_cudnn(mask, training),
         )
         if self.stateful:
             for variable, value in zip(self.states, states):
                 variable.assign(ops.cast(value, variable.dtype))
         output = outputs if self.return_sequences else last_output
         return (output, *states) if self.return_state else output
+
+    def _use_cudnn(self, mask, training) -> bool:
+        return False  # LSTM and GRU override this (keras_fancyrnn.gpu.CudnnMixin)
 
     # -- input checks (raised while tracing, before any work) ----------------------------------
     def _check_stateful_batch(self, sequences):

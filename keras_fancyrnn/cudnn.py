@@ -148,7 +148,57 @@ def sequence_lengths(mask):
     return ops.sum(ops.cast(mask, "int32"), axis=1)
 
 
+# -- the fused kernel ----------------------------------------------------------------------------
+def cudnn_rnn_v3(**kwargs):
+    """``tf.raw_ops.CudnnRNNV3`` (GPU only). One indirection, so that CPU tests can run the
+    dispatch below with cuDNN's equations written in numpy in its place."""
+    from keras_fancyrnn._tf import tf
+
+    return tf.raw_ops.CudnnRNNV3(**kwargs)
+
+
+def run(cell, inputs, initial_state, *, mask=None, dropout_mask=None, go_backwards=False,
+        zero_output_for_mask=False):
+    """Runs an LSTM/GRU cell with the fused cuDNN kernel and returns what the engine's loop returns:
+    ``(last_output, outputs [B, T, H] in processing order, final_states)``.
+
+    ``mask`` must be right-padded with no empty row (``cudnn_mask_ok``). cuDNN writes zeros past a
+    sequence's end; the engine's loop repeats the last output there (unless
+    ``zero_output_for_mask``), and with ``go_backwards`` processes the padding first. Both are
+    rebuilt here, so the two paths agree step for step.
+    """
+    from keras_fancyrnn._tf import tf
+
+    lstm = len(initial_state) == 2
+    to_cudnn = lstm_to_cudnn if lstm else gru_to_cudnn
+    params = to_cudnn(cell.kernel, cell.recurrent_kernel, cell.bias)
+    x = inputs if dropout_mask is None else inputs * dropout_mask[:, None, :]
+    x = tf.transpose(x, [1, 0, 2])  # time-major
+    steps, batch = tf.shape(x)[0], tf.shape(x)[1]
+    lengths = tf.fill([batch], steps) if mask is None else tf.cast(sequence_lengths(mask),
+                                                                     tf.int32)
+    if go_backwards:
+        x = tf.reverse_sequence(x, lengths, seq_axis=0, batch_axis=1)
+    h0 = initial_state[0][None]
+    c0 = initial_state[1][None] if lstm else tf.zeros_like(h0)
+    outputs, h, c, _, _ = cudnn_rnn_v3(
+        input=x, input_h=h0, input_c=c0, params=params, is_training=True,
+        rnn_mode="lstm" if lstm else "gru", sequence_lengths=lengths, time_major=True)
+    h, c = h[0], c[0]
+    if mask is not None:
+        valid = tf.transpose(tf.cast(mask, tf.bool), [1, 0])[:, :, None]  # [T, B, 1]
+        if go_backwards:  # processing order: the padding first (zeros), then the reversed steps
+            outputs = tf.reverse(tf.reverse_sequence(outputs, lengths, seq_axis=0, batch_axis=1),
+                                 [0])
+        elif not zero_output_for_mask:
+            outputs = tf.where(valid, outputs, h[None])
+    outputs = tf.transpose(outputs, [1, 0, 2])
+    return outputs[:, -1], outputs, ([h, c] if lstm else [h])
+
+
 __all__ = [
+    "cudnn_rnn_v3",
+    "run",
     "cudnn_mask_ok",
     "cudnn_to_gru",
     "cudnn_to_lstm",

@@ -29,8 +29,10 @@ only used where ``k < T - 1`` (otherwise truncation changes nothing).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
+from keras_fancyrnn import cudnn
 from keras_fancyrnn._tf import tf
 
 
@@ -78,6 +80,7 @@ def run(
     zero_output_for_mask: bool = False,
     bptt_truncate: int | None = None,
     probes: dict | None = None,
+    use_cudnn: bool = False,
 ):
     """Runs ``cell`` over the time axis of ``inputs``.
 
@@ -95,16 +98,40 @@ def run(
             at input time ``t`` (input order, also when ``go_backwards``). Zero tensors make
             ``∂ℓ/∂probe[:, t]`` the total derivative ``∂ℓ/∂h_t``. At masked steps the probe is not
             added, so its gradient there is 0.
+        use_cudnn: run the fused cuDNN kernel instead of the loop (the layer decides, see
+            ``keras_fancyrnn.gpu``); with a mask, only where it is right-padded (else the loop).
 
     Returns:
         ``(last_output [B, H], outputs [B, T, H] or None, final_states list)``.
     """
     initial_state = _as_list(initial_state)
     inputs = tf.convert_to_tensor(inputs)
-    batch = tf.shape(inputs)[0]
-    steps_static = inputs.shape[1]
 
     dp_mask, rec_mask = _make_dropout_masks(cell, inputs[:, 0], initial_state[0], training)
+    loop = functools.partial(_loop, cell, inputs, initial_state, mask, dp_mask, rec_mask,
+                             go_backwards, unroll, return_sequences, zero_output_for_mask,
+                             bptt_truncate, probes)
+    if not use_cudnn:
+        return loop()
+    fused = functools.partial(cudnn.run, cell, inputs, initial_state, mask=mask,
+                              dropout_mask=dp_mask, go_backwards=go_backwards,
+                              zero_output_for_mask=zero_output_for_mask)
+    if mask is None:
+        return _drop_sequence(fused(), return_sequences)
+    return tf.cond(cudnn.cudnn_mask_ok(mask), lambda: _drop_sequence(fused(), return_sequences),
+                   loop)
+
+
+def _drop_sequence(result, return_sequences):
+    last, outputs, states = result
+    return last, (outputs if return_sequences else None), states
+
+
+def _loop(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, unroll,
+          return_sequences, zero_output_for_mask, bptt_truncate, probes):
+    """The engine's own time loop (``tf.while_loop``, or Python when ``unroll``)."""
+    batch = tf.shape(inputs)[0]
+    steps_static = inputs.shape[1]
     # The hoisted projection, one matmul for all t. Transposing x (D wide) rather than x W
     # (gates x units wide) to time-major moves the least memory.
     xp = cell.project_inputs(tf.transpose(inputs, [1, 0, 2]), dp_mask)  # [T, B, P]

@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import keras
 
 from keras_fancyrnn._tf import tf
+
+_portable = threading.local()
+
+
+@contextlib.contextmanager
+def portable():
+    """Within this context, layers trace the engine's loop, never the cuDNN kernel, so the traced
+    graph runs on any device. ``tf.saved_model.save`` is covered automatically; wrap
+    ``model.export(...)`` in it when exporting on a GPU machine for CPU serving."""
+    previous = getattr(_portable, "on", False)
+    _portable.on = True
+    try:
+        yield
+    finally:
+        _portable.on = previous
+
+
+def in_portable_trace() -> bool:
+    from tensorflow.python.saved_model import save_context
+
+    return getattr(_portable, "on", False) or save_context.in_save_context()
 
 
 def cudnn_eligible(layer, mask=None, training=False) -> tuple[bool, str]:
@@ -46,6 +70,13 @@ class CudnnMixin:
             raise ValueError(f"use_cudnn must be 'auto', True or False, got {use_cudnn!r}")
         super().__init__(*args, **kwargs)
         self.use_cudnn = use_cudnn
+        if use_cudnn is not False and tf.config.list_logical_devices("GPU"):
+            self.supports_jit = False  # CudnnRNN has no XLA kernel
+
+    def _use_cudnn(self, mask, training) -> bool:
+        """The engine runs cuDNN iff allowed, exactly equivalent, and the trace is not portable."""
+        return (self.use_cudnn is not False and not in_portable_trace()
+                and cudnn_eligible(self, mask, training)[0])
 
     def call(self, sequences, initial_state=None, mask=None, training=False):
         if self.use_cudnn is True:

@@ -306,3 +306,64 @@ def test_conversion_runs_on_keras_variables():
     params = cudnn.lstm_to_cudnn(layer.cell.kernel, layer.cell.recurrent_kernel, layer.cell.bias)
     assert tuple(params.shape) == (cudnn.params_size("lstm", D, U),)
     assert keras.ops.is_tensor(params)
+
+
+# -- the dispatch: the engine's cuDNN branch, run on CPU with cuDNN's equations in numpy --------
+@pytest.fixture
+def fake_cudnn(monkeypatch, gpu_visible):
+    """Replaces the GPU-only ``CudnnRNNV3`` with ``cudnn_reference`` (time-major, as called)."""
+    calls = []
+
+    def fake(input, input_h, input_c, params, is_training, rnn_mode, sequence_lengths,
+             time_major):
+        assert time_major and is_training
+        calls.append(rnn_mode)
+
+        def compute(x, h0, c0, p, lengths):
+            outs, states = cudnn_reference(rnn_mode, p, np.transpose(x, (1, 0, 2)), lengths,
+                                           h0[0], c0[0] if rnn_mode == "lstm" else None)
+            c = states[1] if rnn_mode == "lstm" else c0[0]
+            return (np.transpose(outs, (1, 0, 2)).astype("float32"),
+                    states[0][None].astype("float32"), np.asarray(c)[None].astype("float32"))
+
+        outputs, h, c = tf.numpy_function(
+            compute, [input, input_h, input_c, params, sequence_lengths],
+            [tf.float32, tf.float32, tf.float32])
+        return outputs, h, c, tf.zeros([0]), tf.zeros([0])
+
+    monkeypatch.setattr(cudnn, "cudnn_rnn_v3", fake)
+    return calls
+
+
+@pytest.mark.parametrize("cls", [fr.LSTM, fr.GRU])
+@pytest.mark.parametrize("go_backwards", [False, True])
+@pytest.mark.parametrize("zero_output_for_mask", [False, True])
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+def test_cudnn_branch_equals_the_loop(cls, go_backwards, zero_output_for_mask, padding,
+                                      fake_cudnn):
+    rng = np.random.default_rng(2)
+    kw = dict(return_sequences=True, return_state=True, go_backwards=go_backwards,
+              zero_output_for_mask=zero_output_for_mask)
+    fused, loop = built(cls(U, **kw)), built(cls(U, use_cudnn=False, **kw))
+    weights = [rng.normal(0, 0.5, w.shape).astype("float32") for w in fused.get_weights()]
+    fused.set_weights(weights)
+    loop.set_weights(weights)
+    x = rng.normal(size=(B, T, D)).astype("float32")
+    mask = {"none": None,
+            "right": np.arange(T)[None, :] < np.array([T, T - 2, 1])[:, None],
+            "left": np.arange(T)[None, :] >= np.array([0, 2, 1])[:, None]}[padding]
+    run = tf.function(lambda layer: layer(x, mask=mask))
+    got, want = run(fused), run(loop)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    assert fake_cudnn  # the fused branch was traced (run when the mask is right-padded)
+
+
+def test_portable_traces_never_use_cudnn(fake_cudnn):
+    layer = built(fr.LSTM(U))
+    x = np.zeros((B, T, D), "float32")
+    with fr.portable():
+        tf.function(lambda: layer(x))()
+    assert fake_cudnn == []
+    tf.function(lambda: layer(x))()
+    assert fake_cudnn == ["lstm"]
