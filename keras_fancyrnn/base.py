@@ -39,7 +39,32 @@ def get_activation(name: str, identifier):
         ) from err
 
 
-class RecurrentCell(keras.layers.Layer, DropoutRNNCell):
+class SeedStateSaving:
+    """Saves the layer's dropout RNG state (``self.seed_generator``) with its weights.
+
+    Keras saves a layer's variables but not its ``SeedGenerator``'s state (keras-team/keras#19796),
+    so a model restored by ``load_weights``/``load_model``/``BackupAndRestore`` would draw the
+    dropout masks of the first steps again and a resumed run would not equal an uninterrupted one.
+    The state is stored under its own key after the variables; files without it still load.
+    """
+
+    _SEED_KEY = "seed_generator_state"
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        generator = getattr(self, "seed_generator", None)
+        if generator is not None:
+            store[self._SEED_KEY] = generator.state
+
+    def load_own_variables(self, store):
+        generator = getattr(self, "seed_generator", None)
+        if generator is not None and self._SEED_KEY in store:
+            generator.state.assign(store[self._SEED_KEY])
+            store = {key: store[key] for key in store.keys() if key != self._SEED_KEY}
+        super().load_own_variables(store)
+
+
+class RecurrentCell(SeedStateSaving, keras.layers.Layer, DropoutRNNCell):
     """Base of the fr cells: weights with the Keras names and shapes, and the Keras cell contract.
 
     Subclasses set ``gates`` (the number of blocks of ``units`` columns in the fused kernels) and
@@ -420,4 +445,4 @@ for _name in CELL_ARGS:
     setattr(RNN, _name, _expose(_name))
 
 
-__all__ = ["RecurrentCell", "RNN"]
+__all__ = ["RecurrentCell", "RNN", "SeedStateSaving"]

@@ -184,7 +184,8 @@ def run(cell, inputs, initial_state, *, mask=None, dropout_mask=None, go_backwar
     outputs, h, c, _, _ = cudnn_rnn_v3(
         input=x, input_h=h0, input_c=c0, params=params, is_training=True,
         rnn_mode="lstm" if lstm else "gru", sequence_lengths=lengths, time_major=True)
-    h, c = h[0], c[0]
+    h = h[0]
+    c = c[0] if lstm else None  # GRU: CudnnRNNV3's output_c is a scalar placeholder
     if mask is not None:
         valid = tf.transpose(tf.cast(mask, tf.bool), [1, 0])[:, :, None]  # [T, B, 1]
         if go_backwards:  # processing order: the padding first (zeros), then the reversed steps

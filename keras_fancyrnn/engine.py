@@ -152,8 +152,11 @@ def _loop(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, un
 
     def step(xp_t, mask_t, probe_t, states, prev_output):
         if copies > 1:  # copy j reads copy j-1 of the previous step; copy 0 is cut off
+            # (slicing by the dynamic batch loses the static shape the loop needs to keep)
             states = [
-                tf.concat([tf.stop_gradient(s[:batch]), s[:-batch]], axis=0) for s in states
+                tf.ensure_shape(tf.concat([tf.stop_gradient(s[:batch]), s[:-batch]], axis=0),
+                                s.shape)
+                for s in states
             ]
             xp_t = _tile_batch(xp_t, copies)
             mask_t = _tile_batch(mask_t, copies)
@@ -168,7 +171,7 @@ def _loop(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, un
             fallback = tf.zeros_like(output) if zero_output_for_mask else prev_output
             output = _where(mask_t, output, _tile_batch(fallback, copies))
         if copies > 1:
-            output = output[-batch:]
+            output = tf.ensure_shape(output[-batch:], prev_output.shape)
         return output, new_states
 
     out0 = tf.zeros_like(initial_state[0])

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
-from keras_fancyrnn.base import SequenceMaskFromInput, check_rate
+from keras_fancyrnn.base import SeedStateSaving, SequenceMaskFromInput, check_rate
 
 _serialize = keras.saving.serialize_keras_object
 _deserialize = keras.saving.deserialize_keras_object
@@ -30,6 +30,10 @@ MERGES = {
     None: lambda y, y_rev: (y, y_rev),
 }
 _RECURRENT_ATTRS = ("go_backwards", "return_sequences", "return_state", "stateful")
+
+
+class _Dropout(SeedStateSaving, keras.layers.Dropout):
+    """``keras.layers.Dropout`` whose RNG state is saved with the model (see SeedStateSaving)."""
 
 
 def _check_recurrent(layer, arg: str, attrs: Sequence[str] = _RECURRENT_ATTRS) -> None:
@@ -377,9 +381,7 @@ class StackedRNN(SequenceMaskFromInput, keras.layers.Layer):
                 _set_return_state(layer)
         self.layers = list(layers)
         self.dropout_layers = [
-            keras.layers.Dropout(
-                self.dropout, seed=None if seed is None else seed + i, name=f"dropout_{i}"
-            )
+            _Dropout(self.dropout, seed=None if seed is None else seed + i, name=f"dropout_{i}")
             for i in range(len(layers) - 1)
         ] if self.dropout > 0 else []
         self.supports_masking = True

@@ -240,3 +240,10 @@ def test_unrolled_equals_while_loop_with_truncation_and_mask(kind):
         outs.append([out] + tape.gradient(loss, lyr.trainable_weights))
     for a, b in zip(*outs):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_truncation_with_a_static_batch_size():
+    # a fixed batch (predict, exports with a batch in the signature) keeps static loop shapes
+    model = keras.Sequential([keras.Input((T, D), batch_size=B), fr.LSTM(H, bptt_truncate=2)])
+    x, _ = data()
+    np.testing.assert_allclose(model.predict(x, verbose=0), model(x), rtol=1e-6, atol=1e-6)
