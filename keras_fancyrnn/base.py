@@ -39,6 +39,16 @@ def get_activation(name: str, identifier):
         ) from err
 
 
+def _dense(x, kernel):
+    """``x @ kernel`` over the last axis as one 2-D matmul. For ``[T, B, D]`` inputs this is much
+    faster than a broadcast batch matmul, whose kernel gradient sums ``T`` per-step products."""
+    if len(x.shape) == 2:
+        return ops.matmul(x, kernel)
+    lead = ops.shape(x)[:-1]
+    flat = ops.matmul(ops.reshape(x, (-1, x.shape[-1])), kernel)
+    return ops.reshape(flat, (*lead, kernel.shape[-1]))
+
+
 class SeedStateSaving:
     """Saves the layer's dropout RNG state (``self.seed_generator``) with its weights.
 
@@ -193,14 +203,14 @@ class RecurrentCell(SeedStateSaving, keras.layers.Layer, DropoutRNNCell):
         out of the time loop. ``dropout_mask`` is ``None``, one ``[B, D]`` mask, or one per gate
         (it broadcasts over the leading time axis)."""
         if dropout_mask is None:
-            xp = ops.matmul(x, self.kernel)
+            xp = _dense(x, self.kernel)
         elif isinstance(dropout_mask, (list, tuple)):
             blocks = ops.split(self.kernel, self.gates, axis=1)
             xp = ops.concatenate(
-                [ops.matmul(x * m, k) for m, k in zip(dropout_mask, blocks)], axis=-1
+                [_dense(x * m, k) for m, k in zip(dropout_mask, blocks)], axis=-1
             )
         else:
-            xp = ops.matmul(x * dropout_mask, self.kernel)
+            xp = _dense(x * dropout_mask, self.kernel)
         return xp if self.input_bias is None else xp + self.input_bias
 
     def recurrent_matmul(self, h, recurrent_mask, kernel):

@@ -35,6 +35,9 @@ from collections.abc import Sequence
 from keras_fancyrnn import cudnn
 from keras_fancyrnn._tf import tf
 
+#: Whether training on a CPU hoists the input projection too (see ``run``'s ``hoist_inputs``).
+HOIST_WHEN_TRAINING_ON_CPU = False
+
 
 def _as_list(x):
     return list(x) if isinstance(x, (list, tuple)) else [x]
@@ -81,6 +84,7 @@ def run(
     bptt_truncate: int | None = None,
     probes: dict | None = None,
     use_cudnn: bool = False,
+    hoist_inputs: bool | None = None,
 ):
     """Runs ``cell`` over the time axis of ``inputs``.
 
@@ -98,6 +102,11 @@ def run(
             at input time ``t`` (input order, also when ``go_backwards``). Zero tensors make
             ``∂ℓ/∂probe[:, t]`` the total derivative ``∂ℓ/∂h_t``. At masked steps the probe is not
             added, so its gradient there is 0.
+        hoist_inputs: compute ``x_t W + b`` for all t as one matmul before the loop (True), or
+            inside each step (False). ``None`` chooses: hoisted except when training on a CPU,
+            where the hoisted form's backward pass (a ``[T, B, gates·units]`` gradient list and
+            three large matmuls) measured 20-25 % slower than per-step products at B=64, H=128
+            (benchmarks/rnn_speed.py ``--hoist``).
         use_cudnn: run the fused cuDNN kernel instead of the loop (the layer decides, see
             ``keras_fancyrnn.gpu``); with a mask, only where it is right-padded (else the loop).
 
@@ -108,9 +117,12 @@ def run(
     inputs = tf.convert_to_tensor(inputs)
 
     dp_mask, rec_mask = _make_dropout_masks(cell, inputs[:, 0], initial_state[0], training)
+    if hoist_inputs is None:
+        hoist_inputs = HOIST_WHEN_TRAINING_ON_CPU or not training or bool(
+            tf.config.list_logical_devices("GPU"))
     loop = functools.partial(_loop, cell, inputs, initial_state, mask, dp_mask, rec_mask,
                              go_backwards, unroll, return_sequences, zero_output_for_mask,
-                             bptt_truncate, probes)
+                             bptt_truncate, probes, hoist_inputs)
     if not use_cudnn:
         return loop()
     fused = functools.partial(cudnn.run, cell, inputs, initial_state, mask=mask,
@@ -128,13 +140,18 @@ def _drop_sequence(result, return_sequences):
 
 
 def _loop(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, unroll,
-          return_sequences, zero_output_for_mask, bptt_truncate, probes):
+          return_sequences, zero_output_for_mask, bptt_truncate, probes, hoist_inputs):
     """The engine's own time loop (``tf.while_loop``, or Python when ``unroll``)."""
     batch = tf.shape(inputs)[0]
     steps_static = inputs.shape[1]
-    # The hoisted projection, one matmul for all t. Transposing x (D wide) rather than x W
-    # (gates x units wide) to time-major moves the least memory.
-    xp = cell.project_inputs(tf.transpose(inputs, [1, 0, 2]), dp_mask)  # [T, B, P]
+    # Transposing x (D wide) rather than x W (gates x units wide) to time-major moves the least
+    # memory. Hoisted, x W + b for all t is one matmul; otherwise each step projects its x_t.
+    xp = tf.transpose(inputs, [1, 0, 2])  # [T, B, D]
+    if hoist_inputs:
+        xp = cell.project_inputs(xp, dp_mask)  # [T, B, P]
+        project = None
+    else:
+        project = functools.partial(cell.project_inputs, dropout_mask=dp_mask)
     if mask is not None:
         mask = tf.transpose(tf.cast(mask, tf.bool), [1, 0])  # [T, B]
     if probes:
@@ -151,6 +168,8 @@ def _loop(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, un
     rec_mask = _tile_batch(rec_mask, copies)
 
     def step(xp_t, mask_t, probe_t, states, prev_output):
+        if project is not None:
+            xp_t = project(xp_t)
         if copies > 1:  # copy j reads copy j-1 of the previous step; copy 0 is cut off
             # (slicing by the dynamic batch loses the static shape the loop needs to keep)
             states = [
@@ -171,7 +190,7 @@ def _loop(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, un
             fallback = tf.zeros_like(output) if zero_output_for_mask else prev_output
             output = _where(mask_t, output, _tile_batch(fallback, copies))
         if copies > 1:
-            output = tf.ensure_shape(output[-batch:], prev_output.shape)
+            output = tf.ensure_shape(output[-batch:], initial_state[0].shape)
         return output, new_states
 
     out0 = tf.zeros_like(initial_state[0])
@@ -202,23 +221,31 @@ def _loop(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, un
     out_ta = tf.TensorArray(out0.dtype, size=n_steps if return_sequences else 0,
                             element_shape=out0.shape)
 
-    def body(t, output, out_ta, *states):
+    # Without a mask the output is the hidden state, so it needs no loop variable of its own
+    # (each loop variable costs control-flow ops and gradient accumulators at every step).
+    carry_output = mask is not None
+
+    def body(t, out_ta, *carry):
+        states, output = (list(carry[:-1]), carry[-1]) if carry_output else (list(carry), None)
         mask_t = None if mask_ta is None else mask_ta.read(t)
         probe_t = {i: ta.read(t) for i, ta in probe_tas.items()}
-        output, new_states = step(xp_ta.read(t), mask_t, probe_t, list(states), output)
+        output, new_states = step(xp_ta.read(t), mask_t, probe_t, states, output)
         if return_sequences:
             out_ta = out_ta.write(t, output)
-        return (t + 1, output, out_ta, *new_states)
+        return (t + 1, out_ta, *new_states, *([output] if carry_output else []))
 
     loop = tf.while_loop(
         lambda t, *_: t < n_steps,
         body,
-        (tf.constant(0), out0, out_ta, *states),
+        (tf.constant(0), out_ta, *states, *([out0] if carry_output else [])),
         maximum_iterations=n_steps,
         parallel_iterations=32,
         swap_memory=True,
     )
-    output, out_ta, states = loop[1], loop[2], list(loop[3:])
+    out_ta, carry = loop[1], list(loop[2:])
+    states, output = (carry[:-1], carry[-1]) if carry_output else (carry, None)
+    if output is None:
+        output = states[0][-batch:] if copies > 1 else states[0]
     outputs = tf.transpose(out_ta.stack(), [1, 0, 2]) if return_sequences else None
     return output, outputs, _untile(states, copies, batch)
 

@@ -247,3 +247,22 @@ def test_truncation_with_a_static_batch_size():
     model = keras.Sequential([keras.Input((T, D), batch_size=B), fr.LSTM(H, bptt_truncate=2)])
     x, _ = data()
     np.testing.assert_allclose(model.predict(x, verbose=0), model(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", CELLS)
+def test_hoisted_and_per_step_projection_agree(kind, monkeypatch):
+    from keras_fancyrnn import engine
+
+    layer, _ = build(kind, bptt_truncate=3)
+    x, coef = data()
+    mask = np.ones((B, T), bool)
+    mask[1, 5:] = False
+    results = []
+    for hoist in (True, False):
+        monkeypatch.setattr(engine, "HOIST_WHEN_TRAINING_ON_CPU", hoist)
+        with tf.GradientTape() as tape:
+            out = layer(x, mask=mask, training=True)  # training picks the CPU rule
+            loss = tf.reduce_sum(out * coef)
+        results.append([out] + tape.gradient(loss, layer.trainable_weights))
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
