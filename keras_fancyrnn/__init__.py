@@ -2,20 +2,33 @@
 
 __version__ = "0.1.0"
 
-from keras_fancyrnn import initializers
+from keras_fancyrnn import datasets, initializers
 from keras_fancyrnn.base import RNN, RecurrentCell
+from keras_fancyrnn.export import export_saved_model
+from keras_fancyrnn.gpu import portable
 from keras_fancyrnn.gru import GRU, GRUCell
 from keras_fancyrnn.lstm import LSTM, LSTMCell
+from keras_fancyrnn.monitor import GradientNormMonitor
+from keras_fancyrnn.optimizers import ClippingOptimizer, ClippingStats
 from keras_fancyrnn.simple_rnn import SimpleRNN, SimpleRNNCell
+from keras_fancyrnn.wrappers import Bidirectional, StackedRNN
 
 __all__ = [
     "GRU",
     "LSTM",
     "RNN",
+    "Bidirectional",
+    "ClippingOptimizer",
+    "ClippingStats",
     "GRUCell",
+    "GradientNormMonitor",
     "LSTMCell",
     "RecurrentCell",
     "SimpleRNN",
     "SimpleRNNCell",
+    "StackedRNN",
+    "datasets",
+    "export_saved_model",
     "initializers",
+    "portable",
 ]

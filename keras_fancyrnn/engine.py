@@ -14,7 +14,8 @@ The engine never imports a cell class. A cell it can run has
 * ``state_size`` (int or list of ints) and ``get_initial_state(batch_size)``;
 * ``project_inputs(x, dropout_mask) -> xp`` for ``x`` of shape ``[B, D]`` or ``[T, B, D]``;
 * ``step(xp_t, states, recurrent_mask) -> (output, new_states)`` with ``output`` equal to
-  ``new_states[0]`` (the hidden state ``h_t``);
+  ``new_states[0]`` (the hidden state ``h_t``); a cell whose other states feed ``h_t`` within
+  the step (LSTM: ``c_t``) sets ``probes_in_step`` and takes ``probes={i: p_t}`` for them;
 * the Keras ``DropoutRNNCell`` mask API (``get_dropout_mask`` …).
 
 Truncation (the WildML tutorial's ``bptt_truncate``): the gradient of the output at step ``t``
@@ -180,7 +181,15 @@ def _loop(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, un
             xp_t = _tile_batch(xp_t, copies)
             mask_t = _tile_batch(mask_t, copies)
             probe_t = {i: _tile_batch(p, copies) for i, p in probe_t.items()}
-        output, new_states = cell.step(xp_t, states, rec_mask)
+        # A cell with ``probes_in_step`` adds the probes of its inner states (LSTM: c_t) itself,
+        # before they feed h_t; added after the step they would miss the path c_t -> h_t.
+        inner = ({i: p for i, p in probe_t.items() if i > 0}
+                 if probe_t and getattr(cell, "probes_in_step", False) else None)
+        if inner:
+            output, new_states = cell.step(xp_t, states, rec_mask, probes=inner)
+            probe_t = {i: p for i, p in probe_t.items() if i not in inner}
+        else:
+            output, new_states = cell.step(xp_t, states, rec_mask)
         new_states = _as_list(new_states)
         if probe_t:
             new_states = [s + probe_t[i] if i in probe_t else s for i, s in enumerate(new_states)]

@@ -51,7 +51,11 @@ class LSTMCell(RecurrentCell):
 
         return (4 * units,), bias_with_forget_one
 
-    def step(self, xp_t, states, recurrent_mask=None):
+    #: The engine hands ``step`` the probe of ``c_t`` (state 1) to add before ``h_t`` is formed, so
+    #: that its gradient is the total ``∂ℓ/∂c_t`` (see ``keras_fancyrnn.engine``).
+    probes_in_step = True
+
+    def step(self, xp_t, states, recurrent_mask=None, probes=None):
         h_prev, c_prev = states
         z = xp_t + self.recurrent_matmul(h_prev, recurrent_mask, self.recurrent_kernel)
         z_i, z_f, z_c, z_o = ops.split(z, 4, axis=-1)
@@ -60,6 +64,8 @@ class LSTMCell(RecurrentCell):
         g = self.activation(z_c)
         o = self.recurrent_activation(z_o)
         c = f * c_prev + i * g
+        if probes and 1 in probes:
+            c = c + probes[1]
         h = o * self.activation(c)
         return h, [h, c]
 
