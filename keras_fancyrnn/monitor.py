@@ -589,7 +589,13 @@ class ProbePass:
         for k, g in zip(keys, grads):
             g = tf.cast(g, tf.float32) / loss_scale
             axes = list(range(2, g.shape.rank))
-            norms = tf.sqrt(tf.reduce_sum(tf.square(g), axis=axes)) if axes else tf.abs(g)
+            if axes:  # scaled by the max, so that norms below ~1e-19 do not underflow to 0
+                m = tf.reduce_max(tf.abs(g), axis=axes, keepdims=True)
+                safe = tf.where(m > 0, m, tf.ones_like(m))
+                norms = tf.squeeze(m, axes) * tf.sqrt(
+                    tf.reduce_sum(tf.square(g / safe), axis=axes))
+            else:
+                norms = tf.abs(g)
             curves[k] = tf.reduce_mean(norms, axis=0)
         return curves
 

@@ -1,0 +1,266 @@
+"""Smoke tests of the examples (issue 7): each runs end to end with tiny flags and writes its
+outputs; the main job's report has one row per model (SimpleRNN, LSTM, GRU).
+
+Each example runs once as a program (``python examples/<name>.py --flags``) in a subprocess, the
+way a user runs it, so flag parsing, ``main`` and the files under ``--out`` are exercised. Cheaper
+checks (every example's flags and ``--help`` text, the main job's helpers, the char-RNN's offline
+fallback text) load the example modules in this process, one TensorFlow import for all of them.
+Examples not in the tree yet (the export example is written separately) are skipped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+ALL = (
+    "vanishing_gradients",
+    "adding_problem",
+    "exploding_gradients",
+    "char_rnn",
+    "bidirectional_stacked",
+    "export_savedmodel",
+)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _path(name: str) -> str:
+    return os.path.join(EXAMPLES, f"{name}.py")
+
+
+def _require(name: str) -> str:
+    path = _path(name)
+    if not os.path.exists(path):
+        pytest.skip(f"examples/{name}.py does not exist (yet)")
+    return path
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("KERAS_BACKEND", "tensorflow")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_example(name: str, *args: str, timeout: float = 120) -> str:
+    """Runs ``examples/<name>.py args`` in a subprocess; fails with its output if it fails."""
+    proc = subprocess.run(
+        [sys.executable, _require(name), *args], cwd=ROOT, env=_env(), capture_output=True,
+        text=True, timeout=timeout,
+    )
+    if proc.returncode != 0:
+        pytest.fail(
+            f"examples/{name}.py {' '.join(args)} exited with {proc.returncode}\n"
+            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
+        )
+    return proc.stdout
+
+
+def _is_png(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == PNG_MAGIC
+
+
+def _event_files(directory: str) -> list[str]:
+    return [os.path.join(d, f) for d, _, files in os.walk(directory) for f in files
+            if f.startswith("events.out.tfevents")]
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading examples in-process, and --help
+# ------------------------------------------------------------------------------------------------
+_LOADED: dict[str, object] = {}
+
+
+def load_example(name: str):
+    """``examples/<name>.py`` as a module (not run), with its absl flags registered only while it
+    loads: the examples share flag names (``--out``), which absl refuses to define twice from
+    different modules. Returns ``(module, {flag name: help text})``."""
+    from absl import flags
+
+    if name in _LOADED:
+        return _LOADED[name]
+    module_name = f"_example_{name}"
+    spec = importlib.util.spec_from_file_location(module_name, _require(name))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    before = set(flags.FLAGS)
+    spec.loader.exec_module(module)
+    defined = {n: flags.FLAGS[n].help for n in set(flags.FLAGS) - before}
+    for n in defined:  # free the names for the next example
+        delattr(flags.FLAGS, n)
+    _LOADED[name] = (module, defined)
+    return _LOADED[name]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_example_defines_its_flags_with_help(name):
+    module, defined = load_example(name)
+    assert "out" in defined, f"examples/{name}.py has no --out flag"
+    assert all(text for text in defined.values()), "every flag needs a help text"
+    assert callable(getattr(module, "main", None))
+    assert (module.__doc__ or "").strip(), "the module docstring is the --help headline"
+
+
+def test_help_on_the_command_line():
+    """The real ``--help`` of the main job (absl prints it and exits with 1)."""
+    proc = subprocess.run([sys.executable, _path("vanishing_gradients"), "--help"], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (0, 1), proc.stderr[-2000:]
+    for flag in ("--out", "--length", "--models", "--steps", "--clip_method"):
+        assert flag in proc.stdout, proc.stdout[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# The main job
+# ------------------------------------------------------------------------------------------------
+def test_vanishing_gradients_writes_the_report(tmp_path):
+    out = tmp_path / "vg"
+    stdout = run_example(
+        "vanishing_gradients", f"--out={out}", "--length=12", "--units=4", "--steps=8",
+        "--eval_every=4", "--record_every=2", "--batch_size=8", "--num_train=64",
+        "--num_test=32", "--probe_size=16",
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in results["rows"]] == ["SimpleRNN", "LSTM", "GRU"]
+    assert math.isclose(results["baseline_mse"], 1 / 6)
+    for row in results["rows"]:
+        assert row["steps"] == 8
+        assert math.isfinite(row["final_test_mse"])
+        assert 0.0 <= row["clip_rate"] <= 1.0
+        assert row["skipped_steps"] == 0
+        for key in ("grad_ratio_init", "grad_ratio_final", "vs_baseline"):
+            assert key in row
+    for cell in ("simple_rnn", "lstm", "gru"):
+        model = results["models"][cell]
+        assert model["record_steps"] == [0, 2, 4, 6, 8]
+        assert model["eval_steps"] == [0, 4, 8]
+        assert len(model["curve_init"]) == len(model["curve_final"]) == 12
+        assert (out / cell / "grad_norms.csv").stat().st_size > 0
+        assert _event_files(str(out / "tensorboard" / cell / "gradient_norms"))
+        assert _event_files(str(out / "tensorboard" / cell))  # loss, test MSE, clip stats
+    table = (out / "results.md").read_text()
+    report = (out / "report.md").read_text()
+    for text in (table, report, stdout):
+        for model in ("SimpleRNN", "LSTM", "GRU"):
+            assert f"| {model} |" in text
+    for png in ("gradient_norms.png", "heatmap.png", "test_mse.png"):
+        assert _is_png(str(out / png))
+        assert f"]({png})" in report
+
+
+def test_vanishing_gradients_helpers():
+    vg, _ = load_example("vanishing_gradients")
+    assert vg.format_ratio(2.5e-3, 0) == "2.50e-03"
+    assert vg.format_ratio(2.5e-21, 7) == "< 2.50e-21 (7 t at 0)"
+    row = {"model": "LSTM", "final_test_mse": 0.0012, "vs_baseline": 0.0072, "solved": True,
+           "first_solved_step": 800, "grad_ratio_init": 1e-8, "grad_ratio_final": 0.07,
+           "underflow_init": 0, "underflow_final": 0, "clip_rate": 0.01, "skipped_steps": 0,
+           "steps": 1500, "seconds": 70.0}
+    table = vg.markdown_table([row])
+    assert "| LSTM | 0.0012 | 0.007 | yes (step 800) | 1.00e-08 | 7.00e-02 | 0.01 | 0 |" in table
+    with pytest.raises(ValueError, match="models"):
+        vg.Config(models=("lstm", "transformer"))
+    with pytest.raises(ValueError, match="multiple of eval_every"):
+        vg.Config(steps=150, eval_every=100)
+    with pytest.raises(ValueError, match="probe_size"):
+        vg.Config(num_test=10, probe_size=20)
+
+
+# ------------------------------------------------------------------------------------------------
+# The other examples
+# ------------------------------------------------------------------------------------------------
+def test_adding_problem_sweep_stops_when_solved(tmp_path):
+    out = tmp_path / "adding"
+    # --solved_mse 10: every setting counts as solved at its first evaluation, so each must stop
+    # there (after eval_every steps, not max_steps).
+    run_example(
+        "adding_problem", f"--out={out}", "--cells=lstm,chrono_lstm", "--lengths=8",
+        "--clipping=on,off", "--units=4", "--max_steps=20", "--eval_every=5",
+        "--num_train=64", "--num_test=32", "--batch_size=8", "--solved_mse=10",
+    )
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["cell"], r["length"], r["clipping"]) for r in rows] == [
+        ("lstm", 8, "on"), ("lstm", 8, "off"), ("chrono_lstm", 8, "on"), ("chrono_lstm", 8, "off")
+    ]
+    for r in rows:
+        assert r["solved"] and r["solved_step"] == 5 and r["steps"] == 5
+        assert r["stopped_by"] == "solved"
+        assert (r["clip_rate"] is None) == (r["clipping"] == "off")
+    table = (out / "results.md").read_text()
+    assert table.count("| lstm | 8 |") == 2 and table.count("| chrono_lstm | 8 |") == 2
+
+
+def test_char_rnn_on_a_text_file(tmp_path):
+    text_file = tmp_path / "input.txt"
+    text_file.write_text("the quick brown fox jumps over the lazy dog.\n" * 30)
+    out = tmp_path / "char"
+    run_example(
+        "char_rnn", f"--out={out}", f"--text_file={text_file}", "--layers=2", "--units=8",
+        "--embedding_dim=4", "--seq_len=16", "--batch_size=4", "--steps=4", "--eval_every=2",
+        "--record_every=2", "--sample_length=20", "--bptt_truncate=5",
+    )
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["source"] == f"file {text_file}"
+    assert summary["vocabulary_size"] == len(set(text_file.read_text()))
+    assert [e["step"] for e in summary["evaluations"]] == [2, 4]
+    assert all(math.isfinite(e["val_loss"]) for e in summary["evaluations"])
+    assert set(summary["grad_ratio_final"]) >= {"lstm_1", "lstm_2"}
+    assert len(summary["sample"]) == 20
+    assert (out / "samples.txt").read_text().startswith(summary["prime"])
+    assert _is_png(str(out / "grad_norms.png"))
+    assert (out / "grad_norms.csv").stat().st_size > 0
+    assert "val perplexity" in (out / "results.md").read_text()
+
+
+def test_char_rnn_falls_back_to_the_builtin_text_offline(tmp_path):
+    """No --text_file and an empty TFDS data directory (tiny_shakespeare not prepared, download
+    off): the built-in text, without touching the network."""
+    char_rnn, _ = load_example("char_rnn")
+    config = char_rnn.Config(data_dir=str(tmp_path / "tfds"), seq_len=32, batch_size=8)
+    data = char_rnn.load_text(config)
+    assert data["source"].startswith("built-in")
+    x, y = next(iter(data["validation"]))
+    assert x.shape[1] == y.shape[1] == 32
+    assert data["vocabulary"].decode(x.numpy()[0]) in char_rnn.BUILTIN_TEXT
+    assert 1 < char_rnn.unigram_perplexity(data["train_ids"], len(data["vocabulary"])) < len(
+        data["vocabulary"])
+
+
+def test_exploding_gradients(tmp_path):
+    out = tmp_path / "exploding"
+    run_example(
+        "exploding_gradients", f"--out={out}", "--seq_len=10", "--units=8", "--epochs=2",
+        "--num_train=64", "--num_test=32", "--batch_size=16",
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"plain", "clipped"} <= set(summary)
+    assert (out / "summary.md").stat().st_size > 0
+
+
+def test_bidirectional_stacked(tmp_path):
+    out = tmp_path / "bistack"
+    run_example(
+        "bidirectional_stacked", f"--out={out}", "--layers=2", "--units=4", "--steps=6",
+        "--train_size=32", "--val_size=16", "--epochs=2", "--batch_size=16",
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"bidirectional", "unidirectional"} <= set(summary)
+    assert (out / "loss_curve.csv").stat().st_size > 0
+
+
+def test_export_savedmodel(tmp_path):
+    out = tmp_path / "export"
+    _require("export_savedmodel")
+    run_example("export_savedmodel", f"--out={out}", "--units=4", "--steps=8", "--samples=64",
+                "--epochs=1")
+    assert out.exists() and any(out.iterdir())
