@@ -262,6 +262,20 @@ LAYER_ARGS = (
 )
 
 
+def build_cell(cell_class, args: dict, kwargs: dict, name: str):
+    """The cell of a layer, from the layer's own arguments (``args``: the layer's ``locals()``),
+    as Keras's layers build theirs; ``implementation`` (a cell-only keyword) leaves ``kwargs``."""
+    cell_args = {k: v for k, v in args.items() if k in CELL_ARGS}
+    return cell_class(**cell_args, implementation=kwargs.pop("implementation", 2),
+                      dtype=kwargs.get("dtype"), trainable=kwargs.get("trainable", True),
+                      name=name)
+
+
+def layer_arguments(args: dict) -> dict:
+    """The layer-level arguments among a layer's ``locals()``."""
+    return {k: v for k, v in args.items() if k in LAYER_ARGS + ("activity_regularizer",)}
+
+
 class SequenceMaskFromInput:
     """Takes the mask from ``sequences`` also when ``initial_state`` holds tensors.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_fancyrnn.base import RNN, RecurrentCell, get_activation
+from keras_fancyrnn.base import RNN, RecurrentCell, build_cell, get_activation, layer_arguments
 from keras_fancyrnn.gpu import CudnnMixin
 
 
@@ -115,38 +115,6 @@ class GRU(CudnnMixin, RNN):
         bptt_truncate=None,
         **kwargs,
     ):
-        cell = GRUCell(
-            units,
-            activation=activation,
-            recurrent_activation=recurrent_activation,
-            use_bias=use_bias,
-            kernel_initializer=kernel_initializer,
-            recurrent_initializer=recurrent_initializer,
-            bias_initializer=bias_initializer,
-            kernel_regularizer=kernel_regularizer,
-            recurrent_regularizer=recurrent_regularizer,
-            bias_regularizer=bias_regularizer,
-            kernel_constraint=kernel_constraint,
-            recurrent_constraint=recurrent_constraint,
-            bias_constraint=bias_constraint,
-            dropout=dropout,
-            recurrent_dropout=recurrent_dropout,
-            reset_after=reset_after,
-            seed=seed,
-            implementation=kwargs.pop("implementation", 2),
-            dtype=kwargs.get("dtype"),
-            trainable=kwargs.get("trainable", True),
-            name="gru_cell",
-        )
-        super().__init__(
-            cell,
-            return_sequences=return_sequences,
-            return_state=return_state,
-            go_backwards=go_backwards,
-            stateful=stateful,
-            unroll=unroll,
-            activity_regularizer=activity_regularizer,
-            bptt_truncate=bptt_truncate,
-            use_cudnn=use_cudnn,
-            **kwargs,
-        )
+        args = dict(locals())  # the signature above is Keras's; the cell takes its share
+        cell = build_cell(GRUCell, args, kwargs, name="gru_cell")
+        super().__init__(cell, **layer_arguments(args), **kwargs)

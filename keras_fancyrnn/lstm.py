@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_fancyrnn.base import RNN, RecurrentCell, get_activation
+from keras_fancyrnn.base import RNN, RecurrentCell, build_cell, get_activation, layer_arguments
 from keras_fancyrnn.gpu import CudnnMixin
 
 
@@ -115,38 +115,6 @@ class LSTM(CudnnMixin, RNN):
         bptt_truncate=None,
         **kwargs,
     ):
-        cell = LSTMCell(
-            units,
-            activation=activation,
-            recurrent_activation=recurrent_activation,
-            use_bias=use_bias,
-            kernel_initializer=kernel_initializer,
-            unit_forget_bias=unit_forget_bias,
-            recurrent_initializer=recurrent_initializer,
-            bias_initializer=bias_initializer,
-            kernel_regularizer=kernel_regularizer,
-            recurrent_regularizer=recurrent_regularizer,
-            bias_regularizer=bias_regularizer,
-            kernel_constraint=kernel_constraint,
-            recurrent_constraint=recurrent_constraint,
-            bias_constraint=bias_constraint,
-            dropout=dropout,
-            recurrent_dropout=recurrent_dropout,
-            seed=seed,
-            implementation=kwargs.pop("implementation", 2),
-            dtype=kwargs.get("dtype"),
-            trainable=kwargs.get("trainable", True),
-            name="lstm_cell",
-        )
-        super().__init__(
-            cell,
-            return_sequences=return_sequences,
-            return_state=return_state,
-            go_backwards=go_backwards,
-            stateful=stateful,
-            unroll=unroll,
-            activity_regularizer=activity_regularizer,
-            bptt_truncate=bptt_truncate,
-            use_cudnn=use_cudnn,
-            **kwargs,
-        )
+        args = dict(locals())  # the signature above is Keras's; the cell takes its share
+        cell = build_cell(LSTMCell, args, kwargs, name="lstm_cell")
+        super().__init__(cell, **layer_arguments(args), **kwargs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from keras_fancyrnn.base import RNN, RecurrentCell
+from keras_fancyrnn.base import RNN, RecurrentCell, build_cell, layer_arguments
 
 
 @keras.saving.register_keras_serializable(package="keras_fancyrnn")
@@ -64,35 +64,6 @@ class SimpleRNN(RNN):
         bptt_truncate=None,
         **kwargs,
     ):
-        cell = SimpleRNNCell(
-            units,
-            activation=activation,
-            use_bias=use_bias,
-            kernel_initializer=kernel_initializer,
-            recurrent_initializer=recurrent_initializer,
-            bias_initializer=bias_initializer,
-            kernel_regularizer=kernel_regularizer,
-            recurrent_regularizer=recurrent_regularizer,
-            bias_regularizer=bias_regularizer,
-            kernel_constraint=kernel_constraint,
-            recurrent_constraint=recurrent_constraint,
-            bias_constraint=bias_constraint,
-            dropout=dropout,
-            recurrent_dropout=recurrent_dropout,
-            seed=seed,
-            implementation=kwargs.pop("implementation", 2),
-            dtype=kwargs.get("dtype"),
-            trainable=kwargs.get("trainable", True),
-            name="simple_rnn_cell",
-        )
-        super().__init__(
-            cell,
-            return_sequences=return_sequences,
-            return_state=return_state,
-            go_backwards=go_backwards,
-            stateful=stateful,
-            unroll=unroll,
-            activity_regularizer=activity_regularizer,
-            bptt_truncate=bptt_truncate,
-            **kwargs,
-        )
+        args = dict(locals())  # the signature above is Keras's; the cell takes its share
+        cell = build_cell(SimpleRNNCell, args, kwargs, name="simple_rnn_cell")
+        super().__init__(cell, **layer_arguments(args), **kwargs)
