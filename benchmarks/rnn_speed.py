@@ -39,8 +39,8 @@ flags.DEFINE_integer("repeats", 7, "Timed rounds per implementation (median repo
 flags.DEFINE_integer("steps", 10, "Training/predict steps per timed round.")
 flags.DEFINE_bool("torch", True, "Include torch.nn when torch is installed.")
 flags.DEFINE_string("out", None, "Write the Markdown table here too.")
-flags.DEFINE_bool("hoist", False, "Hoist fr's input projection also when training on a CPU "
-                  "(the engine's default leaves it in the loop there; see engine.run).")
+flags.DEFINE_bool("hoist", False, "Hoist fr's input projection on a CPU too (the engine's "
+                  "default projects per step there; see engine.run).")
 
 GATES = {"simple_rnn": 1, "lstm": 4, "gru": 3}
 KERAS = {"simple_rnn": keras.layers.SimpleRNN, "lstm": keras.layers.LSTM, "gru": keras.layers.GRU}
@@ -134,7 +134,7 @@ def main(argv):
     del argv
     from keras_fancyrnn import engine
 
-    engine.HOIST_WHEN_TRAINING_ON_CPU = FLAGS.hoist
+    engine.HOIST_ON_CPU = FLAGS.hoist
     have_torch = False
     if FLAGS.torch:
         try:

@@ -36,8 +36,8 @@ from collections.abc import Sequence
 from keras_fancyrnn import cudnn
 from keras_fancyrnn._tf import tf
 
-#: Whether training on a CPU hoists the input projection too (see ``run``'s ``hoist_inputs``).
-HOIST_WHEN_TRAINING_ON_CPU = False
+#: Whether the input projection is hoisted on a CPU too (see ``run``'s ``hoist_inputs``).
+HOIST_ON_CPU = False
 
 
 def _as_list(x):
@@ -104,10 +104,11 @@ def run(
             ``∂ℓ/∂probe[:, t]`` the total derivative ``∂ℓ/∂h_t``. At masked steps the probe is not
             added, so its gradient there is 0.
         hoist_inputs: compute ``x_t W + b`` for all t as one matmul before the loop (True), or
-            inside each step (False). ``None`` chooses: hoisted except when training on a CPU,
-            where the hoisted form's backward pass (a ``[T, B, gates·units]`` gradient list and
-            three large matmuls) measured 20-25 % slower than per-step products at B=64, H=128
-            (benchmarks/rnn_speed.py ``--hoist``).
+            inside each step (False). ``None`` chooses: hoisted on a GPU, per step on a CPU, where
+            the hoisted form measured slower at B=64, T=100, H=128 (training 20-25 %: its
+            backward keeps a ``[T, B, gates·units]`` gradient list and runs three large matmuls;
+            inference 30 %), because this CPU runs the per-step products as fast as one large
+            one (benchmarks/rnn_speed.py ``--hoist``).
         use_cudnn: run the fused cuDNN kernel instead of the loop (the layer decides, see
             ``keras_fancyrnn.gpu``); with a mask, only where it is right-padded (else the loop).
 
@@ -119,8 +120,7 @@ def run(
 
     dp_mask, rec_mask = _make_dropout_masks(cell, inputs[:, 0], initial_state[0], training)
     if hoist_inputs is None:
-        hoist_inputs = HOIST_WHEN_TRAINING_ON_CPU or not training or bool(
-            tf.config.list_logical_devices("GPU"))
+        hoist_inputs = HOIST_ON_CPU or bool(tf.config.list_logical_devices("GPU"))
     loop = functools.partial(_loop, cell, inputs, initial_state, mask, dp_mask, rec_mask,
                              go_backwards, unroll, return_sequences, zero_output_for_mask,
                              bptt_truncate, probes, hoist_inputs)

@@ -259,9 +259,9 @@ def test_hoisted_and_per_step_projection_agree(kind, monkeypatch):
     mask[1, 5:] = False
     results = []
     for hoist in (True, False):
-        monkeypatch.setattr(engine, "HOIST_WHEN_TRAINING_ON_CPU", hoist)
+        monkeypatch.setattr(engine, "HOIST_ON_CPU", hoist)
         with tf.GradientTape() as tape:
-            out = layer(x, mask=mask, training=True)  # training picks the CPU rule
+            out = layer(x, mask=mask, training=True)
             loss = tf.reduce_sum(out * coef)
         results.append([out] + tape.gradient(loss, layer.trainable_weights))
     for a, b in zip(*results):
