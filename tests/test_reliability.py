@@ -238,3 +238,37 @@ def test_long_sequence_trains():
     model.compile("sgd", "mse")
     loss = model.fit(x, np.ones((2, 1), "float32"), epochs=1, verbose=0).history["loss"][0]
     assert np.isfinite(loss)
+
+
+@pytest.mark.parametrize("wrapper", ["bidirectional", "stacked"])
+def test_wrapper_finite_differences_float64_with_mask(wrapper):
+    rng = np.random.default_rng(4)
+    if wrapper == "bidirectional":
+        layer = fr.Bidirectional(fr.LSTM(3, return_sequences=True, dtype="float64"),
+                                 dtype="float64")
+    else:
+        layer = fr.StackedRNN([fr.GRU(3, return_sequences=True, dtype="float64"),
+                               fr.LSTM(3, return_sequences=True, dtype="float64")],
+                              residual=True, dtype="float64")
+    x = rng.normal(size=(2, 5, 3))
+    mask = np.array([[True] * 5, [True] * 3 + [False] * 2])
+    layer(x, mask=mask)
+
+    def loss_of(x_):
+        return tf.reduce_sum(tf.sin(layer(x_, mask=mask)))
+
+    theoretical, numerical = tf.test.compute_gradient(loss_of, [tf.constant(x)], delta=1e-6)
+    np.testing.assert_allclose(theoretical[0], numerical[0], rtol=1e-6, atol=1e-7)
+    with tf.GradientTape() as tape:
+        loss = loss_of(x)
+    grads = tape.gradient(loss, layer.trainable_weights)
+    for w, g in zip(layer.trainable_weights, grads):
+        v = rng.normal(size=w.shape)
+        w0 = w.numpy()
+        w.assign(w0 + 1e-6 * v)
+        up = loss_of(x).numpy()
+        w.assign(w0 - 1e-6 * v)
+        down = loss_of(x).numpy()
+        w.assign(w0)
+        np.testing.assert_allclose(np.sum(g.numpy() * v), (up - down) / 2e-6, rtol=1e-6)
+
