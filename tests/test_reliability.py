@@ -1,5 +1,6 @@
 """Reliability: the bad-input catalogue (each input -> a clear error naming the argument, raised
-early), NaN handling, determinism, one device vs MirroredStrategy, and very long sequences."""
+early), NaN handling, determinism, one device vs MirroredStrategy and vs two
+MultiWorkerMirroredStrategy worker processes, and very long sequences."""
 
 import os
 import subprocess
@@ -230,6 +231,101 @@ def test_mirrored_strategy_equals_one_device():
     assert result["history"] and max(result["history"].values()) < 1e-5
     assert result["clipped"][0] == result["clipped"][1] > 0  # clipping fired, same on both
 
+
+
+MULTI_WORKER = textwrap.dedent("""
+    import os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import numpy as np, tensorflow as tf
+    import keras, keras_fancyrnn as fr
+    out = sys.argv[1]
+    # TF_CONFIG set: two workers on localhost; unset: one process, the combined batch.
+    strategy = (tf.distribute.MultiWorkerMirroredStrategy() if "TF_CONFIG" in os.environ
+                else tf.distribute.OneDeviceStrategy("/cpu:0"))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 6, 3)).astype("float32")
+    y = rng.normal(size=(16, 1)).astype("float32")
+    GLOBAL = 8
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6, 3)), fr.LSTM(5, return_sequences=True),
+                                  fr.Bidirectional(fr.GRU(4)), keras.layers.Dense(1)])
+        opt = fr.ClippingOptimizer(keras.optimizers.SGD(0.5), threshold=0.05)
+        opt.build(model.trainable_variables)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL).with_options(options)
+    dist = strategy.experimental_distribute_dataset(ds)  # each worker: its 4 of every 8
+
+    @tf.function
+    def step(xb, yb):
+        def replica(xb, yb):
+            with tf.GradientTape() as tape:
+                per_example = tf.reduce_mean(tf.square(model(xb, training=True) - yb), axis=-1)
+                loss = tf.nn.compute_average_loss(per_example, global_batch_size=GLOBAL)
+            opt.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        strategy.run(replica, args=(xb, yb))
+
+    for epoch in range(3):
+        for xb, yb in dist:
+            step(xb, yb)
+    np.savez(out, *[v.numpy() for v in model.trainable_variables],
+             clipped=opt.clipped_steps.numpy(), replicas=strategy.num_replicas_in_sync)
+""")
+
+
+def free_ports(n):
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_multi_worker_mirrored_equals_one_process(tmp_path):
+    """Two worker processes on localhost (MultiWorkerMirroredStrategy, TF_CONFIG) in a custom
+    training loop equal one process on the combined batch: the layers' gradients and the
+    ClippingOptimizer's clip of the all-reduced gradient. (Keras 3.15's model.fit itself fails
+    under this strategy even for keras.layers.GRU with SGD, keras-team/keras#20585.)"""
+    import json
+
+    script = tmp_path / "worker.py"
+    script.write_text(MULTI_WORKER)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("TF_CONFIG", None)
+    cluster = {"worker": [f"localhost:{p}" for p in free_ports(2)]}
+    workers = []
+    for i in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+        workers.append(subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / f"worker{i}.npz")],
+            env={**env, "TF_CONFIG": tf_config}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True))
+    single = subprocess.run([sys.executable, str(script), str(tmp_path / "one.npz")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    for w in workers:
+        try:
+            _, err = w.communicate(timeout=300)
+        finally:
+            w.kill()
+        assert w.returncode == 0, err[-3000:]
+
+    one = np.load(tmp_path / "one.npz")
+    assert int(one["replicas"]) == 1
+    for i in range(2):
+        got = np.load(tmp_path / f"worker{i}.npz")
+        assert int(got["replicas"]) == 2
+        weights = [k for k in one.files if k.startswith("arr_")]
+        assert len(weights) == 11
+        for k in weights:
+            np.testing.assert_allclose(got[k], one[k], atol=1e-6, rtol=0, err_msg=k)
+        # clipping fired, on the same steps as with the whole batch in one process
+        assert int(got["clipped"]) == int(one["clipped"]) > 0
 
 def test_long_sequence_trains():
     steps = 10_000
