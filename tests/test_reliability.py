@@ -43,6 +43,14 @@ def stateful_changed_batch():
     model(np.zeros((B + 1, T, D), "float32"))
 
 
+def example_config(name, **flags):
+    """The example's flag validation (its Config, built from the flags before any work)."""
+    from test_examples import load_example
+
+    module, _ = load_example(name)
+    return module.Config(**flags)
+
+
 # (what is wrong, the call, the exception, a regex the message must match)
 CATALOGUE = [
     ("units <= 0", lambda: fr.LSTM(0), ValueError, "units must be a positive integer, got 0"),
@@ -120,6 +128,19 @@ CATALOGUE = [
      "must be a positive integer"),
     ("unknown split", lambda: datasets.load_numpy("copy_memory", length=50, split="dev"),
      ValueError, "split must be one of"),
+    ("example: vanishing_gradients --length=1", lambda: example_config("vanishing_gradients",
+     length=1), ValueError, "length must be >= 2, got 1"),
+    ("example: vanishing_gradients --models=transformer", lambda: example_config(
+        "vanishing_gradients", models=["transformer"]), ValueError,
+     "models must be a non-empty subset of"),
+    ("example: adding_problem --lengths=2", lambda: example_config("adding_problem",
+     lengths=[2]), ValueError, "lengths must be integers >= 4"),
+    ("example: adding_problem --data=web", lambda: example_config("adding_problem", data="web"),
+     ValueError, "data must be 'memory' or 'tfds'"),
+    ("example: char_rnn --temperature=0", lambda: example_config("char_rnn", temperature=0.0),
+     ValueError, "temperature must be > 0"),
+    ("example: char_rnn --cell=rnn", lambda: example_config("char_rnn", cell="rnn"), ValueError,
+     "cell must be one of"),
 ]
 
 
@@ -132,6 +153,36 @@ def test_bad_input_catalogue(case):
 
 def test_catalogue_is_large():
     assert len(CATALOGUE) >= 30
+
+
+@pytest.mark.parametrize("name", ["simple_rnn", "lstm", "gru"])
+def test_all_masked_rows_follow_keras(name):
+    """A row whose every step is masked is not an error (the Keras convention): its output is
+    the initial state (zeros), equal to keras.layers with the same weights, and its gradients
+    are finite (zero)."""
+    ours_cls = {"simple_rnn": fr.SimpleRNN, "lstm": fr.LSTM, "gru": fr.GRU}[name]
+    ref_cls = {"simple_rnn": keras.layers.SimpleRNN, "lstm": keras.layers.LSTM,
+               "gru": keras.layers.GRU}[name]
+    mask = np.ones((B, T), bool)
+    mask[1] = False  # row 1: everything masked
+    mask[2, 3:] = False
+    ours, ref = ours_cls(H, return_sequences=True), ref_cls(H, return_sequences=True)
+    ours(X, mask=mask)
+    ref(X, mask=mask)
+    ref.set_weights(ours.get_weights())
+    x = tf.constant(X)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        out, want = ours(x, mask=mask), ref(x, mask=mask)
+        loss_ours, loss_ref = tf.reduce_sum(out ** 2 + out), tf.reduce_sum(want ** 2 + want)
+    np.testing.assert_allclose(out.numpy(), want.numpy(), atol=1e-6)
+    np.testing.assert_array_equal(out.numpy()[1], 0.0)
+    grads = tape.gradient(loss_ours, [x] + ours.trainable_weights)
+    grads_ref = tape.gradient(loss_ref, [x] + ref.trainable_weights)
+    for g, r in zip(grads, grads_ref):
+        assert np.all(np.isfinite(g.numpy()))
+        np.testing.assert_allclose(g.numpy(), r.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(grads[0].numpy()[1], 0.0)
 
 
 def test_unwritable_output_dir(tmp_path):
