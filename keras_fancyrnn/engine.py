@@ -227,32 +227,35 @@ def _loop(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, un
         i: tf.TensorArray(p.dtype, size=n_steps, element_shape=p.shape[1:]).unstack(p)
         for i, p in (probes or {}).items()
     }
-    out_ta = tf.TensorArray(out0.dtype, size=n_steps if return_sequences else 0,
-                            element_shape=out0.shape)
-
-    # Without a mask the output is the hidden state, so it needs no loop variable of its own
-    # (each loop variable costs control-flow ops and gradient accumulators at every step).
+    # Loop variables beyond t and the states cost control-flow ops at every step (and gradient
+    # accumulators), so there are only those the call needs: the output list with
+    # return_sequences, and the output itself only with a mask (otherwise it is the hidden state).
+    out_tas = ([tf.TensorArray(out0.dtype, size=n_steps, element_shape=out0.shape)]
+               if return_sequences else [])
     carry_output = mask is not None
 
-    def body(t, out_ta, *carry):
-        states, output = (list(carry[:-1]), carry[-1]) if carry_output else (list(carry), None)
+    def body(t, *carry):
+        carry = list(carry)
+        out_ta = carry.pop(0) if return_sequences else None
+        output = carry.pop() if carry_output else None
         mask_t = None if mask_ta is None else mask_ta.read(t)
         probe_t = {i: ta.read(t) for i, ta in probe_tas.items()}
-        output, new_states = step(xp_ta.read(t), mask_t, probe_t, states, output)
-        if return_sequences:
-            out_ta = out_ta.write(t, output)
-        return (t + 1, out_ta, *new_states, *([output] if carry_output else []))
+        output, new_states = step(xp_ta.read(t), mask_t, probe_t, carry, output)
+        out_tas = [out_ta.write(t, output)] if return_sequences else []
+        return (t + 1, *out_tas, *new_states, *([output] if carry_output else []))
 
     loop = tf.while_loop(
         lambda t, *_: t < n_steps,
         body,
-        (tf.constant(0), out_ta, *states, *([out0] if carry_output else [])),
+        (tf.constant(0), *out_tas, *states, *([out0] if carry_output else [])),
         maximum_iterations=n_steps,
         parallel_iterations=32,
         swap_memory=True,
     )
-    out_ta, carry = loop[1], list(loop[2:])
-    states, output = (carry[:-1], carry[-1]) if carry_output else (carry, None)
+    carry = list(loop[1:])
+    out_ta = carry.pop(0) if return_sequences else None
+    output = carry.pop() if carry_output else None
+    states = carry
     if output is None:
         output = states[0][-batch:] if copies > 1 else states[0]
     outputs = tf.transpose(out_ta.stack(), [1, 0, 2]) if return_sequences else None

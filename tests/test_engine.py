@@ -266,3 +266,53 @@ def test_hoisted_and_per_step_projection_agree(kind, monkeypatch):
         results.append([out] + tape.gradient(loss, layer.trainable_weights))
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _loop_body_sizes(fn, *args):
+    """Node counts of every while-loop body in ``fn``'s traced graph (forward and gradient)."""
+    graph_def = tf.function(fn).get_concrete_function(*args).graph.as_graph_def()
+    library = {f.signature.name: f for f in graph_def.library.function}
+    nodes = [n for f in library.values() for n in f.node_def] + list(graph_def.node)
+    return sorted(len(library[n.attr["body"].func.name].node_def) for n in nodes
+                  if n.op in ("While", "StatelessWhile"))
+
+
+@pytest.mark.parametrize("kind", ["simple_rnn", "lstm", "gru"])
+def test_unused_probe_and_truncation_add_no_ops(kind):
+    """With no probe and no truncation the engine's loop has exactly the ops of a bare
+    ``tf.while_loop`` over the cell's own projection and step (written here), forward and
+    gradient: the features cost nothing when unused (benchmarks/unused_features.py times it)."""
+    layer, _ = build(kind)
+    layer.return_sequences = False
+    cell = layer.cell
+    x = tf.constant(np.random.default_rng(0).normal(size=(B, T, D)).astype("float32"))
+
+    def bare(x):
+        xs = tf.transpose(x, [1, 0, 2])
+        xs_ta = tf.TensorArray(tf.float32, size=T, element_shape=xs.shape[1:]).unstack(xs)
+        states = cell.get_initial_state(B)
+        states = states if isinstance(states, list) else [states]
+
+        def body(t, *states):
+            _, new = cell.step(cell.project_inputs(xs_ta.read(t)), list(states))
+            return (t + 1, *(new if isinstance(new, (list, tuple)) else [new]))
+
+        return tf.while_loop(lambda t, *_: t < T, body, (tf.constant(0), *states),
+                             maximum_iterations=T, parallel_iterations=32, swap_memory=True)[1]
+
+    def trained(call):
+        def fn(x):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(call(x) ** 2)
+            return tape.gradient(loss, cell.trainable_weights)
+        return fn
+
+    ours = _loop_body_sizes(trained(layer), x)
+    assert len(ours) == 2  # the forward loop and its gradient loop
+    assert ours == _loop_body_sizes(trained(bare), x)
+    # and the probe does add ops where it is used
+    layer._fr_probes = {0: tf.zeros((B, T, H))}
+    try:
+        assert _loop_body_sizes(trained(layer), x)[0] > ours[0]
+    finally:
+        layer._fr_probes = None
