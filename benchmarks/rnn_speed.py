@@ -36,7 +36,10 @@ flags.DEFINE_list("hidden", ["128"], "Hidden sizes (units).")
 flags.DEFINE_integer("input_dim", 128, "Input features D.")
 flags.DEFINE_list("jit", ["auto"], "jit_compile settings: auto, on, off.")
 flags.DEFINE_integer("repeats", 7, "Timed rounds per implementation (median reported).")
-flags.DEFINE_integer("steps", 10, "Training/predict steps per timed round.")
+flags.DEFINE_integer("steps", 10, "Training/predict steps per timed round (the most, with "
+                     "--round_seconds).")
+flags.DEFINE_float("round_seconds", 0.0, "If > 0, fewer steps per round where one round would "
+                   "take longer than this (keeps the big grid points affordable).")
 flags.DEFINE_bool("torch", True, "Include torch.nn when torch is installed.")
 flags.DEFINE_string("out", None, "Write the Markdown table here too.")
 flags.DEFINE_bool("hoist", False, "Hoist fr's input projection on a CPU too (the engine's "
@@ -67,23 +70,24 @@ def matmul_roofline(n=1024, repeats=20):
 
 
 def keras_runner(layer_cls, cell, batch, steps, dim, units, train, jit):
-    x = np.random.default_rng(0).normal(size=(batch * FLAGS.steps, steps, dim)).astype("float32")
-    y = np.zeros((batch * FLAGS.steps, 1), "float32")
+    pool = 2  # distinct batches, cycled (the big grid points would not fit ten in memory)
+    x = np.random.default_rng(0).normal(size=(batch * pool, steps, dim)).astype("float32")
+    y = np.zeros((batch * pool, 1), "float32")
     model = keras.Sequential([keras.Input((steps, dim)), layer_cls(units), keras.layers.Dense(1)])
     model.compile(keras.optimizers.Adam(1e-3), "mse", jit_compile={"on": True, "off": False}.get(
         jit, "auto"))
-    xs = [tf.constant(x[i * batch:(i + 1) * batch]) for i in range(FLAGS.steps)]
-    ys = [tf.constant(y[i * batch:(i + 1) * batch]) for i in range(FLAGS.steps)]
+    xs = [tf.constant(x[i * batch:(i + 1) * batch]) for i in range(pool)]
+    ys = [tf.constant(y[i * batch:(i + 1) * batch]) for i in range(pool)]
 
     # train_on_batch / predict_on_batch: one compiled step per call, without fit()'s per-call
     # set-up (data adapter, callbacks), which would dilute the layers' difference.
-    def train_fn():
-        for xb, yb in zip(xs, ys):
-            model.train_on_batch(xb, yb)
+    def train_fn(n):
+        for i in range(n):
+            model.train_on_batch(xs[i % pool], ys[i % pool])
 
-    def predict_fn():
-        for xb in xs:
-            model.predict_on_batch(xb)
+    def predict_fn(n):
+        for i in range(n):
+            model.predict_on_batch(xs[i % pool])
 
     return train_fn if train else predict_fn
 
@@ -97,37 +101,44 @@ def torch_runner(cell, batch, steps, dim, units, train):
     head = torch.nn.Linear(units, 1)
     params = list(rnn.parameters()) + list(head.parameters())
     opt = torch.optim.Adam(params, 1e-3)
-    xs = torch.randn(FLAGS.steps, batch, steps, dim)
+    xs = torch.randn(2, batch, steps, dim)
     y = torch.zeros(batch, 1)
 
-    def train_fn():
-        for i in range(FLAGS.steps):
-            out, _ = rnn(xs[i])
+    def train_fn(n):
+        for i in range(n):
+            out, _ = rnn(xs[i % 2])
             loss = ((head(out[:, -1]) - y) ** 2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
 
     @torch.no_grad()
-    def predict_fn():
-        for i in range(FLAGS.steps):
-            out, _ = rnn(xs[i])
+    def predict_fn(n):
+        for i in range(n):
+            out, _ = rnn(xs[i % 2])
             head(out[:, -1])
 
     return train_fn if train else predict_fn
 
 
 def time_alternating(runners):
+    """Steps/s of each runner: medians of alternating rounds of ``n`` steps after a warm-up."""
+    slowest = 0.0
     for run in runners.values():  # warm-up: tracing, compilation, first allocations
-        run()
-        run()
+        run(1)
+        t = time.perf_counter()
+        run(1)
+        slowest = max(slowest, time.perf_counter() - t)
+    n = FLAGS.steps
+    if FLAGS.round_seconds > 0:
+        n = int(min(FLAGS.steps, max(1, FLAGS.round_seconds // slowest)))
     times = {name: [] for name in runners}
     for _ in range(FLAGS.repeats):
         for name, run in runners.items():
             t = time.perf_counter()
-            run()
+            run(n)
             times[name].append(time.perf_counter() - t)
-    return {name: FLAGS.steps / np.median(ts) for name, ts in times.items()}
+    return {name: n / np.median(ts) for name, ts in times.items()}
 
 
 def main(argv):
