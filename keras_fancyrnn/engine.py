@@ -38,6 +38,9 @@ from keras_fancyrnn._tf import tf
 
 #: Whether the input projection is hoisted on a CPU too (see ``run``'s ``hoist_inputs``).
 HOIST_ON_CPU = False
+#: Whether a cell's fused whole-sequence kernel may replace the loop on a CPU (``run``'s ``fused``);
+#: False times and tests the loop alone.
+FUSED_ON_CPU = True
 
 
 def _as_list(x):
@@ -86,6 +89,7 @@ def run(
     probes: dict | None = None,
     use_cudnn: bool = False,
     hoist_inputs: bool | None = None,
+    fused: bool | None = None,
 ):
     """Runs ``cell`` over the time axis of ``inputs``.
 
@@ -111,6 +115,13 @@ def run(
             one (benchmarks/rnn_speed.py ``--hoist``).
         use_cudnn: run the fused cuDNN kernel instead of the loop (the layer decides, see
             ``keras_fancyrnn.gpu``); with a mask, only where it is right-padded (else the loop).
+        fused: let the cell's whole-sequence kernel (``cell.fused_sequence``: the LSTM's
+            ``BlockLSTMV2``) replace the loop where it computes what the loop computes (no mask,
+            probe, truncation, unroll, recurrent dropout or per-gate dropout masks) and where the
+            cell says it is faster (``cell.fused_batch_limit``; a dynamic batch size is checked
+            at run time). ``None`` chooses: on a CPU (``FUSED_ON_CPU``), outside XLA and outside
+            portable traces (``keras_fancyrnn.portable``, SavedModel export), which keep the
+            plain loop for converters such as TFLite that lack the fused op.
 
     Returns:
         ``(last_output [B, H], outputs [B, T, H] or None, final_states list)``.
@@ -119,11 +130,26 @@ def run(
     inputs = tf.convert_to_tensor(inputs)
 
     dp_mask, rec_mask = _make_dropout_masks(cell, inputs[:, 0], initial_state[0], training)
+    on_gpu = bool(tf.config.list_logical_devices("GPU"))
     if hoist_inputs is None:
-        hoist_inputs = HOIST_ON_CPU or bool(tf.config.list_logical_devices("GPU"))
+        hoist_inputs = HOIST_ON_CPU or on_gpu
     loop = functools.partial(_loop, cell, inputs, initial_state, mask, dp_mask, rec_mask,
                              go_backwards, unroll, return_sequences, zero_output_for_mask,
                              bptt_truncate, probes, hoist_inputs)
+    if fused is None:
+        fused = FUSED_ON_CPU and not on_gpu and not _portable_or_xla()
+    limit = 0
+    if (fused and not use_cudnn and mask is None and not probes and not unroll
+            and rec_mask is None and not isinstance(dp_mask, (list, tuple))
+            and _copies(bptt_truncate, inputs.shape[1]) == 1
+            and hasattr(cell, "fused_batch_limit")):
+        limit = cell.fused_batch_limit(inputs.shape[-1], inputs.dtype)
+    if limit:
+        whole = functools.partial(_fused, cell, inputs, initial_state, dp_mask, go_backwards,
+                                  return_sequences)
+        if inputs.shape[0] is not None:
+            return whole() if inputs.shape[0] <= limit else loop()
+        return tf.cond(tf.shape(inputs)[0] <= limit, whole, loop)
     if not use_cudnn:
         return loop()
     fused = functools.partial(cudnn.run, cell, inputs, initial_state, mask=mask,
@@ -133,6 +159,32 @@ def run(
         return _drop_sequence(fused(), return_sequences)
     return tf.cond(cudnn.cudnn_mask_ok(mask), lambda: _drop_sequence(fused(), return_sequences),
                    loop)
+
+
+def _portable_or_xla() -> bool:
+    from tensorflow.python.ops import control_flow_util
+
+    from keras_fancyrnn.gpu import in_portable_trace
+
+    graph = tf.compat.v1.get_default_graph()
+    return in_portable_trace() or control_flow_util.GraphOrParentsInXlaContext(graph)
+
+
+def _fused(cell, inputs, initial_state, dp_mask, go_backwards, return_sequences):
+    """The cell's whole-sequence kernel in place of the loop (same results as ``_loop``)."""
+    xs = tf.transpose(inputs, [1, 0, 2])  # [T, B, D]
+    if go_backwards:
+        xs = tf.reverse(xs, [0])
+    outputs, states = cell.fused_sequence(xs, list(initial_state), dp_mask)
+    sequence = tf.transpose(outputs, [1, 0, 2]) if return_sequences else None
+    return outputs[-1], sequence, list(states)
+
+
+def _copies(bptt_truncate, steps_static) -> int:
+    """State copies the truncation needs: 1 where it cuts nothing (``k >= T - 1``)."""
+    if bptt_truncate is not None and (steps_static is None or bptt_truncate < steps_static - 1):
+        return bptt_truncate + 1
+    return 1
 
 
 def _drop_sequence(result, return_sequences):
@@ -162,9 +214,7 @@ def _loop(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, un
         mask = None if mask is None else tf.reverse(mask, [0])
         probes = {i: tf.reverse(p, [0]) for i, p in (probes or {}).items()}
 
-    copies = 1
-    if bptt_truncate is not None and (steps_static is None or bptt_truncate < steps_static - 1):
-        copies = bptt_truncate + 1
+    copies = _copies(bptt_truncate, steps_static)
     states = _tile_batch(initial_state, copies)
     rec_mask = _tile_batch(rec_mask, copies)
 

@@ -69,12 +69,75 @@ class LSTMCell(RecurrentCell):
         h = o * self.activation(c)
         return h, [h, c]
 
+    #: Where TensorFlow's fused kernel beat the loop on the 2-core test machine (training and
+    #: inference, benchmarks/fused_kernel.py): small layers, whose loop is per-op overhead, with
+    #: ``units <= 96``, ``input_dim <= units`` and ``batch · (input_dim + units) · 4 · units``
+    #: multiply-adds per step up to this many. Bigger layers run faster in the loop (the
+    #: kernel's Eigen products are slower than oneDNN's).
+    fused_max_macs = 1_300_000
+
+    def fused_batch_limit(self, input_dim, dtype):
+        """The largest batch for which ``fused_sequence`` runs, 0 where it never does: it needs
+        tanh/sigmoid (its hard-coded activations), float32 and the TensorFlow backend."""
+        if (self.activation is not keras.activations.tanh
+                or self.recurrent_activation is not keras.activations.sigmoid
+                or dtype != "float32" or keras.config.backend() != "tensorflow"
+                or input_dim is None or self.units > 96 or input_dim > self.units):
+            return 0
+        return self.fused_max_macs // ((input_dim + self.units) * 4 * self.units)
+
+    def fused_sequence(self, inputs, states, dropout_mask=None):
+        """All timesteps of ``step`` in one TensorFlow kernel: ``BlockLSTMV2``, whose equations
+        and weight layout are this cell's (``[x_t, h_{t-1}] [W; U] + b``, gates i, f, c, o,
+        sigmoid/tanh, no peephole, no clipping), in place of some 40 ops per step in the loop and
+        60 in its gradient. ``inputs``: ``[T, B, D]``; ``dropout_mask``: ``None`` or one ``[B, D]``
+        mask. Returns ``(outputs [T, B, units], [h_T, c_T])``."""
+        from keras_fancyrnn._tf import tf
+
+        if dropout_mask is not None:
+            inputs = inputs * dropout_mask  # broadcasts over time, as in project_inputs
+        kernel = tf.concat([self.kernel, self.recurrent_kernel], axis=0)
+        bias = tf.zeros([4 * self.units]) if self.bias is None else tf.convert_to_tensor(self.bias)
+        h_seq, c_seq = _block_lstm(inputs, states[0], states[1], kernel, bias)
+        return h_seq, [h_seq[-1], c_seq[-1]]
+
     def get_config(self):
         return {
             **super().get_config(),
             "recurrent_activation": keras.activations.serialize(self.recurrent_activation),
             "unit_forget_bias": self.unit_forget_bias,
         }
+
+
+def _block_lstm(x, h_prev, c_prev, kernel, bias):
+    """``BlockLSTMV2`` forward, ``BlockLSTMGradV2`` backward: ``(h [T,B,H], c [T,B,H])``.
+
+    TensorFlow (2.21) registers ``BlockLSTMGrad`` as the gradient of ``BlockLSTMV2``: the kernel
+    of the V1 op, whose gate layout is i, c, f, o, so with V2's i, f, c, o it is wrong
+    (benchmarks/fused_kernel.py prints the error). Hence this custom gradient.
+    """
+    from keras_fancyrnn._tf import tf
+
+    no_peephole = tf.zeros([kernel.shape[1] // 4], kernel.dtype)
+
+    @tf.custom_gradient
+    def block(x, h_prev, c_prev, kernel, bias):
+        args = dict(seq_len_max=tf.cast(tf.shape(x)[0], tf.int64), x=x, cs_prev=c_prev,
+                    h_prev=h_prev, w=kernel, wci=no_peephole, wcf=no_peephole, wco=no_peephole,
+                    b=bias)
+        out = tf.raw_ops.BlockLSTMV2(**args, cell_clip=-1.0, use_peephole=False)
+
+        def grad(dh, dc):
+            dh = tf.zeros_like(out.h) if dh is None else dh
+            dc = tf.zeros_like(out.cs) if dc is None else dc
+            g = tf.raw_ops.BlockLSTMGradV2(**args, i=out.i, cs=out.cs, f=out.f, o=out.o,
+                                           ci=out.ci, co=out.co, h=out.h, cs_grad=dc, h_grad=dh,
+                                           use_peephole=False)
+            return g.x_grad, g.h_prev_grad, g.cs_prev_grad, g.w_grad, g.b_grad
+
+        return (out.h, out.cs), grad
+
+    return block(x, h_prev, c_prev, kernel, bias)
 
 
 @keras.saving.register_keras_serializable(package="keras_fancyrnn")

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 import keras_fancyrnn as fr
+from keras_fancyrnn import engine
 
 B, T, D, H = 2, 8, 3, 4
 
@@ -278,10 +279,11 @@ def _loop_body_sizes(fn, *args):
 
 
 @pytest.mark.parametrize("kind", ["simple_rnn", "lstm", "gru"])
-def test_unused_probe_and_truncation_add_no_ops(kind):
+def test_unused_probe_and_truncation_add_no_ops(kind, monkeypatch):
     """With no probe and no truncation the engine's loop has exactly the ops of a bare
     ``tf.while_loop`` over the cell's own projection and step (written here), forward and
     gradient: the features cost nothing when unused (benchmarks/unused_features.py times it)."""
+    monkeypatch.setattr(engine, "FUSED_ON_CPU", False)  # this is about the loop
     layer, _ = build(kind)
     layer.return_sequences = False
     cell = layer.cell
@@ -316,3 +318,84 @@ def test_unused_probe_and_truncation_add_no_ops(kind):
         assert _loop_body_sizes(trained(layer), x)[0] > ours[0]
     finally:
         layer._fr_probes = None
+
+
+def _ops(fn, *args):
+    return {op.type for op in tf.function(fn).get_concrete_function(*args).graph.get_operations()}
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"go_backwards": True}, {"return_sequences": False, "return_state": True},
+    {"use_bias": False}, {"unit_forget_bias": False}, {"dropout": 0.3, "seed": 7},
+    {"bptt_truncate": T - 1},  # cuts nothing, so the fused kernel may run
+])
+def test_fused_lstm_kernel_equals_loop(options, monkeypatch):
+    """The LSTM's fused CPU kernel (BlockLSTMV2 with the V2 gradient kernel) computes what the
+    loop over LSTMCell.step computes: outputs, final states, and gradients with respect to the
+    inputs, the initial states and every weight."""
+    rng = np.random.default_rng(5)
+    x = tf.constant(rng.normal(size=(B, T, D)).astype("float32"))
+    h0, c0 = (tf.constant(rng.normal(size=(B, H)).astype("float32")) for _ in range(2))
+    kwargs = {"return_sequences": True, **options}
+    training = "dropout" in options
+
+    def run(fused):
+        monkeypatch.setattr(engine, "FUSED_ON_CPU", fused)
+        layer = fr.LSTM(H, **kwargs)
+        layer.build((None, T, D))
+        layer.set_weights([np.random.default_rng(9).normal(0, 0.6, w.shape).astype("float32")
+                           for w in layer.get_weights()])
+        with tf.GradientTape() as tape:
+            tape.watch([x, h0, c0])
+            out = layer(x, initial_state=[h0, c0], training=training)
+            outs = list(out) if isinstance(out, (list, tuple)) else [out]
+            loss = sum(tf.reduce_sum(o ** 2 + o) for o in outs)
+        grads = tape.gradient(loss, [x, h0, c0] + layer.trainable_weights)
+        used = "BlockLSTMV2" in _ops(lambda x: layer(x, initial_state=[h0, c0],
+                                                     training=training), x)
+        return outs, grads, used
+
+    loop_outs, loop_grads, loop_used = run(False)
+    fused_outs, fused_grads, fused_used = run(True)
+    assert fused_used and not loop_used
+    for a, b in zip(fused_outs, loop_outs):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-6)
+    assert len(fused_grads) == len(loop_grads)
+    for a, b in zip(fused_grads, loop_grads):
+        if options.get("use_bias") is False and a is None:
+            continue
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+
+
+def test_fused_lstm_kernel_only_where_it_applies():
+    """The loop stays where the kernel would compute something else (mask, probe, truncation,
+    recurrent dropout, other activations, float64), where it measured slower (big layers), in
+    portable traces and under XLA; a dynamic batch size decides at run time."""
+    x = tf.zeros((B, T, D))
+
+    def uses(layer, x=x, **call):
+        return "BlockLSTMV2" in _ops(lambda x: layer(x, **call), x)
+
+    assert uses(fr.LSTM(H))
+    assert not uses(fr.LSTM(H), mask=tf.ones((B, T), bool))
+    assert not uses(fr.LSTM(H, bptt_truncate=2))
+    assert not uses(fr.LSTM(H, recurrent_dropout=0.2), training=True)
+    assert not uses(fr.LSTM(H, activation="relu"))
+    assert not uses(fr.LSTM(H, dtype="float64"), x=tf.zeros((B, T, D), tf.float64))
+    assert not uses(fr.LSTM(128))  # measured slower than the loop at this size
+    probed = fr.LSTM(H)
+    probed._fr_probes = {0: tf.zeros((B, T, H))}
+    assert not uses(probed)
+    with fr.portable():
+        assert not uses(fr.LSTM(H))
+    layer = fr.LSTM(H)
+    xla = tf.function(lambda x: layer(x), jit_compile=True)
+    np.testing.assert_allclose(xla(x).numpy(), layer(x).numpy(), atol=1e-6)
+    # unknown batch size: both paths in the graph, a tf.cond picks one per call
+    dynamic = tf.function(lambda x: layer(x), input_signature=[tf.TensorSpec((None, T, D))])
+    graph_def = dynamic.get_concrete_function().graph.as_graph_def()
+    assert {"If", "StatelessIf"} & {n.op for n in graph_def.node}
+    assert "BlockLSTMV2" in {n.op for f in graph_def.library.function for n in f.node_def}
+    limit = layer.cell.fused_batch_limit(D, "float32")
+    big = tf.constant(np.random.default_rng(0).normal(size=(limit + 1, T, D)).astype("float32"))
+    np.testing.assert_allclose(dynamic(big).numpy(), layer(big).numpy(), atol=1e-6)
