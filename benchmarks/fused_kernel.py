@@ -28,6 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from _timing import emit, time_alternating  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import keras_fancyrnn as fr  # noqa: E402
@@ -139,20 +140,7 @@ def main(argv):
         runners = {"loop": runner(fr.LSTM(units), mode, batch, fused=False),
                    "fused": runner(BlockLSTM(units), mode, batch)}
         chosen = 0 < batch <= fr.LSTMCell(units).fused_batch_limit(FLAGS.input_dim, "float32")
-        slowest = 0.0
-        for run in runners.values():
-            run(1)
-            start = time.perf_counter()
-            run(1)
-            slowest = max(slowest, time.perf_counter() - start)
-        n = max(1, int(FLAGS.round_seconds / slowest))
-        times = {name: [] for name in runners}
-        for _ in range(FLAGS.repeats):
-            for name, run in runners.items():
-                start = time.perf_counter()
-                run(n)
-                times[name].append(time.perf_counter() - start)
-        rate = {name: n / np.median(ts) for name, ts in times.items()}
+        rate = time_alternating(runners, FLAGS.repeats, 10**6, FLAGS.round_seconds)
         rows.append(f"| {mode} | {batch} | {units} | {rate['loop']:.1f} | {rate['fused']:.1f} | "
                     f"{rate['fused'] / rate['loop']:.2f} | {'fused' if chosen else 'loop'} |")
         print(rows[-1], flush=True)
@@ -160,10 +148,7 @@ def main(argv):
               f"cores; TF {tf.__version__}, Keras {keras.__version__}; "
               f"{time.strftime('%Y-%m-%d')}. Equality: outputs {out_diff:.1e}, gradients "
               f"{grad_diff:.1e} (registered gradient: {registered_diff:.1e}).")
-    print(footer)
-    if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            f.write("\n".join(rows) + "\n" + footer + "\n")
+    emit(rows, footer, FLAGS.out)
 
 
 if __name__ == "__main__":

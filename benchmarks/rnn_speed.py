@@ -22,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from _timing import emit, time_alternating  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import keras_fancyrnn as fr  # noqa: E402
@@ -121,26 +122,6 @@ def torch_runner(cell, batch, steps, dim, units, train):
     return train_fn if train else predict_fn
 
 
-def time_alternating(runners):
-    """Steps/s of each runner: medians of alternating rounds of ``n`` steps after a warm-up."""
-    slowest = 0.0
-    for run in runners.values():  # warm-up: tracing, compilation, first allocations
-        run(1)
-        t = time.perf_counter()
-        run(1)
-        slowest = max(slowest, time.perf_counter() - t)
-    n = FLAGS.steps
-    if FLAGS.round_seconds > 0:
-        n = int(min(FLAGS.steps, max(1, FLAGS.round_seconds // slowest)))
-    times = {name: [] for name in runners}
-    for _ in range(FLAGS.repeats):
-        for name, run in runners.items():
-            t = time.perf_counter()
-            run(n)
-            times[name].append(time.perf_counter() - t)
-    return {name: n / np.median(ts) for name, ts in times.items()}
-
-
 def main(argv):
     del argv
     from keras_fancyrnn import engine
@@ -168,7 +149,7 @@ def main(argv):
                    "keras": keras_runner(KERAS[cell], *dims, jit)}
         if have_torch and jit == FLAGS.jit[0]:
             runners["torch"] = torch_runner(*dims)
-        rate = time_alternating(runners)
+        rate = time_alternating(runners, FLAGS.repeats, FLAGS.steps, FLAGS.round_seconds)
         gflops = flops_per_step(*dims) * rate["fr"] / 1e9
         torch_rate = rate.get("torch")
         torch_cell = "" if torch_rate is None else f"{torch_rate:.1f}"
@@ -187,11 +168,7 @@ def main(argv):
               f"{', torch ' + __import__('torch').__version__ if have_torch else ''}; "
               f"1024x1024 matmul roofline {roof:.0f} GFLOP/s; process peak RSS {peak_mb:.0f} MB; "
               f"{time.strftime('%Y-%m-%d')}.")
-    table = "\n".join(rows) + "\n" + footer
-    print(footer)
-    if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            f.write(table + "\n")
+    emit(rows, footer, FLAGS.out)
 
 
 if __name__ == "__main__":

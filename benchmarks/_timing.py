@@ -1,0 +1,38 @@
+"""What the benchmark scripts share: alternating timed rounds, and the table they print/write."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def time_alternating(runners, repeats: int, steps: int, round_seconds: float = 0.0):
+    """Steps/s of each ``runners[name](n)`` (runs ``n`` steps): after a warm-up of two single
+    steps each, ``repeats`` rounds of ``n`` steps alternate between the runners, so the machine's
+    noise hits all alike; medians. ``n`` is ``steps``, or fewer where a round would take longer
+    than ``round_seconds`` (if > 0)."""
+    slowest = 0.0
+    for run in runners.values():  # warm-up: tracing, compilation, first allocations
+        run(1)
+        start = time.perf_counter()
+        run(1)
+        slowest = max(slowest, time.perf_counter() - start)
+    n = steps
+    if round_seconds > 0:
+        n = int(min(steps, max(1, round_seconds // slowest)))
+    times = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run(n)
+            times[name].append(time.perf_counter() - start)
+    return {name: n / np.median(ts) for name, ts in times.items()}
+
+
+def emit(rows: list[str], footer: str, out: str | None) -> None:
+    """Prints the footer (rows were printed as they came) and writes the table to ``out``."""
+    print(footer)
+    if out:
+        with open(out, "w") as f:
+            f.write("\n".join(rows) + "\n" + footer + "\n")

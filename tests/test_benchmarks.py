@@ -1,0 +1,38 @@
+"""The benchmark scripts run (tiny sizes, in a subprocess, as the README invokes them) and write
+the tables the README quotes. Their numbers are not checked here: timings belong to the scripts."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "rnn_speed.py": ["--cells=lstm,gru", "--modes=train,predict", "--batch=4", "--time=5",
+                     "--hidden=4", "--input_dim=3", "--repeats=1", "--steps=1", "--torch=false"],
+    "fused_kernel.py": ["--batch=4", "--hidden=4", "--input_dim=3", "--time=5", "--repeats=1",
+                        "--round_seconds=0.01"],
+    "unused_features.py": ["--cells=lstm", "--batch=4", "--time=5", "--input_dim=3",
+                           "--units=4", "--truncate=2", "--repeats=1", "--steps=1"],
+}
+ROWS = {"rnn_speed.py": 4, "fused_kernel.py": 2, "unused_features.py": 4}
+
+
+@pytest.mark.parametrize("script", sorted(TINY))
+def test_benchmark_runs_and_writes_its_table(script, tmp_path):
+    out = tmp_path / "table.md"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *TINY[script], f"--out={out}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = out.read_text().splitlines()
+    body = [ln for ln in lines[2:] if ln.startswith("| ")]
+    assert lines[0].startswith("| ") and set(lines[1]) <= set("|-")
+    assert len(body) == ROWS[script]
+    if script == "fused_kernel.py":  # the equality check it prints: the V2 kernel matches
+        assert "Equality: outputs" in lines[-1]
+        equal = lines[-1].split("Equality: outputs ")[1]
+        assert float(equal.split(",")[0]) < 1e-5
