@@ -91,7 +91,8 @@ class LSTMCell(RecurrentCell):
         and weight layout are this cell's (``[x_t, h_{t-1}] [W; U] + b``, gates i, f, c, o,
         sigmoid/tanh, no peephole, no clipping), in place of some 40 ops per step in the loop and
         60 in its gradient. ``inputs``: ``[T, B, D]``; ``dropout_mask``: ``None`` or one ``[B, D]``
-        mask. Returns ``(outputs [T, B, units], [h_T, c_T])``."""
+        mask. Returns ``(outputs [T, B, units], [h_T, c_T])``. The gradient kernel has no gradient:
+        second derivatives need the loop (``keras_fancyrnn.engine.FUSED_ON_CPU = False``)."""
         from keras_fancyrnn._tf import tf
 
         if dropout_mask is not None:

@@ -399,3 +399,27 @@ def test_fused_lstm_kernel_only_where_it_applies():
     limit = layer.cell.fused_batch_limit(D, "float32")
     big = tf.constant(np.random.default_rng(0).normal(size=(limit + 1, T, D)).astype("float32"))
     np.testing.assert_allclose(dynamic(big).numpy(), layer(big).numpy(), atol=1e-6)
+
+
+def test_fused_lstm_dynamic_batch_gradients_equal_loop(monkeypatch):
+    """With an unknown batch size the kernel runs under a tf.cond; gradients through it equal
+    the loop's, below and above the batch limit."""
+    layer = fr.LSTM(H)
+    layer.build((None, T, D))
+    limit = layer.cell.fused_batch_limit(D, "float32")
+
+    def grads(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x) ** 2)
+        return tape.gradient(loss, [x] + layer.trainable_weights)
+
+    dynamic = tf.function(grads, input_signature=[tf.TensorSpec((None, T, D))])
+    for batch in (B, limit + 1):
+        x = tf.constant(np.random.default_rng(batch).normal(size=(batch, T, D)).astype("float32"))
+        got = dynamic(x)
+        monkeypatch.setattr(engine, "FUSED_ON_CPU", False)
+        want = grads(x)
+        monkeypatch.setattr(engine, "FUSED_ON_CPU", True)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
