@@ -46,6 +46,7 @@ import keras_fancyrnn as fr  # noqa: E402
 from keras_fancyrnn import datasets as frd  # noqa: E402
 from keras_fancyrnn._tf import tf  # noqa: E402
 from keras_fancyrnn.monitor import gradient_norms, ratio_first_last  # noqa: E402
+from keras_fancyrnn.reporting import json_safe  # noqa: E402
 
 CELLS = ("simple_rnn", "lstm", "gru", "chrono_lstm", "irnn")
 CLIPPING = ("on", "off")
@@ -258,24 +259,12 @@ def markdown_table(rows: list[dict[str, Any]], config: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, (np.floating, np.integer, np.bool_)):
-        return _json_safe(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def write_results(rows: list[dict[str, Any]], config: Config) -> None:
     os.makedirs(config.out, exist_ok=True)
     with open(os.path.join(config.out, "results.md"), "w") as f:
         f.write(markdown_table(rows, config))
     with open(os.path.join(config.out, "results.json"), "w") as f:
-        json.dump(_json_safe({"config": dataclasses.asdict(config), "rows": rows}), f, indent=1)
+        json.dump(json_safe({"config": dataclasses.asdict(config), "rows": rows}), f, indent=1)
 
 
 def sweep(config: Config) -> list[dict[str, Any]]:

@@ -49,6 +49,7 @@ import keras_fancyrnn as fr  # noqa: E402
 from keras_fancyrnn import datasets as frd  # noqa: E402
 from keras_fancyrnn._tf import tf  # noqa: E402
 from keras_fancyrnn.monitor import ratio_first_last  # noqa: E402
+from keras_fancyrnn.reporting import json_safe  # noqa: E402
 
 CELLS = {"lstm": fr.LSTM, "gru": fr.GRU, "simple_rnn": fr.SimpleRNN}
 
@@ -441,16 +442,6 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def write_outputs(summary: dict[str, Any], out: str) -> None:
     text = markdown(summary)
     print()
@@ -458,7 +449,7 @@ def write_outputs(summary: dict[str, Any], out: str) -> None:
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(_json_safe(summary), f, indent=1)
+        json.dump(json_safe(summary), f, indent=1)
     with open(os.path.join(out, "samples.txt"), "w") as f:
         f.write(summary["prime"] + summary["sample"] + "\n")
     print(f"wrote {out}/: results.md results.json samples.txt grad_norms.png grad_norms.csv "

@@ -36,6 +36,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_fancyrnn.optimizers import METHODS, ClippingOptimizer, ClippingStats  # noqa: E402
+from keras_fancyrnn.reporting import json_safe  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("seq_len", 30, "Sequence length T.")
@@ -123,17 +124,6 @@ def train(name: str, optimizer: ClippingOptimizer, data: dict) -> dict:
         "epochs": {k: [float(v) for v in vs] for k, vs in history.history.items()},
         "final_stats": stats,
     }
-
-
-def _json_safe(obj):
-    """nan and inf as strings, so that the file is strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def fmt(v: float) -> str:
@@ -245,7 +235,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.out:
         os.makedirs(FLAGS.out, exist_ok=True)
         with open(os.path.join(FLAGS.out, "summary.json"), "w") as f:
-            json.dump(_json_safe(summary), f, indent=2)
+            json.dump(json_safe(summary), f, indent=2)
         with open(os.path.join(FLAGS.out, "summary.md"), "w") as f:
             f.write(text)
         print(f"wrote {FLAGS.out}/summary.json and summary.md")

@@ -58,6 +58,7 @@ import keras_fancyrnn as fr  # noqa: E402
 from keras_fancyrnn import datasets as frd  # noqa: E402
 from keras_fancyrnn._tf import tf  # noqa: E402
 from keras_fancyrnn.monitor import decay_rate, ratio_first_last  # noqa: E402
+from keras_fancyrnn.reporting import json_safe  # noqa: E402
 
 #: flag value -> (display name, layer class)
 CELLS: dict[str, tuple[str, type]] = {
@@ -432,20 +433,6 @@ def plot_test_mse(results: dict[str, Any], path: str) -> None:
     fig.savefig(path)
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return _json_safe(obj.tolist())
-    if isinstance(obj, (np.floating, np.integer, np.bool_)):
-        return _json_safe(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def write_report(results: dict[str, Any], out: str) -> dict[str, str]:
     """Writes the pictures, ``results.md``, ``results.json`` and ``report.md`` to ``out``;
     returns ``{kind: path}``."""
@@ -473,7 +460,7 @@ def write_report(results: dict[str, Any], out: str) -> dict[str, str]:
         },
     }
     with open(paths["results.json"], "w") as f:
-        json.dump(_json_safe(payload), f, indent=1)
+        json.dump(json_safe(payload), f, indent=1)
     with open(paths["report.md"], "w") as f:
         f.write(report_markdown(results, table))
     print(f"wrote {out}/: gradient_norms.png heatmap.png test_mse.png results.md results.json "

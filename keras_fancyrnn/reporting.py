@@ -11,6 +11,7 @@ it, so a crash mid-fit loses at most the record being written.
   ``log10 ‖∂ℓ/∂h_t‖`` over ``t`` per series, and the curves as an image (needs matplotlib).
 * ``plot_history``: a heatmap (record × timestep, log colour scale) and the first and latest
   curves, one row per series.
+* ``json_safe``: results as strict JSON (the examples' ``results.json``).
 
 matplotlib is imported only when an image or plot is asked for.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import tempfile
 
@@ -27,6 +29,23 @@ import numpy as np
 from keras_fancyrnn._tf import tf
 
 CSV_HEADER = ("step", "epoch", "series", "timestep", "norm")
+
+
+def json_safe(obj):
+    """``obj`` with numpy arrays/scalars as Python values and nan/inf as the strings ``"nan"``,
+    ``"inf"``, ``"-inf"``, so that ``json.dump`` writes strict JSON; dicts, lists and tuples are
+    converted recursively."""
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        return json_safe(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _import_matplotlib():

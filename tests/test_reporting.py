@@ -97,3 +97,15 @@ def test_bad_paths_name_the_argument():
         reporting.NPZWriter(None)
     with pytest.raises(ValueError, match="log_dir"):
         reporting.TensorBoardWriter(1.5)
+
+
+def test_json_safe_writes_strict_json():
+    import json
+
+    from keras_fancyrnn.reporting import json_safe
+
+    obj = {"a": float("nan"), "b": [np.float32(1.5), np.int64(3), np.bool_(True)],
+           "c": (float("inf"), -float("inf")), "d": np.array([[1, 2]]), "e": "x"}
+    text = json.dumps(json_safe(obj), allow_nan=False)  # raises on any nan/inf left
+    assert json.loads(text) == {"a": "nan", "b": [1.5, 3, True], "c": ["inf", "-inf"],
+                                "d": [[1, 2]], "e": "x"}
