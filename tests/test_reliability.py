@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from gradcheck import assert_gradients_match_finite_differences
 
 import keras_fancyrnn as fr
 from keras_fancyrnn import datasets
@@ -404,18 +405,5 @@ def test_wrapper_finite_differences_float64_with_mask(wrapper):
     def loss_of(x_):
         return tf.reduce_sum(tf.sin(layer(x_, mask=mask)))
 
-    theoretical, numerical = tf.test.compute_gradient(loss_of, [tf.constant(x)], delta=1e-6)
-    np.testing.assert_allclose(theoretical[0], numerical[0], rtol=1e-6, atol=1e-7)
-    with tf.GradientTape() as tape:
-        loss = loss_of(x)
-    grads = tape.gradient(loss, layer.trainable_weights)
-    for w, g in zip(layer.trainable_weights, grads):
-        v = rng.normal(size=w.shape)
-        w0 = w.numpy()
-        w.assign(w0 + 1e-6 * v)
-        up = loss_of(x).numpy()
-        w.assign(w0 - 1e-6 * v)
-        down = loss_of(x).numpy()
-        w.assign(w0)
-        np.testing.assert_allclose(np.sum(g.numpy() * v), (up - down) / 2e-6, rtol=1e-6)
+    assert_gradients_match_finite_differences(loss_of, x, layer.trainable_weights, rng)
 
