@@ -11,7 +11,7 @@ import keras
 from keras import ops
 from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
 
-from keras_fancyrnn import engine
+from keras_fancyrnn import engine, native
 from keras_fancyrnn._tf import tf
 
 _serialize = keras.saving.serialize_keras_object
@@ -226,6 +226,13 @@ class RecurrentCell(SeedStateSaving, keras.layers.Layer, DropoutRNNCell):
 
     def step(self, xp_t, states, recurrent_mask=None):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def native_gates(self, dtype) -> bool:
+        """Whether ``step`` computes its gate equations with the fused kernel of
+        ``keras_fancyrnn.native`` (same values; LSTM and GRU with their default activations)."""
+        return (self.activation is keras.activations.tanh
+                and getattr(self, "recurrent_activation", None) is keras.activations.sigmoid
+                and native.usable(dtype))
 
     def get_config(self):
         config = {

@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
-from keras_fancyrnn import cudnn
+from keras_fancyrnn import cudnn, native
 from keras_fancyrnn._tf import tf
 
 #: Whether the input projection is hoisted on a CPU too (see ``run``'s ``hoist_inputs``).
@@ -137,7 +137,7 @@ def run(
                              go_backwards, unroll, return_sequences, zero_output_for_mask,
                              bptt_truncate, probes, hoist_inputs)
     if fused is None:
-        fused = FUSED_ON_CPU and not on_gpu and not _portable_or_xla()
+        fused = FUSED_ON_CPU and not on_gpu and not native.portable_or_xla()
     limit = 0
     if (fused and not use_cudnn and mask is None and not probes and not unroll
             and rec_mask is None and not isinstance(dp_mask, (list, tuple))
@@ -159,15 +159,6 @@ def run(
         return _drop_sequence(fused(), return_sequences)
     return tf.cond(cudnn.cudnn_mask_ok(mask), lambda: _drop_sequence(fused(), return_sequences),
                    loop)
-
-
-def _portable_or_xla() -> bool:
-    from tensorflow.python.ops import control_flow_util
-
-    from keras_fancyrnn.gpu import in_portable_trace
-
-    graph = tf.compat.v1.get_default_graph()
-    return in_portable_trace() or control_flow_util.GraphOrParentsInXlaContext(graph)
 
 
 def _fused(cell, inputs, initial_state, dp_mask, go_backwards, return_sequences):

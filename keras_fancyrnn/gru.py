@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from keras_fancyrnn import native
 from keras_fancyrnn.base import RNN, RecurrentCell, build_cell, get_activation, layer_arguments
 from keras_fancyrnn.gpu import CudnnMixin
 
@@ -47,13 +48,17 @@ class GRUCell(RecurrentCell):
     def step(self, xp_t, states, recurrent_mask=None):
         h_prev = states[0]
         u = self.units
-        x_z, x_r, x_h = ops.split(xp_t, 3, axis=-1)
-        per_gate = isinstance(recurrent_mask, (list, tuple))
-        masks = list(recurrent_mask) if per_gate else [recurrent_mask] * 3
         if self.reset_after:
             rec = self.recurrent_matmul(h_prev, recurrent_mask, self.recurrent_kernel)
             if self.bias is not None:
                 rec = rec + self.bias[1]
+            if self.native_gates(rec.dtype):  # the lines below, as one C++ op
+                h = native.gru_gates(xp_t, rec, h_prev)
+                return h, [h]
+        x_z, x_r, x_h = ops.split(xp_t, 3, axis=-1)
+        per_gate = isinstance(recurrent_mask, (list, tuple))
+        masks = list(recurrent_mask) if per_gate else [recurrent_mask] * 3
+        if self.reset_after:
             r_z, r_r, r_h = ops.split(rec, 3, axis=-1)
             z = self.recurrent_activation(x_z + r_z)
             r = self.recurrent_activation(x_r + r_r)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from keras_fancyrnn import native
 from keras_fancyrnn.base import RNN, RecurrentCell, build_cell, get_activation, layer_arguments
 from keras_fancyrnn.gpu import CudnnMixin
 
@@ -58,6 +59,9 @@ class LSTMCell(RecurrentCell):
     def step(self, xp_t, states, recurrent_mask=None, probes=None):
         h_prev, c_prev = states
         z = xp_t + self.recurrent_matmul(h_prev, recurrent_mask, self.recurrent_kernel)
+        if not probes and self.native_gates(z.dtype):  # the lines below, as one C++ op
+            h, c = native.lstm_gates(z, c_prev)
+            return h, [h, c]
         z_i, z_f, z_c, z_o = ops.split(z, 4, axis=-1)
         i = self.recurrent_activation(z_i)
         f = self.recurrent_activation(z_f)

@@ -1,0 +1,247 @@
+// Fused gate arithmetic of one LSTM / GRU step, forward and backward (keras_fancyrnn.native).
+//
+// The recurrent matmul h_{t-1} U stays a TensorFlow MatMul (oneDNN); these kernels replace the
+// ten to twenty small element-wise ops that follow it in every step, whose cost on a CPU is
+// per-op overhead rather than arithmetic. The activations are Eigen's logistic and tanh, the
+// functors TensorFlow's own Sigmoid and Tanh ops use. Equations: keras_fancyrnn/lstm.py and
+// keras_fancyrnn/gru.py (LSTMCell.step, GRUCell.step with reset_after=True).
+#include <Eigen/Core>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace keras_fancyrnn {
+namespace {
+
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+using ::tensorflow::shape_inference::InferenceContext;
+
+template <typename T>
+using Vec = Eigen::Array<T, Eigen::Dynamic, 1>;
+template <typename T>
+using In = Eigen::Map<const Vec<T>>;
+template <typename T>
+using Out = Eigen::Map<Vec<T>>;
+
+// Output k of an op gets the shape of input i.
+absl::Status SameShapes(InferenceContext* ctx, std::initializer_list<std::pair<int, int>> pairs) {
+  for (const auto& p : pairs) ctx->set_output(p.first, ctx->input(p.second));
+  return absl::OkStatus();
+}
+
+// Checks that inputs are [B, k_i * H] for the given multiples k_i (and a vector of k * H).
+bool Shaped(OpKernelContext* ctx, int64_t batch, int64_t units,
+            std::initializer_list<std::pair<int, int>> matrices) {
+  for (const auto& m : matrices) {
+    const Tensor& t = ctx->input(m.first);
+    if (t.dims() != 2 || t.dim_size(0) != batch || t.dim_size(1) != m.second * units) {
+      ctx->CtxFailure(__FILE__, __LINE__,
+                      absl::InvalidArgumentError(absl::StrCat(
+                          "input ", m.first, " must have shape [", batch, ", ",
+                          m.second * units, "], got ", t.shape().DebugString())));
+      return false;
+    }
+  }
+  return true;
+}
+
+template <typename T>
+const T* Ptr(OpKernelContext* ctx, int i) {
+  return ctx->input(i).template flat<T>().data();
+}
+
+template <typename T>
+T* NewOutput(OpKernelContext* ctx, int i, const tensorflow::TensorShape& shape) {
+  Tensor* out = nullptr;
+  auto status = ctx->allocate_output(i, shape, &out);
+  if (!status.ok()) {
+    ctx->SetStatus(status);
+    return nullptr;
+  }
+  return out->template flat<T>().data();
+}
+
+// ---------------------------------------------------------------------------------------------
+// LSTM, gates i, f, c, o of z = x W + b + h_{t-1} U:
+//   c = σ(z_f) c_prev + σ(z_i) tanh(z_c),   h = σ(z_o) tanh(c).
+
+template <typename T>
+class LstmGates : public OpKernel {
+ public:
+  explicit LstmGates(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& c_prev = ctx->input(1);
+    OP_REQUIRES(ctx, c_prev.dims() == 2,
+                absl::InvalidArgumentError("c_prev must be a [batch, units] matrix"));
+    const int64_t B = c_prev.dim_size(0), H = c_prev.dim_size(1);
+    if (!Shaped(ctx, B, H, {{0, 4}})) return;
+    T* h = NewOutput<T>(ctx, 0, c_prev.shape());
+    T* c = NewOutput<T>(ctx, 1, c_prev.shape());
+    if (h == nullptr || c == nullptr) return;
+    const T *z = Ptr<T>(ctx, 0), *cp = Ptr<T>(ctx, 1);
+    for (int64_t b = 0; b < B; ++b) {
+      const T* zb = z + b * 4 * H;
+      Out<T> c_b(c + b * H, H);
+      c_b = In<T>(zb + H, H).logistic() * In<T>(cp + b * H, H) +
+            In<T>(zb, H).logistic() * In<T>(zb + 2 * H, H).tanh();
+      Out<T>(h + b * H, H) = In<T>(zb + 3 * H, H).logistic() * c_b.tanh();
+    }
+  }
+};
+
+// Inputs dh, dc (the gradients of h and c), z, c_prev, c. Outputs dz and dc_prev. The gates are
+// recomputed from z (cheaper than storing them for every step).
+template <typename T>
+class LstmGatesGrad : public OpKernel {
+ public:
+  explicit LstmGatesGrad(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& c_prev = ctx->input(3);
+    OP_REQUIRES(ctx, c_prev.dims() == 2,
+                absl::InvalidArgumentError("c_prev must be a [batch, units] matrix"));
+    const int64_t B = c_prev.dim_size(0), H = c_prev.dim_size(1);
+    if (!Shaped(ctx, B, H, {{0, 1}, {1, 1}, {2, 4}, {4, 1}})) return;
+    T* dz = NewOutput<T>(ctx, 0, ctx->input(2).shape());
+    T* dcp = NewOutput<T>(ctx, 1, c_prev.shape());
+    if (dz == nullptr || dcp == nullptr) return;
+    const T *dh = Ptr<T>(ctx, 0), *dc = Ptr<T>(ctx, 1), *z = Ptr<T>(ctx, 2);
+    const T *cp = Ptr<T>(ctx, 3), *c = Ptr<T>(ctx, 4);
+    Vec<T> i(H), f(H), g(H), o(H), tc(H), dct(H);
+    for (int64_t b = 0; b < B; ++b) {
+      const T* zb = z + b * 4 * H;
+      T* dzb = dz + b * 4 * H;
+      i = In<T>(zb, H).logistic();
+      f = In<T>(zb + H, H).logistic();
+      g = In<T>(zb + 2 * H, H).tanh();
+      o = In<T>(zb + 3 * H, H).logistic();
+      In<T> dh_b(dh + b * H, H);
+      tc = In<T>(c + b * H, H).tanh();
+      dct = In<T>(dc + b * H, H) + dh_b * o * (T(1) - tc * tc);  // total ∂ℓ/∂c_t
+      Out<T>(dzb, H) = dct * g * i * (T(1) - i);
+      Out<T>(dzb + H, H) = dct * In<T>(cp + b * H, H) * f * (T(1) - f);
+      Out<T>(dzb + 2 * H, H) = dct * i * (T(1) - g * g);
+      Out<T>(dzb + 3 * H, H) = dh_b * tc * o * (T(1) - o);
+      Out<T>(dcp + b * H, H) = dct * f;
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// GRU, reset_after=True (Keras's default), blocks z, r, h of xp = x W + b_in and
+// rec = h_{t-1} U + b_rec:
+//   z = σ(xp_z + rec_z),  r = σ(xp_r + rec_r),  ĥ = tanh(xp_h + r rec_h),  h = z h_prev + (1 - z) ĥ.
+
+template <typename T>
+class GruGates : public OpKernel {
+ public:
+  explicit GruGates(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& h_prev = ctx->input(2);
+    OP_REQUIRES(ctx, h_prev.dims() == 2,
+                absl::InvalidArgumentError("h_prev must be a [batch, units] matrix"));
+    const int64_t B = h_prev.dim_size(0), H = h_prev.dim_size(1);
+    if (!Shaped(ctx, B, H, {{0, 3}, {1, 3}})) return;
+    T* h = NewOutput<T>(ctx, 0, h_prev.shape());
+    if (h == nullptr) return;
+    const T *xp = Ptr<T>(ctx, 0), *rec = Ptr<T>(ctx, 1), *hp = Ptr<T>(ctx, 2);
+    Vec<T> z(H), hh(H);
+    for (int64_t b = 0; b < B; ++b) {
+      const T *xb = xp + b * 3 * H, *rb = rec + b * 3 * H;
+      z = (In<T>(xb, H) + In<T>(rb, H)).logistic();
+      hh = (In<T>(xb + 2 * H, H) +
+            (In<T>(xb + H, H) + In<T>(rb + H, H)).logistic() * In<T>(rb + 2 * H, H)).tanh();
+      Out<T>(h + b * H, H) = z * In<T>(hp + b * H, H) + (T(1) - z) * hh;
+    }
+  }
+};
+
+// Inputs dh, xp, rec, h_prev. Outputs d xp, d rec and the direct part of d h_prev (z dh; the part
+// through rec is the caller's matmul). The gates are recomputed from xp and rec.
+template <typename T>
+class GruGatesGrad : public OpKernel {
+ public:
+  explicit GruGatesGrad(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& h_prev = ctx->input(3);
+    OP_REQUIRES(ctx, h_prev.dims() == 2,
+                absl::InvalidArgumentError("h_prev must be a [batch, units] matrix"));
+    const int64_t B = h_prev.dim_size(0), H = h_prev.dim_size(1);
+    if (!Shaped(ctx, B, H, {{0, 1}, {1, 3}, {2, 3}})) return;
+    T* dxp = NewOutput<T>(ctx, 0, ctx->input(1).shape());
+    T* drec = NewOutput<T>(ctx, 1, ctx->input(2).shape());
+    T* dhp = NewOutput<T>(ctx, 2, h_prev.shape());
+    if (dxp == nullptr || drec == nullptr || dhp == nullptr) return;
+    const T *dh = Ptr<T>(ctx, 0), *xp = Ptr<T>(ctx, 1), *rec = Ptr<T>(ctx, 2), *hp = Ptr<T>(ctx, 3);
+    Vec<T> z(H), r(H), hh(H), da(H);
+    for (int64_t b = 0; b < B; ++b) {
+      const T *xb = xp + b * 3 * H, *rb = rec + b * 3 * H;
+      T *dxb = dxp + b * 3 * H, *drb = drec + b * 3 * H;
+      In<T> rec_h(rb + 2 * H, H), dh_b(dh + b * H, H), hp_b(hp + b * H, H);
+      z = (In<T>(xb, H) + In<T>(rb, H)).logistic();
+      r = (In<T>(xb + H, H) + In<T>(rb + H, H)).logistic();
+      hh = (In<T>(xb + 2 * H, H) + r * rec_h).tanh();
+      da = dh_b * (T(1) - z) * (T(1) - hh * hh);  // ∂ℓ/∂(xp_h + r rec_h)
+      Out<T> dz(dxb, H), dr(dxb + H, H);
+      dz = dh_b * (hp_b - hh) * z * (T(1) - z);
+      dr = da * rec_h * r * (T(1) - r);
+      Out<T>(dxb + 2 * H, H) = da;
+      Out<T>(drb, H) = dz;
+      Out<T>(drb + H, H) = dr;
+      Out<T>(drb + 2 * H, H) = da * r;
+      Out<T>(dhp + b * H, H) = dh_b * z;
+    }
+  }
+};
+
+}  // namespace
+
+#define KFR_SHAPES(...) [](InferenceContext* ctx) { return SameShapes(ctx, {__VA_ARGS__}); }
+
+REGISTER_OP("KerasFancyrnnLstmGates")
+    .Input("z: T").Input("c_prev: T")
+    .Output("h: T").Output("c: T")
+    .Attr("T: {float, double}")
+    .SetShapeFn(KFR_SHAPES({0, 1}, {1, 1}));
+
+REGISTER_OP("KerasFancyrnnLstmGatesGrad")
+    .Input("dh: T").Input("dc: T").Input("z: T").Input("c_prev: T").Input("c: T")
+    .Output("dz: T").Output("dc_prev: T")
+    .Attr("T: {float, double}")
+    .SetShapeFn(KFR_SHAPES({0, 2}, {1, 3}));
+
+REGISTER_OP("KerasFancyrnnGruGates")
+    .Input("xp: T").Input("rec: T").Input("h_prev: T")
+    .Output("h: T")
+    .Attr("T: {float, double}")
+    .SetShapeFn(KFR_SHAPES({0, 2}));
+
+REGISTER_OP("KerasFancyrnnGruGatesGrad")
+    .Input("dh: T").Input("xp: T").Input("rec: T").Input("h_prev: T")
+    .Output("dxp: T").Output("drec: T").Output("dh_prev: T")
+    .Attr("T: {float, double}")
+    .SetShapeFn(KFR_SHAPES({0, 1}, {1, 2}, {2, 3}));
+
+#define KFR_KERNELS(T)                                                                       \
+  REGISTER_KERNEL_BUILDER(                                                                   \
+      Name("KerasFancyrnnLstmGates").Device(::tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), \
+      LstmGates<T>);                                                                         \
+  REGISTER_KERNEL_BUILDER(Name("KerasFancyrnnLstmGatesGrad")                                 \
+                              .Device(::tensorflow::DEVICE_CPU)                              \
+                              .TypeConstraint<T>("T"),                                       \
+                          LstmGatesGrad<T>);                                                 \
+  REGISTER_KERNEL_BUILDER(                                                                   \
+      Name("KerasFancyrnnGruGates").Device(::tensorflow::DEVICE_CPU).TypeConstraint<T>("T"),  \
+      GruGates<T>);                                                                          \
+  REGISTER_KERNEL_BUILDER(Name("KerasFancyrnnGruGatesGrad")                                  \
+                              .Device(::tensorflow::DEVICE_CPU)                              \
+                              .TypeConstraint<T>("T"),                                       \
+                          GruGatesGrad<T>);
+
+KFR_KERNELS(float)
+KFR_KERNELS(double)
+
+}  // namespace keras_fancyrnn

@@ -1,0 +1,241 @@
+"""Fused gate kernels: the element-wise part of an LSTM or GRU step as one C++ op.
+
+On a CPU a recurrent step of these layers is two matmuls and 10–20 small element-wise ops, and at
+the sizes people train (batch 64, 128 units) each of those ops costs more in TensorFlow's
+per-op overhead than in arithmetic (benchmarks/native_gates.py). ``kernels/gates.cc`` computes
+the gate equations of ``LSTMCell.step`` and ``GRUCell.step`` (``reset_after=True``) in one op, and
+their gradient in another; the matmuls stay TensorFlow's (oneDNN).
+
+The kernels are compiled against the installed TensorFlow the first time a layer needs them
+(about 15 s, once: the library is cached under ``$KERAS_FANCYRNN_CACHE`` or
+``~/.cache/keras_fancyrnn``, keyed by the source, TensorFlow's version and this CPU). Where that
+is impossible (no C++ compiler, another backend, a GPU, a portable or XLA trace, float16) the
+cells run their plain TensorFlow ops, which compute the same values; set
+``KERAS_FANCYRNN_NATIVE=0`` or ``keras_fancyrnn.native.ENABLED = False`` to always do so.
+
+Gradients: the backward kernels give first derivatives; their own gradients (second derivatives,
+e.g. a gradient penalty) are the same equations written with TensorFlow ops, so every order is
+exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+import keras
+
+#: Whether the cells may use the fused kernels at all (tests and benchmarks switch it).
+ENABLED = os.environ.get("KERAS_FANCYRNN_NATIVE", "1") not in ("0", "false", "False")
+
+_SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "gates.cc")
+_log = logging.getLogger("keras_fancyrnn")
+_lock = threading.Lock()
+_state = {"tried": False, "library": None, "error": None}
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("KERAS_FANCYRNN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "keras_fancyrnn")
+    try:
+        os.makedirs(root, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+    except OSError:
+        pass
+    root = os.path.join(tempfile.gettempdir(), f"keras_fancyrnn-{os.getuid()}")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def _compile(tf, target: str) -> None:
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not compiler:
+        raise RuntimeError("no C++ compiler (g++ or $CXX) on PATH")
+    command = [compiler, "-shared", "-fPIC", "-O3", "-march=native", "-w", _SOURCE, "-o",
+               target, *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+
+
+def library():
+    """The loaded kernel library (compiled on first use), or ``None`` where it cannot be had;
+    ``load_error()`` then says why."""
+    with _lock:
+        if _state["tried"]:
+            return _state["library"]
+        _state["tried"] = True
+        try:
+            _state["library"] = _load()
+        except Exception as error:  # noqa: BLE001 - any failure means: use the plain ops
+            _state["error"] = f"{type(error).__name__}: {error}"
+            _log.warning("keras_fancyrnn: fused gate kernels unavailable, using plain "
+                         "TensorFlow ops (same results, slower on a CPU): %s", _state["error"])
+        return _state["library"]
+
+
+def load_error() -> str | None:
+    """Why ``library()`` returned ``None`` (``None`` if it loaded or was not tried)."""
+    return _state["error"]
+
+
+def _load():
+    import fcntl
+
+    from keras_fancyrnn._tf import tf
+
+    with open(_SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(b"\0".join([
+        source, tf.__version__.encode(), " ".join(tf.sysconfig.get_compile_flags()).encode(),
+        sys.version.encode(), _cpu_id().encode()])).hexdigest()[:16]
+    directory = _cache_dir()
+    target = os.path.join(directory, f"gates-{key}.so")
+    with open(os.path.join(directory, f"gates-{key}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process compiles, the others wait and load
+        if not os.path.exists(target):
+            _log.warning("keras_fancyrnn: compiling the fused gate kernels (once, ~15 s) into %s",
+                         target)
+            partial = f"{target}.{os.getpid()}.tmp"
+            try:
+                _compile(tf, partial)
+                os.replace(partial, target)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(partial)
+    return tf.load_op_library(target)
+
+
+def usable(dtype) -> bool:
+    """Whether a cell's step may call the kernels now: enabled, TensorFlow backend, float32 or
+    float64, no GPU, not inside a portable or XLA trace, and the library loads."""
+    if not ENABLED or keras.config.backend() != "tensorflow":
+        return False
+    if str(getattr(dtype, "name", dtype)) not in ("float32", "float64"):
+        return False
+    from keras_fancyrnn._tf import tf
+
+    if tf.config.list_logical_devices("GPU") or portable_or_xla():
+        return False
+    return library() is not None
+
+
+def portable_or_xla() -> bool:
+    """Inside ``keras_fancyrnn.portable()`` / a SavedModel save (graphs that must run without
+    this package's ops) or an XLA cluster (which cannot compile them)."""
+    from keras_fancyrnn._tf import tf
+    from keras_fancyrnn.gpu import in_portable_trace
+
+    try:
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - a TensorFlow without the private module
+        return in_portable_trace()
+    graph = tf.compat.v1.get_default_graph()
+    return in_portable_trace() or control_flow_util.GraphOrParentsInXlaContext(graph)
+
+
+def lstm_gates(z, c_prev):
+    """``(h, c)`` of an LSTM step from ``z = x W + b + h_{t-1} U`` (gates i, f, c, o)."""
+    return library().keras_fancyrnn_lstm_gates(z, c_prev)
+
+
+def gru_gates(xp, rec, h_prev):
+    """``h`` of a GRU step (``reset_after=True``) from ``xp = x W + b_in`` and
+    ``rec = h_{t-1} U + b_rec`` (blocks z, r, h)."""
+    return library().keras_fancyrnn_gru_gates(xp, rec, h_prev)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients. The kernels' backward equations, written again with TensorFlow ops, serve as the
+# gradients of the backward kernels (second and higher derivatives).
+
+
+def lstm_backward(dh, dc, z, c_prev, c):
+    """``(dz, dc_prev)`` of ``lstm_gates`` given the gradients ``dh``, ``dc`` of its outputs."""
+    from keras_fancyrnn._tf import tf
+
+    z_i, z_f, z_c, z_o = tf.split(z, 4, axis=-1)
+    i, f, g, o = tf.sigmoid(z_i), tf.sigmoid(z_f), tf.tanh(z_c), tf.sigmoid(z_o)
+    tc = tf.tanh(c)
+    dc_total = dc + dh * o * (1 - tc * tc)
+    dz = tf.concat([dc_total * g * i * (1 - i), dc_total * c_prev * f * (1 - f),
+                    dc_total * i * (1 - g * g), dh * tc * o * (1 - o)], axis=-1)
+    return dz, dc_total * f
+
+
+def gru_backward(dh, xp, rec, h_prev):
+    """``(dxp, drec, dh_prev)`` of ``gru_gates`` (``dh_prev`` without the path through ``rec``)."""
+    from keras_fancyrnn._tf import tf
+
+    x_z, x_r, x_h = tf.split(xp, 3, axis=-1)
+    r_z, r_r, r_h = tf.split(rec, 3, axis=-1)
+    z, r = tf.sigmoid(x_z + r_z), tf.sigmoid(x_r + r_r)
+    hh = tf.tanh(x_h + r * r_h)
+    da = dh * (1 - z) * (1 - hh * hh)
+    dz = dh * (h_prev - hh) * z * (1 - z)
+    dr = da * r_h * r * (1 - r)
+    return (tf.concat([dz, dr, da], axis=-1), tf.concat([dz, dr, da * r], axis=-1), dh * z)
+
+
+def _zeros_for_none(grads, outputs):
+    from keras_fancyrnn._tf import tf
+
+    return [tf.zeros_like(o) if g is None else g for g, o in zip(grads, outputs)]
+
+
+def _vjp(function, inputs, grads):
+    from keras_fancyrnn._tf import tf
+
+    # Copies in the graph being built: a gradient function can run in another graph than its op
+    # (a loop's gradient body), where the op's own inputs are captures the tape would not see.
+    inputs = [tf.identity(x) for x in inputs]
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        outputs = function(*inputs)
+    return tape.gradient(outputs, inputs, output_gradients=_zeros_for_none(grads, outputs))
+
+
+def _register_gradients():
+    from keras_fancyrnn._tf import tf
+
+    @tf.RegisterGradient("KerasFancyrnnLstmGates")
+    def _lstm(op, dh, dc):
+        dh, dc = _zeros_for_none((dh, dc), op.outputs)
+        z, c_prev = op.inputs
+        return library().keras_fancyrnn_lstm_gates_grad(dh, dc, z, c_prev, op.outputs[1])
+
+    @tf.RegisterGradient("KerasFancyrnnLstmGatesGrad")
+    def _lstm_second(op, *grads):
+        return _vjp(lstm_backward, op.inputs, grads)
+
+    @tf.RegisterGradient("KerasFancyrnnGruGates")
+    def _gru(op, dh):
+        (dh,) = _zeros_for_none((dh,), op.outputs)
+        return library().keras_fancyrnn_gru_gates_grad(dh, *op.inputs)
+
+    @tf.RegisterGradient("KerasFancyrnnGruGatesGrad")
+    def _gru_second(op, *grads):
+        return _vjp(gru_backward, op.inputs, grads)
+
+
+if keras.config.backend() == "tensorflow":
+    _register_gradients()

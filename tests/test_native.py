@@ -1,0 +1,189 @@
+"""The fused gate kernels (keras_fancyrnn.native) against references written here: numpy
+versions of the LSTM / GRU equations, float64 finite differences, keras.layers with copied
+weights, and the cells' plain TensorFlow ops (second derivatives)."""
+
+import shutil
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from gradcheck import assert_gradients_match_finite_differences
+
+import keras_fancyrnn as fr
+from keras_fancyrnn import engine, native
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None,
+    reason="no C++ compiler: the layers run their plain ops (tested everywhere else)")
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def lstm_numpy(z, c_prev):
+    """Hochreiter & Schmidhuber with the forget gate of Gers et al.; gates i, f, c, o (Keras)."""
+    i, f, g, o = np.split(z, 4, axis=-1)
+    c = sigmoid(f) * c_prev + sigmoid(i) * np.tanh(g)
+    return sigmoid(o) * np.tanh(c), c
+
+
+def gru_numpy(xp, rec, h_prev):
+    """Cho et al. 2014 with the reset gate after the matmul (Keras's reset_after=True)."""
+    x_z, x_r, x_h = np.split(xp, 3, axis=-1)
+    r_z, r_r, r_h = np.split(rec, 3, axis=-1)
+    z, r = sigmoid(x_z + r_z), sigmoid(x_r + r_r)
+    return z * h_prev + (1 - z) * np.tanh(x_h + r * r_h)
+
+
+@pytest.fixture(scope="module")
+def library():
+    lib = native.library()
+    assert lib is not None, native.load_error()
+    return lib
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_kernels_equal_the_equations(library, dtype, rng):
+    batch, units = 5, 7
+    z = rng.normal(size=(batch, 4 * units)) * 2
+    c_prev = rng.normal(size=(batch, units))
+    h, c = native.lstm_gates(tf.constant(z, dtype), tf.constant(c_prev, dtype))
+    h_ref, c_ref = lstm_numpy(z, c_prev)
+    tol = 1e-6 if dtype == "float32" else 1e-13
+    np.testing.assert_allclose(h.numpy(), h_ref, atol=tol)
+    np.testing.assert_allclose(c.numpy(), c_ref, atol=tol)
+    xp, rec = rng.normal(size=(2, batch, 3 * units)) * 2
+    h_prev = rng.normal(size=(batch, units))
+    h = native.gru_gates(*(tf.constant(a, dtype) for a in (xp, rec, h_prev)))
+    np.testing.assert_allclose(h.numpy(), gru_numpy(xp, rec, h_prev), atol=tol)
+
+
+def test_kernel_gradients_equal_finite_differences(library, rng):
+    batch, units = 3, 4
+    z, weights_h, weights_c = (rng.normal(size=(batch, 4 * units)),
+                               rng.normal(size=(batch, units)), rng.normal(size=(batch, units)))
+    c_prev = tf.Variable(rng.normal(size=(batch, units)))
+
+    def lstm_loss(z):  # both outputs feed the loss, so both incoming gradients are exercised
+        h, c = native.lstm_gates(z, c_prev)
+        return tf.reduce_sum(h * weights_h + c * c * weights_c)
+
+    assert_gradients_match_finite_differences(lstm_loss, z, [c_prev], rng)
+    xp = rng.normal(size=(batch, 3 * units))
+    rec, h_prev = tf.Variable(rng.normal(size=(batch, 3 * units))), tf.Variable(
+        rng.normal(size=(batch, units)))
+
+    def gru_loss(xp):
+        return tf.reduce_sum(native.gru_gates(xp, rec, h_prev) ** 3 * weights_h)
+
+    assert_gradients_match_finite_differences(gru_loss, xp, [rec, h_prev], rng)
+
+
+def test_bad_shapes_name_the_input(library):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"input 0 must have shape \[2, 12\]"):
+        native.lstm_gates(tf.zeros((2, 13)), tf.zeros((2, 3)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"input 1 must have shape \[2, 9\]"):
+        native.gru_gates(tf.zeros((2, 9)), tf.zeros((2, 6)), tf.zeros((2, 3)))
+
+
+def _native_ops(fn, *args):
+    """The kernel ops in ``fn``'s graph, its loops' bodies included."""
+    graph_def = tf.function(fn).get_concrete_function(*args).graph.as_graph_def()
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+    return sorted({n.op for n in nodes if n.op.startswith("KerasFancyrnn")})
+
+
+def _copied(kind, rng, **kwargs):
+    ours = getattr(fr, kind)(6, return_sequences=True, **kwargs)
+    theirs = getattr(keras.layers, kind)(6, return_sequences=True, **kwargs)
+    ours.build((4, 9, 8))
+    theirs.build((4, 9, 8))
+    weights = [w + 0.3 * rng.normal(size=w.shape) for w in theirs.get_weights()]
+    ours.set_weights(weights)
+    theirs.set_weights(weights)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("go_backwards", [False, True])
+def test_layers_on_the_kernels_equal_keras(library, kind, go_backwards, rng, monkeypatch):
+    """Masked, both directions, with input dropout: outputs and all gradients equal keras.layers
+    with copied weights, and the graph really runs the kernels (input_dim 8 > units 6, so not the
+    LSTM's BlockLSTMV2 path either)."""
+    ours, theirs = _copied(kind, rng, go_backwards=go_backwards)
+    x = tf.constant(rng.normal(size=(4, 9, 8)).astype("float32"))
+    mask = tf.constant(np.arange(9)[None, :] < np.array([9, 7, 3, 1])[:, None])
+    weights = tf.constant(rng.normal(size=(4, 9, 6)).astype("float32"))
+
+    def call(layer):
+        def fn(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, mask=mask)
+                loss = tf.reduce_sum(y * weights)
+            return y, tape.gradient(loss, [x, *layer.trainable_weights])
+        return fn
+
+    op = {"LSTM": "KerasFancyrnnLstmGates", "GRU": "KerasFancyrnnGruGates"}[kind]
+    assert op in _native_ops(call(ours), x) and op + "Grad" in _native_ops(call(ours), x)
+    (y, grads), (y_ref, grads_ref) = tf.function(call(ours))(x), tf.function(call(theirs))(x)
+    np.testing.assert_allclose(y.numpy(), y_ref.numpy(), atol=2e-6)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        np.testing.assert_allclose(g.numpy(), g_ref.numpy(), atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_second_derivatives_equal_the_plain_ops(library, kind, rng, monkeypatch):
+    """A gradient penalty (the gradient of ‖∂ℓ/∂x‖² with respect to the weights) is the same
+    with the kernels as with the cells' plain TensorFlow ops."""
+    monkeypatch.setattr(engine, "FUSED_ON_CPU", False)
+    layer = getattr(fr, kind)(5, dtype="float64")
+    x = tf.constant(rng.normal(size=(3, 6, 4)))
+    layer.build(x.shape)
+    for w in layer.weights:
+        w.assign(w + 0.3 * rng.normal(size=w.shape))
+
+    def penalty_gradient(x):
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                loss = tf.reduce_sum(tf.sin(layer(x)))
+            penalty = tf.reduce_sum(inner.gradient(loss, x) ** 2)
+        return outer.gradient(penalty, layer.trainable_weights)
+
+    monkeypatch.setattr(native, "ENABLED", True)
+    assert _native_ops(penalty_gradient, x)
+    fused = tf.function(penalty_gradient)(x)
+    monkeypatch.setattr(native, "ENABLED", False)
+    assert not _native_ops(penalty_gradient, x)
+    plain = tf.function(penalty_gradient)(x)
+    for a, b in zip(fused, plain, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_not_used_under_xla_or_in_a_portable_trace(library, rng):
+    layer = fr.GRU(5)
+    x = tf.constant(rng.normal(size=(2, 4, 3)).astype("float32"))
+    eager = layer(x)
+    assert _native_ops(layer, x)
+    with fr.portable():
+        assert not _native_ops(layer, x)
+    xla = tf.function(layer, jit_compile=True)
+    np.testing.assert_allclose(xla(x).numpy(), eager.numpy(), atol=1e-6)
+    assert "KerasFancyrnn" not in str(xla.experimental_get_compiler_ir(x)(stage="hlo"))
+
+
+def test_without_a_compiler_the_layers_run_their_plain_ops(monkeypatch, tmp_path, rng):
+    """A failed build is reported once (load_error) and the layers compute the same values."""
+    x = tf.constant(rng.normal(size=(2, 5, 3)).astype("float32"))
+    layer = fr.GRU(4)
+    expected = layer(x)
+    monkeypatch.setattr(native, "_state", {"tried": False, "library": None, "error": None})
+    monkeypatch.setenv("KERAS_FANCYRNN_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert native.library() is None
+    assert "no-such-compiler" in native.load_error()
+    assert not _native_ops(layer, x)
+    np.testing.assert_allclose(layer(x).numpy(), expected.numpy(), atol=1e-6)
