@@ -69,8 +69,10 @@ class BareLoop(keras.layers.Layer):
             _, new = self.cell.step(self.cell.project_inputs(xs_ta.read(t)), list(states))
             return (t + 1, *(new if isinstance(new, (list, tuple)) else [new]))
 
-        out = tf.while_loop(lambda t, *_: t < steps, body, (tf.constant(0), *states),
-                            maximum_iterations=steps, parallel_iterations=32, swap_memory=True)
+        with self.cell.weights_read_once():  # as the engine does: one read per call
+            out = tf.while_loop(lambda t, *_: t < steps, body, (tf.constant(0), *states),
+                                maximum_iterations=steps, parallel_iterations=32,
+                                swap_memory=True)
         return out[1]
 
 

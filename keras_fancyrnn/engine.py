@@ -16,7 +16,9 @@ The engine never imports a cell class. A cell it can run has
 * ``step(xp_t, states, recurrent_mask) -> (output, new_states)`` with ``output`` equal to
   ``new_states[0]`` (the hidden state ``h_t``); a cell whose other states feed ``h_t`` within
   the step (LSTM: ``c_t``) sets ``probes_in_step`` and takes ``probes={i: p_t}`` for them;
-* the Keras ``DropoutRNNCell`` mask API (``get_dropout_mask`` …).
+* the Keras ``DropoutRNNCell`` mask API (``get_dropout_mask`` …);
+* optionally ``weights_read_once()``, a context in which the loop is built with the cell's
+  weights read once rather than at every step.
 
 Truncation (the WildML tutorial's ``bptt_truncate``): the gradient of the output at step ``t``
 reaches ``h_t, h_{t-1}, …, h_{t-k}`` and no further, i.e. every Jacobian product
@@ -30,6 +32,7 @@ only used where ``k < T - 1`` (otherwise truncation changes nothing).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 
@@ -133,9 +136,9 @@ def run(
     on_gpu = bool(tf.config.list_logical_devices("GPU"))
     if hoist_inputs is None:
         hoist_inputs = HOIST_ON_CPU or on_gpu
-    loop = functools.partial(_loop, cell, inputs, initial_state, mask, dp_mask, rec_mask,
-                             go_backwards, unroll, return_sequences, zero_output_for_mask,
-                             bptt_truncate, probes, hoist_inputs)
+    loop = functools.partial(_loop_reading_weights_once, cell, inputs, initial_state, mask,
+                             dp_mask, rec_mask, go_backwards, unroll, return_sequences,
+                             zero_output_for_mask, bptt_truncate, probes, hoist_inputs)
     if fused is None:
         fused = FUSED_ON_CPU and not on_gpu and not native.portable_or_xla()
     limit = 0
@@ -181,6 +184,13 @@ def _copies(bptt_truncate, steps_static) -> int:
 def _drop_sequence(result, return_sequences):
     last, outputs, states = result
     return last, (outputs if return_sequences else None), states
+
+
+def _loop_reading_weights_once(cell, *args):
+    """``_loop`` with the cell's weights read once before it (``cell.weights_read_once``)."""
+    reading = getattr(cell, "weights_read_once", contextlib.nullcontext)
+    with reading():
+        return _loop(cell, *args)
 
 
 def _loop(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, unroll,

@@ -169,13 +169,13 @@ def gru_gates(xp, rec, h_prev):
 # gradients of the backward kernels (second and higher derivatives).
 
 
-def lstm_backward(dh, dc, z, c_prev, c):
+def lstm_backward(dh, dc, z, c_prev):
     """``(dz, dc_prev)`` of ``lstm_gates`` given the gradients ``dh``, ``dc`` of its outputs."""
     from keras_fancyrnn._tf import tf
 
     z_i, z_f, z_c, z_o = tf.split(z, 4, axis=-1)
     i, f, g, o = tf.sigmoid(z_i), tf.sigmoid(z_f), tf.tanh(z_c), tf.sigmoid(z_o)
-    tc = tf.tanh(c)
+    tc = tf.tanh(f * c_prev + i * g)
     dc_total = dc + dh * o * (1 - tc * tc)
     dz = tf.concat([dc_total * g * i * (1 - i), dc_total * c_prev * f * (1 - f),
                     dc_total * i * (1 - g * g), dh * tc * o * (1 - o)], axis=-1)
@@ -220,8 +220,7 @@ def _register_gradients():
     @tf.RegisterGradient("KerasFancyrnnLstmGates")
     def _lstm(op, dh, dc):
         dh, dc = _zeros_for_none((dh, dc), op.outputs)
-        z, c_prev = op.inputs
-        return library().keras_fancyrnn_lstm_gates_grad(dh, dc, z, c_prev, op.outputs[1])
+        return library().keras_fancyrnn_lstm_gates_grad(dh, dc, *op.inputs)
 
     @tf.RegisterGradient("KerasFancyrnnLstmGatesGrad")
     def _lstm_second(op, *grads):

@@ -16,8 +16,10 @@ TINY = {
                         "--round_seconds=0.01"],
     "unused_features.py": ["--cells=lstm", "--batch=4", "--time=5", "--input_dim=3",
                            "--units=4", "--truncate=2", "--repeats=1", "--steps=1"],
+    "native_gates.py": ["--modes=train", "--batch=4", "--hidden=4", "--input_dim=3", "--time=5",
+                        "--repeats=1", "--steps=1", "--torch=false"],
 }
-ROWS = {"rnn_speed.py": 4, "fused_kernel.py": 2, "unused_features.py": 4}
+ROWS = {"rnn_speed.py": 4, "fused_kernel.py": 2, "unused_features.py": 4, "native_gates.py": 2}
 
 
 @pytest.mark.parametrize("script", sorted(TINY))

@@ -93,8 +93,8 @@ class LstmGates : public OpKernel {
   }
 };
 
-// Inputs dh, dc (the gradients of h and c), z, c_prev, c. Outputs dz and dc_prev. The gates are
-// recomputed from z (cheaper than storing them for every step).
+// Inputs dh, dc (the gradients of h and c), z, c_prev. Outputs dz and dc_prev. The gates and c
+// are recomputed from z and c_prev (cheaper than keeping them for every step).
 template <typename T>
 class LstmGatesGrad : public OpKernel {
  public:
@@ -104,25 +104,24 @@ class LstmGatesGrad : public OpKernel {
     OP_REQUIRES(ctx, c_prev.dims() == 2,
                 absl::InvalidArgumentError("c_prev must be a [batch, units] matrix"));
     const int64_t B = c_prev.dim_size(0), H = c_prev.dim_size(1);
-    if (!Shaped(ctx, B, H, {{0, 1}, {1, 1}, {2, 4}, {4, 1}})) return;
+    if (!Shaped(ctx, B, H, {{0, 1}, {1, 1}, {2, 4}})) return;
     T* dz = NewOutput<T>(ctx, 0, ctx->input(2).shape());
     T* dcp = NewOutput<T>(ctx, 1, c_prev.shape());
     if (dz == nullptr || dcp == nullptr) return;
-    const T *dh = Ptr<T>(ctx, 0), *dc = Ptr<T>(ctx, 1), *z = Ptr<T>(ctx, 2);
-    const T *cp = Ptr<T>(ctx, 3), *c = Ptr<T>(ctx, 4);
+    const T *dh = Ptr<T>(ctx, 0), *dc = Ptr<T>(ctx, 1), *z = Ptr<T>(ctx, 2), *cp = Ptr<T>(ctx, 3);
     Vec<T> i(H), f(H), g(H), o(H), tc(H), dct(H);
     for (int64_t b = 0; b < B; ++b) {
       const T* zb = z + b * 4 * H;
       T* dzb = dz + b * 4 * H;
+      In<T> dh_b(dh + b * H, H), cp_b(cp + b * H, H);
       i = In<T>(zb, H).logistic();
       f = In<T>(zb + H, H).logistic();
       g = In<T>(zb + 2 * H, H).tanh();
       o = In<T>(zb + 3 * H, H).logistic();
-      In<T> dh_b(dh + b * H, H);
-      tc = In<T>(c + b * H, H).tanh();
+      tc = (f * cp_b + i * g).tanh();
       dct = In<T>(dc + b * H, H) + dh_b * o * (T(1) - tc * tc);  // total ∂ℓ/∂c_t
       Out<T>(dzb, H) = dct * g * i * (T(1) - i);
-      Out<T>(dzb + H, H) = dct * In<T>(cp + b * H, H) * f * (T(1) - f);
+      Out<T>(dzb + H, H) = dct * cp_b * f * (T(1) - f);
       Out<T>(dzb + 2 * H, H) = dct * i * (T(1) - g * g);
       Out<T>(dzb + 3 * H, H) = dh_b * tc * o * (T(1) - o);
       Out<T>(dcp + b * H, H) = dct * f;
@@ -208,7 +207,7 @@ REGISTER_OP("KerasFancyrnnLstmGates")
     .SetShapeFn(KFR_SHAPES({0, 1}, {1, 1}));
 
 REGISTER_OP("KerasFancyrnnLstmGatesGrad")
-    .Input("dh: T").Input("dc: T").Input("z: T").Input("c_prev: T").Input("c: T")
+    .Input("dh: T").Input("dc: T").Input("z: T").Input("c_prev: T")
     .Output("dz: T").Output("dc_prev: T")
     .Attr("T: {float, double}")
     .SetShapeFn(KFR_SHAPES({0, 2}, {1, 3}));

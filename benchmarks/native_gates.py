@@ -1,0 +1,96 @@
+"""What the fused gate kernels (``keras_fancyrnn.native``) buy: fr.LSTM / fr.GRU with the
+kernels vs the same layers with their plain TensorFlow gate ops vs keras.layers (vs torch.nn),
+training and inference, side by side in one process, alternating, medians.
+
+The prediction: at batch 64, 128 units a step is two matmuls (~60 µs on the critical path on
+the 2-core test machine) and 10–20 element-wise ops of a few µs each, mostly TensorFlow's per-op
+overhead; one op for all of them (and one for their gradient) should save 20–40 % of a step.
+
+    python benchmarks/native_gates.py                          # LSTM, GRU; B=64 T=100 D=H=128
+    python benchmarks/native_gates.py --batch=16,256 --hidden=64,256 --out=native.md
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import platform
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+from _timing import emit, time_alternating  # noqa: E402
+from absl import app, flags  # noqa: E402
+from rnn_speed import FR, KERAS, keras_runner, torch_runner  # noqa: E402
+
+from keras_fancyrnn import engine, native  # noqa: E402
+from keras_fancyrnn._tf import tf  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("cells", ["lstm", "gru"], "Cells: lstm, gru.")
+flags.DEFINE_list("modes", ["train", "predict"], "train and/or predict.")
+flags.DEFINE_list("batch", ["64"], "Batch sizes.")
+flags.DEFINE_list("hidden", ["128"], "Hidden sizes.")
+flags.DEFINE_integer("time", 100, "Sequence length T.")
+flags.DEFINE_integer("input_dim", 128, "Input features D.")
+flags.DEFINE_integer("repeats", 7, "Timed rounds per variant (median reported).")
+flags.DEFINE_integer("steps", 10, "Steps per timed round.")
+flags.DEFINE_bool("torch", True, "Include torch.nn when torch is installed.")
+flags.DEFINE_string("out", None, "Write the Markdown table here too.")
+
+
+def with_native(run, enabled: bool):
+    """``run`` with the kernels switched on or off while it runs (its first call traces)."""
+    def call(n):
+        previous, native.ENABLED = native.ENABLED, enabled
+        try:
+            run(n)
+        finally:
+            native.ENABLED = previous
+    return call
+
+
+def main(argv):
+    del argv
+    if native.library() is None:
+        raise SystemExit(f"the kernels are unavailable here: {native.load_error()}")
+    engine.FUSED_ON_CPU = False  # the LSTM's BlockLSTMV2 path would replace both loops
+    have_torch = False
+    if FLAGS.torch:
+        try:
+            import torch
+
+            torch.set_num_threads(os.cpu_count() or 1)
+            have_torch = True
+        except ImportError:
+            pass
+    rows = ["| cell | mode | B | H | kernels steps/s | plain steps/s | keras steps/s | "
+            "torch steps/s | kernels/plain | kernels/keras | kernels/torch |", "|" + "---|" * 11]
+    grid = itertools.product(FLAGS.cells, FLAGS.modes, map(int, FLAGS.batch),
+                             map(int, FLAGS.hidden))
+    for cell, mode, batch, units in grid:
+        dims = (cell, batch, FLAGS.time, FLAGS.input_dim, units, mode == "train")
+        runners = {"kernels": with_native(keras_runner(FR[cell], *dims, "auto"), True),
+                   "plain": with_native(keras_runner(FR[cell], *dims, "auto"), False),
+                   "keras": keras_runner(KERAS[cell], *dims, "auto")}
+        if have_torch:
+            runners["torch"] = torch_runner(*dims)
+        rate = time_alternating(runners, FLAGS.repeats, FLAGS.steps)
+        torch_rate = rate.get("torch")
+        torch_steps = "" if torch_rate is None else f"{torch_rate:.1f}"
+        vs_torch = "" if torch_rate is None else f"{rate['kernels'] / torch_rate:.2f}"
+        rows.append(
+            f"| {cell} | {mode} | {batch} | {units} | {rate['kernels']:.1f} | "
+            f"{rate['plain']:.1f} | {rate['keras']:.1f} | {torch_steps} | "
+            f"{rate['kernels'] / rate['plain']:.2f} | {rate['kernels'] / rate['keras']:.2f} | "
+            f"{vs_torch} |")
+        print(rows[-1], flush=True)
+    footer = (f"\nT={FLAGS.time}, D={FLAGS.input_dim}. Machine: "
+              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+              f"TF {tf.__version__}, Keras {keras.__version__}; {time.strftime('%Y-%m-%d')}.")
+    emit(rows, footer, FLAGS.out)
+
+
+if __name__ == "__main__":
+    app.run(main)
