@@ -20,9 +20,9 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+from _runners import FR, KERAS, keras_runner, torch_runner  # noqa: E402
 from _timing import emit, time_alternating  # noqa: E402
 from absl import app, flags  # noqa: E402
-from rnn_speed import FR, KERAS, keras_runner, torch_runner  # noqa: E402
 
 from keras_fancyrnn import engine, native  # noqa: E402
 from keras_fancyrnn._tf import tf  # noqa: E402

@@ -22,10 +22,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from _runners import FR, KERAS, keras_runner, torch_runner  # noqa: E402
 from _timing import emit, time_alternating  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-import keras_fancyrnn as fr  # noqa: E402
 from keras_fancyrnn._tf import tf  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -47,8 +47,6 @@ flags.DEFINE_bool("hoist", False, "Hoist fr's input projection on a CPU too (the
                   "default projects per step there; see engine.run).")
 
 GATES = {"simple_rnn": 1, "lstm": 4, "gru": 3}
-KERAS = {"simple_rnn": keras.layers.SimpleRNN, "lstm": keras.layers.LSTM, "gru": keras.layers.GRU}
-FR = {"simple_rnn": fr.SimpleRNN, "lstm": fr.LSTM, "gru": fr.GRU}
 
 
 def flops_per_step(cell, batch, steps, dim, units, train):
@@ -68,58 +66,6 @@ def matmul_roofline(n=1024, repeats=20):
         mm().numpy()
         times.append(time.perf_counter() - t)
     return 2 * n**3 / np.min(times) / 1e9  # the best round: what the machine can do
-
-
-def keras_runner(layer_cls, cell, batch, steps, dim, units, train, jit):
-    pool = 2  # distinct batches, cycled (the big grid points would not fit ten in memory)
-    x = np.random.default_rng(0).normal(size=(batch * pool, steps, dim)).astype("float32")
-    y = np.zeros((batch * pool, 1), "float32")
-    model = keras.Sequential([keras.Input((steps, dim)), layer_cls(units), keras.layers.Dense(1)])
-    model.compile(keras.optimizers.Adam(1e-3), "mse", jit_compile={"on": True, "off": False}.get(
-        jit, "auto"))
-    xs = [tf.constant(x[i * batch:(i + 1) * batch]) for i in range(pool)]
-    ys = [tf.constant(y[i * batch:(i + 1) * batch]) for i in range(pool)]
-
-    # train_on_batch / predict_on_batch: one compiled step per call, without fit()'s per-call
-    # set-up (data adapter, callbacks), which would dilute the layers' difference.
-    def train_fn(n):
-        for i in range(n):
-            model.train_on_batch(xs[i % pool], ys[i % pool])
-
-    def predict_fn(n):
-        for i in range(n):
-            model.predict_on_batch(xs[i % pool])
-
-    return train_fn if train else predict_fn
-
-
-def torch_runner(cell, batch, steps, dim, units, train):
-    import torch
-
-    torch.manual_seed(0)
-    rnn = {"simple_rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](
-        dim, units, batch_first=True)
-    head = torch.nn.Linear(units, 1)
-    params = list(rnn.parameters()) + list(head.parameters())
-    opt = torch.optim.Adam(params, 1e-3)
-    xs = torch.randn(2, batch, steps, dim)
-    y = torch.zeros(batch, 1)
-
-    def train_fn(n):
-        for i in range(n):
-            out, _ = rnn(xs[i % 2])
-            loss = ((head(out[:, -1]) - y) ** 2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-    @torch.no_grad()
-    def predict_fn(n):
-        for i in range(n):
-            out, _ = rnn(xs[i % 2])
-            head(out[:, -1])
-
-    return train_fn if train else predict_fn
 
 
 def main(argv):
