@@ -77,8 +77,10 @@ class LSTMCell(RecurrentCell):
     #: inference, benchmarks/fused_kernel.py): small layers, whose loop is per-op overhead, with
     #: ``units <= 96``, ``input_dim <= units`` and ``batch · (input_dim + units) · 4 · units``
     #: multiply-adds per step up to this many. Bigger layers run faster in the loop (the
-    #: kernel's Eigen products are slower than oneDNN's).
-    fused_max_macs = 1_300_000
+    #: kernel's Eigen products are slower than oneDNN's). The first limit is against the loop
+    #: with the fused gate kernels (``keras_fancyrnn.native``), the second without them.
+    fused_max_macs = 450_000
+    fused_max_macs_plain_loop = 1_300_000
 
     def fused_batch_limit(self, input_dim, dtype):
         """The largest batch for which ``fused_sequence`` runs, 0 where it never does: it needs
@@ -88,7 +90,8 @@ class LSTMCell(RecurrentCell):
                 or dtype != "float32" or keras.config.backend() != "tensorflow"
                 or input_dim is None or self.units > 96 or input_dim > self.units):
             return 0
-        return self.fused_max_macs // ((input_dim + self.units) * 4 * self.units)
+        macs = self.fused_max_macs if self.native_gates(dtype) else self.fused_max_macs_plain_loop
+        return macs // ((input_dim + self.units) * 4 * self.units)
 
     def fused_sequence(self, inputs, states, dropout_mask=None):
         """All timesteps of ``step`` in one TensorFlow kernel: ``BlockLSTMV2``, whose equations
