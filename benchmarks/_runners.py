@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 
@@ -34,6 +36,24 @@ def keras_runner(layer_cls, cell, batch, steps, dim, units, train, jit):
             model.predict_on_batch(xs[i % pool])
 
     return train_fn if train else predict_fn
+
+
+def torch_available() -> bool:
+    """Whether torch is installed; if so, it is set to use every core (as TensorFlow does)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    torch.set_num_threads(os.cpu_count() or 1)
+    return True
+
+
+def torch_columns(rate: dict, ours: str) -> tuple[str, str]:
+    """The table's torch steps/s and ``ours``/torch cells (empty where torch did not run)."""
+    torch_rate = rate.get("torch")
+    if torch_rate is None:
+        return "", ""
+    return f"{torch_rate:.1f}", f"{rate[ours] / torch_rate:.2f}"
 
 
 def torch_runner(cell, batch, steps, dim, units, train):

@@ -20,7 +20,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-from _runners import FR, KERAS, keras_runner, torch_runner  # noqa: E402
+from _runners import FR, KERAS, keras_runner, torch_available, torch_columns, torch_runner  # noqa: E402
 from _timing import emit, time_alternating  # noqa: E402
 from absl import app, flags  # noqa: E402
 
@@ -56,15 +56,7 @@ def main(argv):
     if native.library() is None:
         raise SystemExit(f"the kernels are unavailable here: {native.load_error()}")
     engine.FUSED_ON_CPU = False  # the LSTM's BlockLSTMV2 path would replace both loops
-    have_torch = False
-    if FLAGS.torch:
-        try:
-            import torch
-
-            torch.set_num_threads(os.cpu_count() or 1)
-            have_torch = True
-        except ImportError:
-            pass
+    have_torch = FLAGS.torch and torch_available()
     rows = ["| cell | mode | B | H | kernels steps/s | plain steps/s | keras steps/s | "
             "torch steps/s | kernels/plain | kernels/keras | kernels/torch |", "|" + "---|" * 11]
     grid = itertools.product(FLAGS.cells, FLAGS.modes, map(int, FLAGS.batch),
@@ -77,9 +69,7 @@ def main(argv):
         if have_torch:
             runners["torch"] = torch_runner(*dims)
         rate = time_alternating(runners, FLAGS.repeats, FLAGS.steps)
-        torch_rate = rate.get("torch")
-        torch_steps = "" if torch_rate is None else f"{torch_rate:.1f}"
-        vs_torch = "" if torch_rate is None else f"{rate['kernels'] / torch_rate:.2f}"
+        torch_steps, vs_torch = torch_columns(rate, "kernels")
         rows.append(
             f"| {cell} | {mode} | {batch} | {units} | {rate['kernels']:.1f} | "
             f"{rate['plain']:.1f} | {rate['keras']:.1f} | {torch_steps} | "

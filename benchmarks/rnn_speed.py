@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from _runners import FR, KERAS, keras_runner, torch_runner  # noqa: E402
+from _runners import FR, KERAS, keras_runner, torch_available, torch_columns, torch_runner  # noqa: E402
 from _timing import emit, time_alternating  # noqa: E402
 from absl import app, flags  # noqa: E402
 
@@ -73,15 +73,7 @@ def main(argv):
     from keras_fancyrnn import engine
 
     engine.HOIST_ON_CPU = FLAGS.hoist
-    have_torch = False
-    if FLAGS.torch:
-        try:
-            import torch
-
-            torch.set_num_threads(os.cpu_count() or 1)
-            have_torch = True
-        except ImportError:
-            pass
+    have_torch = FLAGS.torch and torch_available()
     roof = matmul_roofline()
     header = ("| cell | mode | B | T | H | jit | fr steps/s | keras steps/s | torch steps/s | "
               "fr/keras | fr/torch | fr GFLOP/s | fr % of roofline |")
@@ -97,9 +89,7 @@ def main(argv):
             runners["torch"] = torch_runner(*dims)
         rate = time_alternating(runners, FLAGS.repeats, FLAGS.steps, FLAGS.round_seconds)
         gflops = flops_per_step(*dims) * rate["fr"] / 1e9
-        torch_rate = rate.get("torch")
-        torch_cell = "" if torch_rate is None else f"{torch_rate:.1f}"
-        vs_torch = "" if torch_rate is None else f"{rate['fr'] / torch_rate:.2f}"
+        torch_cell, vs_torch = torch_columns(rate, "fr")
         rows.append(
             f"| {cell} | {mode} | {batch} | {steps} | {units} | {jit} | {rate['fr']:.1f} | "
             f"{rate['keras']:.1f} | {torch_cell} | "

@@ -59,8 +59,8 @@ class LSTMCell(RecurrentCell):
     def step(self, xp_t, states, recurrent_mask=None, probes=None):
         h_prev, c_prev = states
         z = xp_t + self.recurrent_matmul(h_prev, recurrent_mask, self.recurrent_kernel)
-        if not probes and self.native_gates(z.dtype):  # the lines below, as one C++ op
-            h, c = native.lstm_gates(z, c_prev)
+        if set(probes or ()) <= {1} and self.native_gates(z.dtype):  # the lines below, one op
+            h, c = native.lstm_gates(z, c_prev, probe=(probes or {}).get(1))
             return h, [h, c]
         z_i, z_f, z_c, z_o = ops.split(z, 4, axis=-1)
         i = self.recurrent_activation(z_i)

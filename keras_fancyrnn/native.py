@@ -153,9 +153,12 @@ def portable_or_xla() -> bool:
     return in_portable_trace() or control_flow_util.GraphOrParentsInXlaContext(graph)
 
 
-def lstm_gates(z, c_prev):
-    """``(h, c)`` of an LSTM step from ``z = x W + b + h_{t-1} U`` (gates i, f, c, o)."""
-    return library().keras_fancyrnn_lstm_gates(z, c_prev)
+def lstm_gates(z, c_prev, probe=None):
+    """``(h, c)`` of an LSTM step from ``z = x W + b + h_{t-1} U`` (gates i, f, c, o); ``probe``
+    (the diagnostics probe of ``c_t``) is added to ``c_t`` before it feeds ``h_t``."""
+    if probe is None:
+        return library().keras_fancyrnn_lstm_gates(z, c_prev)
+    return library().keras_fancyrnn_lstm_gates_probed(z, c_prev, probe)
 
 
 def gru_gates(xp, rec, h_prev):
@@ -169,17 +172,19 @@ def gru_gates(xp, rec, h_prev):
 # gradients of the backward kernels (second and higher derivatives).
 
 
-def lstm_backward(dh, dc, z, c_prev):
-    """``(dz, dc_prev)`` of ``lstm_gates`` given the gradients ``dh``, ``dc`` of its outputs."""
+def lstm_backward(dh, dc, z, c_prev, probe=None):
+    """``(dz, dc_prev)`` of ``lstm_gates`` given the gradients ``dh``, ``dc`` of its outputs
+    (and ``dprobe`` third, with a probe)."""
     from keras_fancyrnn._tf import tf
 
     z_i, z_f, z_c, z_o = tf.split(z, 4, axis=-1)
     i, f, g, o = tf.sigmoid(z_i), tf.sigmoid(z_f), tf.tanh(z_c), tf.sigmoid(z_o)
-    tc = tf.tanh(f * c_prev + i * g)
+    c = f * c_prev + i * g
+    tc = tf.tanh(c if probe is None else c + probe)
     dc_total = dc + dh * o * (1 - tc * tc)
     dz = tf.concat([dc_total * g * i * (1 - i), dc_total * c_prev * f * (1 - f),
                     dc_total * i * (1 - g * g), dh * tc * o * (1 - o)], axis=-1)
-    return dz, dc_total * f
+    return (dz, dc_total * f) + (() if probe is None else (dc_total,))
 
 
 def gru_backward(dh, xp, rec, h_prev):
@@ -218,11 +223,15 @@ def _register_gradients():
     from keras_fancyrnn._tf import tf
 
     @tf.RegisterGradient("KerasFancyrnnLstmGates")
+    @tf.RegisterGradient("KerasFancyrnnLstmGatesProbed")
     def _lstm(op, dh, dc):
         dh, dc = _zeros_for_none((dh, dc), op.outputs)
-        return library().keras_fancyrnn_lstm_gates_grad(dh, dc, *op.inputs)
+        grad = (library().keras_fancyrnn_lstm_gates_grad if op.type == "KerasFancyrnnLstmGates"
+                else library().keras_fancyrnn_lstm_gates_probed_grad)
+        return grad(dh, dc, *op.inputs)
 
     @tf.RegisterGradient("KerasFancyrnnLstmGatesGrad")
+    @tf.RegisterGradient("KerasFancyrnnLstmGatesProbedGrad")
     def _lstm_second(op, *grads):
         return _vjp(lstm_backward, op.inputs, grads)
 

@@ -411,3 +411,33 @@ def test_fused_lstm_dynamic_batch_gradients_equal_loop(monkeypatch):
         monkeypatch.setattr(engine, "FUSED_ON_CPU", True)
         for a, b in zip(got, want):
             np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["simple_rnn", "lstm", "gru"])
+def test_weights_read_once_before_the_loop_and_restored(kind, monkeypatch):
+    """The loop reads no variable (its body is free of ReadVariableOp), the cell holds its
+    variables again afterwards (also after a failure inside), and training still updates them."""
+    monkeypatch.setattr(engine, "FUSED_ON_CPU", False)
+    layer, _ = build(kind)
+    x = tf.constant(np.random.default_rng(0).normal(size=(B, T, D)).astype("float32"))
+    graph_def = tf.function(layer).get_concrete_function(x).graph.as_graph_def()
+    library = {f.signature.name: f for f in graph_def.library.function}
+    bodies = [library[n.attr["body"].func.name] for n in graph_def.node
+              if n.op in ("While", "StatelessWhile")]
+    assert len(bodies) == 1
+    assert not [n for n in bodies[0].node_def if n.op == "ReadVariableOp"]
+    cell = layer.cell
+    assert all(isinstance(getattr(cell, n), keras.Variable)
+               for n in ("kernel", "recurrent_kernel", "bias"))
+    with pytest.raises(RuntimeError, match="inside"):
+        with cell.weights_read_once():
+            assert not isinstance(cell.kernel, keras.Variable)
+            raise RuntimeError("inside")
+    assert isinstance(cell.kernel, keras.Variable)
+    assert len(layer.trainable_weights) == 3
+    before = [w.numpy() for w in layer.trainable_weights]
+    optimizer = keras.optimizers.SGD(0.1)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(x) ** 2)
+    optimizer.apply(tape.gradient(loss, layer.trainable_weights), layer.trainable_weights)
+    assert all(not np.allclose(a, w.numpy()) for a, w in zip(before, layer.trainable_weights))

@@ -187,3 +187,53 @@ def test_without_a_compiler_the_layers_run_their_plain_ops(monkeypatch, tmp_path
     assert "no-such-compiler" in native.load_error()
     assert not _native_ops(layer, x)
     np.testing.assert_allclose(layer(x).numpy(), expected.numpy(), atol=1e-6)
+
+
+def test_probed_lstm_kernel(library, rng):
+    """The probe of c_t enters before c_t feeds h_t: values as the numpy equations with c + p,
+    gradients (also the probe's) as float64 finite differences."""
+    batch, units = 3, 4
+    z, c_prev, probe = (rng.normal(size=(batch, 4 * units)), rng.normal(size=(batch, units)),
+                        rng.normal(size=(batch, units)))
+    h, c = native.lstm_gates(*(tf.constant(a) for a in (z, c_prev, probe)))
+    i, f, g, o = np.split(z, 4, axis=-1)
+    c_ref = sigmoid(f) * c_prev + sigmoid(i) * np.tanh(g) + probe
+    np.testing.assert_allclose(c.numpy(), c_ref, atol=1e-13)
+    np.testing.assert_allclose(h.numpy(), sigmoid(o) * np.tanh(c_ref), atol=1e-13)
+    weights = rng.normal(size=(2, batch, units))
+    z_var, c_var = tf.Variable(z), tf.Variable(c_prev)
+
+    def loss(p):
+        h, c = native.lstm_gates(z_var, c_var, probe=p)
+        return tf.reduce_sum(h * weights[0] + tf.sin(c) * weights[1])
+
+    assert_gradients_match_finite_differences(loss, probe, [z_var, c_var], rng)
+
+
+def test_lstm_with_both_probes_fed_equals_the_plain_ops(library, rng, monkeypatch):
+    """What GradientNormMonitor does: zero probes for h_t and c_t; their gradients (∂ℓ/∂h_t,
+    ∂ℓ/∂c_t) and the weights' are the same with the kernel as with the plain ops."""
+    monkeypatch.setattr(engine, "FUSED_ON_CPU", False)
+    layer = fr.LSTM(5, return_sequences=True, dtype="float64")
+    x = tf.constant(rng.normal(size=(3, 6, 4)))
+    layer.build(x.shape)
+    probes = [tf.zeros((3, 6, 5), tf.float64) for _ in range(2)]
+    weights = tf.constant(rng.normal(size=(3, 6, 5)))
+
+    def gradients(x):
+        with tf.GradientTape() as tape:
+            tape.watch(probes)
+            layer._fr_probes = dict(enumerate(probes))
+            try:
+                loss = tf.reduce_sum(tf.tanh(layer(x)) * weights)
+            finally:
+                layer._fr_probes = None
+        return tape.gradient(loss, [*probes, *layer.trainable_weights])
+
+    assert "KerasFancyrnnLstmGatesProbed" in _native_ops(gradients, x)
+    fused = tf.function(gradients)(x)
+    monkeypatch.setattr(native, "ENABLED", False)
+    assert not _native_ops(gradients, x)
+    plain = tf.function(gradients)(x)
+    for a, b in zip(fused, plain, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-13)

@@ -6,6 +6,7 @@
 // functors TensorFlow's own Sigmoid and Tanh ops use. Equations: keras_fancyrnn/lstm.py and
 // keras_fancyrnn/gru.py (LSTMCell.step, GRUCell.step with reset_after=True).
 #include <Eigen/Core>
+#include <vector>
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -33,22 +34,6 @@ absl::Status SameShapes(InferenceContext* ctx, std::initializer_list<std::pair<i
   return absl::OkStatus();
 }
 
-// Checks that inputs are [B, k_i * H] for the given multiples k_i (and a vector of k * H).
-bool Shaped(OpKernelContext* ctx, int64_t batch, int64_t units,
-            std::initializer_list<std::pair<int, int>> matrices) {
-  for (const auto& m : matrices) {
-    const Tensor& t = ctx->input(m.first);
-    if (t.dims() != 2 || t.dim_size(0) != batch || t.dim_size(1) != m.second * units) {
-      ctx->CtxFailure(__FILE__, __LINE__,
-                      absl::InvalidArgumentError(absl::StrCat(
-                          "input ", m.first, " must have shape [", batch, ", ",
-                          m.second * units, "], got ", t.shape().DebugString())));
-      return false;
-    }
-  }
-  return true;
-}
-
 template <typename T>
 const T* Ptr(OpKernelContext* ctx, int i) {
   return ctx->input(i).template flat<T>().data();
@@ -65,50 +50,91 @@ T* NewOutput(OpKernelContext* ctx, int i, const tensorflow::TensorShape& shape) 
   return out->template flat<T>().data();
 }
 
+// What the four kernels share: input `state` ([batch, units], named `state_name`) fixes B and H,
+// the inputs in `widths` must be [B, k H]; then Run computes.
+template <typename T>
+class GateKernel : public OpKernel {
+ public:
+  GateKernel(OpKernelConstruction* ctx, int state, const char* state_name,
+             std::initializer_list<std::pair<int, int>> widths)
+      : OpKernel(ctx), state_(state), state_name_(state_name), widths_(widths) {}
+
+  void Compute(OpKernelContext* ctx) final {
+    const Tensor& s = ctx->input(state_);
+    OP_REQUIRES(ctx, s.dims() == 2,
+                absl::InvalidArgumentError(
+                    absl::StrCat(state_name_, " must be a [batch, units] matrix")));
+    const int64_t B = s.dim_size(0), H = s.dim_size(1);
+    for (const auto& w : widths_) {
+      const Tensor& t = ctx->input(w.first);
+      OP_REQUIRES(ctx, t.dims() == 2 && t.dim_size(0) == B && t.dim_size(1) == w.second * H,
+                  absl::InvalidArgumentError(absl::StrCat(
+                      "input ", w.first, " must have shape [", B, ", ", w.second * H, "], got ",
+                      t.shape().DebugString())));
+    }
+    Run(ctx, B, H);
+  }
+
+ protected:
+  virtual void Run(OpKernelContext* ctx, int64_t B, int64_t H) = 0;
+
+ private:
+  const int state_;
+  const char* state_name_;
+  const std::vector<std::pair<int, int>> widths_;
+};
+
 // ---------------------------------------------------------------------------------------------
 // LSTM, gates i, f, c, o of z = x W + b + h_{t-1} U:
-//   c = σ(z_f) c_prev + σ(z_i) tanh(z_c),   h = σ(z_o) tanh(c).
+//   c = σ(z_f) c_prev + σ(z_i) tanh(z_c) [+ p],   h = σ(z_o) tanh(c).
+// kProbed: input 2 is the diagnostics probe p of c_t, added before c_t feeds h_t (its gradient is
+// then the total ∂ℓ/∂c_t; keras_fancyrnn/engine.py).
 
-template <typename T>
-class LstmGates : public OpKernel {
+using Widths = std::initializer_list<std::pair<int, int>>;
+
+template <typename T, bool kProbed>
+class LstmGates : public GateKernel<T> {
  public:
-  explicit LstmGates(OpKernelConstruction* ctx) : OpKernel(ctx) {}
-  void Compute(OpKernelContext* ctx) override {
+  explicit LstmGates(OpKernelConstruction* ctx)
+      : GateKernel<T>(ctx, 1, "c_prev", kProbed ? Widths{{0, 4}, {2, 1}} : Widths{{0, 4}}) {}
+
+ protected:
+  void Run(OpKernelContext* ctx, int64_t B, int64_t H) override {
     const Tensor& c_prev = ctx->input(1);
-    OP_REQUIRES(ctx, c_prev.dims() == 2,
-                absl::InvalidArgumentError("c_prev must be a [batch, units] matrix"));
-    const int64_t B = c_prev.dim_size(0), H = c_prev.dim_size(1);
-    if (!Shaped(ctx, B, H, {{0, 4}})) return;
     T* h = NewOutput<T>(ctx, 0, c_prev.shape());
     T* c = NewOutput<T>(ctx, 1, c_prev.shape());
     if (h == nullptr || c == nullptr) return;
-    const T *z = Ptr<T>(ctx, 0), *cp = Ptr<T>(ctx, 1);
+    const T *z = Ptr<T>(ctx, 0), *cp = Ptr<T>(ctx, 1), *p = kProbed ? Ptr<T>(ctx, 2) : nullptr;
     for (int64_t b = 0; b < B; ++b) {
       const T* zb = z + b * 4 * H;
       Out<T> c_b(c + b * H, H);
       c_b = In<T>(zb + H, H).logistic() * In<T>(cp + b * H, H) +
             In<T>(zb, H).logistic() * In<T>(zb + 2 * H, H).tanh();
+      if (kProbed) c_b += In<T>(p + b * H, H);
       Out<T>(h + b * H, H) = In<T>(zb + 3 * H, H).logistic() * c_b.tanh();
     }
   }
 };
 
-// Inputs dh, dc (the gradients of h and c), z, c_prev. Outputs dz and dc_prev. The gates and c
-// are recomputed from z and c_prev (cheaper than keeping them for every step).
-template <typename T>
-class LstmGatesGrad : public OpKernel {
+// Inputs dh, dc (the gradients of h and c), z, c_prev [, p]. Outputs dz, dc_prev [, dp]. The
+// gates and c are recomputed from z and c_prev (cheaper than keeping them for every step).
+template <typename T, bool kProbed>
+class LstmGatesGrad : public GateKernel<T> {
  public:
-  explicit LstmGatesGrad(OpKernelConstruction* ctx) : OpKernel(ctx) {}
-  void Compute(OpKernelContext* ctx) override {
+  explicit LstmGatesGrad(OpKernelConstruction* ctx)
+      : GateKernel<T>(ctx, 3, "c_prev",
+                      kProbed ? Widths{{0, 1}, {1, 1}, {2, 4}, {4, 1}}
+                              : Widths{{0, 1}, {1, 1}, {2, 4}}) {}
+
+ protected:
+  void Run(OpKernelContext* ctx, int64_t B, int64_t H) override {
     const Tensor& c_prev = ctx->input(3);
-    OP_REQUIRES(ctx, c_prev.dims() == 2,
-                absl::InvalidArgumentError("c_prev must be a [batch, units] matrix"));
-    const int64_t B = c_prev.dim_size(0), H = c_prev.dim_size(1);
-    if (!Shaped(ctx, B, H, {{0, 1}, {1, 1}, {2, 4}})) return;
     T* dz = NewOutput<T>(ctx, 0, ctx->input(2).shape());
     T* dcp = NewOutput<T>(ctx, 1, c_prev.shape());
-    if (dz == nullptr || dcp == nullptr) return;
+    T* dp = kProbed ? NewOutput<T>(ctx, 2, c_prev.shape()) : nullptr;
+    if (dz == nullptr || dcp == nullptr || (kProbed && dp == nullptr)) return;
     const T *dh = Ptr<T>(ctx, 0), *dc = Ptr<T>(ctx, 1), *z = Ptr<T>(ctx, 2), *cp = Ptr<T>(ctx, 3);
+    const T* p = kProbed ? Ptr<T>(ctx, 4) : nullptr;
     Vec<T> i(H), f(H), g(H), o(H), tc(H), dct(H);
     for (int64_t b = 0; b < B; ++b) {
       const T* zb = z + b * 4 * H;
@@ -118,13 +144,16 @@ class LstmGatesGrad : public OpKernel {
       f = In<T>(zb + H, H).logistic();
       g = In<T>(zb + 2 * H, H).tanh();
       o = In<T>(zb + 3 * H, H).logistic();
-      tc = (f * cp_b + i * g).tanh();
+      tc = f * cp_b + i * g;
+      if (kProbed) tc += In<T>(p + b * H, H);
+      tc = tc.tanh();
       dct = In<T>(dc + b * H, H) + dh_b * o * (T(1) - tc * tc);  // total ∂ℓ/∂c_t
       Out<T>(dzb, H) = dct * g * i * (T(1) - i);
       Out<T>(dzb + H, H) = dct * cp_b * f * (T(1) - f);
       Out<T>(dzb + 2 * H, H) = dct * i * (T(1) - g * g);
       Out<T>(dzb + 3 * H, H) = dh_b * tc * o * (T(1) - o);
       Out<T>(dcp + b * H, H) = dct * f;
+      if (kProbed) Out<T>(dp + b * H, H) = dct;
     }
   }
 };
@@ -135,15 +164,14 @@ class LstmGatesGrad : public OpKernel {
 //   z = σ(xp_z + rec_z),  r = σ(xp_r + rec_r),  ĥ = tanh(xp_h + r rec_h),  h = z h_prev + (1 - z) ĥ.
 
 template <typename T>
-class GruGates : public OpKernel {
+class GruGates : public GateKernel<T> {
  public:
-  explicit GruGates(OpKernelConstruction* ctx) : OpKernel(ctx) {}
-  void Compute(OpKernelContext* ctx) override {
+  explicit GruGates(OpKernelConstruction* ctx)
+      : GateKernel<T>(ctx, 2, "h_prev", {{0, 3}, {1, 3}}) {}
+
+ protected:
+  void Run(OpKernelContext* ctx, int64_t B, int64_t H) override {
     const Tensor& h_prev = ctx->input(2);
-    OP_REQUIRES(ctx, h_prev.dims() == 2,
-                absl::InvalidArgumentError("h_prev must be a [batch, units] matrix"));
-    const int64_t B = h_prev.dim_size(0), H = h_prev.dim_size(1);
-    if (!Shaped(ctx, B, H, {{0, 3}, {1, 3}})) return;
     T* h = NewOutput<T>(ctx, 0, h_prev.shape());
     if (h == nullptr) return;
     const T *xp = Ptr<T>(ctx, 0), *rec = Ptr<T>(ctx, 1), *hp = Ptr<T>(ctx, 2);
@@ -161,15 +189,14 @@ class GruGates : public OpKernel {
 // Inputs dh, xp, rec, h_prev. Outputs d xp, d rec and the direct part of d h_prev (z dh; the part
 // through rec is the caller's matmul). The gates are recomputed from xp and rec.
 template <typename T>
-class GruGatesGrad : public OpKernel {
+class GruGatesGrad : public GateKernel<T> {
  public:
-  explicit GruGatesGrad(OpKernelConstruction* ctx) : OpKernel(ctx) {}
-  void Compute(OpKernelContext* ctx) override {
+  explicit GruGatesGrad(OpKernelConstruction* ctx)
+      : GateKernel<T>(ctx, 3, "h_prev", {{0, 1}, {1, 3}, {2, 3}}) {}
+
+ protected:
+  void Run(OpKernelContext* ctx, int64_t B, int64_t H) override {
     const Tensor& h_prev = ctx->input(3);
-    OP_REQUIRES(ctx, h_prev.dims() == 2,
-                absl::InvalidArgumentError("h_prev must be a [batch, units] matrix"));
-    const int64_t B = h_prev.dim_size(0), H = h_prev.dim_size(1);
-    if (!Shaped(ctx, B, H, {{0, 1}, {1, 3}, {2, 3}})) return;
     T* dxp = NewOutput<T>(ctx, 0, ctx->input(1).shape());
     T* drec = NewOutput<T>(ctx, 1, ctx->input(2).shape());
     T* dhp = NewOutput<T>(ctx, 2, h_prev.shape());
@@ -212,6 +239,18 @@ REGISTER_OP("KerasFancyrnnLstmGatesGrad")
     .Attr("T: {float, double}")
     .SetShapeFn(KFR_SHAPES({0, 2}, {1, 3}));
 
+REGISTER_OP("KerasFancyrnnLstmGatesProbed")
+    .Input("z: T").Input("c_prev: T").Input("probe: T")
+    .Output("h: T").Output("c: T")
+    .Attr("T: {float, double}")
+    .SetShapeFn(KFR_SHAPES({0, 1}, {1, 1}));
+
+REGISTER_OP("KerasFancyrnnLstmGatesProbedGrad")
+    .Input("dh: T").Input("dc: T").Input("z: T").Input("c_prev: T").Input("probe: T")
+    .Output("dz: T").Output("dc_prev: T").Output("dprobe: T")
+    .Attr("T: {float, double}")
+    .SetShapeFn(KFR_SHAPES({0, 2}, {1, 3}, {2, 3}));
+
 REGISTER_OP("KerasFancyrnnGruGates")
     .Input("xp: T").Input("rec: T").Input("h_prev: T")
     .Output("h: T")
@@ -224,21 +263,16 @@ REGISTER_OP("KerasFancyrnnGruGatesGrad")
     .Attr("T: {float, double}")
     .SetShapeFn(KFR_SHAPES({0, 1}, {1, 2}, {2, 3}));
 
-#define KFR_KERNELS(T)                                                                       \
-  REGISTER_KERNEL_BUILDER(                                                                   \
-      Name("KerasFancyrnnLstmGates").Device(::tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), \
-      LstmGates<T>);                                                                         \
-  REGISTER_KERNEL_BUILDER(Name("KerasFancyrnnLstmGatesGrad")                                 \
-                              .Device(::tensorflow::DEVICE_CPU)                              \
-                              .TypeConstraint<T>("T"),                                       \
-                          LstmGatesGrad<T>);                                                 \
-  REGISTER_KERNEL_BUILDER(                                                                   \
-      Name("KerasFancyrnnGruGates").Device(::tensorflow::DEVICE_CPU).TypeConstraint<T>("T"),  \
-      GruGates<T>);                                                                          \
-  REGISTER_KERNEL_BUILDER(Name("KerasFancyrnnGruGatesGrad")                                  \
-                              .Device(::tensorflow::DEVICE_CPU)                              \
-                              .TypeConstraint<T>("T"),                                       \
-                          GruGatesGrad<T>);
+#define KFR_KERNEL(NAME, T, ...) \
+  REGISTER_KERNEL_BUILDER(         \
+      Name(NAME).Device(::tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), __VA_ARGS__);
+#define KFR_KERNELS(T)                                                        \
+  KFR_KERNEL("KerasFancyrnnLstmGates", T, LstmGates<T, false>)                \
+  KFR_KERNEL("KerasFancyrnnLstmGatesGrad", T, LstmGatesGrad<T, false>)        \
+  KFR_KERNEL("KerasFancyrnnLstmGatesProbed", T, LstmGates<T, true>)           \
+  KFR_KERNEL("KerasFancyrnnLstmGatesProbedGrad", T, LstmGatesGrad<T, true>)   \
+  KFR_KERNEL("KerasFancyrnnGruGates", T, GruGates<T>)                         \
+  KFR_KERNEL("KerasFancyrnnGruGatesGrad", T, GruGatesGrad<T>)
 
 KFR_KERNELS(float)
 KFR_KERNELS(double)
