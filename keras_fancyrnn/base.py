@@ -234,7 +234,8 @@ class RecurrentCell(SeedStateSaving, keras.layers.Layer, DropoutRNNCell):
         """Inside, ``kernel``, ``recurrent_kernel`` and ``bias`` are tensors read from the
         variables once, here: a loop built inside captures them as constants instead of reading
         each variable at every step, and its gradient keeps no per-step copies of them (on the
-        2-core test machine LSTM training ran 5-17 % faster). The variables are back after."""
+        2-core test machine LSTM training ran 17 % faster, GRU and SimpleRNN 2-4 %). The
+        variables are back after."""
         names = [n for n in ("kernel", "recurrent_kernel", "bias")
                  if isinstance(getattr(self, n, None), keras.Variable)]
         variables = {n: getattr(self, n) for n in names}

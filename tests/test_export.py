@@ -345,6 +345,7 @@ def test_export_contains_only_cpu_ops(served, name):
     # the engine's loop, not a fused kernel (stateless where the weights are read before it)
     assert ops & {"While", "StatelessWhile"}
     assert not [op for op in ops if "cudnn" in op.lower()]
+    assert not [op for op in ops if op.startswith("KerasFancyrnn")]  # serves without our kernels
     assert not [d for d in devices if "GPU" in d.upper()]
     no_cpu_kernel = []
     for op in ops - functions:  # a node may call a library function by its name
