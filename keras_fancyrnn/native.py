@@ -25,7 +25,9 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -52,9 +54,21 @@ def _cpu_id() -> str:
         return platform.processor() + platform.machine()
 
 
+def _private_dir(path: str) -> bool:
+    """Whether ``path`` is a directory that only this user can write (libraries are loaded from
+    it, so a directory another user could write into is not used)."""
+    info = os.lstat(path)
+    return (stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+            and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _default_cache() -> str:
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                        "keras_fancyrnn")
+
+
 def _cache_dir() -> str:
-    root = os.environ.get("KERAS_FANCYRNN_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "keras_fancyrnn")
+    root = os.environ.get("KERAS_FANCYRNN_CACHE") or _default_cache()
     try:
         os.makedirs(root, exist_ok=True)
         if os.access(root, os.W_OK):
@@ -62,19 +76,33 @@ def _cache_dir() -> str:
     except OSError:
         pass
     root = os.path.join(tempfile.gettempdir(), f"keras_fancyrnn-{os.getuid()}")
-    os.makedirs(root, exist_ok=True)
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    if not _private_dir(root):
+        raise RuntimeError(f"{root} is writable by other users or not ours; set "
+                           "KERAS_FANCYRNN_CACHE to a private directory")
     return root
 
 
+def compiler() -> list[str] | None:
+    """The C++ compiler command: ``$CXX`` (may hold arguments, e.g. ``ccache g++``), else
+    ``g++`` or ``c++`` on the PATH; ``None`` if there is none."""
+    if os.environ.get("CXX"):
+        return shlex.split(os.environ["CXX"])
+    found = shutil.which("g++") or shutil.which("c++")
+    return [found] if found else None
+
+
 def _compile(tf, target: str) -> None:
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not compiler:
+    command = compiler()
+    if not command:
         raise RuntimeError("no C++ compiler (g++ or $CXX) on PATH")
-    command = [compiler, "-shared", "-fPIC", "-O3", "-march=native", "-w", _SOURCE, "-o",
-               target, *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
-    done = subprocess.run(command, capture_output=True, text=True)
+    command += ["-shared", "-fPIC", "-O3", "-march=native", "-w", _SOURCE, "-o", target,
+                *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+        errors = [line for line in done.stderr.splitlines() if "error" in line]
+        raise RuntimeError(f"{' '.join(command)} failed:\n" + "\n".join(errors[:5]
+                           or done.stderr.splitlines()[-20:]))
 
 
 def library():
@@ -86,6 +114,9 @@ def library():
         _state["tried"] = True
         try:
             _state["library"] = _load()
+        except KeyboardInterrupt:
+            _state["tried"] = False  # interrupted, not failed: the next use tries again
+            raise
         except Exception as error:  # noqa: BLE001 - any failure means: use the plain ops
             _state["error"] = f"{type(error).__name__}: {error}"
             _log.warning("keras_fancyrnn: fused gate kernels unavailable, using plain "
@@ -108,6 +139,10 @@ def _load():
     key = hashlib.sha256(b"\0".join([
         source, tf.__version__.encode(), " ".join(tf.sysconfig.get_compile_flags()).encode(),
         sys.version.encode(), _cpu_id().encode()])).hexdigest()[:16]
+    built = os.path.join(os.environ.get("KERAS_FANCYRNN_CACHE") or _default_cache(),
+                         f"gates-{key}.so")
+    if os.path.exists(built):  # also where the cache is read-only
+        return tf.load_op_library(built)
     directory = _cache_dir()
     target = os.path.join(directory, f"gates-{key}.so")
     with open(os.path.join(directory, f"gates-{key}.lock"), "w") as lock:

@@ -441,3 +441,50 @@ def test_weights_read_once_before_the_loop_and_restored(kind, monkeypatch):
         loss = tf.reduce_sum(layer(x) ** 2)
     optimizer.apply(tape.gradient(loss, layer.trainable_weights), layer.trainable_weights)
     assert all(not np.allclose(a, w.numpy()) for a, w in zip(before, layer.trainable_weights))
+
+
+def test_weights_read_once_is_held_against_other_threads():
+    """While one thread has the cell's weights swapped for tensors, another thread's call of the
+    layer waits (it would otherwise read the first thread's tensors), then sees the variables."""
+    import threading
+
+    layer, _ = build("gru")
+    x = tf.constant(np.random.default_rng(0).normal(size=(B, T, D)).astype("float32"))
+    expected = layer(x).numpy()
+    inside, release, done = threading.Event(), threading.Event(), threading.Event()
+    results = {}
+
+    def hold():
+        with layer.cell.weights_read_once():
+            results["swapped"] = not isinstance(layer.cell.kernel, keras.Variable)
+            inside.set()
+            release.wait(10)
+
+    def call():
+        results["output"] = layer(x).numpy()
+        done.set()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert inside.wait(10)
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert not done.wait(0.5), "the other thread's call ran while the weights were swapped"
+    release.set()
+    holder.join(10)
+    caller.join(30)
+    assert results["swapped"] and done.is_set()
+    np.testing.assert_allclose(results["output"], expected, atol=1e-6)
+
+
+def test_weights_read_once_keeps_variables_under_mixed_precision():
+    """A float32 variable read once in bfloat16 would have its gradient summed over time in
+    bfloat16: under a mixed policy the weights stay variables (read and cast per step)."""
+    layer = fr.LSTM(4, dtype="mixed_bfloat16")
+    layer.build((2, 3, 5))
+    with layer.cell.weights_read_once():
+        assert isinstance(layer.cell.kernel, keras.Variable)
+    full = fr.LSTM(4)
+    full.build((2, 3, 5))
+    with full.cell.weights_read_once():
+        assert not isinstance(full.cell.kernel, keras.Variable)
