@@ -95,6 +95,19 @@ def _native_ops(fn, *args):
     return sorted({n.op for n in nodes if n.op.startswith("KerasFancyrnn")})
 
 
+def _assert_kernels_equal_plain_ops(fn, x, op, monkeypatch, rtol, atol):
+    """``fn(x)`` (a list of tensors) traced with the kernels, whose graph holds ``op``, equals
+    ``fn(x)`` traced with the plain TensorFlow ops, whose graph holds no kernel."""
+    monkeypatch.setattr(native, "ENABLED", True)
+    assert op in _native_ops(fn, x)
+    fused = tf.function(fn)(x)
+    monkeypatch.setattr(native, "ENABLED", False)
+    assert not _native_ops(fn, x)
+    plain = tf.function(fn)(x)
+    for a, b in zip(fused, plain, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=rtol, atol=atol)
+
+
 def _copied(kind, rng, **kwargs):
     ours = getattr(fr, kind)(6, return_sequences=True, **kwargs)
     theirs = getattr(keras.layers, kind)(6, return_sequences=True, **kwargs)
@@ -153,14 +166,8 @@ def test_second_derivatives_equal_the_plain_ops(library, kind, rng, monkeypatch)
             penalty = tf.reduce_sum(inner.gradient(loss, x) ** 2)
         return outer.gradient(penalty, layer.trainable_weights)
 
-    monkeypatch.setattr(native, "ENABLED", True)
-    assert _native_ops(penalty_gradient, x)
-    fused = tf.function(penalty_gradient)(x)
-    monkeypatch.setattr(native, "ENABLED", False)
-    assert not _native_ops(penalty_gradient, x)
-    plain = tf.function(penalty_gradient)(x)
-    for a, b in zip(fused, plain, strict=True):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-12)
+    op = {"LSTM": "KerasFancyrnnLstmGatesGrad", "GRU": "KerasFancyrnnGruGatesGrad"}[kind]
+    _assert_kernels_equal_plain_ops(penalty_gradient, x, op, monkeypatch, 1e-9, 1e-12)
 
 
 def test_not_used_under_xla_or_in_a_portable_trace(library, rng):
@@ -233,10 +240,5 @@ def test_lstm_with_both_probes_fed_equals_the_plain_ops(library, rng, monkeypatc
                 layer._fr_probes = None
         return tape.gradient(loss, [*probes, *layer.trainable_weights])
 
-    assert "KerasFancyrnnLstmGatesProbed" in _native_ops(gradients, x)
-    fused = tf.function(gradients)(x)
-    monkeypatch.setattr(native, "ENABLED", False)
-    assert not _native_ops(gradients, x)
-    plain = tf.function(gradients)(x)
-    for a, b in zip(fused, plain, strict=True):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-13)
+    _assert_kernels_equal_plain_ops(gradients, x, "KerasFancyrnnLstmGatesProbed", monkeypatch,
+                                    1e-10, 1e-13)
