@@ -121,10 +121,14 @@ def _copied(kind, rng, **kwargs):
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 @pytest.mark.parametrize("go_backwards", [False, True])
-def test_layers_on_the_kernels_equal_keras(library, kind, go_backwards, rng):
+@pytest.mark.parametrize("kernels", [True, False])
+def test_layers_on_the_kernels_equal_keras(library, kind, go_backwards, kernels, rng,
+                                           monkeypatch):
     """Masked, both directions: outputs and all gradients equal keras.layers with copied
     weights, and the graph really runs the kernels (input_dim 8 > units 6, so not the LSTM's
-    BlockLSTMV2 path either)."""
+    BlockLSTMV2 path either); and the same for the plain ops, which the kernels being on by
+    default would otherwise leave to fewer tests."""
+    monkeypatch.setattr(native, "ENABLED", kernels)
     ours, theirs = _copied(kind, rng, go_backwards=go_backwards)
     x = tf.constant(rng.normal(size=(4, 9, 8)).astype("float32"))
     mask = tf.constant(np.arange(9)[None, :] < np.array([9, 7, 3, 1])[:, None])
@@ -140,7 +144,8 @@ def test_layers_on_the_kernels_equal_keras(library, kind, go_backwards, rng):
         return fn
 
     op = {"LSTM": "KerasFancyrnnLstmGates", "GRU": "KerasFancyrnnGruGates"}[kind]
-    assert op in _native_ops(call(ours), x) and op + "Grad" in _native_ops(call(ours), x)
+    used = _native_ops(call(ours), x)
+    assert (op in used and op + "Grad" in used) if kernels else not used
     (y, grads), (y_ref, grads_ref) = tf.function(call(ours))(x), tf.function(call(theirs))(x)
     np.testing.assert_allclose(y.numpy(), y_ref.numpy(), atol=2e-6)
     for g, g_ref in zip(grads, grads_ref, strict=True):
