@@ -8,6 +8,7 @@ inside ``keras.layers.Bidirectional``.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 
 import keras
@@ -269,6 +270,23 @@ class RecurrentCell(SeedStateSaving, keras.layers.Layer, DropoutRNNCell):
         return (self.activation is keras.activations.tanh
                 and getattr(self, "recurrent_activation", None) is keras.activations.sigmoid
                 and native.usable(dtype))
+
+    # -- whole-sequence kernels (the engine's ``fused`` path) -----------------------------------
+    def native_sequence(self, dtype) -> bool:
+        """Whether ``fused_sequence`` runs this cell's whole-sequence kernel of
+        ``keras_fancyrnn.native`` (``sequence_kernel``); cells without one say False."""
+        return False
+
+    def fused_batch_limit(self, input_dim, dtype):
+        """The largest batch for which the engine runs ``fused_sequence`` instead of its loop,
+        0 for none: with the native sequence kernel, every batch."""
+        return sys.maxsize if self.native_sequence(dtype) else 0
+
+    def fused_sequence(self, inputs, states, dropout_mask=None):
+        """All timesteps in one kernel: ``x W + b`` for the whole sequence as one matmul, then
+        ``sequence_kernel``. ``inputs``: time-major ``[T, B, D]``; ``dropout_mask``: ``None`` or
+        one ``[B, D]`` mask. Returns ``(outputs [T, B, units], final states)``."""
+        return self.sequence_kernel(self.project_inputs(inputs, dropout_mask), list(states))
 
     def get_config(self):
         config = {

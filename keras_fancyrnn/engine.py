@@ -46,6 +46,10 @@ HOIST_ON_CPU = False
 FUSED_ON_CPU = True
 
 
+#: A ``fused_batch_limit`` at least this large means any batch (no run-time check).
+_ANY_BATCH = 2**31 - 1
+
+
 def _as_list(x):
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
@@ -118,8 +122,9 @@ def run(
             one (benchmarks/rnn_speed.py ``--hoist``).
         use_cudnn: run the fused cuDNN kernel instead of the loop (the layer decides, see
             ``keras_fancyrnn.gpu``); with a mask, only where it is right-padded (else the loop).
-        fused: let the cell's whole-sequence kernel (``cell.fused_sequence``: the LSTM's
-            ``BlockLSTMV2``) replace the loop where it computes what the loop computes (no mask,
+        fused: let the cell's whole-sequence kernel (``cell.fused_sequence``: the native
+            sequence kernels of ``keras_fancyrnn.native``, or the LSTM's ``BlockLSTMV2``)
+            replace the loop where it computes what the loop computes (no mask,
             probe, truncation, unroll, recurrent dropout or per-gate dropout masks) and where the
             cell says it is faster (``cell.fused_batch_limit``; a dynamic batch size is checked
             at run time). ``None`` chooses: on a CPU (``FUSED_ON_CPU``), outside XLA and outside
@@ -150,6 +155,8 @@ def run(
     if limit:
         whole = functools.partial(_fused, cell, inputs, initial_state, dp_mask, go_backwards,
                                   return_sequences)
+        if limit >= _ANY_BATCH:
+            return whole()
         if inputs.shape[0] is not None:
             return whole() if inputs.shape[0] <= limit else loop()
         return tf.cond(tf.shape(inputs)[0] <= limit, whole, loop)
@@ -165,11 +172,14 @@ def run(
 
 
 def _fused(cell, inputs, initial_state, dp_mask, go_backwards, return_sequences):
-    """The cell's whole-sequence kernel in place of the loop (same results as ``_loop``)."""
+    """The cell's whole-sequence kernel in place of the loop (same results as ``_loop``). It
+    reads the cell's weights, so it waits while another thread has them swapped for tensors
+    (``weights_read_once``)."""
     xs = tf.transpose(inputs, [1, 0, 2])  # [T, B, D]
     if go_backwards:
         xs = tf.reverse(xs, [0])
-    outputs, states = cell.fused_sequence(xs, list(initial_state), dp_mask)
+    with getattr(cell, "_weights_lock", None) or contextlib.nullcontext():
+        outputs, states = cell.fused_sequence(xs, list(initial_state), dp_mask)
     sequence = tf.transpose(outputs, [1, 0, 2]) if return_sequences else None
     return outputs[-1], sequence, list(states)
 

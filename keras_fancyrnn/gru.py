@@ -74,6 +74,17 @@ class GRUCell(RecurrentCell):
         h = z * h_prev + (1.0 - z) * h_hat
         return h, [h]
 
+    def native_sequence(self, dtype) -> bool:
+        return native.SEQUENCES and self.reset_after and self.native_gates(dtype)
+
+    def sequence_kernel(self, xp, states):
+        """``step`` over all of ``xp`` ``[T, B, 3·units]`` in one C++ op (``reset_after=True``,
+        tanh/sigmoid)."""
+        b_rec = (ops.zeros((3 * self.units,), xp.dtype) if self.bias is None
+                 else ops.convert_to_tensor(self.bias)[1])
+        h = native.gru_sequence(xp, states[0], ops.convert_to_tensor(self.recurrent_kernel), b_rec)
+        return h, [h[-1]]
+
     def get_config(self):
         return {
             **super().get_config(),

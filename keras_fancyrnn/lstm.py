@@ -82,9 +82,21 @@ class LSTMCell(RecurrentCell):
     fused_max_macs = 450_000
     fused_max_macs_plain_loop = 1_300_000
 
+    def native_sequence(self, dtype) -> bool:
+        return native.SEQUENCES and self.native_gates(dtype)
+
+    def sequence_kernel(self, xp, states):
+        """``step`` over all of ``xp`` ``[T, B, 4·units]`` in one C++ op (tanh/sigmoid)."""
+        h, c = native.lstm_sequence(xp, states[0], states[1],
+                                    ops.convert_to_tensor(self.recurrent_kernel))
+        return h, [h[-1], c[-1]]
+
     def fused_batch_limit(self, input_dim, dtype):
-        """The largest batch for which ``fused_sequence`` runs, 0 where it never does: it needs
-        tanh/sigmoid (its hard-coded activations), float32 and the TensorFlow backend."""
+        """The largest batch for which ``fused_sequence`` runs, 0 where it never does: every
+        batch with the native sequence kernel; otherwise ``BlockLSTMV2``'s size rule, which
+        needs tanh/sigmoid (its hard-coded activations), float32 and the TensorFlow backend."""
+        if self.native_sequence(dtype):
+            return super().fused_batch_limit(input_dim, dtype)
         if (self.activation is not keras.activations.tanh
                 or self.recurrent_activation is not keras.activations.sigmoid
                 or dtype != "float32" or keras.config.backend() != "tensorflow"
@@ -94,7 +106,8 @@ class LSTMCell(RecurrentCell):
         return macs // ((input_dim + self.units) * 4 * self.units)
 
     def fused_sequence(self, inputs, states, dropout_mask=None):
-        """All timesteps of ``step`` in one TensorFlow kernel: ``BlockLSTMV2``, whose equations
+        """All timesteps of ``step`` in one kernel: the native sequence kernel where it runs
+        (``RecurrentCell.fused_sequence``), else TensorFlow's ``BlockLSTMV2``, whose equations
         and weight layout are this cell's (``[x_t, h_{t-1}] [W; U] + b``, gates i, f, c, o,
         sigmoid/tanh, no peephole, no clipping), in place of some 40 ops per step in the loop and
         60 in its gradient. ``inputs``: ``[T, B, D]``; ``dropout_mask``: ``None`` or one ``[B, D]``
@@ -102,6 +115,8 @@ class LSTMCell(RecurrentCell):
         second derivatives need the loop (``keras_fancyrnn.engine.FUSED_ON_CPU = False``)."""
         from keras_fancyrnn._tf import tf
 
+        if self.native_sequence(inputs.dtype):
+            return super().fused_sequence(inputs, states, dropout_mask)
         if dropout_mask is not None:
             inputs = inputs * dropout_mask  # broadcasts over time, as in project_inputs
         kernel = tf.concat([self.kernel, self.recurrent_kernel], axis=0)

@@ -37,8 +37,13 @@ import keras
 
 #: Whether the cells may use the fused kernels at all (tests and benchmarks switch it).
 ENABLED = os.environ.get("KERAS_FANCYRNN_NATIVE", "1") not in ("0", "false", "False")
+#: Whether the layers may run a whole sequence in one kernel (``*_sequence`` below) where the
+#: engine allows it, rather than the step kernels inside TensorFlow's loop (benchmarks switch it).
+SEQUENCES = True
 
-_SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "gates.cc")
+_KERNELS = os.path.join(os.path.dirname(__file__), "kernels")
+_SOURCES = [os.path.join(_KERNELS, name) for name in ("gates.cc", "sequence.cc")]
+_HEADERS = [os.path.join(_KERNELS, "gate_math.h")]
 _log = logging.getLogger("keras_fancyrnn")
 _lock = threading.Lock()
 _state = {"tried": False, "library": None, "error": None}
@@ -96,7 +101,7 @@ def _compile(tf, target: str) -> None:
     command = compiler()
     if not command:
         raise RuntimeError("no C++ compiler (g++ or $CXX) on PATH")
-    command += ["-shared", "-fPIC", "-O3", "-march=native", "-w", _SOURCE, "-o", target,
+    command += ["-shared", "-fPIC", "-O3", "-march=native", "-w", *_SOURCES, "-o", target,
                 *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
@@ -134,10 +139,12 @@ def _load():
 
     from keras_fancyrnn._tf import tf
 
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
+    sources = []
+    for path in _SOURCES + _HEADERS:
+        with open(path, "rb") as f:
+            sources.append(f.read())
     key = hashlib.sha256(b"\0".join([
-        source, tf.__version__.encode(), " ".join(tf.sysconfig.get_compile_flags()).encode(),
+        *sources, tf.__version__.encode(), " ".join(tf.sysconfig.get_compile_flags()).encode(),
         sys.version.encode(), _cpu_id().encode()])).hexdigest()[:16]
     built = os.path.join(os.environ.get("KERAS_FANCYRNN_CACHE") or _default_cache(),
                          f"gates-{key}.so")
@@ -202,6 +209,24 @@ def gru_gates(xp, rec, h_prev):
     return library().keras_fancyrnn_gru_gates(xp, rec, h_prev)
 
 
+def lstm_sequence(xp, h0, c0, u):
+    """All steps of an LSTM: ``(h [T, B, H], c [T, B, H])`` from ``xp = x W + b`` ``[T, B, 4H]``
+    (time-major), the initial states ``h0``, ``c0`` and the recurrent kernel ``u``."""
+    _, h, c = library().keras_fancyrnn_lstm_sequence(xp, h0, c0, u)
+    return h, c
+
+
+def gru_sequence(xp, h0, u, b_rec):
+    """All steps of a GRU (``reset_after=True``): ``h [T, B, H]`` from ``xp = x W + b_in``
+    ``[T, B, 3H]``, ``h0``, the recurrent kernel ``u`` and the recurrent bias ``b_rec``."""
+    return library().keras_fancyrnn_gru_sequence(xp, h0, u, b_rec)[0]
+
+
+def rnn_sequence(xp, h0, u):
+    """All steps of a tanh SimpleRNN: ``h [T, B, H]`` from ``xp = x W + b`` ``[T, B, H]``."""
+    return library().keras_fancyrnn_rnn_sequence(xp, h0, u)
+
+
 # ----------------------------------------------------------------------------------------------
 # Gradients. The kernels' backward equations, written again with TensorFlow ops, serve as the
 # gradients of the backward kernels (second and higher derivatives).
@@ -234,6 +259,89 @@ def gru_backward(dh, xp, rec, h_prev):
     dz = dh * (h_prev - hh) * z * (1 - z)
     dr = da * r_h * r * (1 - r)
     return (tf.concat([dz, dr, da], axis=-1), tf.concat([dz, dr, da * r], axis=-1), dh * z)
+
+
+def _previous(initial, sequence):
+    """``[initial, s_0, ..., s_{T-2}]``: the state before each step."""
+    from keras_fancyrnn._tf import tf
+
+    return tf.concat([initial[None], sequence], axis=0)[:-1]
+
+
+def _absent(grad):
+    """Whether ``grad`` is the empty marker the sequence gradient kernels take for 'none'."""
+    return grad.shape.rank == 1
+
+
+def _scan_back(step, sequences, initializer):
+    """``tf.scan`` from the last step to the first; returns the stacked outputs."""
+    from keras_fancyrnn._tf import tf
+
+    return tf.scan(step, sequences, initializer=initializer, reverse=True)
+
+
+def lstm_sequence_backward(dh, dc, dz_in, z, c, c0, u):
+    """``(dz, dh0, dc0)`` of ``KerasFancyrnnLstmSequenceGrad`` with TensorFlow ops."""
+    from keras_fancyrnn._tf import tf
+
+    dz_in = tf.zeros_like(z) if _absent(dz_in) else dz_in
+
+    def step(carry, xs):
+        dh_t, dc_t, dz_in_t, z_t, c_prev = xs
+        dz_t, dc_prev = lstm_backward(dh_t + carry[0], dc_t + carry[1], z_t, c_prev)
+        dz_t = dz_t + dz_in_t
+        return tf.matmul(dz_t, u, transpose_b=True), dc_prev, dz_t
+
+    zeros = tf.zeros_like(c0)
+    dh_back, dc_back, dz = _scan_back(step, (dh, dc, dz_in, z, _previous(c0, c)),
+                                      (zeros, zeros, tf.zeros_like(z[0])))
+    return dz, dh_back[0], dc_back[0]
+
+
+def gru_sequence_backward(dh, drec_in, xp, rec, h, h0, u):
+    """``(dxp, drec, dh0)`` of ``KerasFancyrnnGruSequenceGrad`` with TensorFlow ops."""
+    from keras_fancyrnn._tf import tf
+
+    drec_in = tf.zeros_like(rec) if _absent(drec_in) else drec_in
+
+    def step(carry, xs):
+        dh_t, drec_in_t, xp_t, rec_t, h_prev = xs
+        dxp_t, drec_t, direct = gru_backward(dh_t + carry[0], xp_t, rec_t, h_prev)
+        drec_t = drec_t + drec_in_t
+        return tf.matmul(drec_t, u, transpose_b=True) + direct, dxp_t, drec_t
+
+    dh_back, dxp, drec = _scan_back(step, (dh, drec_in, xp, rec, _previous(h0, h)),
+                                    (tf.zeros_like(h0), tf.zeros_like(xp[0]),
+                                     tf.zeros_like(rec[0])))
+    return dxp, drec, dh_back[0]
+
+
+def rnn_sequence_backward(dh, h, h0, u):
+    """``(dz, dh0)`` of ``KerasFancyrnnRnnSequenceGrad`` with TensorFlow ops."""
+    from keras_fancyrnn._tf import tf
+
+    def step(carry, xs):
+        dh_t, h_t = xs
+        dz_t = (dh_t + carry[0]) * (1 - h_t * h_t)
+        return tf.matmul(dz_t, u, transpose_b=True), dz_t
+
+    dh_back, dz = _scan_back(step, (dh, h), (tf.zeros_like(h0), tf.zeros_like(h[0])))
+    return dz, dh_back[0]
+
+
+def _sum_over_steps(a, b):
+    """``sum_t a_t^T b_t`` for ``[T, B, m]`` and ``[T, B, n]``: one ``[m, T·B] x [T·B, n]``
+    matmul (the recurrent kernel's gradient, outside the sequence kernels)."""
+    from keras_fancyrnn._tf import tf
+
+    return tf.matmul(tf.reshape(a, [-1, a.shape[-1]]), tf.reshape(b, [-1, b.shape[-1]]),
+                     transpose_a=True)
+
+
+def _optional(grad, like):
+    from keras_fancyrnn._tf import tf
+
+    return tf.zeros([0], like.dtype) if grad is None else grad
 
 
 def _zeros_for_none(grads, outputs):
@@ -278,6 +386,47 @@ def _register_gradients():
     @tf.RegisterGradient("KerasFancyrnnGruGatesGrad")
     def _gru_second(op, *grads):
         return _vjp(gru_backward, op.inputs, grads)
+
+    # The sequence kernels. Their gradient kernels run the step-by-step part of backpropagation
+    # through time; the recurrent kernel's gradient is one large matmul here.
+
+    @tf.RegisterGradient("KerasFancyrnnLstmSequence")
+    def _lstm_sequence(op, dz, dh, dc):
+        _, h0, c0, u = op.inputs
+        z, h, c = op.outputs
+        dh, dc = _zeros_for_none((dh, dc), (h, c))
+        dz, dh0, dc0 = library().keras_fancyrnn_lstm_sequence_grad(
+            dh, dc, _optional(dz, z), z, c, c0, u)
+        return dz, dh0, dc0, _sum_over_steps(_previous(h0, h), dz)
+
+    @tf.RegisterGradient("KerasFancyrnnGruSequence")
+    def _gru_sequence(op, dh, drec):
+        xp, h0, u, _ = op.inputs
+        h, rec = op.outputs
+        (dh,) = _zeros_for_none((dh,), (h,))
+        dxp, drec, dh0 = library().keras_fancyrnn_gru_sequence_grad(
+            dh, _optional(drec, rec), xp, rec, h, h0, u)
+        return (dxp, dh0, _sum_over_steps(_previous(h0, h), drec),
+                tf.reduce_sum(drec, axis=[0, 1]))
+
+    @tf.RegisterGradient("KerasFancyrnnRnnSequence")
+    def _rnn_sequence(op, dh):
+        _, h0, u = op.inputs
+        h = op.outputs[0]
+        dz, dh0 = library().keras_fancyrnn_rnn_sequence_grad(dh, h, h0, u)
+        return dz, dh0, _sum_over_steps(_previous(h0, h), dz)
+
+    @tf.RegisterGradient("KerasFancyrnnLstmSequenceGrad")
+    def _lstm_sequence_second(op, *grads):
+        return _vjp(lstm_sequence_backward, op.inputs, grads)
+
+    @tf.RegisterGradient("KerasFancyrnnGruSequenceGrad")
+    def _gru_sequence_second(op, *grads):
+        return _vjp(gru_sequence_backward, op.inputs, grads)
+
+    @tf.RegisterGradient("KerasFancyrnnRnnSequenceGrad")
+    def _rnn_sequence_second(op, *grads):
+        return _vjp(rnn_sequence_backward, op.inputs, grads)
 
 
 if keras.config.backend() == "tensorflow":

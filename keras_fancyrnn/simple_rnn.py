@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import keras
+from keras import ops
 
+from keras_fancyrnn import native
 from keras_fancyrnn.base import RNN, RecurrentCell, build_cell, layer_arguments
 
 
@@ -27,6 +29,15 @@ class SimpleRNNCell(RecurrentCell):
         h = self.activation(xp_t + self.recurrent_matmul(h_prev, recurrent_mask,
                                                          self.recurrent_kernel))
         return h, [h]
+
+    def native_sequence(self, dtype) -> bool:
+        return (native.SEQUENCES and self.activation is keras.activations.tanh
+                and native.usable(dtype))
+
+    def sequence_kernel(self, xp, states):
+        """``step`` over all of ``xp`` ``[T, B, units]`` in one C++ op (tanh only)."""
+        h = native.rnn_sequence(xp, states[0], ops.convert_to_tensor(self.recurrent_kernel))
+        return h, [h[-1]]
 
 
 @keras.saving.register_keras_serializable(package="keras_fancyrnn")

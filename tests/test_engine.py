@@ -8,7 +8,7 @@ import tensorflow as tf
 from gradcheck import assert_gradients_match_finite_differences
 
 import keras_fancyrnn as fr
-from keras_fancyrnn import engine
+from keras_fancyrnn import engine, native
 
 B, T, D, H = 2, 8, 3, 4
 
@@ -238,8 +238,6 @@ def test_truncation_with_a_static_batch_size():
 
 @pytest.mark.parametrize("kind", CELLS)
 def test_hoisted_and_per_step_projection_agree(kind, monkeypatch):
-    from keras_fancyrnn import engine
-
     layer, _ = build(kind, bptt_truncate=3)
     x, coef = data()
     mask = np.ones((B, T), bool)
@@ -312,41 +310,64 @@ def _ops(fn, *args):
     return {op.type for op in tf.function(fn).get_concrete_function(*args).graph.get_operations()}
 
 
+#: The engine's whole-sequence paths: layer, the op that marks the path in the graph, and whether
+#: it is keras_fancyrnn.native's sequence kernel (else TensorFlow's BlockLSTMV2, which runs where
+#: the native kernels are switched off or cannot be built).
+FUSED_PATHS = {
+    "lstm_block": ("LSTM", "BlockLSTMV2", False),
+    "lstm_sequence": ("LSTM", "KerasFancyrnnLstmSequence", True),
+    "gru_sequence": ("GRU", "KerasFancyrnnGruSequence", True),
+    "simple_rnn_sequence": ("SimpleRNN", "KerasFancyrnnRnnSequence", True),
+}
+
+
+def _on_path(path, monkeypatch):
+    """Sets up ``FUSED_PATHS[path]``; returns (layer class, op, number of states)."""
+    kind, op, native_sequence = FUSED_PATHS[path]
+    if native_sequence and native.library() is None:
+        pytest.skip(f"no native kernels here: {native.load_error()}")
+    monkeypatch.setattr(native, "SEQUENCES", native_sequence)
+    return getattr(fr, kind), op, 2 if kind == "LSTM" else 1
+
+
+@pytest.mark.parametrize("path", FUSED_PATHS)
 @pytest.mark.parametrize("options", [
     {}, {"go_backwards": True}, {"return_sequences": False, "return_state": True},
     {"use_bias": False}, {"unit_forget_bias": False}, {"dropout": 0.3, "seed": 7},
     {"bptt_truncate": T - 1},  # cuts nothing, so the fused kernel may run
 ])
-def test_fused_lstm_kernel_equals_loop(options, monkeypatch):
-    """The LSTM's fused CPU kernel (BlockLSTMV2 with the V2 gradient kernel) computes what the
-    loop over LSTMCell.step computes: outputs, final states, and gradients with respect to the
-    inputs, the initial states and every weight."""
+def test_fused_kernel_equals_loop(path, options, monkeypatch):
+    """Each whole-sequence kernel (BlockLSTMV2 with the V2 gradient kernel; the native sequence
+    kernels) computes what the loop over the cell's step computes: outputs, final states, and
+    gradients with respect to the inputs, the initial states and every weight."""
+    layer_class, op, n_states = _on_path(path, monkeypatch)
+    if "unit_forget_bias" in options and layer_class is not fr.LSTM:
+        pytest.skip("an LSTM argument")
     rng = np.random.default_rng(5)
     x = tf.constant(rng.normal(size=(B, T, D)).astype("float32"))
-    h0, c0 = (tf.constant(rng.normal(size=(B, H)).astype("float32")) for _ in range(2))
+    states = [tf.constant(rng.normal(size=(B, H)).astype("float32")) for _ in range(n_states)]
     kwargs = {"return_sequences": True, **options}
     training = "dropout" in options
 
     def run(fused):
         monkeypatch.setattr(engine, "FUSED_ON_CPU", fused)
-        layer = fr.LSTM(H, **kwargs)
+        layer = layer_class(H, **kwargs)
         layer.build((None, T, D))
         layer.set_weights([np.random.default_rng(9).normal(0, 0.6, w.shape).astype("float32")
                            for w in layer.get_weights()])
         with tf.GradientTape() as tape:
-            tape.watch([x, h0, c0])
-            out = layer(x, initial_state=[h0, c0], training=training)
+            tape.watch([x, *states])
+            out = layer(x, initial_state=states, training=training)
             outs = list(out) if isinstance(out, (list, tuple)) else [out]
             loss = sum(tf.reduce_sum(o ** 2 + o) for o in outs)
-        grads = tape.gradient(loss, [x, h0, c0] + layer.trainable_weights)
-        used = "BlockLSTMV2" in _ops(lambda x: layer(x, initial_state=[h0, c0],
-                                                     training=training), x)
+        grads = tape.gradient(loss, [x, *states] + layer.trainable_weights)
+        used = op in _ops(lambda x: layer(x, initial_state=states, training=training), x)
         return outs, grads, used
 
     loop_outs, loop_grads, loop_used = run(False)
     fused_outs, fused_grads, fused_used = run(True)
     assert fused_used and not loop_used
-    for a, b in zip(fused_outs, loop_outs):
+    for a, b in zip(fused_outs, loop_outs, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-6)
     assert len(fused_grads) == len(loop_grads)
     for a, b in zip(fused_grads, loop_grads):
@@ -355,10 +376,69 @@ def test_fused_lstm_kernel_equals_loop(options, monkeypatch):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
 
 
-def test_fused_lstm_kernel_only_where_it_applies():
-    """The loop stays where the kernel would compute something else (mask, probe, truncation,
-    recurrent dropout, other activations, float64), where it measured slower (big layers), in
-    portable traces and under XLA; a dynamic batch size decides at run time."""
+@pytest.mark.parametrize("path", [p for p in FUSED_PATHS if p != "lstm_block"])
+def test_sequence_kernels_only_where_they_apply(path, monkeypatch):
+    """The native sequence kernels replace the loop for every batch, size and float dtype, and
+    not where they would compute something else (mask, probe, truncation, recurrent dropout,
+    other activations), in portable traces or under XLA."""
+    layer_class, op, _ = _on_path(path, monkeypatch)
+    x = tf.zeros((B, T, D))
+
+    def uses(layer, x=x, **call):
+        return op in _ops(lambda x: layer(x, **call), x)
+
+    assert uses(layer_class(H))
+    assert uses(layer_class(200))
+    assert uses(layer_class(H, dtype="float64"), x=tf.zeros((B, T, D), tf.float64))
+    assert not uses(layer_class(H), mask=tf.ones((B, T), bool))
+    assert not uses(layer_class(H, bptt_truncate=2))
+    assert not uses(layer_class(H, recurrent_dropout=0.2), training=True)
+    assert not uses(layer_class(H, activation="relu"))
+    assert not uses(layer_class(H, unroll=True))
+    probed = layer_class(H)
+    probed._fr_probes = {0: tf.zeros((B, T, H))}
+    assert not uses(probed)
+    with fr.portable():
+        assert not uses(layer_class(H))
+    monkeypatch.setattr(native, "ENABLED", False)
+    assert not uses(layer_class(H))
+
+
+@pytest.mark.parametrize("path", [p for p in FUSED_PATHS if p != "lstm_block"])
+def test_sequence_kernels_with_unknown_batch_and_length(path, monkeypatch):
+    """Traced with an unknown batch size and sequence length (no tf.cond: every batch runs the
+    kernel), outputs and gradients equal the loop's at several shapes, including batch sizes
+    that split unevenly over the threads and a single row."""
+    layer_class, op, _ = _on_path(path, monkeypatch)
+    layer = layer_class(H, return_sequences=True)
+    layer.build((None, None, D))
+
+    def grads(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y ** 2)
+        return [y, *tape.gradient(loss, [x] + layer.trainable_weights)]
+
+    dynamic = tf.function(grads, input_signature=[tf.TensorSpec((None, None, D))])
+    assert op in {n.op for n in dynamic.get_concrete_function().graph.as_graph_def().node}
+    for batch, steps in [(1, 3), (9, T), (13, 1)]:
+        x = tf.constant(np.random.default_rng(batch).normal(size=(batch, steps, D)),
+                        tf.float32)
+        got = dynamic(x)
+        monkeypatch.setattr(engine, "FUSED_ON_CPU", False)
+        want = grads(x)
+        monkeypatch.setattr(engine, "FUSED_ON_CPU", True)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+
+
+def test_fused_lstm_kernel_only_where_it_applies(monkeypatch):
+    """BlockLSTMV2 (where the native sequence kernels are off): the loop stays where the kernel
+    would compute something else (mask, probe, truncation, recurrent dropout, other activations,
+    float64), where it measured slower (big layers), in portable traces and under XLA; a
+    dynamic batch size decides at run time."""
+    monkeypatch.setattr(native, "SEQUENCES", False)
     x = tf.zeros((B, T, D))
 
     def uses(layer, x=x, **call):
@@ -390,8 +470,9 @@ def test_fused_lstm_kernel_only_where_it_applies():
 
 
 def test_fused_lstm_dynamic_batch_gradients_equal_loop(monkeypatch):
-    """With an unknown batch size the kernel runs under a tf.cond; gradients through it equal
+    """With an unknown batch size BlockLSTMV2 runs under a tf.cond; gradients through it equal
     the loop's, below and above the batch limit."""
+    monkeypatch.setattr(native, "SEQUENCES", False)
     layer = fr.LSTM(H)
     layer.build((None, T, D))
     limit = layer.cell.fused_batch_limit(D, "float32")

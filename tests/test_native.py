@@ -247,3 +247,114 @@ def test_lstm_with_both_probes_fed_equals_the_plain_ops(library, rng, monkeypatc
 
     _assert_kernels_equal_plain_ops(gradients, x, "KerasFancyrnnLstmGatesProbed", monkeypatch,
                                     1e-10, 1e-13)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-sequence kernels.
+
+SEQUENCE_OPS = {"SimpleRNN": "KerasFancyrnnRnnSequence", "LSTM": "KerasFancyrnnLstmSequence",
+                "GRU": "KerasFancyrnnGruSequence"}
+
+
+@pytest.mark.parametrize("kind", SEQUENCE_OPS)
+@pytest.mark.parametrize("go_backwards", [False, True])
+def test_sequence_kernels_equal_keras(library, kind, go_backwards, rng):
+    """Outputs, final states and the gradients of all of them with respect to the inputs, the
+    initial states and every weight equal keras.layers with copied weights; batch 9 splits
+    unevenly over the threads."""
+    ours, theirs = _copied(kind, rng, go_backwards=go_backwards, return_state=True)
+    x = tf.constant(rng.normal(size=(9, 7, 8)).astype("float32"))
+    states = [tf.constant(rng.normal(size=(9, 6)).astype("float32"))
+              for _ in range(2 if kind == "LSTM" else 1)]
+
+    def call(layer):
+        def fn(x):
+            with tf.GradientTape() as tape:
+                tape.watch([x, *states])
+                outs = layer(x, initial_state=states)
+                loss = sum(tf.reduce_sum(tf.sin((k + 1) * o)) for k, o in enumerate(outs))
+            return outs, tape.gradient(loss, [x, *states, *layer.trainable_weights])
+        return fn
+
+    used = _native_ops(call(ours), x)
+    assert SEQUENCE_OPS[kind] in used and SEQUENCE_OPS[kind] + "Grad" in used
+    (outs, grads), (outs_ref, grads_ref) = tf.function(call(ours))(x), call(theirs)(x)
+    for y, y_ref in zip(outs, outs_ref, strict=True):
+        np.testing.assert_allclose(y.numpy(), y_ref.numpy(), atol=2e-6)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        np.testing.assert_allclose(g.numpy(), g_ref.numpy(), atol=3e-5)
+
+
+def _sequence_loss(library, kind, weights):
+    """A float64 loss of the raw sequence op that uses every output (also ``z`` / ``rec``, so the
+    gradient kernels' optional inputs are exercised), as a function of ``xp`` and the rest."""
+    def lstm(xp, h0, c0, u):
+        z, h, c = library.keras_fancyrnn_lstm_sequence(xp, h0, c0, u)
+        return tf.reduce_sum(h * weights[0] + c * c * weights[1]) + tf.reduce_sum(
+            tf.sin(z)[..., :1])
+
+    def gru(xp, h0, u, b_rec):
+        h, rec = library.keras_fancyrnn_gru_sequence(xp, h0, u, b_rec)
+        return tf.reduce_sum(h ** 3 * weights[0]) + tf.reduce_sum(tf.sin(rec)[..., :1])
+
+    def rnn(xp, h0, u):
+        return tf.reduce_sum(library.keras_fancyrnn_rnn_sequence(xp, h0, u) ** 3 * weights[0])
+
+    return {"LSTM": lstm, "GRU": gru, "SimpleRNN": rnn}[kind]
+
+
+@pytest.mark.parametrize("kind", SEQUENCE_OPS)
+def test_sequence_kernel_gradients_equal_finite_differences(library, kind, rng):
+    steps, batch, units = 4, 8, 3  # batch 8: two shards of four rows on two threads
+    gates = {"LSTM": 4, "GRU": 3, "SimpleRNN": 1}[kind]
+    weights = rng.normal(size=(2, steps, batch, units))
+    loss = _sequence_loss(library, kind, weights)
+    rest = [tf.Variable(0.5 * rng.normal(size=(batch, units)))]
+    if kind == "LSTM":
+        rest.append(tf.Variable(rng.normal(size=(batch, units))))
+    rest.append(tf.Variable(0.5 * rng.normal(size=(units, gates * units))))
+    if kind == "GRU":
+        rest.append(tf.Variable(rng.normal(size=(gates * units,))))
+    xp = rng.normal(size=(steps, batch, gates * units))
+    assert_gradients_match_finite_differences(lambda xp: loss(xp, *rest), xp, rest, rng)
+
+
+@pytest.mark.parametrize("kind", SEQUENCE_OPS)
+def test_sequence_kernel_second_derivatives_equal_the_loop(library, kind, rng, monkeypatch):
+    """A gradient penalty through the sequence kernels (whose gradient kernels' own gradients
+    are TensorFlow ops) equals the same penalty through the loop (the step kernels, whose
+    second derivatives are tested against the plain ops above)."""
+    layer = getattr(fr, kind)(5, dtype="float64")
+    x = tf.constant(rng.normal(size=(8, 6, 4)))
+    layer.build(x.shape)
+    for w in layer.weights:
+        w.assign(w + 0.3 * rng.normal(size=w.shape))
+
+    def penalty_gradient(x):
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                loss = tf.reduce_sum(tf.sin(layer(x)))
+            penalty = tf.reduce_sum(inner.gradient(loss, x) ** 2)
+        return outer.gradient(penalty, layer.trainable_weights)
+
+    assert SEQUENCE_OPS[kind] + "Grad" in _native_ops(penalty_gradient, x)
+    fused = tf.function(penalty_gradient)(x)
+    monkeypatch.setattr(native, "SEQUENCES", False)
+    assert not any(op.endswith("Sequence") for op in _native_ops(penalty_gradient, x))
+    looped = tf.function(penalty_gradient)(x)
+    for a, b in zip(fused, looped, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_sequence_kernels_reject_bad_shapes_naming_the_input(library):
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"KerasFancyrnnLstmSequence: input u must have shape \[3, 12\]"):
+        library.keras_fancyrnn_lstm_sequence(tf.zeros((5, 2, 12)), tf.zeros((2, 3)),
+                                             tf.zeros((2, 3)), tf.zeros((3, 9)))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"input xp must have shape \[\?, 2, 9\]"):
+        native.gru_sequence(tf.zeros((5, 3, 9)), tf.zeros((2, 3)), tf.zeros((3, 9)),
+                            tf.zeros((9,)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"input h0 must have shape"):
+        native.rnn_sequence(tf.zeros((5, 2, 3)), tf.zeros((2, 3, 1)), tf.zeros((3, 3)))

@@ -3,10 +3,12 @@
 // The recurrent matmul h_{t-1} U stays a TensorFlow MatMul (oneDNN); these kernels replace the
 // ten to twenty small element-wise ops that follow it in every step, whose cost on a CPU is
 // per-op overhead rather than arithmetic. The activations are Eigen's logistic and tanh, the
-// functors TensorFlow's own Sigmoid and Tanh ops use. Equations: keras_fancyrnn/lstm.py and
-// keras_fancyrnn/gru.py (LSTMCell.step, GRUCell.step with reset_after=True).
-#include <Eigen/Core>
+// functors TensorFlow's own Sigmoid and Tanh ops use. Equations: gate_math.h, from
+// keras_fancyrnn/lstm.py and keras_fancyrnn/gru.py (LSTMCell.step, GRUCell.step with
+// reset_after=True).
 #include <vector>
+
+#include "gate_math.h"
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -20,13 +22,6 @@ using ::tensorflow::OpKernelConstruction;
 using ::tensorflow::OpKernelContext;
 using ::tensorflow::Tensor;
 using ::tensorflow::shape_inference::InferenceContext;
-
-template <typename T>
-using Vec = Eigen::Array<T, Eigen::Dynamic, 1>;
-template <typename T>
-using In = Eigen::Map<const Vec<T>>;
-template <typename T>
-using Out = Eigen::Map<Vec<T>>;
 
 // Output k of an op gets the shape of input i.
 absl::Status SameShapes(InferenceContext* ctx, std::initializer_list<std::pair<int, int>> pairs) {
@@ -106,12 +101,7 @@ class LstmGates : public GateKernel<T> {
     if (h == nullptr || c == nullptr) return;
     const T *z = Ptr<T>(ctx, 0), *cp = Ptr<T>(ctx, 1), *p = kProbed ? Ptr<T>(ctx, 2) : nullptr;
     for (int64_t b = 0; b < B; ++b) {
-      const T* zb = z + b * 4 * H;
-      Out<T> c_b(c + b * H, H);
-      c_b = In<T>(zb + H, H).logistic() * In<T>(cp + b * H, H) +
-            In<T>(zb, H).logistic() * In<T>(zb + 2 * H, H).tanh();
-      if (kProbed) c_b += In<T>(p + b * H, H);
-      Out<T>(h + b * H, H) = In<T>(zb + 3 * H, H).logistic() * c_b.tanh();
+      LstmRow(z + b * 4 * H, cp + b * H, kProbed ? p + b * H : nullptr, h + b * H, c + b * H, H);
     }
   }
 };
@@ -135,25 +125,10 @@ class LstmGatesGrad : public GateKernel<T> {
     if (dz == nullptr || dcp == nullptr || (kProbed && dp == nullptr)) return;
     const T *dh = Ptr<T>(ctx, 0), *dc = Ptr<T>(ctx, 1), *z = Ptr<T>(ctx, 2), *cp = Ptr<T>(ctx, 3);
     const T* p = kProbed ? Ptr<T>(ctx, 4) : nullptr;
-    Vec<T> i(H), f(H), g(H), o(H), tc(H), dct(H);
+    LstmScratch<T> scratch(H);
     for (int64_t b = 0; b < B; ++b) {
-      const T* zb = z + b * 4 * H;
-      T* dzb = dz + b * 4 * H;
-      In<T> dh_b(dh + b * H, H), cp_b(cp + b * H, H);
-      i = In<T>(zb, H).logistic();
-      f = In<T>(zb + H, H).logistic();
-      g = In<T>(zb + 2 * H, H).tanh();
-      o = In<T>(zb + 3 * H, H).logistic();
-      tc = f * cp_b + i * g;
-      if (kProbed) tc += In<T>(p + b * H, H);
-      tc = tc.tanh();
-      dct = In<T>(dc + b * H, H) + dh_b * o * (T(1) - tc * tc);  // total ∂ℓ/∂c_t
-      Out<T>(dzb, H) = dct * g * i * (T(1) - i);
-      Out<T>(dzb + H, H) = dct * cp_b * f * (T(1) - f);
-      Out<T>(dzb + 2 * H, H) = dct * i * (T(1) - g * g);
-      Out<T>(dzb + 3 * H, H) = dh_b * tc * o * (T(1) - o);
-      Out<T>(dcp + b * H, H) = dct * f;
-      if (kProbed) Out<T>(dp + b * H, H) = dct;
+      LstmRowGrad(dh + b * H, dc + b * H, z + b * 4 * H, cp + b * H, kProbed ? p + b * H : nullptr,
+                  dz + b * 4 * H, dcp + b * H, kProbed ? dp + b * H : nullptr, H, scratch);
     }
   }
 };
@@ -175,13 +150,9 @@ class GruGates : public GateKernel<T> {
     T* h = NewOutput<T>(ctx, 0, h_prev.shape());
     if (h == nullptr) return;
     const T *xp = Ptr<T>(ctx, 0), *rec = Ptr<T>(ctx, 1), *hp = Ptr<T>(ctx, 2);
-    Vec<T> z(H), hh(H);
+    GruScratch<T> scratch(H);
     for (int64_t b = 0; b < B; ++b) {
-      const T *xb = xp + b * 3 * H, *rb = rec + b * 3 * H;
-      z = (In<T>(xb, H) + In<T>(rb, H)).logistic();
-      hh = (In<T>(xb + 2 * H, H) +
-            (In<T>(xb + H, H) + In<T>(rb + H, H)).logistic() * In<T>(rb + 2 * H, H)).tanh();
-      Out<T>(h + b * H, H) = z * In<T>(hp + b * H, H) + (T(1) - z) * hh;
+      GruRow(xp + b * 3 * H, rec + b * 3 * H, hp + b * H, h + b * H, H, scratch);
     }
   }
 };
@@ -202,23 +173,10 @@ class GruGatesGrad : public GateKernel<T> {
     T* dhp = NewOutput<T>(ctx, 2, h_prev.shape());
     if (dxp == nullptr || drec == nullptr || dhp == nullptr) return;
     const T *dh = Ptr<T>(ctx, 0), *xp = Ptr<T>(ctx, 1), *rec = Ptr<T>(ctx, 2), *hp = Ptr<T>(ctx, 3);
-    Vec<T> z(H), r(H), hh(H), da(H);
+    GruScratch<T> scratch(H);
     for (int64_t b = 0; b < B; ++b) {
-      const T *xb = xp + b * 3 * H, *rb = rec + b * 3 * H;
-      T *dxb = dxp + b * 3 * H, *drb = drec + b * 3 * H;
-      In<T> rec_h(rb + 2 * H, H), dh_b(dh + b * H, H), hp_b(hp + b * H, H);
-      z = (In<T>(xb, H) + In<T>(rb, H)).logistic();
-      r = (In<T>(xb + H, H) + In<T>(rb + H, H)).logistic();
-      hh = (In<T>(xb + 2 * H, H) + r * rec_h).tanh();
-      da = dh_b * (T(1) - z) * (T(1) - hh * hh);  // ∂ℓ/∂(xp_h + r rec_h)
-      Out<T> dz(dxb, H), dr(dxb + H, H);
-      dz = dh_b * (hp_b - hh) * z * (T(1) - z);
-      dr = da * rec_h * r * (T(1) - r);
-      Out<T>(dxb + 2 * H, H) = da;
-      Out<T>(drb, H) = dz;
-      Out<T>(drb + H, H) = dr;
-      Out<T>(drb + 2 * H, H) = da * r;
-      Out<T>(dhp + b * H, H) = dh_b * z;
+      GruRowGrad(dh + b * H, xp + b * 3 * H, rec + b * 3 * H, hp + b * H, dxp + b * 3 * H,
+                 drec + b * 3 * H, dhp + b * H, H, scratch);
     }
   }
 };

@@ -1,0 +1,100 @@
+// The gate equations of one row (one batch element) of an LSTM / GRU / SimpleRNN step, forward
+// and backward, shared by the per-step kernels (gates.cc) and the whole-sequence kernels
+// (sequence.cc). Equations: keras_fancyrnn/lstm.py, gru.py, simple_rnn.py (the cells' `step`).
+// The activations are Eigen's logistic and tanh, the functors TensorFlow's Sigmoid and Tanh use.
+#ifndef KERAS_FANCYRNN_GATE_MATH_H_
+#define KERAS_FANCYRNN_GATE_MATH_H_
+
+#include <Eigen/Core>
+
+namespace keras_fancyrnn {
+
+template <typename T>
+using Vec = Eigen::Array<T, Eigen::Dynamic, 1>;
+template <typename T>
+using In = Eigen::Map<const Vec<T>>;
+template <typename T>
+using Out = Eigen::Map<Vec<T>>;
+
+// LSTM, gates i, f, c, o of z = x W + b + h_{t-1} U (z: 4H values, the others H):
+//   c = σ(z_f) c_prev + σ(z_i) tanh(z_c) [+ p],   h = σ(z_o) tanh(c).
+// p (may be null) is the diagnostics probe of c_t, added before c_t feeds h_t.
+template <typename T>
+inline void LstmRow(const T* z, const T* c_prev, const T* p, T* h, T* c, int64_t H) {
+  Out<T> c_b(c, H);
+  c_b = In<T>(z + H, H).logistic() * In<T>(c_prev, H) +
+        In<T>(z, H).logistic() * In<T>(z + 2 * H, H).tanh();
+  if (p != nullptr) c_b += In<T>(p, H);
+  Out<T>(h, H) = In<T>(z + 3 * H, H).logistic() * c_b.tanh();
+}
+
+// Scratch vectors of the LSTM's backward row (allocated once per thread, not per row).
+template <typename T>
+struct LstmScratch {
+  explicit LstmScratch(int64_t H) : i(H), f(H), g(H), o(H), tc(H), dct(H) {}
+  Vec<T> i, f, g, o, tc, dct;
+};
+
+// Gradients dh, dc of h and c to dz (4H), dc_prev and, with a probe, dp. The gates and c are
+// recomputed from z and c_prev. dz may be z itself (all of z is read before dz is written).
+template <typename T>
+inline void LstmRowGrad(const T* dh, const T* dc, const T* z, const T* c_prev, const T* p, T* dz,
+                        T* dc_prev, T* dp, int64_t H, LstmScratch<T>& s) {
+  In<T> dh_b(dh, H), cp_b(c_prev, H);
+  s.i = In<T>(z, H).logistic();
+  s.f = In<T>(z + H, H).logistic();
+  s.g = In<T>(z + 2 * H, H).tanh();
+  s.o = In<T>(z + 3 * H, H).logistic();
+  s.tc = s.f * cp_b + s.i * s.g;
+  if (p != nullptr) s.tc += In<T>(p, H);
+  s.tc = s.tc.tanh();
+  s.dct = In<T>(dc, H) + dh_b * s.o * (T(1) - s.tc * s.tc);  // total ∂ℓ/∂c_t
+  Out<T>(dz, H) = s.dct * s.g * s.i * (T(1) - s.i);
+  Out<T>(dz + H, H) = s.dct * cp_b * s.f * (T(1) - s.f);
+  Out<T>(dz + 2 * H, H) = s.dct * s.i * (T(1) - s.g * s.g);
+  Out<T>(dz + 3 * H, H) = dh_b * s.tc * s.o * (T(1) - s.o);
+  Out<T>(dc_prev, H) = s.dct * s.f;
+  if (dp != nullptr) Out<T>(dp, H) = s.dct;
+}
+
+// GRU, reset_after=True (Keras's default), blocks z, r, h of xp = x W + b_in and
+// rec = h_{t-1} U + b_rec (3H each):
+//   z = σ(xp_z + rec_z),  r = σ(xp_r + rec_r),  ĥ = tanh(xp_h + r rec_h),  h = z h_prev + (1 - z) ĥ.
+template <typename T>
+struct GruScratch {
+  explicit GruScratch(int64_t H) : z(H), r(H), hh(H), da(H) {}
+  Vec<T> z, r, hh, da;
+};
+
+template <typename T>
+inline void GruRow(const T* xp, const T* rec, const T* h_prev, T* h, int64_t H,
+                   GruScratch<T>& s) {
+  s.z = (In<T>(xp, H) + In<T>(rec, H)).logistic();
+  s.hh = (In<T>(xp + 2 * H, H) +
+          (In<T>(xp + H, H) + In<T>(rec + H, H)).logistic() * In<T>(rec + 2 * H, H)).tanh();
+  Out<T>(h, H) = s.z * In<T>(h_prev, H) + (T(1) - s.z) * s.hh;
+}
+
+// Gradient dh of h to d xp, d rec (3H each) and the direct part of d h_prev (z dh; the part
+// through rec is the caller's matmul). The gates are recomputed from xp and rec.
+template <typename T>
+inline void GruRowGrad(const T* dh, const T* xp, const T* rec, const T* h_prev, T* dxp, T* drec,
+                       T* dh_prev, int64_t H, GruScratch<T>& s) {
+  In<T> rec_h(rec + 2 * H, H), dh_b(dh, H), hp_b(h_prev, H);
+  s.z = (In<T>(xp, H) + In<T>(rec, H)).logistic();
+  s.r = (In<T>(xp + H, H) + In<T>(rec + H, H)).logistic();
+  s.hh = (In<T>(xp + 2 * H, H) + s.r * rec_h).tanh();
+  s.da = dh_b * (T(1) - s.z) * (T(1) - s.hh * s.hh);  // ∂ℓ/∂(xp_h + r rec_h)
+  Out<T> dz(dxp, H), dr(dxp + H, H);
+  dz = dh_b * (hp_b - s.hh) * s.z * (T(1) - s.z);
+  dr = s.da * rec_h * s.r * (T(1) - s.r);
+  Out<T>(dxp + 2 * H, H) = s.da;
+  Out<T>(drec, H) = dz;
+  Out<T>(drec + H, H) = dr;
+  Out<T>(drec + 2 * H, H) = s.da * s.r;
+  Out<T>(dh_prev, H) = dh_b * s.z;
+}
+
+}  // namespace keras_fancyrnn
+
+#endif  // KERAS_FANCYRNN_GATE_MATH_H_

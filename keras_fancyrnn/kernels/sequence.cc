@@ -1,0 +1,438 @@
+// Whole-sequence recurrences (keras_fancyrnn.native): every timestep of an LSTM, GRU or
+// SimpleRNN layer in one op, and its gradient in another.
+//
+// The input projection x W + b is not here: the caller computes it for all timesteps as one
+// large TensorFlow matmul (oneDNN), and likewise the recurrent kernel's gradient
+// sum_t h_{t-1}^T dz_t. What is left is the part that must run step by step: h_{t-1} U (Eigen's
+// matrix product), the gate equations (gate_math.h) and, backward, dz_t U^T. Batch rows do not
+// interact, so the batch is split into one shard per thread of TensorFlow's intra-op pool and
+// each thread runs its rows through all timesteps without waiting for the others.
+//
+// Layouts are time-major: xp [T, B, k H], states [B, H], U [H, k H], sequences [T, B, H].
+#include <algorithm>
+#include <vector>
+
+#include "gate_math.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/platform/threadpool.h"
+
+namespace keras_fancyrnn {
+namespace {
+
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+using ::tensorflow::shape_inference::InferenceContext;
+
+template <typename T>
+using RowMat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <typename T>
+using MatIn = Eigen::Map<const RowMat<T>>;
+template <typename T>
+using MatOut = Eigen::Map<RowMat<T>>;
+
+// Fewer rows than this per shard cost more in scheduling than they gain.
+constexpr int64_t kMinRowsPerShard = 4;
+
+// Runs fn(lo, hi) over row ranges of [0, B), one per thread of the intra-op pool.
+template <typename F>
+void ForEachShard(OpKernelContext* ctx, int64_t B, const F& fn) {
+  auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  const int64_t shards =
+      std::max<int64_t>(1, std::min<int64_t>(pool->NumThreads(), B / kMinRowsPerShard));
+  if (shards == 1) {
+    fn(0, B);
+    return;
+  }
+  // A cost per unit this large makes ParallelFor give every shard its own thread.
+  pool->ParallelFor(shards, int64_t{1} << 40, [&](int64_t first, int64_t last) {
+    for (int64_t s = first; s < last; ++s) fn(B * s / shards, B * (s + 1) / shards);
+  });
+}
+
+// The shape checks every kernel starts with. Dimension -1 matches anything.
+class Shapes {
+ public:
+  Shapes(OpKernelContext* ctx, std::vector<const char*> names) : ctx_(ctx), names_(names) {}
+
+  bool Check(int i, std::initializer_list<int64_t> dims) {
+    const Tensor& t = ctx_->input(i);
+    bool ok = t.dims() == static_cast<int>(dims.size());
+    int k = 0;
+    for (int64_t d : dims) {
+      ok = ok && (d < 0 || t.dim_size(k) == d);
+      ++k;
+    }
+    if (!ok) {
+      std::string want;
+      for (int64_t d : dims) {
+        absl::StrAppend(&want, want.empty() ? "" : ", ", d < 0 ? "?" : absl::StrCat(d));
+      }
+      ctx_->CtxFailure(absl::InvalidArgumentError(absl::StrCat(
+          ctx_->op_kernel().type_string(), ": input ", names_[i], " must have shape [", want,
+          "], got ",
+          t.shape().DebugString())));
+    }
+    return ok;
+  }
+
+  // An optional gradient input: empty (absent) or of the given shape.
+  bool CheckOptional(int i, std::initializer_list<int64_t> dims) {
+    return ctx_->input(i).NumElements() == 0 || Check(i, dims);
+  }
+
+ private:
+  OpKernelContext* ctx_;
+  std::vector<const char*> names_;
+};
+
+template <typename T>
+const T* Ptr(OpKernelContext* ctx, int i) {
+  return ctx->input(i).template flat<T>().data();
+}
+
+template <typename T>
+const T* OptionalPtr(OpKernelContext* ctx, int i) {
+  return ctx->input(i).NumElements() == 0 ? nullptr : Ptr<T>(ctx, i);
+}
+
+template <typename T>
+T* Output(OpKernelContext* ctx, int i, const TensorShape& shape, int reuse = -1) {
+  Tensor* out = nullptr;
+  auto status = reuse < 0 ? ctx->allocate_output(i, shape, &out)
+                          : ctx->forward_input_or_allocate_output({reuse}, i, shape, &out);
+  if (!status.ok()) {
+    ctx->SetStatus(status);
+    return nullptr;
+  }
+  return out->template flat<T>().data();
+}
+
+// Row pointer: sequence `p` (row width w) at time t, batch row b.
+template <typename T>
+inline T* At(T* p, int64_t t, int64_t B, int64_t b, int64_t w) {
+  return p + (t * B + b) * w;
+}
+
+// The state before step t: the initial state at t = 0, else the sequence's step t - 1.
+template <typename T>
+inline const T* Prev(const T* seq, const T* initial, int64_t t, int64_t B, int64_t b, int64_t w) {
+  return t == 0 ? initial + b * w : At(seq, t - 1, B, b, w);
+}
+
+// ---------------------------------------------------------------------------------------------
+// LSTM. Inputs xp [T, B, 4H], h0, c0 [B, H], u [H, 4H]. Outputs z = xp + h_{t-1} U [T, B, 4H]
+// (in xp's buffer where TensorFlow allows), h, c [T, B, H].
+
+template <typename T>
+class LstmSequence : public OpKernel {
+ public:
+  using OpKernel::OpKernel;
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& h0 = ctx->input(1);
+    Shapes shapes(ctx, {"xp", "h0", "c0", "u"});
+    if (!shapes.Check(1, {-1, -1})) return;
+    const int64_t B = h0.dim_size(0), H = h0.dim_size(1);
+    if (!shapes.Check(0, {-1, B, 4 * H}) || !shapes.Check(2, {B, H}) ||
+        !shapes.Check(3, {H, 4 * H}))
+      return;
+    const Tensor& xp = ctx->input(0);
+    const int64_t S = xp.dim_size(0);
+    T* z = Output<T>(ctx, 0, xp.shape(), 0);
+    T* h = Output<T>(ctx, 1, TensorShape({S, B, H}));
+    T* c = Output<T>(ctx, 2, TensorShape({S, B, H}));
+    if (z == nullptr || h == nullptr || c == nullptr) return;
+    if (z != Ptr<T>(ctx, 0)) std::copy_n(Ptr<T>(ctx, 0), xp.NumElements(), z);
+    const T *h_0 = Ptr<T>(ctx, 1), *c_0 = Ptr<T>(ctx, 2);
+    MatIn<T> u(Ptr<T>(ctx, 3), H, 4 * H);
+    ForEachShard(ctx, B, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = 0; t < S; ++t) {
+        MatOut<T>(At(z, t, B, lo, 4 * H), hi - lo, 4 * H).noalias() +=
+            MatIn<T>(Prev<T>(h, h_0, t, B, lo, H), hi - lo, H) * u;
+        for (int64_t b = lo; b < hi; ++b) {
+          LstmRow<T>(At(z, t, B, b, 4 * H), Prev<T>(c, c_0, t, B, b, H), nullptr,
+                     At(h, t, B, b, H), At(c, t, B, b, H), H);
+        }
+      }
+    });
+  }
+};
+
+// Inputs dh, dc [T, B, H] (gradients of the h and c sequences), dz_in (gradient of the z output:
+// empty, or [T, B, 4H]), z, c, c0, u. Outputs dz [T, B, 4H] (= d xp; in z's buffer where
+// TensorFlow allows), dh0, dc0.
+template <typename T>
+class LstmSequenceGrad : public OpKernel {
+ public:
+  using OpKernel::OpKernel;
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& c0 = ctx->input(5);
+    Shapes shapes(ctx, {"dh", "dc", "dz_in", "z", "c", "c0", "u"});
+    if (!shapes.Check(5, {-1, -1})) return;
+    const int64_t B = c0.dim_size(0), H = c0.dim_size(1), S = ctx->input(3).dim_size(0);
+    if (!shapes.Check(3, {-1, B, 4 * H}) || !shapes.Check(0, {S, B, H}) ||
+        !shapes.Check(1, {S, B, H}) || !shapes.CheckOptional(2, {S, B, 4 * H}) ||
+        !shapes.Check(4, {S, B, H}) || !shapes.Check(6, {H, 4 * H}))
+      return;
+    const T *z = Ptr<T>(ctx, 3), *dz_in = OptionalPtr<T>(ctx, 2);
+    T* dz = Output<T>(ctx, 0, ctx->input(3).shape(), 3);
+    T* dh0 = Output<T>(ctx, 1, c0.shape());
+    T* dc0 = Output<T>(ctx, 2, c0.shape());
+    if (dz == nullptr || dh0 == nullptr || dc0 == nullptr) return;
+    const T *dh = Ptr<T>(ctx, 0), *dc = Ptr<T>(ctx, 1), *c = Ptr<T>(ctx, 4), *c_0 = Ptr<T>(ctx, 5);
+    MatIn<T> u(Ptr<T>(ctx, 6), H, 4 * H);
+    ForEachShard(ctx, B, [&](int64_t lo, int64_t hi) {
+      const int64_t n = hi - lo;
+      // dh_carry = dz_{t+1} U^T and dc_carry = ∂ℓ/∂c_t through c_{t+1}, for this shard's rows.
+      MatOut<T> dh_carry(dh0 + lo * H, n, H), dc_carry(dc0 + lo * H, n, H);
+      dh_carry.setZero();
+      dc_carry.setZero();
+      Vec<T> dh_t(H), dc_t(H);
+      LstmScratch<T> scratch(H);
+      for (int64_t t = S - 1; t >= 0; --t) {
+        for (int64_t b = lo; b < hi; ++b) {
+          T* dcb = dc_carry.data() + (b - lo) * H;
+          dh_t = In<T>(At(dh, t, B, b, H), H) + In<T>(dh_carry.data() + (b - lo) * H, H);
+          dc_t = In<T>(At(dc, t, B, b, H), H) + In<T>(dcb, H);
+          T* dzb = At(dz, t, B, b, 4 * H);
+          LstmRowGrad<T>(dh_t.data(), dc_t.data(), At(z, t, B, b, 4 * H),
+                         Prev<T>(c, c_0, t, B, b, H), nullptr, dzb, dcb, nullptr, H, scratch);
+          if (dz_in != nullptr) Out<T>(dzb, 4 * H) += In<T>(At(dz_in, t, B, b, 4 * H), 4 * H);
+        }
+        dh_carry.noalias() = MatIn<T>(At(dz, t, B, lo, 4 * H), n, 4 * H) * u.transpose();
+      }
+    });
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// GRU (reset_after=True). Inputs xp [T, B, 3H] (x W + b_in), h0 [B, H], u [H, 3H], b_rec [3H].
+// Outputs h [T, B, H], rec = h_{t-1} U + b_rec [T, B, 3H] (kept for the gradient).
+
+template <typename T>
+class GruSequence : public OpKernel {
+ public:
+  using OpKernel::OpKernel;
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& h0 = ctx->input(1);
+    Shapes shapes(ctx, {"xp", "h0", "u", "b_rec"});
+    if (!shapes.Check(1, {-1, -1})) return;
+    const int64_t B = h0.dim_size(0), H = h0.dim_size(1);
+    if (!shapes.Check(0, {-1, B, 3 * H}) || !shapes.Check(2, {H, 3 * H}) ||
+        !shapes.Check(3, {3 * H}))
+      return;
+    const int64_t S = ctx->input(0).dim_size(0);
+    T* h = Output<T>(ctx, 0, TensorShape({S, B, H}));
+    T* rec = Output<T>(ctx, 1, ctx->input(0).shape());
+    if (h == nullptr || rec == nullptr) return;
+    const T *xp = Ptr<T>(ctx, 0), *h_0 = Ptr<T>(ctx, 1);
+    MatIn<T> u(Ptr<T>(ctx, 2), H, 3 * H);
+    Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>> b_rec(Ptr<T>(ctx, 3), 3 * H);
+    ForEachShard(ctx, B, [&](int64_t lo, int64_t hi) {
+      GruScratch<T> scratch(H);
+      for (int64_t t = 0; t < S; ++t) {
+        MatOut<T> rec_t(At(rec, t, B, lo, 3 * H), hi - lo, 3 * H);
+        rec_t.noalias() = MatIn<T>(Prev<T>(h, h_0, t, B, lo, H), hi - lo, H) * u;
+        rec_t.rowwise() += b_rec;
+        for (int64_t b = lo; b < hi; ++b) {
+          GruRow<T>(At(xp, t, B, b, 3 * H), At(rec, t, B, b, 3 * H), Prev<T>(h, h_0, t, B, b, H),
+                    At(h, t, B, b, H), H, scratch);
+        }
+      }
+    });
+  }
+};
+
+// Inputs dh [T, B, H], drec_in (gradient of the rec output: empty or [T, B, 3H]), xp, rec, h, h0,
+// u. Outputs d xp, d rec [T, B, 3H] and dh0.
+template <typename T>
+class GruSequenceGrad : public OpKernel {
+ public:
+  using OpKernel::OpKernel;
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& h0 = ctx->input(5);
+    Shapes shapes(ctx, {"dh", "drec_in", "xp", "rec", "h", "h0", "u"});
+    if (!shapes.Check(5, {-1, -1})) return;
+    const int64_t B = h0.dim_size(0), H = h0.dim_size(1), S = ctx->input(2).dim_size(0);
+    if (!shapes.Check(2, {-1, B, 3 * H}) || !shapes.Check(0, {S, B, H}) ||
+        !shapes.CheckOptional(1, {S, B, 3 * H}) || !shapes.Check(3, {S, B, 3 * H}) ||
+        !shapes.Check(4, {S, B, H}) || !shapes.Check(6, {H, 3 * H}))
+      return;
+    T* dxp = Output<T>(ctx, 0, ctx->input(2).shape());
+    T* drec = Output<T>(ctx, 1, ctx->input(3).shape());
+    T* dh0 = Output<T>(ctx, 2, h0.shape());
+    if (dxp == nullptr || drec == nullptr || dh0 == nullptr) return;
+    const T *dh = Ptr<T>(ctx, 0), *drec_in = OptionalPtr<T>(ctx, 1), *xp = Ptr<T>(ctx, 2),
+            *rec = Ptr<T>(ctx, 3), *h = Ptr<T>(ctx, 4), *h_0 = Ptr<T>(ctx, 5);
+    MatIn<T> u(Ptr<T>(ctx, 6), H, 3 * H);
+    ForEachShard(ctx, B, [&](int64_t lo, int64_t hi) {
+      const int64_t n = hi - lo;
+      MatOut<T> dh_carry(dh0 + lo * H, n, H);  // ∂ℓ/∂h_t through step t + 1
+      dh_carry.setZero();
+      RowMat<T> direct(n, H);  // the part of ∂ℓ/∂h_{t-1} that does not pass through rec
+      Vec<T> dh_t(H);
+      GruScratch<T> scratch(H);
+      for (int64_t t = S - 1; t >= 0; --t) {
+        for (int64_t b = lo; b < hi; ++b) {
+          dh_t = In<T>(At(dh, t, B, b, H), H) + In<T>(dh_carry.data() + (b - lo) * H, H);
+          T* drb = At(drec, t, B, b, 3 * H);
+          GruRowGrad<T>(dh_t.data(), At(xp, t, B, b, 3 * H), At(rec, t, B, b, 3 * H),
+                        Prev<T>(h, h_0, t, B, b, H), At(dxp, t, B, b, 3 * H), drb,
+                        direct.data() + (b - lo) * H, H, scratch);
+          if (drec_in != nullptr) Out<T>(drb, 3 * H) += In<T>(At(drec_in, t, B, b, 3 * H), 3 * H);
+        }
+        dh_carry.noalias() = MatIn<T>(At(drec, t, B, lo, 3 * H), n, 3 * H) * u.transpose();
+        dh_carry += direct;
+      }
+    });
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// SimpleRNN with tanh: h_t = tanh(xp_t + h_{t-1} U). Inputs xp [T, B, H], h0 [B, H], u [H, H].
+// Output h [T, B, H] (in xp's buffer where TensorFlow allows).
+
+template <typename T>
+class RnnSequence : public OpKernel {
+ public:
+  using OpKernel::OpKernel;
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& h0 = ctx->input(1);
+    Shapes shapes(ctx, {"xp", "h0", "u"});
+    if (!shapes.Check(1, {-1, -1})) return;
+    const int64_t B = h0.dim_size(0), H = h0.dim_size(1);
+    if (!shapes.Check(0, {-1, B, H}) || !shapes.Check(2, {H, H})) return;
+    const Tensor& xp = ctx->input(0);
+    const int64_t S = xp.dim_size(0);
+    T* h = Output<T>(ctx, 0, xp.shape(), 0);
+    if (h == nullptr) return;
+    if (h != Ptr<T>(ctx, 0)) std::copy_n(Ptr<T>(ctx, 0), xp.NumElements(), h);
+    const T* h_0 = Ptr<T>(ctx, 1);
+    MatIn<T> u(Ptr<T>(ctx, 2), H, H);
+    ForEachShard(ctx, B, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = 0; t < S; ++t) {
+        MatOut<T> h_t(At(h, t, B, lo, H), hi - lo, H);
+        h_t.noalias() += MatIn<T>(Prev<T>(h, h_0, t, B, lo, H), hi - lo, H) * u;
+        h_t = h_t.array().tanh().matrix();
+      }
+    });
+  }
+};
+
+// Inputs dh [T, B, H], h, h0, u. Outputs dz [T, B, H] (= d xp; in dh's buffer where TensorFlow
+// allows) and dh0.
+template <typename T>
+class RnnSequenceGrad : public OpKernel {
+ public:
+  using OpKernel::OpKernel;
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& h0 = ctx->input(2);
+    Shapes shapes(ctx, {"dh", "h", "h0", "u"});
+    if (!shapes.Check(2, {-1, -1})) return;
+    const int64_t B = h0.dim_size(0), H = h0.dim_size(1), S = ctx->input(1).dim_size(0);
+    if (!shapes.Check(1, {-1, B, H}) || !shapes.Check(0, {S, B, H}) ||
+        !shapes.Check(3, {H, H}))
+      return;
+    const T *dh = Ptr<T>(ctx, 0), *h = Ptr<T>(ctx, 1);
+    T* dz = Output<T>(ctx, 0, ctx->input(0).shape(), 0);
+    T* dh0 = Output<T>(ctx, 1, h0.shape());
+    if (dz == nullptr || dh0 == nullptr) return;
+    MatIn<T> u(Ptr<T>(ctx, 3), H, H);
+    ForEachShard(ctx, B, [&](int64_t lo, int64_t hi) {
+      const int64_t n = hi - lo;
+      MatOut<T> dh_carry(dh0 + lo * H, n, H);
+      dh_carry.setZero();
+      for (int64_t t = S - 1; t >= 0; --t) {
+        Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> dz_t(At(dz, t, B, lo, H), n * H);
+        Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>> h_t(At(h, t, B, lo, H), n * H),
+            dh_t(At(dh, t, B, lo, H), n * H);
+        dz_t = (dh_t + In<T>(dh_carry.data(), n * H)) * (T(1) - h_t * h_t);
+        dh_carry.noalias() = MatIn<T>(At(dz, t, B, lo, H), n, H) * u.transpose();
+      }
+    });
+  }
+};
+
+absl::Status SequenceShapes(InferenceContext* ctx, int sequence, int state,
+                            std::initializer_list<int> same_as_sequence,
+                            std::initializer_list<std::pair<int, int>> same_as_input) {
+  auto seq = ctx->input(sequence);
+  auto st = ctx->input(state);
+  auto per_unit = ctx->MakeShape({ctx->Dim(seq, 0), ctx->Dim(st, 0), ctx->Dim(st, 1)});
+  if (!ctx->RankKnown(seq) || !ctx->RankKnown(st)) per_unit = ctx->UnknownShape();
+  for (int k : same_as_sequence) ctx->set_output(k, per_unit);
+  for (const auto& p : same_as_input) ctx->set_output(p.first, ctx->input(p.second));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+REGISTER_OP("KerasFancyrnnLstmSequence")
+    .Input("xp: T").Input("h0: T").Input("c0: T").Input("u: T")
+    .Output("z: T").Output("h: T").Output("c: T")
+    .Attr("T: {float, double}")
+    .SetShapeFn([](InferenceContext* c) { return SequenceShapes(c, 0, 1, {1, 2}, {{0, 0}}); });
+
+REGISTER_OP("KerasFancyrnnLstmSequenceGrad")
+    .Input("dh: T").Input("dc: T").Input("dz_in: T").Input("z: T").Input("c: T").Input("c0: T")
+    .Input("u: T")
+    .Output("dz: T").Output("dh0: T").Output("dc0: T")
+    .Attr("T: {float, double}")
+    .SetShapeFn([](InferenceContext* c) {
+      return SequenceShapes(c, 3, 5, {}, {{0, 3}, {1, 5}, {2, 5}});
+    });
+
+REGISTER_OP("KerasFancyrnnGruSequence")
+    .Input("xp: T").Input("h0: T").Input("u: T").Input("b_rec: T")
+    .Output("h: T").Output("rec: T")
+    .Attr("T: {float, double}")
+    .SetShapeFn([](InferenceContext* c) { return SequenceShapes(c, 0, 1, {0}, {{1, 0}}); });
+
+REGISTER_OP("KerasFancyrnnGruSequenceGrad")
+    .Input("dh: T").Input("drec_in: T").Input("xp: T").Input("rec: T").Input("h: T")
+    .Input("h0: T").Input("u: T")
+    .Output("dxp: T").Output("drec: T").Output("dh0: T")
+    .Attr("T: {float, double}")
+    .SetShapeFn([](InferenceContext* c) {
+      return SequenceShapes(c, 2, 5, {}, {{0, 2}, {1, 3}, {2, 5}});
+    });
+
+REGISTER_OP("KerasFancyrnnRnnSequence")
+    .Input("xp: T").Input("h0: T").Input("u: T")
+    .Output("h: T")
+    .Attr("T: {float, double}")
+    .SetShapeFn([](InferenceContext* c) { return SequenceShapes(c, 0, 1, {}, {{0, 0}}); });
+
+REGISTER_OP("KerasFancyrnnRnnSequenceGrad")
+    .Input("dh: T").Input("h: T").Input("h0: T").Input("u: T")
+    .Output("dz: T").Output("dh0: T")
+    .Attr("T: {float, double}")
+    .SetShapeFn([](InferenceContext* c) {
+      return SequenceShapes(c, 1, 2, {}, {{0, 0}, {1, 2}});
+    });
+
+#define KFR_SEQUENCE_KERNEL(NAME, T, ...) \
+  REGISTER_KERNEL_BUILDER(                \
+      Name(NAME).Device(::tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), __VA_ARGS__);
+#define KFR_SEQUENCE_KERNELS(T)                                                 \
+  KFR_SEQUENCE_KERNEL("KerasFancyrnnLstmSequence", T, LstmSequence<T>)          \
+  KFR_SEQUENCE_KERNEL("KerasFancyrnnLstmSequenceGrad", T, LstmSequenceGrad<T>)  \
+  KFR_SEQUENCE_KERNEL("KerasFancyrnnGruSequence", T, GruSequence<T>)            \
+  KFR_SEQUENCE_KERNEL("KerasFancyrnnGruSequenceGrad", T, GruSequenceGrad<T>)    \
+  KFR_SEQUENCE_KERNEL("KerasFancyrnnRnnSequence", T, RnnSequence<T>)            \
+  KFR_SEQUENCE_KERNEL("KerasFancyrnnRnnSequenceGrad", T, RnnSequenceGrad<T>)
+
+KFR_SEQUENCE_KERNELS(float)
+KFR_SEQUENCE_KERNELS(double)
+
+}  // namespace keras_fancyrnn
