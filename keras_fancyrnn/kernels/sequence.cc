@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "gate_math.h"
+#include "small_gemm.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -27,13 +28,6 @@ using ::tensorflow::OpKernelContext;
 using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
 using ::tensorflow::shape_inference::InferenceContext;
-
-template <typename T>
-using RowMat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-template <typename T>
-using MatIn = Eigen::Map<const RowMat<T>>;
-template <typename T>
-using MatOut = Eigen::Map<RowMat<T>>;
 
 // Fewer rows than this per shard cost more in scheduling than they gain.
 constexpr int64_t kMinRowsPerShard = 4;
@@ -149,11 +143,10 @@ class LstmSequence : public OpKernel {
     if (z == nullptr || h == nullptr || c == nullptr) return;
     if (z != Ptr<T>(ctx, 0)) std::copy_n(Ptr<T>(ctx, 0), xp.NumElements(), z);
     const T *h_0 = Ptr<T>(ctx, 1), *c_0 = Ptr<T>(ctx, 2);
-    MatIn<T> u(Ptr<T>(ctx, 3), H, 4 * H);
+    const RecurrentKernel<T> u(Ptr<T>(ctx, 3), H, 4 * H, false);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi) {
       for (int64_t t = 0; t < S; ++t) {
-        MatOut<T>(At(z, t, B, lo, 4 * H), hi - lo, 4 * H).noalias() +=
-            MatIn<T>(Prev<T>(h, h_0, t, B, lo, H), hi - lo, H) * u;
+        u.Multiply(Prev<T>(h, h_0, t, B, lo, H), hi - lo, At(z, t, B, lo, 4 * H), true);
         for (int64_t b = lo; b < hi; ++b) {
           LstmRow<T>(At(z, t, B, b, 4 * H), Prev<T>(c, c_0, t, B, b, H), nullptr,
                      At(h, t, B, b, H), At(c, t, B, b, H), H);
@@ -186,7 +179,7 @@ class LstmSequenceGrad : public OpKernel {
     T* dc0 = Output<T>(ctx, 2, c0.shape());
     if (dz == nullptr || dh0 == nullptr || dc0 == nullptr) return;
     const T *dh = Ptr<T>(ctx, 0), *dc = Ptr<T>(ctx, 1), *c = Ptr<T>(ctx, 4), *c_0 = Ptr<T>(ctx, 5);
-    MatIn<T> u(Ptr<T>(ctx, 6), H, 4 * H);
+    const RecurrentKernel<T> u_t(Ptr<T>(ctx, 6), 4 * H, H, true);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi) {
       const int64_t n = hi - lo;
       // dh_carry = dz_{t+1} U^T and dc_carry = ∂ℓ/∂c_t through c_{t+1}, for this shard's rows.
@@ -205,7 +198,7 @@ class LstmSequenceGrad : public OpKernel {
                          Prev<T>(c, c_0, t, B, b, H), nullptr, dzb, dcb, nullptr, H, scratch);
           if (dz_in != nullptr) Out<T>(dzb, 4 * H) += In<T>(At(dz_in, t, B, b, 4 * H), 4 * H);
         }
-        dh_carry.noalias() = MatIn<T>(At(dz, t, B, lo, 4 * H), n, 4 * H) * u.transpose();
+        u_t.Multiply(At(dz, t, B, lo, 4 * H), n, dh_carry.data(), false);
       }
     });
   }
@@ -233,13 +226,13 @@ class GruSequence : public OpKernel {
     T* rec = Output<T>(ctx, 1, ctx->input(0).shape());
     if (h == nullptr || rec == nullptr) return;
     const T *xp = Ptr<T>(ctx, 0), *h_0 = Ptr<T>(ctx, 1);
-    MatIn<T> u(Ptr<T>(ctx, 2), H, 3 * H);
+    const RecurrentKernel<T> u(Ptr<T>(ctx, 2), H, 3 * H, false);
     Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>> b_rec(Ptr<T>(ctx, 3), 3 * H);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi) {
       GruScratch<T> scratch(H);
       for (int64_t t = 0; t < S; ++t) {
         MatOut<T> rec_t(At(rec, t, B, lo, 3 * H), hi - lo, 3 * H);
-        rec_t.noalias() = MatIn<T>(Prev<T>(h, h_0, t, B, lo, H), hi - lo, H) * u;
+        u.Multiply(Prev<T>(h, h_0, t, B, lo, H), hi - lo, rec_t.data(), false);
         rec_t.rowwise() += b_rec;
         for (int64_t b = lo; b < hi; ++b) {
           GruRow<T>(At(xp, t, B, b, 3 * H), At(rec, t, B, b, 3 * H), Prev<T>(h, h_0, t, B, b, H),
@@ -272,7 +265,7 @@ class GruSequenceGrad : public OpKernel {
     if (dxp == nullptr || drec == nullptr || dh0 == nullptr) return;
     const T *dh = Ptr<T>(ctx, 0), *drec_in = OptionalPtr<T>(ctx, 1), *xp = Ptr<T>(ctx, 2),
             *rec = Ptr<T>(ctx, 3), *h = Ptr<T>(ctx, 4), *h_0 = Ptr<T>(ctx, 5);
-    MatIn<T> u(Ptr<T>(ctx, 6), H, 3 * H);
+    const RecurrentKernel<T> u_t(Ptr<T>(ctx, 6), 3 * H, H, true);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi) {
       const int64_t n = hi - lo;
       MatOut<T> dh_carry(dh0 + lo * H, n, H);  // ∂ℓ/∂h_t through step t + 1
@@ -289,7 +282,7 @@ class GruSequenceGrad : public OpKernel {
                         direct.data() + (b - lo) * H, H, scratch);
           if (drec_in != nullptr) Out<T>(drb, 3 * H) += In<T>(At(drec_in, t, B, b, 3 * H), 3 * H);
         }
-        dh_carry.noalias() = MatIn<T>(At(drec, t, B, lo, 3 * H), n, 3 * H) * u.transpose();
+        u_t.Multiply(At(drec, t, B, lo, 3 * H), n, dh_carry.data(), false);
         dh_carry += direct;
       }
     });
@@ -317,11 +310,11 @@ class RnnSequence : public OpKernel {
     if (h == nullptr) return;
     if (h != Ptr<T>(ctx, 0)) std::copy_n(Ptr<T>(ctx, 0), xp.NumElements(), h);
     const T* h_0 = Ptr<T>(ctx, 1);
-    MatIn<T> u(Ptr<T>(ctx, 2), H, H);
+    const RecurrentKernel<T> u(Ptr<T>(ctx, 2), H, H, false);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi) {
       for (int64_t t = 0; t < S; ++t) {
         MatOut<T> h_t(At(h, t, B, lo, H), hi - lo, H);
-        h_t.noalias() += MatIn<T>(Prev<T>(h, h_0, t, B, lo, H), hi - lo, H) * u;
+        u.Multiply(Prev<T>(h, h_0, t, B, lo, H), hi - lo, h_t.data(), true);
         h_t = h_t.array().tanh().matrix();
       }
     });
@@ -347,7 +340,7 @@ class RnnSequenceGrad : public OpKernel {
     T* dz = Output<T>(ctx, 0, ctx->input(0).shape(), 0);
     T* dh0 = Output<T>(ctx, 1, h0.shape());
     if (dz == nullptr || dh0 == nullptr) return;
-    MatIn<T> u(Ptr<T>(ctx, 3), H, H);
+    const RecurrentKernel<T> u_t(Ptr<T>(ctx, 3), H, H, true);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi) {
       const int64_t n = hi - lo;
       MatOut<T> dh_carry(dh0 + lo * H, n, H);
@@ -357,7 +350,7 @@ class RnnSequenceGrad : public OpKernel {
         Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>> h_t(At(h, t, B, lo, H), n * H),
             dh_t(At(dh, t, B, lo, H), n * H);
         dz_t = (dh_t + In<T>(dh_carry.data(), n * H)) * (T(1) - h_t * h_t);
-        dh_carry.noalias() = MatIn<T>(At(dz, t, B, lo, H), n, H) * u.transpose();
+        u_t.Multiply(At(dz, t, B, lo, H), n, dh_carry.data(), false);
       }
     });
   }

@@ -1,0 +1,148 @@
+// C = A B or C += A B for the recurrent products of the sequence kernels (sequence.cc): A is a
+// few batch rows of a state or gradient (n x K), B is the recurrent kernel U or its transpose,
+// the same for every timestep. B is packed once per op into column panels, and for float on a
+// CPU with AVX2 and FMA a register-blocked kernel (6 rows x 16 columns per block, the shape of
+// BLIS's Haswell kernel) multiplies; elsewhere, and for double, Eigen's product does.
+#ifndef KERAS_FANCYRNN_SMALL_GEMM_H_
+#define KERAS_FANCYRNN_SMALL_GEMM_H_
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define KERAS_FANCYRNN_AVX2 1
+#endif
+
+namespace keras_fancyrnn {
+
+template <typename T>
+using RowMat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <typename T>
+using MatIn = Eigen::Map<const RowMat<T>>;
+template <typename T>
+using MatOut = Eigen::Map<RowMat<T>>;
+
+// B (K x N) for repeated products: U (transpose = false) or U^T (transpose = true) of a
+// row-major u of shape [K, N] or [N, K].
+template <typename T>
+class RecurrentKernel {
+ public:
+  RecurrentKernel(const T* u, int64_t K, int64_t N, bool transpose)
+      : u_(u), K_(K), N_(N), transpose_(transpose) {
+#ifdef KERAS_FANCYRNN_AVX2
+    if constexpr (std::is_same<T, float>::value) {
+      const int64_t panels = (N + kCols - 1) / kCols;
+      packed_.assign(panels * K * kCols, T(0));
+      for (int64_t p = 0; p < panels; ++p) {
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t j = p * kCols; j < std::min(N, (p + 1) * kCols); ++j) {
+            packed_[(p * K + k) * kCols + j - p * kCols] = transpose ? u[j * K + k] : u[k * N + j];
+          }
+        }
+      }
+    }
+#endif
+  }
+
+  // c (n x N, rows contiguous) = a (n x K, rows contiguous) B, or += with accumulate.
+  void Multiply(const T* a, int64_t n, T* c, bool accumulate) const {
+#ifdef KERAS_FANCYRNN_AVX2
+    if constexpr (std::is_same<T, float>::value) {
+      MultiplyPacked(reinterpret_cast<const float*>(a), n, reinterpret_cast<float*>(c),
+                     accumulate);
+      return;
+    }
+#endif
+    MatIn<T> A(a, n, K_);
+    MatOut<T> C(c, n, N_);
+    if (transpose_) {
+      MatIn<T> u(u_, N_, K_);
+      if (accumulate) C.noalias() += A * u.transpose(); else C.noalias() = A * u.transpose();
+    } else {
+      MatIn<T> u(u_, K_, N_);
+      if (accumulate) C.noalias() += A * u; else C.noalias() = A * u;
+    }
+  }
+
+ private:
+  static constexpr int64_t kCols = 16;
+  static constexpr int64_t kRows = 6;
+
+#ifdef KERAS_FANCYRNN_AVX2
+  void MultiplyPacked(const float* a, int64_t n, float* c, bool accumulate) const {
+    const float* packed = reinterpret_cast<const float*>(packed_.data());
+    const int64_t panels = (N_ + kCols - 1) / kCols;
+    // The last rows, if fewer than kRows, go through a zero-padded copy (one kernel shape).
+    std::vector<float> tail;
+    const int64_t full = n - n % kRows;
+    if (full < n) {
+      tail.assign(kRows * K_, 0.0f);
+      std::copy_n(a + full * K_, (n - full) * K_, tail.data());
+    }
+    for (int64_t p = 0; p < panels; ++p) {
+      const float* panel = packed + p * K_ * kCols;
+      const int64_t cols = std::min(kCols, N_ - p * kCols);
+      for (int64_t r = 0; r < n; r += kRows) {
+        const float* a_r = r < full ? a + r * K_ : tail.data();
+        Block(a_r, panel, c + r * N_ + p * kCols, std::min(kRows, n - r), cols, accumulate);
+      }
+    }
+  }
+
+  // Six rows of a times one 16-column panel, into `rows` rows and `cols` columns of c (row
+  // stride N). Twelve named accumulators, so that they stay in registers.
+  void Block(const float* a, const float* panel, float* c, int64_t rows, int64_t cols,
+             bool accumulate) const {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+           c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    const int64_t K = K_;
+    for (int64_t k = 0; k < K; ++k) {
+      const __m256 b0 = _mm256_loadu_ps(panel + k * kCols);
+      const __m256 b1 = _mm256_loadu_ps(panel + k * kCols + 8);
+      __m256 x = _mm256_broadcast_ss(a + k);
+      c00 = _mm256_fmadd_ps(x, b0, c00);
+      c01 = _mm256_fmadd_ps(x, b1, c01);
+      x = _mm256_broadcast_ss(a + K + k);
+      c10 = _mm256_fmadd_ps(x, b0, c10);
+      c11 = _mm256_fmadd_ps(x, b1, c11);
+      x = _mm256_broadcast_ss(a + 2 * K + k);
+      c20 = _mm256_fmadd_ps(x, b0, c20);
+      c21 = _mm256_fmadd_ps(x, b1, c21);
+      x = _mm256_broadcast_ss(a + 3 * K + k);
+      c30 = _mm256_fmadd_ps(x, b0, c30);
+      c31 = _mm256_fmadd_ps(x, b1, c31);
+      x = _mm256_broadcast_ss(a + 4 * K + k);
+      c40 = _mm256_fmadd_ps(x, b0, c40);
+      c41 = _mm256_fmadd_ps(x, b1, c41);
+      x = _mm256_broadcast_ss(a + 5 * K + k);
+      c50 = _mm256_fmadd_ps(x, b0, c50);
+      c51 = _mm256_fmadd_ps(x, b1, c51);
+    }
+    const __m256 result[kRows][2] = {{c00, c01}, {c10, c11}, {c20, c21},
+                                      {c30, c31}, {c40, c41}, {c50, c51}};
+    for (int64_t r = 0; r < rows; ++r) {
+      float* c_r = c + r * N_;
+      alignas(32) float row[kCols];
+      _mm256_store_ps(row, result[r][0]);
+      _mm256_store_ps(row + 8, result[r][1]);
+      if (accumulate) {
+        for (int64_t j = 0; j < cols; ++j) c_r[j] += row[j];
+      } else {
+        std::copy_n(row, cols, c_r);
+      }
+    }
+  }
+#endif
+
+  const T* u_;
+  const int64_t K_, N_;
+  const bool transpose_;
+  std::vector<T> packed_;
+};
+
+}  // namespace keras_fancyrnn
+
+#endif  // KERAS_FANCYRNN_SMALL_GEMM_H_
