@@ -358,3 +358,31 @@ def test_sequence_kernels_reject_bad_shapes_naming_the_input(library):
                             tf.zeros((9,)))
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"input h0 must have shape"):
         native.rnn_sequence(tf.zeros((5, 2, 3)), tf.zeros((2, 3, 1)), tf.zeros((3, 3)))
+
+
+@pytest.mark.parametrize("kind", SEQUENCE_OPS)
+def test_sequence_kernels_equal_keras_at_a_larger_size(library, kind, rng):
+    """37 units: whole and partial 16-column panels of the float32 product (forward, 4·37 or
+    3·37 columns; backward, 37); batch 13: shards of 6 and 7 rows, so full six-row blocks and a
+    padded remainder."""
+    ours = getattr(fr, kind)(37, return_sequences=True)
+    theirs = getattr(keras.layers, kind)(37, return_sequences=True)
+    for layer in (ours, theirs):
+        layer.build((13, 5, 8))
+    weights = [w + 0.1 * rng.normal(size=w.shape) for w in theirs.get_weights()]
+    ours.set_weights(weights)
+    theirs.set_weights(weights)
+    x = tf.constant(rng.normal(size=(13, 5, 8)).astype("float32"))
+
+    def call(layer):
+        def fn(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x)
+                loss = tf.reduce_sum(tf.sin(y))
+            return [y, *tape.gradient(loss, [x, *layer.trainable_weights])]
+        return fn
+
+    assert SEQUENCE_OPS[kind] + "Grad" in _native_ops(call(ours), x)
+    for a, b in zip(tf.function(call(ours))(x), call(theirs)(x), strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=3e-5)
