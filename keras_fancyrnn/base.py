@@ -286,7 +286,11 @@ class RecurrentCell(SeedStateSaving, keras.layers.Layer, DropoutRNNCell):
         """All timesteps in one kernel: ``x W + b`` for the whole sequence as one matmul, then
         ``sequence_kernel``. ``inputs``: time-major ``[T, B, D]``; ``dropout_mask``: ``None`` or
         one ``[B, D]`` mask. Returns ``(outputs [T, B, units], final states)``."""
-        return self.sequence_kernel(self.project_inputs(inputs, dropout_mask), list(states))
+        if dropout_mask is not None:
+            inputs = inputs * dropout_mask  # one [B, D] mask, broadcast over time
+        bias = None if self.input_bias is None else ops.convert_to_tensor(self.input_bias)
+        xp = native.project(inputs, ops.convert_to_tensor(self.kernel), bias)
+        return self.sequence_kernel(xp, list(states))
 
     def get_config(self):
         config = {

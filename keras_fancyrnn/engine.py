@@ -181,7 +181,7 @@ def _fused(cell, inputs, initial_state, dp_mask, go_backwards, return_sequences)
     with getattr(cell, "_weights_lock", None) or contextlib.nullcontext():
         outputs, states = cell.fused_sequence(xs, list(initial_state), dp_mask)
     sequence = tf.transpose(outputs, [1, 0, 2]) if return_sequences else None
-    return outputs[-1], sequence, list(states)
+    return states[0], sequence, list(states)  # the last output is h_T (all fused cells)
 
 
 def _copies(bptt_truncate, steps_static) -> int:

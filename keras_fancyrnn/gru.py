@@ -82,8 +82,8 @@ class GRUCell(RecurrentCell):
         tanh/sigmoid)."""
         b_rec = (ops.zeros((3 * self.units,), xp.dtype) if self.bias is None
                  else ops.convert_to_tensor(self.bias)[1])
-        h = native.gru_sequence(xp, states[0], ops.convert_to_tensor(self.recurrent_kernel), b_rec)
-        return h, [h[-1]]
+        return native.gru_sequence(xp, states[0], ops.convert_to_tensor(self.recurrent_kernel),
+                                   b_rec)
 
     def get_config(self):
         return {

@@ -87,9 +87,8 @@ class LSTMCell(RecurrentCell):
 
     def sequence_kernel(self, xp, states):
         """``step`` over all of ``xp`` ``[T, B, 4·units]`` in one C++ op (tanh/sigmoid)."""
-        h, c = native.lstm_sequence(xp, states[0], states[1],
+        return native.lstm_sequence(xp, states[0], states[1],
                                     ops.convert_to_tensor(self.recurrent_kernel))
-        return h, [h[-1], c[-1]]
 
     def fused_batch_limit(self, input_dim, dtype):
         """The largest batch for which ``fused_sequence`` runs, 0 where it never does: every

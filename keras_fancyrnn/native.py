@@ -209,22 +209,58 @@ def gru_gates(xp, rec, h_prev):
     return library().keras_fancyrnn_gru_gates(xp, rec, h_prev)
 
 
+def project(x, kernel, bias=None):
+    """``x W + b`` for time-major ``x`` ``[T, B, D]``: one matmul, with its gradient written here.
+
+    TensorFlow's own gradients of a reshape and a bias add keep their inputs alive until the
+    backward pass (for their shapes, where the batch size is unknown), so the ``[T, B, n]``
+    product would be held twice and the sequence kernels could not write their output into it;
+    this gradient needs only ``x`` and ``W``."""
+    from keras_fancyrnn._tf import tf
+
+    @tf.custom_gradient
+    def projected(x, kernel, *bias):
+        shape = tf.shape(x)
+        flat = tf.reshape(x, [-1, x.shape[-1]])
+        y = tf.matmul(flat, kernel)
+        if bias:
+            y = tf.nn.bias_add(y, bias[0])
+
+        def grad(dy):
+            dflat = tf.reshape(dy, [-1, kernel.shape[-1]])
+            dx = tf.reshape(tf.matmul(dflat, kernel, transpose_b=True), shape)
+            return (dx, tf.matmul(flat, dflat, transpose_a=True),
+                    *([tf.reduce_sum(dflat, axis=0)] if bias else []))
+
+        return tf.reshape(y, tf.concat([shape[:-1], tf.shape(kernel)[-1:]], axis=0)), grad
+
+    # Values, not variables (read here, outside the custom gradient), so that the gradient
+    # reaches the variables through the reads.
+    kernel = tf.identity(kernel)
+    y = projected(x, kernel, *([] if bias is None else [tf.identity(bias)]))
+    return tf.ensure_shape(y, x.shape[:-1].concatenate(kernel.shape[-1:]))
+
+
 def lstm_sequence(xp, h0, c0, u):
-    """All steps of an LSTM: ``(h [T, B, H], c [T, B, H])`` from ``xp = x W + b`` ``[T, B, 4H]``
+    """All steps of an LSTM: ``(h [T, B, H], [h_T, c_T])`` from ``xp = x W + b`` ``[T, B, 4H]``
     (time-major), the initial states ``h0``, ``c0`` and the recurrent kernel ``u``."""
-    _, h, c = library().keras_fancyrnn_lstm_sequence(xp, h0, c0, u)
-    return h, c
+    _, h, _, h_last, c_last = library().keras_fancyrnn_lstm_sequence(xp, h0, c0, u)
+    return h, [h_last, c_last]
 
 
 def gru_sequence(xp, h0, u, b_rec):
-    """All steps of a GRU (``reset_after=True``): ``h [T, B, H]`` from ``xp = x W + b_in``
-    ``[T, B, 3H]``, ``h0``, the recurrent kernel ``u`` and the recurrent bias ``b_rec``."""
-    return library().keras_fancyrnn_gru_sequence(xp, h0, u, b_rec)[0]
+    """All steps of a GRU (``reset_after=True``): ``(h [T, B, H], [h_T])`` from
+    ``xp = x W + b_in`` ``[T, B, 3H]``, ``h0``, the recurrent kernel ``u`` and the recurrent bias
+    ``b_rec``."""
+    h, _, h_last = library().keras_fancyrnn_gru_sequence(xp, h0, u, b_rec)
+    return h, [h_last]
 
 
 def rnn_sequence(xp, h0, u):
-    """All steps of a tanh SimpleRNN: ``h [T, B, H]`` from ``xp = x W + b`` ``[T, B, H]``."""
-    return library().keras_fancyrnn_rnn_sequence(xp, h0, u)
+    """All steps of a tanh SimpleRNN: ``(h [T, B, H], [h_T])`` from ``xp = x W + b``
+    ``[T, B, H]``."""
+    h, h_last = library().keras_fancyrnn_rnn_sequence(xp, h0, u)
+    return h, [h_last]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,6 +309,13 @@ def _absent(grad):
     return grad.shape.rank == 1
 
 
+def _present(grad, like):
+    """``grad``, or zeros shaped as ``like`` where it is the empty marker."""
+    from keras_fancyrnn._tf import tf
+
+    return tf.zeros_like(like) if _absent(grad) else grad
+
+
 def _scan_back(step, sequences, initializer):
     """``tf.scan`` from the last step to the first; returns the stacked outputs."""
     from keras_fancyrnn._tf import tf
@@ -280,11 +323,11 @@ def _scan_back(step, sequences, initializer):
     return tf.scan(step, sequences, initializer=initializer, reverse=True)
 
 
-def lstm_sequence_backward(dh, dc, dz_in, z, c, c0, u):
+def lstm_sequence_backward(dh, dc, dz_in, z, c, c0, u, dh_last, dc_last):
     """``(dz, dh0, dc0)`` of ``KerasFancyrnnLstmSequenceGrad`` with TensorFlow ops."""
     from keras_fancyrnn._tf import tf
 
-    dz_in = tf.zeros_like(z) if _absent(dz_in) else dz_in
+    dh, dc, dz_in = _present(dh, c), _present(dc, c), _present(dz_in, z)
 
     def step(carry, xs):
         dh_t, dc_t, dz_in_t, z_t, c_prev = xs
@@ -292,17 +335,16 @@ def lstm_sequence_backward(dh, dc, dz_in, z, c, c0, u):
         dz_t = dz_t + dz_in_t
         return tf.matmul(dz_t, u, transpose_b=True), dc_prev, dz_t
 
-    zeros = tf.zeros_like(c0)
     dh_back, dc_back, dz = _scan_back(step, (dh, dc, dz_in, z, _previous(c0, c)),
-                                      (zeros, zeros, tf.zeros_like(z[0])))
-    return dz, dh_back[0], dc_back[0]
+                                      (dh_last, dc_last, tf.zeros_like(z[0])))
+    return dz, _first(dh_back, dh_last), _first(dc_back, dc_last)
 
 
-def gru_sequence_backward(dh, drec_in, xp, rec, h, h0, u):
+def gru_sequence_backward(dh, drec_in, xp, rec, h, h0, u, dh_last):
     """``(dxp, drec, dh0)`` of ``KerasFancyrnnGruSequenceGrad`` with TensorFlow ops."""
     from keras_fancyrnn._tf import tf
 
-    drec_in = tf.zeros_like(rec) if _absent(drec_in) else drec_in
+    dh, drec_in = _present(dh, h), _present(drec_in, rec)
 
     def step(carry, xs):
         dh_t, drec_in_t, xp_t, rec_t, h_prev = xs
@@ -311,37 +353,69 @@ def gru_sequence_backward(dh, drec_in, xp, rec, h, h0, u):
         return tf.matmul(drec_t, u, transpose_b=True) + direct, dxp_t, drec_t
 
     dh_back, dxp, drec = _scan_back(step, (dh, drec_in, xp, rec, _previous(h0, h)),
-                                    (tf.zeros_like(h0), tf.zeros_like(xp[0]),
-                                     tf.zeros_like(rec[0])))
-    return dxp, drec, dh_back[0]
+                                    (dh_last, tf.zeros_like(xp[0]), tf.zeros_like(rec[0])))
+    return dxp, drec, _first(dh_back, dh_last)
 
 
-def rnn_sequence_backward(dh, h, h0, u):
+def rnn_sequence_backward(dh, h, h0, u, dh_last):
     """``(dz, dh0)`` of ``KerasFancyrnnRnnSequenceGrad`` with TensorFlow ops."""
     from keras_fancyrnn._tf import tf
+
+    dh = _present(dh, h)
 
     def step(carry, xs):
         dh_t, h_t = xs
         dz_t = (dh_t + carry[0]) * (1 - h_t * h_t)
         return tf.matmul(dz_t, u, transpose_b=True), dz_t
 
-    dh_back, dz = _scan_back(step, (dh, h), (tf.zeros_like(h0), tf.zeros_like(h[0])))
-    return dz, dh_back[0]
+    dh_back, dz = _scan_back(step, (dh, h), (dh_last, tf.zeros_like(h[0])))
+    return dz, _first(dh_back, dh_last)
 
 
-def _sum_over_steps(a, b):
-    """``sum_t a_t^T b_t`` for ``[T, B, m]`` and ``[T, B, n]``: one ``[m, T·B] x [T·B, n]``
-    matmul (the recurrent kernel's gradient, outside the sequence kernels)."""
+def _first(stacked, default):
+    """The first step of a backward scan's stacked carries (``default`` for no steps)."""
     from keras_fancyrnn._tf import tf
 
-    return tf.matmul(tf.reshape(a, [-1, a.shape[-1]]), tf.reshape(b, [-1, b.shape[-1]]),
+    return tf.cond(tf.shape(stacked)[0] > 0, lambda: stacked[0], lambda: default)
+
+
+def _recurrent_kernel_gradient(h0, h, dz):
+    """``sum_t h_{t-1}^T dz_t`` (``h_{-1} = h0``): ``h0^T dz_0`` plus one
+    ``[H, (T-1)·B] x [(T-1)·B, n]`` matmul over slices, which share the sequences' memory (a
+    concatenation ``[h0, h_0, ...]`` would copy all of ``h``)."""
+    from keras_fancyrnn._tf import tf
+
+    rest = tf.matmul(tf.reshape(h[:-1], [-1, h.shape[-1]]), tf.reshape(dz[1:], [-1, dz.shape[-1]]),
                      transpose_a=True)
+    return rest + tf.matmul(h0, tf.reduce_sum(dz[:1], axis=0), transpose_a=True)
+
+
+def _known_zero(grad) -> bool:
+    """Whether ``grad`` is None or, in a graph, a fill of zeros: what TensorFlow passes for the
+    outputs of an op that nothing downstream used (it fills zeros for every output of an op
+    with any gradient)."""
+    import numpy as np
+
+    from keras_fancyrnn._tf import tf
+
+    if grad is None:
+        return True
+    if tf.executing_eagerly() or isinstance(grad, tf.IndexedSlices):
+        return False
+    op = grad.op
+    if op.type == "ZerosLike":
+        return True
+    value = (tf.get_static_value(op.inputs[1]) if op.type == "Fill"
+             else tf.get_static_value(grad) if op.type == "Const" else None)
+    return value is not None and not np.any(value)
 
 
 def _optional(grad, like):
+    """``grad`` for a sequence gradient kernel, or its empty marker where it is known to be zero
+    (no ``[T, B, ...]`` zeros to allocate, read and add)."""
     from keras_fancyrnn._tf import tf
 
-    return tf.zeros([0], like.dtype) if grad is None else grad
+    return tf.zeros([0], like.dtype) if _known_zero(grad) else grad
 
 
 def _zeros_for_none(grads, outputs):
@@ -390,31 +464,36 @@ def _register_gradients():
     # The sequence kernels. Their gradient kernels run the step-by-step part of backpropagation
     # through time; the recurrent kernel's gradient is one large matmul here.
 
+    # Gradients of sequence outputs nobody used (None in a graph) go to the kernels as empty
+    # markers, not as [T, B, ...] zeros: a layer that returns only its final state then sends no
+    # sequence-sized gradient back.
+
     @tf.RegisterGradient("KerasFancyrnnLstmSequence")
-    def _lstm_sequence(op, dz, dh, dc):
+    def _lstm_sequence(op, dz, dh, dc, dh_last, dc_last):
         _, h0, c0, u = op.inputs
-        z, h, c = op.outputs
-        dh, dc = _zeros_for_none((dh, dc), (h, c))
+        z, h, c, *last = op.outputs
+        dh_last, dc_last = _zeros_for_none((dh_last, dc_last), last)
         dz, dh0, dc0 = library().keras_fancyrnn_lstm_sequence_grad(
-            dh, dc, _optional(dz, z), z, c, c0, u)
-        return dz, dh0, dc0, _sum_over_steps(_previous(h0, h), dz)
+            _optional(dh, h), _optional(dc, c), _optional(dz, z), z, c, c0, u, dh_last, dc_last)
+        return dz, dh0, dc0, _recurrent_kernel_gradient(h0, h, dz)
 
     @tf.RegisterGradient("KerasFancyrnnGruSequence")
-    def _gru_sequence(op, dh, drec):
+    def _gru_sequence(op, dh, drec, dh_last):
         xp, h0, u, _ = op.inputs
-        h, rec = op.outputs
-        (dh,) = _zeros_for_none((dh,), (h,))
+        h, rec, last = op.outputs
+        (dh_last,) = _zeros_for_none((dh_last,), (last,))
         dxp, drec, dh0 = library().keras_fancyrnn_gru_sequence_grad(
-            dh, _optional(drec, rec), xp, rec, h, h0, u)
-        return (dxp, dh0, _sum_over_steps(_previous(h0, h), drec),
+            _optional(dh, h), _optional(drec, rec), xp, rec, h, h0, u, dh_last)
+        return (dxp, dh0, _recurrent_kernel_gradient(h0, h, drec),
                 tf.reduce_sum(drec, axis=[0, 1]))
 
     @tf.RegisterGradient("KerasFancyrnnRnnSequence")
-    def _rnn_sequence(op, dh):
+    def _rnn_sequence(op, dh, dh_last):
         _, h0, u = op.inputs
-        h = op.outputs[0]
-        dz, dh0 = library().keras_fancyrnn_rnn_sequence_grad(dh, h, h0, u)
-        return dz, dh0, _sum_over_steps(_previous(h0, h), dz)
+        h, last = op.outputs
+        (dh_last,) = _zeros_for_none((dh_last,), (last,))
+        dz, dh0 = library().keras_fancyrnn_rnn_sequence_grad(_optional(dh, h), h, h0, u, dh_last)
+        return dz, dh0, _recurrent_kernel_gradient(h0, h, dz)
 
     @tf.RegisterGradient("KerasFancyrnnLstmSequenceGrad")
     def _lstm_sequence_second(op, *grads):

@@ -36,8 +36,7 @@ class SimpleRNNCell(RecurrentCell):
 
     def sequence_kernel(self, xp, states):
         """``step`` over all of ``xp`` ``[T, B, units]`` in one C++ op (tanh only)."""
-        h = native.rnn_sequence(xp, states[0], ops.convert_to_tensor(self.recurrent_kernel))
-        return h, [h[-1]]
+        return native.rnn_sequence(xp, states[0], ops.convert_to_tensor(self.recurrent_kernel))
 
 
 @keras.saving.register_keras_serializable(package="keras_fancyrnn")

@@ -286,19 +286,25 @@ def test_sequence_kernels_equal_keras(library, kind, go_backwards, rng):
 
 
 def _sequence_loss(library, kind, weights):
-    """A float64 loss of the raw sequence op that uses every output (also ``z`` / ``rec``, so the
-    gradient kernels' optional inputs are exercised), as a function of ``xp`` and the rest."""
+    """A float64 loss of the raw sequence op that uses every output (also ``z`` / ``rec`` and the
+    final states, so every gradient input of the gradient kernels is exercised), as a function
+    of ``xp`` and the rest."""
+    def last(*states):
+        return sum(tf.reduce_sum(tf.sin((k + 2) * s)) for k, s in enumerate(states))
+
     def lstm(xp, h0, c0, u):
-        z, h, c = library.keras_fancyrnn_lstm_sequence(xp, h0, c0, u)
+        z, h, c, h_last, c_last = library.keras_fancyrnn_lstm_sequence(xp, h0, c0, u)
         return tf.reduce_sum(h * weights[0] + c * c * weights[1]) + tf.reduce_sum(
-            tf.sin(z)[..., :1])
+            tf.sin(z)[..., :1]) + last(h_last, c_last)
 
     def gru(xp, h0, u, b_rec):
-        h, rec = library.keras_fancyrnn_gru_sequence(xp, h0, u, b_rec)
-        return tf.reduce_sum(h ** 3 * weights[0]) + tf.reduce_sum(tf.sin(rec)[..., :1])
+        h, rec, h_last = library.keras_fancyrnn_gru_sequence(xp, h0, u, b_rec)
+        return tf.reduce_sum(h ** 3 * weights[0]) + tf.reduce_sum(tf.sin(rec)[..., :1]) + last(
+            h_last)
 
     def rnn(xp, h0, u):
-        return tf.reduce_sum(library.keras_fancyrnn_rnn_sequence(xp, h0, u) ** 3 * weights[0])
+        h, h_last = library.keras_fancyrnn_rnn_sequence(xp, h0, u)
+        return tf.reduce_sum(h ** 3 * weights[0]) + last(h_last)
 
     return {"LSTM": lstm, "GRU": gru, "SimpleRNN": rnn}[kind]
 
@@ -386,3 +392,39 @@ def test_sequence_kernels_equal_keras_at_a_larger_size(library, kind, rng):
     assert SEQUENCE_OPS[kind] + "Grad" in _native_ops(call(ours), x)
     for a, b in zip(tf.function(call(ours))(x), call(theirs)(x), strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=3e-5)
+
+
+def test_gradients_of_unused_sequence_outputs_are_not_materialised(library, rng):
+    """TensorFlow fills zeros for the unused outputs of an op with a gradient (here the h and c
+    sequences and z of a layer that returns only its last output); the gradient kernel gets the
+    empty marker instead of [T, B, ...] zeros (the memory of training), and the gradients stay
+    equal to keras.layers'."""
+    ours, theirs = _copied("LSTM", rng)
+    for layer in (ours, theirs):
+        layer.return_sequences = False
+    x = tf.constant(rng.normal(size=(4, 9, 8)).astype("float32"))
+
+    def call(layer):
+        def fn(x):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(layer(x) ** 2)
+            return tape.gradient(loss, layer.trainable_weights)
+        return fn
+
+    graph = tf.function(call(ours)).get_concrete_function(x).graph
+    (grad_op,) = [op for op in graph.get_operations()
+                  if op.type == "KerasFancyrnnLstmSequenceGrad"]
+    assert [t.shape.as_list() for t in grad_op.inputs[:3]] == [[0], [0], [0]]
+    for a, b in zip(tf.function(call(ours))(x), call(theirs)(x), strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-5)
+
+    @tf.function
+    def fills():
+        big = tf.ones((40, 40))
+        markers = [native._known_zero(t) for t in (
+            None, tf.zeros_like(big), tf.zeros((40, 40)), tf.zeros((2,)), tf.ones((2,)),
+            big * 0, tf.fill([3], 0.5))]
+        assert markers == [True, True, True, True, False, False, False], markers
+        return big
+
+    fills()

@@ -118,9 +118,25 @@ inline const T* Prev(const T* seq, const T* initial, int64_t t, int64_t B, int64
   return t == 0 ? initial + b * w : At(seq, t - 1, B, b, w);
 }
 
+// Rows [lo, hi) of the state after the last step (the initial state if there is no step) into
+// `last` [B, H].
+template <typename T>
+void CopyLast(const T* seq, const T* initial, int64_t S, int64_t B, int64_t H, int64_t lo,
+              int64_t hi, T* last) {
+  std::copy_n(Prev<T>(seq, initial, S, B, lo, H), (hi - lo) * H, last + lo * H);
+}
+
+// Rows [lo, hi) of an optional [T, B, H] gradient at step t added to `carry` (rows lo.. of it).
+template <typename T>
+void AddStep(const T* grad, int64_t t, int64_t B, int64_t H, int64_t lo, int64_t hi, T* carry) {
+  if (grad == nullptr) return;
+  Out<T>(carry, (hi - lo) * H) += In<T>(At(grad, t, B, lo, H), (hi - lo) * H);
+}
+
 // ---------------------------------------------------------------------------------------------
 // LSTM. Inputs xp [T, B, 4H], h0, c0 [B, H], u [H, 4H]. Outputs z = xp + h_{t-1} U [T, B, 4H]
-// (in xp's buffer where TensorFlow allows), h, c [T, B, H].
+// (in xp's buffer where TensorFlow allows), h, c [T, B, H], and the final h_T, c_T [B, H] (their
+// own outputs, so that a layer that returns only them sends no [T, B, H] gradient back).
 
 template <typename T>
 class LstmSequence : public OpKernel {
@@ -140,7 +156,10 @@ class LstmSequence : public OpKernel {
     T* z = Output<T>(ctx, 0, xp.shape(), 0);
     T* h = Output<T>(ctx, 1, TensorShape({S, B, H}));
     T* c = Output<T>(ctx, 2, TensorShape({S, B, H}));
-    if (z == nullptr || h == nullptr || c == nullptr) return;
+    T* h_last = Output<T>(ctx, 3, h0.shape());
+    T* c_last = Output<T>(ctx, 4, h0.shape());
+    if (z == nullptr || h == nullptr || c == nullptr || h_last == nullptr || c_last == nullptr)
+      return;
     if (z != Ptr<T>(ctx, 0)) std::copy_n(Ptr<T>(ctx, 0), xp.NumElements(), z);
     const T *h_0 = Ptr<T>(ctx, 1), *c_0 = Ptr<T>(ctx, 2);
     const RecurrentKernel<T> u(Ptr<T>(ctx, 3), H, 4 * H, false);
@@ -152,12 +171,14 @@ class LstmSequence : public OpKernel {
                      At(h, t, B, b, H), At(c, t, B, b, H), H);
         }
       }
+      CopyLast<T>(h, h_0, S, B, H, lo, hi, h_last);
+      CopyLast<T>(c, c_0, S, B, H, lo, hi, c_last);
     });
   }
 };
 
-// Inputs dh, dc [T, B, H] (gradients of the h and c sequences), dz_in (gradient of the z output:
-// empty, or [T, B, 4H]), z, c, c0, u. Outputs dz [T, B, 4H] (= d xp; in z's buffer where
+// Inputs dh, dc (gradients of the h and c sequences), dz_in (of the z output; each empty where
+// there is none, else [T, B, H] or [T, B, 4H]), z, c, c0, u, dh_last, dc_last [B, H]. Outputs dz [T, B, 4H] (= d xp; in z's buffer where
 // TensorFlow allows), dh0, dc0.
 template <typename T>
 class LstmSequenceGrad : public OpKernel {
@@ -166,39 +187,42 @@ class LstmSequenceGrad : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& c0 = ctx->input(5);
-    Shapes shapes(ctx, {"dh", "dc", "dz_in", "z", "c", "c0", "u"});
+    Shapes shapes(ctx, {"dh", "dc", "dz_in", "z", "c", "c0", "u", "dh_last", "dc_last"});
     if (!shapes.Check(5, {-1, -1})) return;
     const int64_t B = c0.dim_size(0), H = c0.dim_size(1), S = ctx->input(3).dim_size(0);
-    if (!shapes.Check(3, {-1, B, 4 * H}) || !shapes.Check(0, {S, B, H}) ||
-        !shapes.Check(1, {S, B, H}) || !shapes.CheckOptional(2, {S, B, 4 * H}) ||
-        !shapes.Check(4, {S, B, H}) || !shapes.Check(6, {H, 4 * H}))
+    if (!shapes.Check(3, {-1, B, 4 * H}) || !shapes.CheckOptional(0, {S, B, H}) ||
+        !shapes.CheckOptional(1, {S, B, H}) || !shapes.CheckOptional(2, {S, B, 4 * H}) ||
+        !shapes.Check(4, {S, B, H}) || !shapes.Check(6, {H, 4 * H}) ||
+        !shapes.Check(7, {B, H}) || !shapes.Check(8, {B, H}))
       return;
     const T *z = Ptr<T>(ctx, 3), *dz_in = OptionalPtr<T>(ctx, 2);
     T* dz = Output<T>(ctx, 0, ctx->input(3).shape(), 3);
     T* dh0 = Output<T>(ctx, 1, c0.shape());
     T* dc0 = Output<T>(ctx, 2, c0.shape());
     if (dz == nullptr || dh0 == nullptr || dc0 == nullptr) return;
-    const T *dh = Ptr<T>(ctx, 0), *dc = Ptr<T>(ctx, 1), *c = Ptr<T>(ctx, 4), *c_0 = Ptr<T>(ctx, 5);
+    const T *dh = OptionalPtr<T>(ctx, 0), *dc = OptionalPtr<T>(ctx, 1), *c = Ptr<T>(ctx, 4),
+            *c_0 = Ptr<T>(ctx, 5), *dh_last = Ptr<T>(ctx, 7), *dc_last = Ptr<T>(ctx, 8);
     const RecurrentKernel<T> u_t(Ptr<T>(ctx, 6), 4 * H, H, true);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi) {
       const int64_t n = hi - lo;
       // dh_carry = dz_{t+1} U^T and dc_carry = ∂ℓ/∂c_t through c_{t+1}, for this shard's rows.
-      MatOut<T> dh_carry(dh0 + lo * H, n, H), dc_carry(dc0 + lo * H, n, H);
-      dh_carry.setZero();
-      dc_carry.setZero();
-      Vec<T> dh_t(H), dc_t(H);
+      T *dh_carry = dh0 + lo * H, *dc_carry = dc0 + lo * H;
+      std::copy_n(dh_last + lo * H, n * H, dh_carry);
+      std::copy_n(dc_last + lo * H, n * H, dc_carry);
+      Vec<T> dc_t(H);
       LstmScratch<T> scratch(H);
       for (int64_t t = S - 1; t >= 0; --t) {
+        AddStep(dh, t, B, H, lo, hi, dh_carry);  // now the total ∂ℓ/∂h_t
+        AddStep(dc, t, B, H, lo, hi, dc_carry);
         for (int64_t b = lo; b < hi; ++b) {
-          T* dcb = dc_carry.data() + (b - lo) * H;
-          dh_t = In<T>(At(dh, t, B, b, H), H) + In<T>(dh_carry.data() + (b - lo) * H, H);
-          dc_t = In<T>(At(dc, t, B, b, H), H) + In<T>(dcb, H);
+          T* dcb = dc_carry + (b - lo) * H;
+          dc_t = In<T>(dcb, H);
           T* dzb = At(dz, t, B, b, 4 * H);
-          LstmRowGrad<T>(dh_t.data(), dc_t.data(), At(z, t, B, b, 4 * H),
+          LstmRowGrad<T>(dh_carry + (b - lo) * H, dc_t.data(), At(z, t, B, b, 4 * H),
                          Prev<T>(c, c_0, t, B, b, H), nullptr, dzb, dcb, nullptr, H, scratch);
           if (dz_in != nullptr) Out<T>(dzb, 4 * H) += In<T>(At(dz_in, t, B, b, 4 * H), 4 * H);
         }
-        u_t.Multiply(At(dz, t, B, lo, 4 * H), n, dh_carry.data(), false);
+        u_t.Multiply(At(dz, t, B, lo, 4 * H), n, dh_carry, false);
       }
     });
   }
@@ -206,7 +230,7 @@ class LstmSequenceGrad : public OpKernel {
 
 // ---------------------------------------------------------------------------------------------
 // GRU (reset_after=True). Inputs xp [T, B, 3H] (x W + b_in), h0 [B, H], u [H, 3H], b_rec [3H].
-// Outputs h [T, B, H], rec = h_{t-1} U + b_rec [T, B, 3H] (kept for the gradient).
+// Outputs h [T, B, H], rec = h_{t-1} U + b_rec [T, B, 3H] (kept for the gradient), h_T [B, H].
 
 template <typename T>
 class GruSequence : public OpKernel {
@@ -224,7 +248,8 @@ class GruSequence : public OpKernel {
     const int64_t S = ctx->input(0).dim_size(0);
     T* h = Output<T>(ctx, 0, TensorShape({S, B, H}));
     T* rec = Output<T>(ctx, 1, ctx->input(0).shape());
-    if (h == nullptr || rec == nullptr) return;
+    T* h_last = Output<T>(ctx, 2, h0.shape());
+    if (h == nullptr || rec == nullptr || h_last == nullptr) return;
     const T *xp = Ptr<T>(ctx, 0), *h_0 = Ptr<T>(ctx, 1);
     const RecurrentKernel<T> u(Ptr<T>(ctx, 2), H, 3 * H, false);
     Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>> b_rec(Ptr<T>(ctx, 3), 3 * H);
@@ -239,12 +264,14 @@ class GruSequence : public OpKernel {
                     At(h, t, B, b, H), H, scratch);
         }
       }
+      CopyLast<T>(h, h_0, S, B, H, lo, hi, h_last);
     });
   }
 };
 
-// Inputs dh [T, B, H], drec_in (gradient of the rec output: empty or [T, B, 3H]), xp, rec, h, h0,
-// u. Outputs d xp, d rec [T, B, 3H] and dh0.
+// Inputs dh, drec_in (gradients of the h and rec outputs: each empty where there is none, else
+// [T, B, H] or [T, B, 3H]), xp, rec, h, h0, u, dh_last [B, H]. Outputs d xp, d rec [T, B, 3H]
+// and dh0.
 template <typename T>
 class GruSequenceGrad : public OpKernel {
  public:
@@ -252,32 +279,33 @@ class GruSequenceGrad : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& h0 = ctx->input(5);
-    Shapes shapes(ctx, {"dh", "drec_in", "xp", "rec", "h", "h0", "u"});
+    Shapes shapes(ctx, {"dh", "drec_in", "xp", "rec", "h", "h0", "u", "dh_last"});
     if (!shapes.Check(5, {-1, -1})) return;
     const int64_t B = h0.dim_size(0), H = h0.dim_size(1), S = ctx->input(2).dim_size(0);
-    if (!shapes.Check(2, {-1, B, 3 * H}) || !shapes.Check(0, {S, B, H}) ||
+    if (!shapes.Check(2, {-1, B, 3 * H}) || !shapes.CheckOptional(0, {S, B, H}) ||
         !shapes.CheckOptional(1, {S, B, 3 * H}) || !shapes.Check(3, {S, B, 3 * H}) ||
-        !shapes.Check(4, {S, B, H}) || !shapes.Check(6, {H, 3 * H}))
+        !shapes.Check(4, {S, B, H}) || !shapes.Check(6, {H, 3 * H}) || !shapes.Check(7, {B, H}))
       return;
     T* dxp = Output<T>(ctx, 0, ctx->input(2).shape());
     T* drec = Output<T>(ctx, 1, ctx->input(3).shape());
     T* dh0 = Output<T>(ctx, 2, h0.shape());
     if (dxp == nullptr || drec == nullptr || dh0 == nullptr) return;
-    const T *dh = Ptr<T>(ctx, 0), *drec_in = OptionalPtr<T>(ctx, 1), *xp = Ptr<T>(ctx, 2),
-            *rec = Ptr<T>(ctx, 3), *h = Ptr<T>(ctx, 4), *h_0 = Ptr<T>(ctx, 5);
+    const T *dh = OptionalPtr<T>(ctx, 0), *drec_in = OptionalPtr<T>(ctx, 1), *xp = Ptr<T>(ctx, 2),
+            *rec = Ptr<T>(ctx, 3), *h = Ptr<T>(ctx, 4), *h_0 = Ptr<T>(ctx, 5),
+            *dh_last = Ptr<T>(ctx, 7);
     const RecurrentKernel<T> u_t(Ptr<T>(ctx, 6), 3 * H, H, true);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi) {
       const int64_t n = hi - lo;
       MatOut<T> dh_carry(dh0 + lo * H, n, H);  // ∂ℓ/∂h_t through step t + 1
-      dh_carry.setZero();
+      std::copy_n(dh_last + lo * H, n * H, dh_carry.data());
       RowMat<T> direct(n, H);  // the part of ∂ℓ/∂h_{t-1} that does not pass through rec
-      Vec<T> dh_t(H);
       GruScratch<T> scratch(H);
       for (int64_t t = S - 1; t >= 0; --t) {
+        AddStep(dh, t, B, H, lo, hi, dh_carry.data());  // now the total ∂ℓ/∂h_t
         for (int64_t b = lo; b < hi; ++b) {
-          dh_t = In<T>(At(dh, t, B, b, H), H) + In<T>(dh_carry.data() + (b - lo) * H, H);
           T* drb = At(drec, t, B, b, 3 * H);
-          GruRowGrad<T>(dh_t.data(), At(xp, t, B, b, 3 * H), At(rec, t, B, b, 3 * H),
+          GruRowGrad<T>(dh_carry.data() + (b - lo) * H, At(xp, t, B, b, 3 * H),
+                        At(rec, t, B, b, 3 * H),
                         Prev<T>(h, h_0, t, B, b, H), At(dxp, t, B, b, 3 * H), drb,
                         direct.data() + (b - lo) * H, H, scratch);
           if (drec_in != nullptr) Out<T>(drb, 3 * H) += In<T>(At(drec_in, t, B, b, 3 * H), 3 * H);
@@ -291,7 +319,7 @@ class GruSequenceGrad : public OpKernel {
 
 // ---------------------------------------------------------------------------------------------
 // SimpleRNN with tanh: h_t = tanh(xp_t + h_{t-1} U). Inputs xp [T, B, H], h0 [B, H], u [H, H].
-// Output h [T, B, H] (in xp's buffer where TensorFlow allows).
+// Outputs h [T, B, H] (in xp's buffer where TensorFlow allows) and h_T [B, H].
 
 template <typename T>
 class RnnSequence : public OpKernel {
@@ -307,7 +335,8 @@ class RnnSequence : public OpKernel {
     const Tensor& xp = ctx->input(0);
     const int64_t S = xp.dim_size(0);
     T* h = Output<T>(ctx, 0, xp.shape(), 0);
-    if (h == nullptr) return;
+    T* h_last = Output<T>(ctx, 1, h0.shape());
+    if (h == nullptr || h_last == nullptr) return;
     if (h != Ptr<T>(ctx, 0)) std::copy_n(Ptr<T>(ctx, 0), xp.NumElements(), h);
     const T* h_0 = Ptr<T>(ctx, 1);
     const RecurrentKernel<T> u(Ptr<T>(ctx, 2), H, H, false);
@@ -317,12 +346,13 @@ class RnnSequence : public OpKernel {
         u.Multiply(Prev<T>(h, h_0, t, B, lo, H), hi - lo, h_t.data(), true);
         h_t = h_t.array().tanh().matrix();
       }
+      CopyLast<T>(h, h_0, S, B, H, lo, hi, h_last);
     });
   }
 };
 
-// Inputs dh [T, B, H], h, h0, u. Outputs dz [T, B, H] (= d xp; in dh's buffer where TensorFlow
-// allows) and dh0.
+// Inputs dh (gradient of the h sequence: empty where there is none, else [T, B, H]), h, h0, u,
+// dh_last [B, H]. Outputs dz [T, B, H] (= d xp; in dh's buffer where TensorFlow allows) and dh0.
 template <typename T>
 class RnnSequenceGrad : public OpKernel {
  public:
@@ -330,27 +360,26 @@ class RnnSequenceGrad : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& h0 = ctx->input(2);
-    Shapes shapes(ctx, {"dh", "h", "h0", "u"});
+    Shapes shapes(ctx, {"dh", "h", "h0", "u", "dh_last"});
     if (!shapes.Check(2, {-1, -1})) return;
     const int64_t B = h0.dim_size(0), H = h0.dim_size(1), S = ctx->input(1).dim_size(0);
-    if (!shapes.Check(1, {-1, B, H}) || !shapes.Check(0, {S, B, H}) ||
-        !shapes.Check(3, {H, H}))
+    if (!shapes.Check(1, {-1, B, H}) || !shapes.CheckOptional(0, {S, B, H}) ||
+        !shapes.Check(3, {H, H}) || !shapes.Check(4, {B, H}))
       return;
-    const T *dh = Ptr<T>(ctx, 0), *h = Ptr<T>(ctx, 1);
-    T* dz = Output<T>(ctx, 0, ctx->input(0).shape(), 0);
+    const T *dh = OptionalPtr<T>(ctx, 0), *h = Ptr<T>(ctx, 1), *dh_last = Ptr<T>(ctx, 4);
+    T* dz = Output<T>(ctx, 0, ctx->input(1).shape(), dh == nullptr ? -1 : 0);
     T* dh0 = Output<T>(ctx, 1, h0.shape());
     if (dz == nullptr || dh0 == nullptr) return;
     const RecurrentKernel<T> u_t(Ptr<T>(ctx, 3), H, H, true);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi) {
       const int64_t n = hi - lo;
-      MatOut<T> dh_carry(dh0 + lo * H, n, H);
-      dh_carry.setZero();
+      T* dh_carry = dh0 + lo * H;
+      std::copy_n(dh_last + lo * H, n * H, dh_carry);
       for (int64_t t = S - 1; t >= 0; --t) {
-        Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> dz_t(At(dz, t, B, lo, H), n * H);
-        Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>> h_t(At(h, t, B, lo, H), n * H),
-            dh_t(At(dh, t, B, lo, H), n * H);
-        dz_t = (dh_t + In<T>(dh_carry.data(), n * H)) * (T(1) - h_t * h_t);
-        u_t.Multiply(At(dz, t, B, lo, H), n, dh_carry.data(), false);
+        AddStep(dh, t, B, H, lo, hi, dh_carry);  // now the total ∂ℓ/∂h_t
+        In<T> h_t(At(h, t, B, lo, H), n * H);
+        Out<T>(At(dz, t, B, lo, H), n * H) = In<T>(dh_carry, n * H) * (T(1) - h_t * h_t);
+        u_t.Multiply(At(dz, t, B, lo, H), n, dh_carry, false);
       }
     });
   }
@@ -372,13 +401,15 @@ absl::Status SequenceShapes(InferenceContext* ctx, int sequence, int state,
 
 REGISTER_OP("KerasFancyrnnLstmSequence")
     .Input("xp: T").Input("h0: T").Input("c0: T").Input("u: T")
-    .Output("z: T").Output("h: T").Output("c: T")
+    .Output("z: T").Output("h: T").Output("c: T").Output("h_last: T").Output("c_last: T")
     .Attr("T: {float, double}")
-    .SetShapeFn([](InferenceContext* c) { return SequenceShapes(c, 0, 1, {1, 2}, {{0, 0}}); });
+    .SetShapeFn([](InferenceContext* c) {
+      return SequenceShapes(c, 0, 1, {1, 2}, {{0, 0}, {3, 1}, {4, 1}});
+    });
 
 REGISTER_OP("KerasFancyrnnLstmSequenceGrad")
     .Input("dh: T").Input("dc: T").Input("dz_in: T").Input("z: T").Input("c: T").Input("c0: T")
-    .Input("u: T")
+    .Input("u: T").Input("dh_last: T").Input("dc_last: T")
     .Output("dz: T").Output("dh0: T").Output("dc0: T")
     .Attr("T: {float, double}")
     .SetShapeFn([](InferenceContext* c) {
@@ -387,13 +418,15 @@ REGISTER_OP("KerasFancyrnnLstmSequenceGrad")
 
 REGISTER_OP("KerasFancyrnnGruSequence")
     .Input("xp: T").Input("h0: T").Input("u: T").Input("b_rec: T")
-    .Output("h: T").Output("rec: T")
+    .Output("h: T").Output("rec: T").Output("h_last: T")
     .Attr("T: {float, double}")
-    .SetShapeFn([](InferenceContext* c) { return SequenceShapes(c, 0, 1, {0}, {{1, 0}}); });
+    .SetShapeFn([](InferenceContext* c) {
+      return SequenceShapes(c, 0, 1, {0}, {{1, 0}, {2, 1}});
+    });
 
 REGISTER_OP("KerasFancyrnnGruSequenceGrad")
     .Input("dh: T").Input("drec_in: T").Input("xp: T").Input("rec: T").Input("h: T")
-    .Input("h0: T").Input("u: T")
+    .Input("h0: T").Input("u: T").Input("dh_last: T")
     .Output("dxp: T").Output("drec: T").Output("dh0: T")
     .Attr("T: {float, double}")
     .SetShapeFn([](InferenceContext* c) {
@@ -402,16 +435,16 @@ REGISTER_OP("KerasFancyrnnGruSequenceGrad")
 
 REGISTER_OP("KerasFancyrnnRnnSequence")
     .Input("xp: T").Input("h0: T").Input("u: T")
-    .Output("h: T")
+    .Output("h: T").Output("h_last: T")
     .Attr("T: {float, double}")
-    .SetShapeFn([](InferenceContext* c) { return SequenceShapes(c, 0, 1, {}, {{0, 0}}); });
+    .SetShapeFn([](InferenceContext* c) { return SequenceShapes(c, 0, 1, {}, {{0, 0}, {1, 1}}); });
 
 REGISTER_OP("KerasFancyrnnRnnSequenceGrad")
-    .Input("dh: T").Input("h: T").Input("h0: T").Input("u: T")
+    .Input("dh: T").Input("h: T").Input("h0: T").Input("u: T").Input("dh_last: T")
     .Output("dz: T").Output("dh0: T")
     .Attr("T: {float, double}")
     .SetShapeFn([](InferenceContext* c) {
-      return SequenceShapes(c, 1, 2, {}, {{0, 0}, {1, 2}});
+      return SequenceShapes(c, 1, 2, {}, {{0, 1}, {1, 2}});
     });
 
 #define KFR_SEQUENCE_KERNEL(NAME, T, ...) \
