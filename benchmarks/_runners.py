@@ -83,3 +83,47 @@ def torch_runner(cell, batch, steps, dim, units, train):
             head(out[:, -1])
 
     return train_fn if train else predict_fn
+
+
+def with_setting(run, module, name: str, value):
+    """``run`` with ``module.<name> = value`` while it runs (its first call traces, and the layers
+    choose their path while tracing)."""
+    def call(n):
+        previous = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            run(n)
+        finally:
+            setattr(module, name, previous)
+    return call
+
+
+def on_off_table(on: str, off: str, module, name: str, flags) -> list[str]:
+    """The rows of a table that times each fr layer of the grid in ``flags`` (cells, modes, batch,
+    hidden, time, input_dim, repeats, steps, torch) with ``module.<name>`` True (column ``on``)
+    and False (``off``) against keras.layers (and torch.nn), alternating; printed as they come."""
+    import itertools
+
+    from _timing import time_alternating
+
+    have_torch = flags.torch and torch_available()
+    rows = [f"| cell | mode | B | H | {on} steps/s | {off} steps/s | keras steps/s | "
+            f"torch steps/s | {on}/{off} | {on}/keras | {on}/torch |", "|" + "---|" * 11]
+    grid = itertools.product(flags.cells, flags.modes, map(int, flags.batch),
+                             map(int, flags.hidden))
+    for cell, mode, batch, units in grid:
+        dims = (cell, batch, flags.time, flags.input_dim, units, mode == "train")
+        runners = {on: with_setting(keras_runner(FR[cell], *dims, "auto"), module, name, True),
+                   off: with_setting(keras_runner(FR[cell], *dims, "auto"), module, name, False),
+                   "keras": keras_runner(KERAS[cell], *dims, "auto")}
+        if have_torch:
+            runners["torch"] = torch_runner(*dims)
+        rate = time_alternating(runners, flags.repeats, flags.steps,
+                                getattr(flags, "round_seconds", 0.0))
+        torch_steps, vs_torch = torch_columns(rate, on)
+        rows.append(
+            f"| {cell} | {mode} | {batch} | {units} | {rate[on]:.1f} | {rate[off]:.1f} | "
+            f"{rate['keras']:.1f} | {torch_steps} | {rate[on] / rate[off]:.2f} | "
+            f"{rate[on] / rate['keras']:.2f} | {vs_torch} |")
+        print(rows[-1], flush=True)
+    return rows

@@ -32,7 +32,7 @@ from _timing import emit, time_alternating  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import keras_fancyrnn as fr  # noqa: E402
-from keras_fancyrnn import engine  # noqa: E402
+from keras_fancyrnn import engine, native  # noqa: E402
 from keras_fancyrnn._tf import tf  # noqa: E402
 from keras_fancyrnn.lstm import _block_lstm  # noqa: E402
 
@@ -130,6 +130,9 @@ def runner(layer, mode, batch, fused=True):
 
 def main(argv):
     del argv
+    # This script is about BlockLSTMV2, the fused path where the native sequence kernels are
+    # off or unavailable (benchmarks/sequence_kernels.py measures those).
+    native.SEQUENCES = False
     out_diff, grad_diff, registered_diff = check_equal()
     print(f"BlockLSTMV2 vs fr.LSTM: outputs {out_diff:.1e}, gradients {grad_diff:.1e}; with "
           f"TensorFlow's registered gradient {registered_diff:.1e}")

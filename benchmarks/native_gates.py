@@ -12,7 +12,6 @@ overhead; one op for all of them (and one for their gradient) should save 20–4
 
 from __future__ import annotations
 
-import itertools
 import os
 import platform
 import time
@@ -20,8 +19,8 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-from _runners import FR, KERAS, keras_runner, torch_available, torch_columns, torch_runner  # noqa: E402
-from _timing import emit, time_alternating  # noqa: E402
+from _runners import on_off_table  # noqa: E402
+from _timing import emit  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from keras_fancyrnn import engine, native  # noqa: E402
@@ -40,42 +39,12 @@ flags.DEFINE_bool("torch", True, "Include torch.nn when torch is installed.")
 flags.DEFINE_string("out", None, "Write the Markdown table here too.")
 
 
-def with_native(run, enabled: bool):
-    """``run`` with the kernels switched on or off while it runs (its first call traces)."""
-    def call(n):
-        previous, native.ENABLED = native.ENABLED, enabled
-        try:
-            run(n)
-        finally:
-            native.ENABLED = previous
-    return call
-
-
 def main(argv):
     del argv
     if native.library() is None:
         raise SystemExit(f"the kernels are unavailable here: {native.load_error()}")
-    engine.FUSED_ON_CPU = False  # the LSTM's BlockLSTMV2 path would replace both loops
-    have_torch = FLAGS.torch and torch_available()
-    rows = ["| cell | mode | B | H | kernels steps/s | plain steps/s | keras steps/s | "
-            "torch steps/s | kernels/plain | kernels/keras | kernels/torch |", "|" + "---|" * 11]
-    grid = itertools.product(FLAGS.cells, FLAGS.modes, map(int, FLAGS.batch),
-                             map(int, FLAGS.hidden))
-    for cell, mode, batch, units in grid:
-        dims = (cell, batch, FLAGS.time, FLAGS.input_dim, units, mode == "train")
-        runners = {"kernels": with_native(keras_runner(FR[cell], *dims, "auto"), True),
-                   "plain": with_native(keras_runner(FR[cell], *dims, "auto"), False),
-                   "keras": keras_runner(KERAS[cell], *dims, "auto")}
-        if have_torch:
-            runners["torch"] = torch_runner(*dims)
-        rate = time_alternating(runners, FLAGS.repeats, FLAGS.steps)
-        torch_steps, vs_torch = torch_columns(rate, "kernels")
-        rows.append(
-            f"| {cell} | {mode} | {batch} | {units} | {rate['kernels']:.1f} | "
-            f"{rate['plain']:.1f} | {rate['keras']:.1f} | {torch_steps} | "
-            f"{rate['kernels'] / rate['plain']:.2f} | {rate['kernels'] / rate['keras']:.2f} | "
-            f"{vs_torch} |")
-        print(rows[-1], flush=True)
+    engine.FUSED_ON_CPU = False  # the whole-sequence kernels would replace both loops
+    rows = on_off_table("kernels", "plain", native, "ENABLED", FLAGS)
     footer = (f"\nT={FLAGS.time}, D={FLAGS.input_dim}. Machine: "
               f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
               f"TF {tf.__version__}, Keras {keras.__version__}; {time.strftime('%Y-%m-%d')}.")

@@ -15,7 +15,6 @@ batch rows through all timesteps without synchronising, and moves ``x W``, ``dx`
 
 from __future__ import annotations
 
-import itertools
 import os
 import platform
 import time
@@ -23,8 +22,8 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-from _runners import FR, KERAS, keras_runner, torch_available, torch_columns, torch_runner  # noqa: E402
-from _timing import emit, time_alternating  # noqa: E402
+from _runners import on_off_table  # noqa: E402
+from _timing import emit  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from keras_fancyrnn import native  # noqa: E402
@@ -45,42 +44,11 @@ flags.DEFINE_bool("torch", True, "Include torch.nn when torch is installed.")
 flags.DEFINE_string("out", None, "Write the Markdown table here too.")
 
 
-def with_sequences(run, enabled: bool):
-    """``run`` with the sequence kernels switched on or off while it runs (its first call
-    traces, and the choice is made while tracing)."""
-    def call(n):
-        previous, native.SEQUENCES = native.SEQUENCES, enabled
-        try:
-            run(n)
-        finally:
-            native.SEQUENCES = previous
-    return call
-
-
 def main(argv):
     del argv
     if native.library() is None:
         raise SystemExit(f"the kernels are unavailable here: {native.load_error()}")
-    have_torch = FLAGS.torch and torch_available()
-    rows = ["| cell | mode | B | H | sequence steps/s | loop steps/s | keras steps/s | "
-            "torch steps/s | sequence/loop | sequence/keras | sequence/torch |", "|" + "---|" * 11]
-    grid = itertools.product(FLAGS.cells, FLAGS.modes, map(int, FLAGS.batch),
-                             map(int, FLAGS.hidden))
-    for cell, mode, batch, units in grid:
-        dims = (cell, batch, FLAGS.time, FLAGS.input_dim, units, mode == "train")
-        runners = {"sequence": with_sequences(keras_runner(FR[cell], *dims, "auto"), True),
-                   "loop": with_sequences(keras_runner(FR[cell], *dims, "auto"), False),
-                   "keras": keras_runner(KERAS[cell], *dims, "auto")}
-        if have_torch:
-            runners["torch"] = torch_runner(*dims)
-        rate = time_alternating(runners, FLAGS.repeats, FLAGS.steps, FLAGS.round_seconds)
-        torch_steps, vs_torch = torch_columns(rate, "sequence")
-        rows.append(
-            f"| {cell} | {mode} | {batch} | {units} | {rate['sequence']:.1f} | "
-            f"{rate['loop']:.1f} | {rate['keras']:.1f} | {torch_steps} | "
-            f"{rate['sequence'] / rate['loop']:.2f} | {rate['sequence'] / rate['keras']:.2f} | "
-            f"{vs_torch} |")
-        print(rows[-1], flush=True)
+    rows = on_off_table("sequence", "loop", native, "SEQUENCES", FLAGS)
     footer = (f"\nT={FLAGS.time}, D={FLAGS.input_dim}. Machine: "
               f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
               f"TF {tf.__version__}, Keras {keras.__version__}; {time.strftime('%Y-%m-%d')}.")

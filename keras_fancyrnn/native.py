@@ -1,17 +1,25 @@
-"""Fused gate kernels: the element-wise part of an LSTM or GRU step as one C++ op.
+"""C++ ops for the recurrences on a CPU: whole sequences, and the gate part of single steps.
 
-On a CPU a recurrent step of these layers is two matmuls and 10–20 small element-wise ops, and at
-the sizes people train (batch 64, 128 units) each of those ops costs more in TensorFlow's
-per-op overhead than in arithmetic (benchmarks/native_gates.py). ``kernels/gates.cc`` computes
-the gate equations of ``LSTMCell.step`` and ``GRUCell.step`` (``reset_after=True``) in one op, and
-their gradient in another; the matmuls stay TensorFlow's (oneDNN).
+On a CPU a recurrent step is a small matmul and 10–20 small element-wise ops, and at the sizes
+people train (batch 64, 128 units) each op costs more in TensorFlow's per-op overhead than in
+arithmetic. Two kinds of kernels remove that:
+
+- ``kernels/sequence.cc``: every timestep of an LSTM, GRU (``reset_after=True``) or tanh
+  SimpleRNN in one op (``lstm_sequence``, ``gru_sequence``, ``rnn_sequence``), and the
+  step-by-step part of its gradient in another; ``project`` computes ``x W + b`` for all
+  timesteps before it, and the weight gradients are large matmuls after it. The engine runs
+  them where it would otherwise loop without a mask, probe, truncation or recurrent dropout
+  (benchmarks/sequence_kernels.py).
+- ``kernels/gates.cc``: the gate equations of ``LSTMCell.step`` and ``GRUCell.step`` in one op
+  and their gradient in another, for the steps of the engine's loop (benchmarks/native_gates.py).
 
 The kernels are compiled against the installed TensorFlow the first time a layer needs them
-(about 15 s, once: the library is cached under ``$KERAS_FANCYRNN_CACHE`` or
-``~/.cache/keras_fancyrnn``, keyed by the source, TensorFlow's version and this CPU). Where that
+(about 30 s, once: the library is cached under ``$KERAS_FANCYRNN_CACHE`` or
+``~/.cache/keras_fancyrnn``, keyed by the sources, TensorFlow's version and this CPU). Where that
 is impossible (no C++ compiler, another backend, a GPU, a portable or XLA trace, float16) the
 cells run their plain TensorFlow ops, which compute the same values; set
-``KERAS_FANCYRNN_NATIVE=0`` or ``keras_fancyrnn.native.ENABLED = False`` to always do so.
+``KERAS_FANCYRNN_NATIVE=0`` or ``keras_fancyrnn.native.ENABLED = False`` to always do so, and
+``SEQUENCES = False`` to keep the loop (with the gate kernels).
 
 Gradients: the backward kernels give first derivatives; their own gradients (second derivatives,
 e.g. a gradient penalty) are the same equations written with TensorFlow ops, so every order is

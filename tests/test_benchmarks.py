@@ -18,8 +18,11 @@ TINY = {
                            "--units=4", "--truncate=2", "--repeats=1", "--steps=1"],
     "native_gates.py": ["--modes=train", "--batch=4", "--hidden=4", "--input_dim=3", "--time=5",
                         "--repeats=1", "--steps=1", "--torch=false"],
+    "sequence_kernels.py": ["--cells=simple_rnn", "--batch=4", "--hidden=4", "--input_dim=3",
+                            "--time=5", "--repeats=1", "--steps=1", "--torch=false"],
 }
-ROWS = {"rnn_speed.py": 4, "fused_kernel.py": 2, "unused_features.py": 4, "native_gates.py": 2}
+ROWS = {"rnn_speed.py": 4, "fused_kernel.py": 2, "unused_features.py": 4, "native_gates.py": 2,
+        "sequence_kernels.py": 2}
 
 
 @pytest.mark.parametrize("script", sorted(TINY))

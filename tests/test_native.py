@@ -152,13 +152,11 @@ def test_layers_on_the_kernels_equal_keras(library, kind, go_backwards, kernels,
         np.testing.assert_allclose(g.numpy(), g_ref.numpy(), atol=2e-5)
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
-def test_second_derivatives_equal_the_plain_ops(library, kind, rng, monkeypatch):
-    """A gradient penalty (the gradient of ‖∂ℓ/∂x‖² with respect to the weights) is the same
-    with the kernels as with the cells' plain TensorFlow ops."""
-    monkeypatch.setattr(engine, "FUSED_ON_CPU", False)
+def _gradient_penalty(kind, rng, batch):
+    """``(fn, x)``: ``fn(x)`` is the gradient of a penalty ‖∂ℓ/∂x‖² with respect to the weights
+    of a float64 layer with perturbed weights."""
     layer = getattr(fr, kind)(5, dtype="float64")
-    x = tf.constant(rng.normal(size=(3, 6, 4)))
+    x = tf.constant(rng.normal(size=(batch, 6, 4)))
     layer.build(x.shape)
     for w in layer.weights:
         w.assign(w + 0.3 * rng.normal(size=w.shape))
@@ -171,6 +169,15 @@ def test_second_derivatives_equal_the_plain_ops(library, kind, rng, monkeypatch)
             penalty = tf.reduce_sum(inner.gradient(loss, x) ** 2)
         return outer.gradient(penalty, layer.trainable_weights)
 
+    return penalty_gradient, x
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_second_derivatives_equal_the_plain_ops(library, kind, rng, monkeypatch):
+    """A gradient penalty (the gradient of ‖∂ℓ/∂x‖² with respect to the weights) is the same
+    with the kernels as with the cells' plain TensorFlow ops."""
+    monkeypatch.setattr(engine, "FUSED_ON_CPU", False)
+    penalty_gradient, x = _gradient_penalty(kind, rng, batch=3)
     op = {"LSTM": "KerasFancyrnnLstmGatesGrad", "GRU": "KerasFancyrnnGruGatesGrad"}[kind]
     _assert_kernels_equal_plain_ops(penalty_gradient, x, op, monkeypatch, 1e-9, 1e-12)
 
@@ -330,20 +337,7 @@ def test_sequence_kernel_second_derivatives_equal_the_loop(library, kind, rng, m
     """A gradient penalty through the sequence kernels (whose gradient kernels' own gradients
     are TensorFlow ops) equals the same penalty through the loop (the step kernels, whose
     second derivatives are tested against the plain ops above)."""
-    layer = getattr(fr, kind)(5, dtype="float64")
-    x = tf.constant(rng.normal(size=(8, 6, 4)))
-    layer.build(x.shape)
-    for w in layer.weights:
-        w.assign(w + 0.3 * rng.normal(size=w.shape))
-
-    def penalty_gradient(x):
-        with tf.GradientTape() as outer:
-            with tf.GradientTape() as inner:
-                inner.watch(x)
-                loss = tf.reduce_sum(tf.sin(layer(x)))
-            penalty = tf.reduce_sum(inner.gradient(loss, x) ** 2)
-        return outer.gradient(penalty, layer.trainable_weights)
-
+    penalty_gradient, x = _gradient_penalty(kind, rng, batch=8)
     assert SEQUENCE_OPS[kind] + "Grad" in _native_ops(penalty_gradient, x)
     fused = tf.function(penalty_gradient)(x)
     monkeypatch.setattr(native, "SEQUENCES", False)

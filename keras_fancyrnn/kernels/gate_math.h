@@ -76,7 +76,8 @@ inline void GruRow(const T* xp, const T* rec, const T* h_prev, T* h, int64_t H,
 }
 
 // Gradient dh of h to d xp, d rec (3H each) and the direct part of d h_prev (z dh; the part
-// through rec is the caller's matmul). The gates are recomputed from xp and rec.
+// through rec is the caller's matmul). The gates are recomputed from xp and rec. dxp may be xp
+// and drec may be rec: each value is read before the same place is written.
 template <typename T>
 inline void GruRowGrad(const T* dh, const T* xp, const T* rec, const T* h_prev, T* dxp, T* drec,
                        T* dh_prev, int64_t H, GruScratch<T>& s) {

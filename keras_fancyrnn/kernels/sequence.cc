@@ -271,7 +271,7 @@ class GruSequence : public OpKernel {
 
 // Inputs dh, drec_in (gradients of the h and rec outputs: each empty where there is none, else
 // [T, B, H] or [T, B, 3H]), xp, rec, h, h0, u, dh_last [B, H]. Outputs d xp, d rec [T, B, 3H]
-// and dh0.
+// (in the buffers of xp and rec where TensorFlow allows) and dh0.
 template <typename T>
 class GruSequenceGrad : public OpKernel {
  public:
@@ -286,8 +286,10 @@ class GruSequenceGrad : public OpKernel {
         !shapes.CheckOptional(1, {S, B, 3 * H}) || !shapes.Check(3, {S, B, 3 * H}) ||
         !shapes.Check(4, {S, B, H}) || !shapes.Check(6, {H, 3 * H}) || !shapes.Check(7, {B, H}))
       return;
-    T* dxp = Output<T>(ctx, 0, ctx->input(2).shape());
-    T* drec = Output<T>(ctx, 1, ctx->input(3).shape());
+    // d xp and d rec in the buffers of xp and rec where TensorFlow allows (GruRowGrad reads a
+    // row of each before it writes the same row of the gradients).
+    T* dxp = Output<T>(ctx, 0, ctx->input(2).shape(), 2);
+    T* drec = Output<T>(ctx, 1, ctx->input(3).shape(), 3);
     T* dh0 = Output<T>(ctx, 2, h0.shape());
     if (dxp == nullptr || drec == nullptr || dh0 == nullptr) return;
     const T *dh = OptionalPtr<T>(ctx, 0), *drec_in = OptionalPtr<T>(ctx, 1), *xp = Ptr<T>(ctx, 2),
