@@ -98,6 +98,25 @@ def with_setting(run, module, name: str, value):
     return call
 
 
+def run_on_off(on: str, off: str, name: str, flags) -> None:
+    """``on_off_table`` for ``keras_fancyrnn.native.<name>``, printed and written to
+    ``flags.out`` with a footer naming the machine (exits if the kernels are unavailable)."""
+    import platform
+    import time
+
+    from _timing import emit
+
+    from keras_fancyrnn import native
+
+    if native.library() is None:
+        raise SystemExit(f"the kernels are unavailable here: {native.load_error()}")
+    rows = on_off_table(on, off, native, name, flags)
+    footer = (f"\nT={flags.time}, D={flags.input_dim}. Machine: "
+              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+              f"TF {tf.__version__}, Keras {keras.__version__}; {time.strftime('%Y-%m-%d')}.")
+    emit(rows, footer, flags.out)
+
+
 def on_off_table(on: str, off: str, module, name: str, flags) -> list[str]:
     """The rows of a table that times each fr layer of the grid in ``flags`` (cells, modes, batch,
     hidden, time, input_dim, repeats, steps, torch) with ``module.<name>`` True (column ``on``)

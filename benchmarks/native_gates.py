@@ -13,18 +13,13 @@ overhead; one op for all of them (and one for their gradient) should save 20–4
 from __future__ import annotations
 
 import os
-import platform
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-from _runners import on_off_table  # noqa: E402
-from _timing import emit  # noqa: E402
+from _runners import run_on_off  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from keras_fancyrnn import engine, native  # noqa: E402
-from keras_fancyrnn._tf import tf  # noqa: E402
+from keras_fancyrnn import engine  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("cells", ["lstm", "gru"], "Cells: lstm, gru.")
@@ -41,14 +36,8 @@ flags.DEFINE_string("out", None, "Write the Markdown table here too.")
 
 def main(argv):
     del argv
-    if native.library() is None:
-        raise SystemExit(f"the kernels are unavailable here: {native.load_error()}")
     engine.FUSED_ON_CPU = False  # the whole-sequence kernels would replace both loops
-    rows = on_off_table("kernels", "plain", native, "ENABLED", FLAGS)
-    footer = (f"\nT={FLAGS.time}, D={FLAGS.input_dim}. Machine: "
-              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-              f"TF {tf.__version__}, Keras {keras.__version__}; {time.strftime('%Y-%m-%d')}.")
-    emit(rows, footer, FLAGS.out)
+    run_on_off("kernels", "plain", "ENABLED", FLAGS)
 
 
 if __name__ == "__main__":

@@ -16,18 +16,11 @@ batch rows through all timesteps without synchronising, and moves ``x W``, ``dx`
 from __future__ import annotations
 
 import os
-import platform
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-from _runners import on_off_table  # noqa: E402
-from _timing import emit  # noqa: E402
+from _runners import run_on_off  # noqa: E402
 from absl import app, flags  # noqa: E402
-
-from keras_fancyrnn import native  # noqa: E402
-from keras_fancyrnn._tf import tf  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("cells", ["simple_rnn", "lstm", "gru"], "Cells: simple_rnn, lstm, gru.")
@@ -46,13 +39,7 @@ flags.DEFINE_string("out", None, "Write the Markdown table here too.")
 
 def main(argv):
     del argv
-    if native.library() is None:
-        raise SystemExit(f"the kernels are unavailable here: {native.load_error()}")
-    rows = on_off_table("sequence", "loop", native, "SEQUENCES", FLAGS)
-    footer = (f"\nT={FLAGS.time}, D={FLAGS.input_dim}. Machine: "
-              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-              f"TF {tf.__version__}, Keras {keras.__version__}; {time.strftime('%Y-%m-%d')}.")
-    emit(rows, footer, FLAGS.out)
+    run_on_off("sequence", "loop", "SEQUENCES", FLAGS)
 
 
 if __name__ == "__main__":
