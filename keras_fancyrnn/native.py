@@ -344,7 +344,7 @@ def lstm_sequence_backward(dh, dc, dz_in, z, c, c0, u, dh_last, dc_last):
         return tf.matmul(dz_t, u, transpose_b=True), dc_prev, dz_t
 
     dh_back, dc_back, dz = _scan_back(step, (dh, dc, dz_in, z, _previous(c0, c)),
-                                      (dh_last, dc_last, tf.zeros_like(z[0])))
+                                      (dh_last, dc_last, _step_zeros(z)))
     return dz, _first(dh_back, dh_last), _first(dc_back, dc_last)
 
 
@@ -361,7 +361,7 @@ def gru_sequence_backward(dh, drec_in, xp, rec, h, h0, u, dh_last):
         return tf.matmul(drec_t, u, transpose_b=True) + direct, dxp_t, drec_t
 
     dh_back, dxp, drec = _scan_back(step, (dh, drec_in, xp, rec, _previous(h0, h)),
-                                    (dh_last, tf.zeros_like(xp[0]), tf.zeros_like(rec[0])))
+                                    (dh_last, _step_zeros(xp), _step_zeros(rec)))
     return dxp, drec, _first(dh_back, dh_last)
 
 
@@ -376,8 +376,15 @@ def rnn_sequence_backward(dh, h, h0, u, dh_last):
         dz_t = (dh_t + carry[0]) * (1 - h_t * h_t)
         return tf.matmul(dz_t, u, transpose_b=True), dz_t
 
-    dh_back, dz = _scan_back(step, (dh, h), (dh_last, tf.zeros_like(h[0])))
+    dh_back, dz = _scan_back(step, (dh, h), (dh_last, _step_zeros(h)))
     return dz, _first(dh_back, dh_last)
+
+
+def _step_zeros(sequence):
+    """Zeros shaped as one step of ``sequence`` (also where it has no steps)."""
+    from keras_fancyrnn._tf import tf
+
+    return tf.zeros(tf.shape(sequence)[1:], sequence.dtype)
 
 
 def _first(stacked, default):

@@ -422,3 +422,31 @@ def test_gradients_of_unused_sequence_outputs_are_not_materialised(library, rng)
         return big
 
     fills()
+
+
+@pytest.mark.parametrize("kind", SEQUENCE_OPS)
+def test_sequence_kernels_with_no_timesteps(library, kind):
+    """T = 0: the final states are the initial ones, and so are their first and second
+    derivatives (a loss on the final states straight through to the initial states)."""
+    batch, units = 3, 4
+    gates = {"LSTM": 4, "GRU": 3, "SimpleRNN": 1}[kind]
+    xp = tf.zeros((0, batch, gates * units), tf.float64)
+    u = tf.fill((units, gates * units), tf.constant(0.1, tf.float64))
+    h0 = tf.constant(np.linspace(-1, 1, batch * units).reshape(batch, units))
+    run = {"LSTM": lambda h0: native.lstm_sequence(xp, h0, h0 + 1, u),
+           "GRU": lambda h0: native.gru_sequence(xp, h0, u, tf.zeros((3 * units,), tf.float64)),
+           "SimpleRNN": lambda h0: native.rnn_sequence(xp, h0, u)}[kind]
+    with tf.GradientTape() as outer:
+        outer.watch(h0)
+        with tf.GradientTape() as inner:
+            inner.watch(h0)
+            sequence, states = run(h0)
+            loss = tf.reduce_sum(states[0] ** 3)
+        grad = inner.gradient(loss, h0)
+        penalty = tf.reduce_sum(grad)
+    assert sequence.shape == (0, batch, units)
+    np.testing.assert_array_equal(states[0].numpy(), h0.numpy())
+    if kind == "LSTM":
+        np.testing.assert_array_equal(states[1].numpy(), h0.numpy() + 1)
+    np.testing.assert_allclose(grad.numpy(), 3 * h0.numpy() ** 2)
+    np.testing.assert_allclose(outer.gradient(penalty, h0).numpy(), 6 * h0.numpy())

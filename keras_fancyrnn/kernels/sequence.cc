@@ -94,6 +94,8 @@ const T* OptionalPtr(OpKernelContext* ctx, int i) {
   return ctx->input(i).NumElements() == 0 ? nullptr : Ptr<T>(ctx, i);
 }
 
+// Output i (in input `reuse`'s buffer where TensorFlow allows). Null for an empty output, and
+// where allocation failed, which ctx->status() then says.
 template <typename T>
 T* Output(OpKernelContext* ctx, int i, const TensorShape& shape, int reuse = -1) {
   Tensor* out = nullptr;
@@ -158,8 +160,7 @@ class LstmSequence : public OpKernel {
     T* c = Output<T>(ctx, 2, TensorShape({S, B, H}));
     T* h_last = Output<T>(ctx, 3, h0.shape());
     T* c_last = Output<T>(ctx, 4, h0.shape());
-    if (z == nullptr || h == nullptr || c == nullptr || h_last == nullptr || c_last == nullptr)
-      return;
+    if (!ctx->status().ok()) return;
     if (z != Ptr<T>(ctx, 0)) std::copy_n(Ptr<T>(ctx, 0), xp.NumElements(), z);
     const T *h_0 = Ptr<T>(ctx, 1), *c_0 = Ptr<T>(ctx, 2);
     const RecurrentKernel<T> u(Ptr<T>(ctx, 3), H, 4 * H, false);
@@ -199,7 +200,7 @@ class LstmSequenceGrad : public OpKernel {
     T* dz = Output<T>(ctx, 0, ctx->input(3).shape(), 3);
     T* dh0 = Output<T>(ctx, 1, c0.shape());
     T* dc0 = Output<T>(ctx, 2, c0.shape());
-    if (dz == nullptr || dh0 == nullptr || dc0 == nullptr) return;
+    if (!ctx->status().ok()) return;
     const T *dh = OptionalPtr<T>(ctx, 0), *dc = OptionalPtr<T>(ctx, 1), *c = Ptr<T>(ctx, 4),
             *c_0 = Ptr<T>(ctx, 5), *dh_last = Ptr<T>(ctx, 7), *dc_last = Ptr<T>(ctx, 8);
     const RecurrentKernel<T> u_t(Ptr<T>(ctx, 6), 4 * H, H, true);
@@ -249,7 +250,7 @@ class GruSequence : public OpKernel {
     T* h = Output<T>(ctx, 0, TensorShape({S, B, H}));
     T* rec = Output<T>(ctx, 1, ctx->input(0).shape());
     T* h_last = Output<T>(ctx, 2, h0.shape());
-    if (h == nullptr || rec == nullptr || h_last == nullptr) return;
+    if (!ctx->status().ok()) return;
     const T *xp = Ptr<T>(ctx, 0), *h_0 = Ptr<T>(ctx, 1);
     const RecurrentKernel<T> u(Ptr<T>(ctx, 2), H, 3 * H, false);
     Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>> b_rec(Ptr<T>(ctx, 3), 3 * H);
@@ -291,7 +292,7 @@ class GruSequenceGrad : public OpKernel {
     T* dxp = Output<T>(ctx, 0, ctx->input(2).shape(), 2);
     T* drec = Output<T>(ctx, 1, ctx->input(3).shape(), 3);
     T* dh0 = Output<T>(ctx, 2, h0.shape());
-    if (dxp == nullptr || drec == nullptr || dh0 == nullptr) return;
+    if (!ctx->status().ok()) return;
     const T *dh = OptionalPtr<T>(ctx, 0), *drec_in = OptionalPtr<T>(ctx, 1), *xp = Ptr<T>(ctx, 2),
             *rec = Ptr<T>(ctx, 3), *h = Ptr<T>(ctx, 4), *h_0 = Ptr<T>(ctx, 5),
             *dh_last = Ptr<T>(ctx, 7);
@@ -338,7 +339,7 @@ class RnnSequence : public OpKernel {
     const int64_t S = xp.dim_size(0);
     T* h = Output<T>(ctx, 0, xp.shape(), 0);
     T* h_last = Output<T>(ctx, 1, h0.shape());
-    if (h == nullptr || h_last == nullptr) return;
+    if (!ctx->status().ok()) return;
     if (h != Ptr<T>(ctx, 0)) std::copy_n(Ptr<T>(ctx, 0), xp.NumElements(), h);
     const T* h_0 = Ptr<T>(ctx, 1);
     const RecurrentKernel<T> u(Ptr<T>(ctx, 2), H, H, false);
@@ -371,7 +372,7 @@ class RnnSequenceGrad : public OpKernel {
     const T *dh = OptionalPtr<T>(ctx, 0), *h = Ptr<T>(ctx, 1), *dh_last = Ptr<T>(ctx, 4);
     T* dz = Output<T>(ctx, 0, ctx->input(1).shape(), dh == nullptr ? -1 : 0);
     T* dh0 = Output<T>(ctx, 1, h0.shape());
-    if (dz == nullptr || dh0 == nullptr) return;
+    if (!ctx->status().ok()) return;
     const RecurrentKernel<T> u_t(Ptr<T>(ctx, 3), H, H, true);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi) {
       const int64_t n = hi - lo;
