@@ -8,7 +8,6 @@ inside ``keras.layers.Bidirectional``.
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
 
 import keras
@@ -280,7 +279,7 @@ class RecurrentCell(SeedStateSaving, keras.layers.Layer, DropoutRNNCell):
     def fused_batch_limit(self, input_dim, dtype):
         """The largest batch for which the engine runs ``fused_sequence`` instead of its loop,
         0 for none: with the native sequence kernel, every batch."""
-        return sys.maxsize if self.native_sequence(dtype) else 0
+        return engine.ANY_BATCH if self.native_sequence(dtype) else 0
 
     def fused_sequence(self, inputs, states, dropout_mask=None):
         """All timesteps in one kernel: ``x W + b`` for the whole sequence as one matmul, then

@@ -47,7 +47,7 @@ FUSED_ON_CPU = True
 
 
 #: A ``fused_batch_limit`` at least this large means any batch (no run-time check).
-_ANY_BATCH = 2**31 - 1
+ANY_BATCH = 2**31 - 1
 
 
 def _as_list(x):
@@ -155,7 +155,7 @@ def run(
     if limit:
         whole = functools.partial(_fused, cell, inputs, initial_state, dp_mask, go_backwards,
                                   return_sequences)
-        if limit >= _ANY_BATCH:
+        if limit >= ANY_BATCH:
             return whole()
         if inputs.shape[0] is not None:
             return whole() if inputs.shape[0] <= limit else loop()

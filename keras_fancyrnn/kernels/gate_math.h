@@ -36,7 +36,8 @@ struct LstmScratch {
 };
 
 // Gradients dh, dc of h and c to dz (4H), dc_prev and, with a probe, dp. The gates and c are
-// recomputed from z and c_prev. dz may be z itself (all of z is read before dz is written).
+// recomputed from z and c_prev. dz may be z and dc_prev may be dc (each is read in full before
+// it is written).
 template <typename T>
 inline void LstmRowGrad(const T* dh, const T* dc, const T* z, const T* c_prev, const T* p, T* dz,
                         T* dc_prev, T* dp, int64_t H, LstmScratch<T>& s) {

@@ -210,16 +210,14 @@ class LstmSequenceGrad : public OpKernel {
       T *dh_carry = dh0 + lo * H, *dc_carry = dc0 + lo * H;
       std::copy_n(dh_last + lo * H, n * H, dh_carry);
       std::copy_n(dc_last + lo * H, n * H, dc_carry);
-      Vec<T> dc_t(H);
       LstmScratch<T> scratch(H);
       for (int64_t t = S - 1; t >= 0; --t) {
         AddStep(dh, t, B, H, lo, hi, dh_carry);  // now the total ∂ℓ/∂h_t
         AddStep(dc, t, B, H, lo, hi, dc_carry);
         for (int64_t b = lo; b < hi; ++b) {
           T* dcb = dc_carry + (b - lo) * H;
-          dc_t = In<T>(dcb, H);
           T* dzb = At(dz, t, B, b, 4 * H);
-          LstmRowGrad<T>(dh_carry + (b - lo) * H, dc_t.data(), At(z, t, B, b, 4 * H),
+          LstmRowGrad<T>(dh_carry + (b - lo) * H, dcb, At(z, t, B, b, 4 * H),
                          Prev<T>(c, c_0, t, B, b, H), nullptr, dzb, dcb, nullptr, H, scratch);
           if (dz_in != nullptr) Out<T>(dzb, 4 * H) += In<T>(At(dz_in, t, B, b, 4 * H), 4 * H);
         }
