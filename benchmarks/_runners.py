@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import _torch_first  # noqa: F401  (before keras: see the module)
 import keras
 import numpy as np
 

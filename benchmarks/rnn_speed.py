@@ -20,6 +20,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import _torch_first  # noqa: E402, F401  (before keras: see the module)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from _runners import FR, KERAS, keras_runner, torch_available, torch_columns, torch_runner  # noqa: E402
