@@ -6,9 +6,8 @@
 // product does. The rule is measured on one core: on an AVX2 machine the block ran 56-70
 // GFLOP/s against Eigen's 40-50 (which repacks U at every call); on an AVX-512 machine (n = 8 to
 // 128 rows, K = 128 to 256, N = 128 to 1024) Eigen's AVX-512 product, compiled with
-// -march=native, ran 96-226 GFLOP/s against the block's 76-120 and 119-138 for the block
-// widened to 8 x 32 with AVX-512, and the sequence kernels trained 1.1-1.4x faster with it
-// (benchmarks/sequence_kernels.py; README "Speed").
+// -march=native, ran 1.2-2x the block (benchmarks/small_gemm.py), and the sequence kernels
+// trained 1.1-1.4x faster with it (benchmarks/sequence_kernels.py; README "Speed").
 #ifndef KERAS_FANCYRNN_SMALL_GEMM_H_
 #define KERAS_FANCYRNN_SMALL_GEMM_H_
 
@@ -17,7 +16,16 @@
 #include <type_traits>
 #include <vector>
 
+// KERAS_FANCYRNN_BLOCK: 1 for the register block, 0 for Eigen (benchmarks/small_gemm.py sets
+// it to compare the two); by default the rule above.
+#ifndef KERAS_FANCYRNN_BLOCK
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define KERAS_FANCYRNN_BLOCK 1
+#else
+#define KERAS_FANCYRNN_BLOCK 0
+#endif
+#endif
+#if KERAS_FANCYRNN_BLOCK
 #include <immintrin.h>
 #define KERAS_FANCYRNN_AVX2 1
 #endif

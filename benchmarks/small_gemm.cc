@@ -1,0 +1,119 @@
+// The recurrent product of the sequence kernels (keras_fancyrnn/kernels/small_gemm.h,
+// RecurrentKernel::Multiply: c = a U or a U^T for a shard's few rows) two ways in one process:
+// the AVX2/FMA register block and Eigen's product, alternating, median GFLOP/s per shape on one
+// core. Each result is first checked against a plain double-precision product.
+//
+//   small_gemm ROUNDS nxKxN [nxKxN ...]     (run through benchmarks/small_gemm.py)
+//
+// Prints one Markdown row per shape and transpose; exits 1 if a product is wrong.
+#include <Eigen/Core>
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define KERAS_FANCYRNN_BLOCK 1
+namespace block {
+#include "small_gemm.h"
+}
+#undef KERAS_FANCYRNN_SMALL_GEMM_H_
+#undef KERAS_FANCYRNN_BLOCK
+#undef KERAS_FANCYRNN_AVX2
+#define HAVE_BLOCK 1
+#else
+#define HAVE_BLOCK 0
+#endif
+#define KERAS_FANCYRNN_BLOCK 0
+namespace eigen {
+#include "small_gemm.h"
+}
+
+namespace {
+
+// The largest |c - reference| over the largest |reference|, reference in double.
+template <typename Kernel>
+double RelativeError(const Kernel& kernel, const std::vector<float>& a, const std::vector<float>& u,
+                     int64_t n, int64_t K, int64_t N, bool transpose) {
+  std::vector<float> c(n * N, 1.0f);
+  kernel.Multiply(a.data(), n, c.data(), false);
+  double err = 0, scale = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < N; ++j) {
+      double ref = 0;
+      for (int64_t k = 0; k < K; ++k) ref += double(a[i * K + k]) * (transpose ? u[j * K + k] : u[k * N + j]);
+      err = std::max(err, std::abs(c[i * N + j] - ref));
+      scale = std::max(scale, std::abs(ref));
+    }
+  }
+  return err / std::max(scale, 1e-30);
+}
+
+template <typename Kernel>
+double Seconds(const Kernel& kernel, const float* a, int64_t n, float* c, int reps) {
+  const auto start = std::chrono::steady_clock::now();
+  for (int r = 0; r < reps; ++r) kernel.Multiply(a, n, c, false);
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / reps;
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 3) {
+    std::fprintf(stderr, "usage: %s ROUNDS nxKxN [nxKxN ...]\n", argv[0]);
+    return 2;
+  }
+  const int rounds = std::max(1, std::atoi(argv[1]));
+  std::mt19937 gen(0);
+  std::normal_distribution<float> normal;
+  bool ok = true;
+  for (int s = 2; s < argc; ++s) {
+    long n, K, N;
+    if (std::sscanf(argv[s], "%ldx%ldx%ld", &n, &K, &N) != 3 || n < 1 || K < 1 || N < 1) {
+      std::fprintf(stderr, "bad shape %s: want nxKxN (positive integers, e.g. 32x128x512)\n", argv[s]);
+      return 2;
+    }
+    for (bool transpose : {false, true}) {
+      std::vector<float> a(n * K), u(K * N), c(n * N);
+      for (auto& v : a) v = normal(gen);
+      for (auto& v : u) v = normal(gen);
+      const eigen::keras_fancyrnn::RecurrentKernel<float> by_eigen(u.data(), K, N, transpose);
+      double err_eigen = RelativeError(by_eigen, a, u, n, K, N, transpose), err_block = 0;
+      const double flops = 2.0 * n * K * N;
+      const int reps = std::max<int>(1, int(2e7 / flops));
+      std::vector<double> t_eigen, t_block;
+#if HAVE_BLOCK
+      const block::keras_fancyrnn::RecurrentKernel<float> by_block(u.data(), K, N, transpose);
+      err_block = RelativeError(by_block, a, u, n, K, N, transpose);
+#endif
+      for (int r = 0; r < rounds; ++r) {
+        t_eigen.push_back(Seconds(by_eigen, a.data(), n, c.data(), reps));
+#if HAVE_BLOCK
+        t_block.push_back(Seconds(by_block, a.data(), n, c.data(), reps));
+#endif
+      }
+      const double g_eigen = flops / Median(t_eigen) / 1e9;
+      const double g_block = HAVE_BLOCK ? flops / Median(t_block) / 1e9 : 0;
+      ok = ok && err_eigen < 1e-5 && err_block < 1e-5;
+      char block_cell[32] = "n/a", ratio_cell[32] = "n/a";
+      if (HAVE_BLOCK) {
+        std::snprintf(block_cell, sizeof block_cell, "%.1f", g_block);
+        std::snprintf(ratio_cell, sizeof ratio_cell, "%.2f", g_eigen / g_block);
+      }
+      std::printf("| %ld | %ld | %ld | %s | %.1f | %s | %s | %.1e |\n", n, K, N,
+                  transpose ? "U^T" : "U", g_eigen, block_cell, ratio_cell,
+                  std::max(err_eigen, err_block));
+    }
+  }
+  return ok ? 0 : 1;
+}

@@ -1,0 +1,81 @@
+"""The recurrent product of the sequence kernels (``keras_fancyrnn/kernels/small_gemm.h``) two
+ways, in one process, alternating: Eigen's product and the AVX2/FMA register block, median
+GFLOP/s on one core for a shard's shapes (``n`` batch rows, ``K`` x ``N`` recurrent kernel),
+each result first checked against a double-precision product. This is the measurement behind
+the header's rule (the block only on AVX2 CPUs without AVX-512).
+
+    python benchmarks/small_gemm.py
+    python benchmarks/small_gemm.py --shapes=32x128x512 --rounds=15
+
+Needs a C++ compiler and TensorFlow (for its copy of Eigen). Without AVX2/FMA only Eigen runs.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import tempfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("shapes", ["8x128x128", "32x128x128", "128x128x128", "32x128x384",
+                             "32x128x512", "8x256x1024", "32x256x1024"],
+                  "Products nxKxN: n rows of a shard times a K x N kernel.")
+flags.DEFINE_integer("rounds", 9, "Timed rounds per variant (median reported).")
+flags.DEFINE_string("out", None, "Write the Markdown table here too.")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KERNELS = os.path.join(HERE, os.pardir, "keras_fancyrnn", "kernels")
+
+
+def build(directory: str) -> str:
+    import tensorflow as tf
+
+    from keras_fancyrnn import native
+
+    command = native.compiler()
+    if not command:
+        raise SystemExit("no C++ compiler (g++ or $CXX) on PATH")
+    target = os.path.join(directory, "small_gemm")
+    subprocess.run([*command, "-std=c++17", "-O3", "-march=native", "-w", "-I", KERNELS,
+                    "-I", tf.sysconfig.get_include(), os.path.join(HERE, "small_gemm.cc"),
+                    "-o", target], check=True)
+    return target
+
+
+def main(argv):
+    del argv
+    with tempfile.TemporaryDirectory() as directory:
+        done = subprocess.run([build(directory), str(FLAGS.rounds), *FLAGS.shapes],
+                              capture_output=True, text=True)
+    if done.returncode == 2:
+        raise SystemExit(done.stderr)
+    rows = ["| n | K | N | kernel | eigen GFLOP/s | block GFLOP/s | eigen/block | max rel. error |",
+            "|---|---|---|---|---|---|---|---|", *done.stdout.splitlines(), "",
+            f"One core. Machine: {platform.machine()}, {os.cpu_count()} cores; "
+            f"{_cpu_model()}."]
+    table = "\n".join(rows)
+    print(table)
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            f.write(table + "\n")
+    if done.returncode != 0:
+        raise SystemExit("a product differs from the double-precision reference (see the table)")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags_line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+    have = [isa for isa in ("avx2", "fma", "avx512f") if f" {isa} " in flags_line + " "]
+    return "ISA " + ", ".join(have) if have else "no AVX2"
+
+
+if __name__ == "__main__":
+    app.run(main)
