@@ -373,7 +373,9 @@ def test_fused_kernel_equals_loop(path, options, monkeypatch):
     for a, b in zip(fused_grads, loop_grads):
         if options.get("use_bias") is False and a is None:
             continue
-        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+        # float32 rounding: gradients reach ~10 here (weights of std 0.6), summed in another
+        # order than the loop's (one product over all timesteps, Eigen's or oneDNN's blocking)
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("path", [p for p in FUSED_PATHS if p != "lstm_block"])
