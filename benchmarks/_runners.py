@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import _torch_first  # noqa: F401  (before keras: see the module)
@@ -12,8 +13,12 @@ import numpy as np
 import keras_fancyrnn as fr
 from keras_fancyrnn._tf import tf
 
-KERAS = {"simple_rnn": keras.layers.SimpleRNN, "lstm": keras.layers.LSTM, "gru": keras.layers.GRU}
-FR = {"simple_rnn": fr.SimpleRNN, "lstm": fr.LSTM, "gru": fr.GRU}
+# "irnn": the SimpleRNN with ReLU (Le, Jaitly & Hinton 2015; the identity initialisation does not
+# change the timing)
+KERAS = {"simple_rnn": keras.layers.SimpleRNN, "lstm": keras.layers.LSTM, "gru": keras.layers.GRU,
+         "irnn": functools.partial(keras.layers.SimpleRNN, activation="relu")}
+FR = {"simple_rnn": fr.SimpleRNN, "lstm": fr.LSTM, "gru": fr.GRU,
+      "irnn": functools.partial(fr.SimpleRNN, activation="relu")}
 
 
 def keras_runner(layer_cls, cell, batch, steps, dim, units, train, jit):
@@ -61,7 +66,8 @@ def torch_runner(cell, batch, steps, dim, units, train):
     import torch
 
     torch.manual_seed(0)
-    rnn = {"simple_rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](
+    rnn = {"simple_rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU,
+           "irnn": functools.partial(torch.nn.RNN, nonlinearity="relu")}[cell](
         dim, units, batch_first=True)
     head = torch.nn.Linear(units, 1)
     params = list(rnn.parameters()) + list(head.parameters())

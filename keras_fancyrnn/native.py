@@ -4,8 +4,8 @@ On a CPU a recurrent step is a small matmul and 10–20 small element-wise ops, 
 people train (batch 64, 128 units) each op costs more in TensorFlow's per-op overhead than in
 arithmetic. Two kinds of kernels remove that:
 
-- ``kernels/sequence.cc``: every timestep of an LSTM, GRU (``reset_after=True``) or tanh
-  SimpleRNN in one op (``lstm_sequence``, ``gru_sequence``, ``rnn_sequence``), and the
+- ``kernels/sequence.cc``: every timestep of an LSTM, GRU (``reset_after=True``) or tanh or
+  ReLU SimpleRNN in one op (``lstm_sequence``, ``gru_sequence``, ``rnn_sequence``), and the
   step-by-step part of its gradient in another; ``project`` computes ``x W + b`` for all
   timesteps before it, and the weight gradients are large matmuls after it. The engine runs
   them where it would otherwise loop without a mask, probe, truncation or recurrent dropout
@@ -29,6 +29,7 @@ exact.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -264,10 +265,10 @@ def gru_sequence(xp, h0, u, b_rec):
     return h, [h_last]
 
 
-def rnn_sequence(xp, h0, u):
-    """All steps of a tanh SimpleRNN: ``(h [T, B, H], [h_T])`` from ``xp = x W + b``
-    ``[T, B, H]``."""
-    h, h_last = library().keras_fancyrnn_rnn_sequence(xp, h0, u)
+def rnn_sequence(xp, h0, u, activation="tanh"):
+    """All steps of a SimpleRNN with ``activation`` ``"tanh"`` or ``"relu"``:
+    ``(h [T, B, H], [h_T])`` from ``xp = x W + b`` ``[T, B, H]``."""
+    h, h_last = library().keras_fancyrnn_rnn_sequence(xp, h0, u, activation=activation)
     return h, [h_last]
 
 
@@ -365,15 +366,20 @@ def gru_sequence_backward(dh, drec_in, xp, rec, h, h0, u, dh_last):
     return dxp, drec, _first(dh_back, dh_last)
 
 
-def rnn_sequence_backward(dh, h, h0, u, dh_last):
+def rnn_sequence_backward(dh, h, h0, u, dh_last, activation="tanh"):
     """``(dz, dh0)`` of ``KerasFancyrnnRnnSequenceGrad`` with TensorFlow ops."""
     from keras_fancyrnn._tf import tf
 
     dh = _present(dh, h)
 
+    def derivative(h_t):  # σ'(z_t) from h_t = σ(z_t)
+        if activation == "relu":
+            return tf.cast(h_t > 0, h_t.dtype)
+        return 1 - h_t * h_t
+
     def step(carry, xs):
         dh_t, h_t = xs
-        dz_t = (dh_t + carry[0]) * (1 - h_t * h_t)
+        dz_t = (dh_t + carry[0]) * derivative(h_t)
         return tf.matmul(dz_t, u, transpose_b=True), dz_t
 
     dh_back, dz = _scan_back(step, (dh, h), (dh_last, _step_zeros(h)))
@@ -507,7 +513,8 @@ def _register_gradients():
         _, h0, u = op.inputs
         h, last = op.outputs
         (dh_last,) = _zeros_for_none((dh_last,), (last,))
-        dz, dh0 = library().keras_fancyrnn_rnn_sequence_grad(_optional(dh, h), h, h0, u, dh_last)
+        dz, dh0 = library().keras_fancyrnn_rnn_sequence_grad(
+            _optional(dh, h), h, h0, u, dh_last, activation=op.get_attr("activation"))
         return dz, dh0, _recurrent_kernel_gradient(h0, h, dz)
 
     @tf.RegisterGradient("KerasFancyrnnLstmSequenceGrad")
@@ -520,7 +527,10 @@ def _register_gradients():
 
     @tf.RegisterGradient("KerasFancyrnnRnnSequenceGrad")
     def _rnn_sequence_second(op, *grads):
-        return _vjp(rnn_sequence_backward, op.inputs, grads)
+        activation = op.get_attr("activation")
+        activation = activation.decode() if isinstance(activation, bytes) else activation
+        return _vjp(functools.partial(rnn_sequence_backward, activation=activation), op.inputs,
+                    grads)
 
 
 if keras.config.backend() == "tensorflow":

@@ -31,12 +31,20 @@ class SimpleRNNCell(RecurrentCell):
         return h, [h]
 
     def native_sequence(self, dtype) -> bool:
-        return (native.SEQUENCES and self.activation is keras.activations.tanh
+        return (native.SEQUENCES and self._kernel_activation() is not None
                 and native.usable(dtype))
 
+    def _kernel_activation(self):
+        """The sequence kernel's name for this cell's activation: tanh, or ReLU (Keras's own
+        function with its defaults, as ``activation="relu"`` gives: the IRNN); else ``None``."""
+        if self.activation is keras.activations.tanh:
+            return "tanh"
+        return "relu" if self.activation is keras.activations.relu else None
+
     def sequence_kernel(self, xp, states):
-        """``step`` over all of ``xp`` ``[T, B, units]`` in one C++ op (tanh only)."""
-        return native.rnn_sequence(xp, states[0], ops.convert_to_tensor(self.recurrent_kernel))
+        """``step`` over all of ``xp`` ``[T, B, units]`` in one C++ op (tanh or ReLU)."""
+        return native.rnn_sequence(xp, states[0], ops.convert_to_tensor(self.recurrent_kernel),
+                                   self._kernel_activation())
 
 
 @keras.saving.register_keras_serializable(package="keras_fancyrnn")

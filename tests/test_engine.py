@@ -1,6 +1,8 @@
 """The engine against independent references: the WildML numpy BPTT, hand-unrolled Keras cells
 under a GradientTape, float64 finite differences, and reversal/unroll identities."""
 
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -318,6 +320,8 @@ FUSED_PATHS = {
     "lstm_sequence": ("LSTM", "KerasFancyrnnLstmSequence", True),
     "gru_sequence": ("GRU", "KerasFancyrnnGruSequence", True),
     "simple_rnn_sequence": ("SimpleRNN", "KerasFancyrnnRnnSequence", True),
+    # the IRNN's activation (Le et al. 2015) on the same kernel
+    "simple_rnn_relu_sequence": ("SimpleRNN-relu", "KerasFancyrnnRnnSequence", True),
 }
 
 
@@ -327,7 +331,11 @@ def _on_path(path, monkeypatch):
     if native_sequence and native.library() is None:
         pytest.skip(f"no native kernels here: {native.load_error()}")
     monkeypatch.setattr(native, "SEQUENCES", native_sequence)
-    return getattr(fr, kind), op, 2 if kind == "LSTM" else 1
+    name, _, activation = kind.partition("-")
+    layer_class = getattr(fr, name)
+    if activation:
+        layer_class = functools.partial(layer_class, activation=activation)
+    return layer_class, op, 2 if kind == "LSTM" else 1
 
 
 @pytest.mark.parametrize("path", FUSED_PATHS)
@@ -395,7 +403,7 @@ def test_sequence_kernels_only_where_they_apply(path, monkeypatch):
     assert not uses(layer_class(H), mask=tf.ones((B, T), bool))
     assert not uses(layer_class(H, bptt_truncate=2))
     assert not uses(layer_class(H, recurrent_dropout=0.2), training=True)
-    assert not uses(layer_class(H, activation="relu"))
+    assert not uses(layer_class(H, activation="sigmoid"))
     assert not uses(layer_class(H, unroll=True))
     probed = layer_class(H)
     probed._fr_probes = {0: tf.zeros((B, T, H))}

@@ -108,7 +108,16 @@ def _assert_kernels_equal_plain_ops(fn, x, op, monkeypatch, rtol, atol):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=rtol, atol=atol)
 
 
+def _layer_kind(kind):
+    """``(layer name, arguments)`` for a test kind: a layer name, or ``"SimpleRNN-relu"`` (the
+    IRNN's activation, which runs the SimpleRNN's sequence kernel too)."""
+    name, _, activation = kind.partition("-")
+    return name, ({"activation": activation} if activation else {})
+
+
 def _copied(kind, rng, **kwargs):
+    kind, extra = _layer_kind(kind)
+    kwargs = {**extra, **kwargs}
     ours = getattr(fr, kind)(6, return_sequences=True, **kwargs)
     theirs = getattr(keras.layers, kind)(6, return_sequences=True, **kwargs)
     ours.build((4, 9, 8))
@@ -155,7 +164,8 @@ def test_layers_on_the_kernels_equal_keras(library, kind, go_backwards, kernels,
 def _gradient_penalty(kind, rng, batch):
     """``(fn, x)``: ``fn(x)`` is the gradient of a penalty ‖∂ℓ/∂x‖² with respect to the weights
     of a float64 layer with perturbed weights."""
-    layer = getattr(fr, kind)(5, dtype="float64")
+    kind, extra = _layer_kind(kind)
+    layer = getattr(fr, kind)(5, dtype="float64", **extra)
     x = tf.constant(rng.normal(size=(batch, 6, 4)))
     layer.build(x.shape)
     for w in layer.weights:
@@ -260,7 +270,8 @@ def test_lstm_with_both_probes_fed_equals_the_plain_ops(library, rng, monkeypatc
 # Whole-sequence kernels.
 
 SEQUENCE_OPS = {"SimpleRNN": "KerasFancyrnnRnnSequence", "LSTM": "KerasFancyrnnLstmSequence",
-                "GRU": "KerasFancyrnnGruSequence"}
+                "GRU": "KerasFancyrnnGruSequence", "SimpleRNN-relu": "KerasFancyrnnRnnSequence"}
+GATES = {"LSTM": 4, "GRU": 3, "SimpleRNN": 1, "SimpleRNN-relu": 1}
 
 
 @pytest.mark.parametrize("kind", SEQUENCE_OPS)
@@ -309,17 +320,18 @@ def _sequence_loss(library, kind, weights):
         return tf.reduce_sum(h ** 3 * weights[0]) + tf.reduce_sum(tf.sin(rec)[..., :1]) + last(
             h_last)
 
-    def rnn(xp, h0, u):
-        h, h_last = library.keras_fancyrnn_rnn_sequence(xp, h0, u)
+    def rnn(xp, h0, u, activation="tanh"):
+        h, h_last = library.keras_fancyrnn_rnn_sequence(xp, h0, u, activation=activation)
         return tf.reduce_sum(h ** 3 * weights[0]) + last(h_last)
 
-    return {"LSTM": lstm, "GRU": gru, "SimpleRNN": rnn}[kind]
+    return {"LSTM": lstm, "GRU": gru, "SimpleRNN": rnn,
+            "SimpleRNN-relu": lambda *a: rnn(*a, activation="relu")}[kind]
 
 
 @pytest.mark.parametrize("kind", SEQUENCE_OPS)
 def test_sequence_kernel_gradients_equal_finite_differences(library, kind, rng):
     steps, batch, units = 4, 8, 3  # batch 8: two shards of four rows on two threads
-    gates = {"LSTM": 4, "GRU": 3, "SimpleRNN": 1}[kind]
+    gates = GATES[kind]
     weights = rng.normal(size=(2, steps, batch, units))
     loss = _sequence_loss(library, kind, weights)
     rest = [tf.Variable(0.5 * rng.normal(size=(batch, units)))]
@@ -365,8 +377,9 @@ def test_sequence_kernels_equal_keras_at_a_larger_size(library, kind, rng):
     """37 units: whole and partial 16-column panels of the float32 product (forward, 4·37 or
     3·37 columns; backward, 37); batch 13: shards of 6 and 7 rows, so full six-row blocks and a
     padded remainder."""
-    ours = getattr(fr, kind)(37, return_sequences=True)
-    theirs = getattr(keras.layers, kind)(37, return_sequences=True)
+    kind, extra = _layer_kind(kind)
+    ours = getattr(fr, kind)(37, return_sequences=True, **extra)
+    theirs = getattr(keras.layers, kind)(37, return_sequences=True, **extra)
     for layer in (ours, theirs):
         layer.build((13, 5, 8))
     weights = [w + 0.1 * rng.normal(size=w.shape) for w in theirs.get_weights()]
@@ -429,13 +442,14 @@ def test_sequence_kernels_with_no_timesteps(library, kind):
     """T = 0: the final states are the initial ones, and so are their first and second
     derivatives (a loss on the final states straight through to the initial states)."""
     batch, units = 3, 4
-    gates = {"LSTM": 4, "GRU": 3, "SimpleRNN": 1}[kind]
+    gates = GATES[kind]
     xp = tf.zeros((0, batch, gates * units), tf.float64)
     u = tf.fill((units, gates * units), tf.constant(0.1, tf.float64))
     h0 = tf.constant(np.linspace(-1, 1, batch * units).reshape(batch, units))
     run = {"LSTM": lambda h0: native.lstm_sequence(xp, h0, h0 + 1, u),
            "GRU": lambda h0: native.gru_sequence(xp, h0, u, tf.zeros((3 * units,), tf.float64)),
-           "SimpleRNN": lambda h0: native.rnn_sequence(xp, h0, u)}[kind]
+           "SimpleRNN": lambda h0: native.rnn_sequence(xp, h0, u),
+           "SimpleRNN-relu": lambda h0: native.rnn_sequence(xp, h0, u, "relu")}[kind]
     with tf.GradientTape() as outer:
         outer.watch(h0)
         with tf.GradientTape() as inner:

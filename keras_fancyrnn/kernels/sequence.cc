@@ -10,6 +10,7 @@
 //
 // Layouts are time-major: xp [T, B, k H], states [B, H], U [H, k H], sequences [T, B, H].
 #include <algorithm>
+#include <string>
 #include <vector>
 
 #include "gate_math.h"
@@ -319,13 +320,22 @@ class GruSequenceGrad : public OpKernel {
 };
 
 // ---------------------------------------------------------------------------------------------
-// SimpleRNN with tanh: h_t = tanh(xp_t + h_{t-1} U). Inputs xp [T, B, H], h0 [B, H], u [H, H].
-// Outputs h [T, B, H] (in xp's buffer where TensorFlow allows) and h_T [B, H].
+// SimpleRNN: h_t = σ(xp_t + h_{t-1} U), σ = tanh or ReLU (attr `activation`; ReLU for the IRNN
+// of Le, Jaitly & Hinton 2015). Inputs xp [T, B, H], h0 [B, H], u [H, H]. Outputs h [T, B, H]
+// (in xp's buffer where TensorFlow allows) and h_T [B, H].
+
+// Whether the op's `activation` attr says ReLU (else tanh, the only other value it allows).
+bool IsRelu(OpKernelConstruction* ctx) {
+  std::string activation;
+  auto status = ctx->GetAttr("activation", &activation);
+  if (!status.ok()) ctx->CtxFailure(status);
+  return activation == "relu";
+}
 
 template <typename T>
 class RnnSequence : public OpKernel {
  public:
-  using OpKernel::OpKernel;
+  explicit RnnSequence(OpKernelConstruction* ctx) : OpKernel(ctx), relu_(IsRelu(ctx)) {}
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& h0 = ctx->input(1);
@@ -345,11 +355,18 @@ class RnnSequence : public OpKernel {
       for (int64_t t = 0; t < S; ++t) {
         MatOut<T> h_t(At(h, t, B, lo, H), hi - lo, H);
         u.Multiply(Prev<T>(h, h_0, t, B, lo, H), hi - lo, h_t.data(), true);
-        h_t = h_t.array().tanh().matrix();
+        if (relu_) {
+          h_t = h_t.cwiseMax(T(0));
+        } else {
+          h_t = h_t.array().tanh().matrix();
+        }
       }
       CopyLast<T>(h, h_0, S, B, H, lo, hi, h_last);
     });
   }
+
+ private:
+  const bool relu_;
 };
 
 // Inputs dh (gradient of the h sequence: empty where there is none, else [T, B, H]), h, h0, u,
@@ -357,7 +374,7 @@ class RnnSequence : public OpKernel {
 template <typename T>
 class RnnSequenceGrad : public OpKernel {
  public:
-  using OpKernel::OpKernel;
+  explicit RnnSequenceGrad(OpKernelConstruction* ctx) : OpKernel(ctx), relu_(IsRelu(ctx)) {}
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& h0 = ctx->input(2);
@@ -379,11 +396,19 @@ class RnnSequenceGrad : public OpKernel {
       for (int64_t t = S - 1; t >= 0; --t) {
         AddStep(dh, t, B, H, lo, hi, dh_carry);  // now the total ∂ℓ/∂h_t
         In<T> h_t(At(h, t, B, lo, H), n * H);
-        Out<T>(At(dz, t, B, lo, H), n * H) = In<T>(dh_carry, n * H) * (T(1) - h_t * h_t);
+        Out<T> dz_t(At(dz, t, B, lo, H), n * H);
+        if (relu_) {  // σ'(z) = 1 where z > 0, that is where h > 0 (TensorFlow's ReluGrad too)
+          dz_t = (h_t > T(0)).select(In<T>(dh_carry, n * H), T(0));
+        } else {
+          dz_t = In<T>(dh_carry, n * H) * (T(1) - h_t * h_t);
+        }
         u_t.Multiply(At(dz, t, B, lo, H), n, dh_carry, false);
       }
     });
   }
+
+ private:
+  const bool relu_;
 };
 
 absl::Status SequenceShapes(InferenceContext* ctx, int sequence, int state,
@@ -438,12 +463,14 @@ REGISTER_OP("KerasFancyrnnRnnSequence")
     .Input("xp: T").Input("h0: T").Input("u: T")
     .Output("h: T").Output("h_last: T")
     .Attr("T: {float, double}")
+    .Attr("activation: {'tanh', 'relu'} = 'tanh'")
     .SetShapeFn([](InferenceContext* c) { return SequenceShapes(c, 0, 1, {}, {{0, 0}, {1, 1}}); });
 
 REGISTER_OP("KerasFancyrnnRnnSequenceGrad")
     .Input("dh: T").Input("h: T").Input("h0: T").Input("u: T").Input("dh_last: T")
     .Output("dz: T").Output("dh0: T")
     .Attr("T: {float, double}")
+    .Attr("activation: {'tanh', 'relu'} = 'tanh'")
     .SetShapeFn([](InferenceContext* c) {
       return SequenceShapes(c, 1, 2, {}, {{0, 1}, {1, 2}});
     });
