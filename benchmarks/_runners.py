@@ -14,11 +14,14 @@ import keras_fancyrnn as fr
 from keras_fancyrnn._tf import tf
 
 # "irnn": the SimpleRNN with ReLU (Le, Jaitly & Hinton 2015; the identity initialisation does not
-# change the timing)
+# change the timing); "gru_before": the GRU with reset_after=False (torch has only the other
+# variant, so its column times that)
 KERAS = {"simple_rnn": keras.layers.SimpleRNN, "lstm": keras.layers.LSTM, "gru": keras.layers.GRU,
-         "irnn": functools.partial(keras.layers.SimpleRNN, activation="relu")}
+         "irnn": functools.partial(keras.layers.SimpleRNN, activation="relu"),
+         "gru_before": functools.partial(keras.layers.GRU, reset_after=False)}
 FR = {"simple_rnn": fr.SimpleRNN, "lstm": fr.LSTM, "gru": fr.GRU,
-      "irnn": functools.partial(fr.SimpleRNN, activation="relu")}
+      "irnn": functools.partial(fr.SimpleRNN, activation="relu"),
+      "gru_before": functools.partial(fr.GRU, reset_after=False)}
 
 
 def keras_runner(layer_cls, cell, batch, steps, dim, units, train, jit):
@@ -67,7 +70,8 @@ def torch_runner(cell, batch, steps, dim, units, train):
 
     torch.manual_seed(0)
     rnn = {"simple_rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU,
-           "irnn": functools.partial(torch.nn.RNN, nonlinearity="relu")}[cell](
+           "irnn": functools.partial(torch.nn.RNN, nonlinearity="relu"),
+           "gru_before": torch.nn.GRU}[cell](
         dim, units, batch_first=True)
     head = torch.nn.Linear(units, 1)
     params = list(rnn.parameters()) + list(head.parameters())

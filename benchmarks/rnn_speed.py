@@ -30,7 +30,8 @@ from absl import app, flags  # noqa: E402
 from keras_fancyrnn._tf import tf  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("cells", ["lstm"], "Cells: simple_rnn, lstm, gru, irnn (SimpleRNN with ReLU).")
+flags.DEFINE_list("cells", ["lstm"], "Cells: simple_rnn, lstm, gru, irnn (SimpleRNN with ReLU), "
+                  "gru_before (GRU with reset_after=False).")
 flags.DEFINE_list("modes", ["train"], "train (fit steps) and/or predict.")
 flags.DEFINE_list("batch", ["64"], "Batch sizes.")
 flags.DEFINE_list("time", ["100"], "Sequence lengths.")
@@ -47,7 +48,7 @@ flags.DEFINE_string("out", None, "Write the Markdown table here too.")
 flags.DEFINE_bool("hoist", False, "Hoist fr's input projection on a CPU too (the engine's "
                   "default projects per step there; see engine.run).")
 
-GATES = {"simple_rnn": 1, "lstm": 4, "gru": 3, "irnn": 1}
+GATES = {"simple_rnn": 1, "lstm": 4, "gru": 3, "irnn": 1, "gru_before": 3}
 
 
 def flops_per_step(cell, batch, steps, dim, units, train):

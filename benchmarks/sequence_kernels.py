@@ -24,7 +24,8 @@ from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("cells", ["simple_rnn", "lstm", "gru"],
-                  "Cells: simple_rnn, lstm, gru, irnn (SimpleRNN with ReLU).")
+                  "Cells: simple_rnn, lstm, gru, irnn (SimpleRNN with ReLU), gru_before (GRU "
+                  "with reset_after=False).")
 flags.DEFINE_list("modes", ["train", "predict"], "train and/or predict.")
 flags.DEFINE_list("batch", ["64"], "Batch sizes.")
 flags.DEFINE_list("hidden", ["128"], "Hidden sizes.")

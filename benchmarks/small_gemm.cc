@@ -36,18 +36,30 @@ namespace eigen {
 
 namespace {
 
-// The largest |c - reference| over the largest |reference|, reference in double.
+// The largest |c - reference| over the largest |reference|, reference in double. The check
+// builds its own kernel over a copy of u with rows 2 further apart, and multiplies rows 3
+// further apart into rows 5 further apart, accumulating (as the sequence kernels use blocks of
+// wider matrices): both of Multiply's modes and every stride are checked.
 template <typename Kernel>
-double RelativeError(const Kernel& kernel, const std::vector<float>& a, const std::vector<float>& u,
-                     int64_t n, int64_t K, int64_t N, bool transpose) {
-  std::vector<float> c(n * N, 1.0f);
-  kernel.Multiply(a.data(), n, c.data(), false);
+double RelativeError(const std::vector<float>& a, const std::vector<float>& u, int64_t n,
+                     int64_t K, int64_t N, bool transpose) {
+  const int64_t rows = transpose ? N : K, cols = transpose ? K : N, ldu = cols + 2;
+  const int64_t lda = K + 3, ldc = N + 5;
+  std::vector<float> wide_u(rows * ldu, 0.0f), strided(n * lda, 0.0f), c(n * ldc, 0.5f);
+  for (int64_t i = 0; i < rows; ++i) {
+    std::copy_n(u.data() + i * cols, cols, wide_u.data() + i * ldu);
+  }
+  for (int64_t i = 0; i < n; ++i) std::copy_n(a.data() + i * K, K, strided.data() + i * lda);
+  const Kernel kernel(wide_u.data(), K, N, transpose, ldu);
+  kernel.Multiply(strided.data(), n, c.data(), true, lda, ldc);
   double err = 0, scale = 0;
   for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = 0; j < N; ++j) {
-      double ref = 0;
-      for (int64_t k = 0; k < K; ++k) ref += double(a[i * K + k]) * (transpose ? u[j * K + k] : u[k * N + j]);
-      err = std::max(err, std::abs(c[i * N + j] - ref));
+    for (int64_t j = 0; j < ldc; ++j) {
+      double ref = 0.5;  // the columns past N must stay 0.5
+      for (int64_t k = 0; j < N && k < K; ++k) {
+        ref += double(a[i * K + k]) * (transpose ? u[j * K + k] : u[k * N + j]);
+      }
+      err = std::max(err, std::abs(c[i * ldc + j] - ref));
       scale = std::max(scale, std::abs(ref));
     }
   }
@@ -80,21 +92,24 @@ int main(int argc, char** argv) {
   for (int s = 2; s < argc; ++s) {
     long n, K, N;
     if (std::sscanf(argv[s], "%ldx%ldx%ld", &n, &K, &N) != 3 || n < 1 || K < 1 || N < 1) {
-      std::fprintf(stderr, "bad shape %s: want nxKxN (positive integers, e.g. 32x128x512)\n", argv[s]);
+      std::fprintf(stderr, "bad shape %s: want nxKxN (positive integers, e.g. 32x128x512)\n",
+                   argv[s]);
       return 2;
     }
     for (bool transpose : {false, true}) {
       std::vector<float> a(n * K), u(K * N), c(n * N);
       for (auto& v : a) v = normal(gen);
       for (auto& v : u) v = normal(gen);
-      const eigen::keras_fancyrnn::RecurrentKernel<float> by_eigen(u.data(), K, N, transpose);
-      double err_eigen = RelativeError(by_eigen, a, u, n, K, N, transpose), err_block = 0;
+      using EigenKernel = eigen::keras_fancyrnn::RecurrentKernel<float>;
+      const EigenKernel by_eigen(u.data(), K, N, transpose);
+      double err_eigen = RelativeError<EigenKernel>(a, u, n, K, N, transpose), err_block = 0;
       const double flops = 2.0 * n * K * N;
       const int reps = std::max<int>(1, int(2e7 / flops));
       std::vector<double> t_eigen, t_block;
 #if HAVE_BLOCK
-      const block::keras_fancyrnn::RecurrentKernel<float> by_block(u.data(), K, N, transpose);
-      err_block = RelativeError(by_block, a, u, n, K, N, transpose);
+      using BlockKernel = block::keras_fancyrnn::RecurrentKernel<float>;
+      const BlockKernel by_block(u.data(), K, N, transpose);
+      err_block = RelativeError<BlockKernel>(a, u, n, K, N, transpose);
 #endif
       for (int r = 0; r < rounds; ++r) {
         t_eigen.push_back(Seconds(by_eigen, a.data(), n, c.data(), reps));

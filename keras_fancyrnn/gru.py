@@ -75,11 +75,14 @@ class GRUCell(RecurrentCell):
         return h, [h]
 
     def native_sequence(self, dtype) -> bool:
-        return native.SEQUENCES and self.reset_after and self.native_gates(dtype)
+        return native.SEQUENCES and self.native_gates(dtype)
 
     def sequence_kernel(self, xp, states):
-        """``step`` over all of ``xp`` ``[T, B, 3·units]`` in one C++ op (``reset_after=True``,
-        tanh/sigmoid)."""
+        """``step`` over all of ``xp`` ``[T, B, 3·units]`` in one C++ op (tanh/sigmoid; either
+        ``reset_after``)."""
+        if not self.reset_after:
+            return native.gru_before_sequence(xp, states[0],
+                                              ops.convert_to_tensor(self.recurrent_kernel))
         b_rec = (ops.zeros((3 * self.units,), xp.dtype) if self.bias is None
                  else ops.convert_to_tensor(self.bias)[1])
         return native.gru_sequence(xp, states[0], ops.convert_to_tensor(self.recurrent_kernel),

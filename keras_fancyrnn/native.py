@@ -4,8 +4,9 @@ On a CPU a recurrent step is a small matmul and 10–20 small element-wise ops, 
 people train (batch 64, 128 units) each op costs more in TensorFlow's per-op overhead than in
 arithmetic. Two kinds of kernels remove that:
 
-- ``kernels/sequence.cc``: every timestep of an LSTM, GRU (``reset_after=True``) or tanh or
-  ReLU SimpleRNN in one op (``lstm_sequence``, ``gru_sequence``, ``rnn_sequence``), and the
+- ``kernels/sequence.cc``: every timestep of an LSTM, GRU (either ``reset_after``) or tanh or
+  ReLU SimpleRNN in one op (``lstm_sequence``, ``gru_sequence``, ``gru_before_sequence``,
+  ``rnn_sequence``), and the
   step-by-step part of its gradient in another; ``project`` computes ``x W + b`` for all
   timesteps before it, and the weight gradients are large matmuls after it. The engine runs
   them where it would otherwise loop without a mask, probe, truncation or recurrent dropout
@@ -265,6 +266,13 @@ def gru_sequence(xp, h0, u, b_rec):
     return h, [h_last]
 
 
+def gru_before_sequence(xp, h0, u):
+    """All steps of a GRU with ``reset_after=False`` (the reset gate before the product):
+    ``(h [T, B, H], [h_T])`` from ``xp = x W + b`` ``[T, B, 3H]``, ``h0`` and ``u``."""
+    h, _, _, h_last = library().keras_fancyrnn_gru_before_sequence(xp, h0, u)
+    return h, [h_last]
+
+
 def rnn_sequence(xp, h0, u, activation="tanh"):
     """All steps of a SimpleRNN with ``activation`` ``"tanh"`` or ``"relu"``:
     ``(h [T, B, H], [h_T])`` from ``xp = x W + b`` ``[T, B, H]``."""
@@ -362,6 +370,35 @@ def gru_sequence_backward(dh, drec_in, xp, rec, h, h0, u, dh_last):
         return tf.matmul(drec_t, u, transpose_b=True) + direct, dxp_t, drec_t
 
     dh_back, dxp, drec = _scan_back(step, (dh, drec_in, xp, rec, _previous(h0, h)),
+                                    (dh_last, _step_zeros(xp), _step_zeros(rec)))
+    return dxp, drec, _first(dh_back, dh_last)
+
+
+def gru_before_sequence_backward(dh, drec_in, drh_in, xp, rec, h, h0, u, dh_last):
+    """``(dxp, drec, dh0)`` of ``KerasFancyrnnGruBeforeSequenceGrad`` with TensorFlow ops."""
+    from keras_fancyrnn._tf import tf
+
+    dh, drec_in, drh_in = _present(dh, h), _present(drec_in, rec), _present(drh_in, h)
+    units = h.shape[-1]
+    u_zr, u_h = u[:, :2 * units], u[:, 2 * units:]
+
+    def step(carry, xs):
+        dh_t, drec_in_t, drh_in_t, xp_t, rec_t, h_prev = xs
+        dh_t = dh_t + carry[0]
+        x_z, x_r, x_h = tf.split(xp_t, 3, axis=-1)
+        r_z, r_r, r_h = tf.split(rec_t, 3, axis=-1)
+        z, r, hh = tf.sigmoid(x_z + r_z), tf.sigmoid(x_r + r_r), tf.tanh(x_h + r_h)
+        da = dh_t * (1 - z) * (1 - hh * hh)
+        dz = dh_t * (h_prev - hh) * z * (1 - z)
+        d_rh = tf.matmul(da + drec_in_t[:, 2 * units:], u_h, transpose_b=True) + drh_in_t
+        dr = d_rh * h_prev * r * (1 - r)
+        dxp_t = tf.concat([dz, dr, da], axis=-1)
+        drec_t = dxp_t + drec_in_t
+        dh_prev = (dh_t * z + d_rh * r
+                   + tf.matmul(drec_t[:, :2 * units], u_zr, transpose_b=True))
+        return dh_prev, dxp_t, drec_t
+
+    dh_back, dxp, drec = _scan_back(step, (dh, drec_in, drh_in, xp, rec, _previous(h0, h)),
                                     (dh_last, _step_zeros(xp), _step_zeros(rec)))
     return dxp, drec, _first(dh_back, dh_last)
 
@@ -508,6 +545,21 @@ def _register_gradients():
         return (dxp, dh0, _recurrent_kernel_gradient(h0, h, drec),
                 tf.reduce_sum(drec, axis=[0, 1]))
 
+    @tf.RegisterGradient("KerasFancyrnnGruBeforeSequence")
+    def _gru_before_sequence(op, dh, drec, drh, dh_last):
+        xp, h0, u = op.inputs
+        h, rec, rh, last = op.outputs
+        (dh_last,) = _zeros_for_none((dh_last,), (last,))
+        dxp, drec, dh0 = library().keras_fancyrnn_gru_before_sequence_grad(
+            _optional(dh, h), _optional(drec, rec), _optional(drh, rh), xp, rec, h, h0, u,
+            dh_last)
+        # rec = [h_{t-1} U_z, h_{t-1} U_r, rh_t U_h]
+        units = h.shape[-1]
+        du_h = tf.matmul(tf.reshape(rh, [-1, units]), tf.reshape(drec[..., 2 * units:],
+                                                                 [-1, units]), transpose_a=True)
+        du_zr = _recurrent_kernel_gradient(h0, h, drec[..., :2 * units])
+        return dxp, dh0, tf.concat([du_zr, du_h], axis=1)
+
     @tf.RegisterGradient("KerasFancyrnnRnnSequence")
     def _rnn_sequence(op, dh, dh_last):
         _, h0, u = op.inputs
@@ -524,6 +576,10 @@ def _register_gradients():
     @tf.RegisterGradient("KerasFancyrnnGruSequenceGrad")
     def _gru_sequence_second(op, *grads):
         return _vjp(gru_sequence_backward, op.inputs, grads)
+
+    @tf.RegisterGradient("KerasFancyrnnGruBeforeSequenceGrad")
+    def _gru_before_sequence_second(op, *grads):
+        return _vjp(gru_before_sequence_backward, op.inputs, grads)
 
     @tf.RegisterGradient("KerasFancyrnnRnnSequenceGrad")
     def _rnn_sequence_second(op, *grads):

@@ -108,11 +108,14 @@ def _assert_kernels_equal_plain_ops(fn, x, op, monkeypatch, rtol, atol):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=rtol, atol=atol)
 
 
+#: Test kinds beyond the layer names: the IRNN's activation (the SimpleRNN's sequence kernel) and
+#: the GRU with the reset gate before the product (a sequence kernel of its own).
+VARIANTS = {"SimpleRNN-relu": {"activation": "relu"}, "GRU-before": {"reset_after": False}}
+
+
 def _layer_kind(kind):
-    """``(layer name, arguments)`` for a test kind: a layer name, or ``"SimpleRNN-relu"`` (the
-    IRNN's activation, which runs the SimpleRNN's sequence kernel too)."""
-    name, _, activation = kind.partition("-")
-    return name, ({"activation": activation} if activation else {})
+    """``(layer name, arguments)`` for a test kind."""
+    return kind.partition("-")[0], VARIANTS.get(kind, {})
 
 
 def _copied(kind, rng, **kwargs):
@@ -270,8 +273,9 @@ def test_lstm_with_both_probes_fed_equals_the_plain_ops(library, rng, monkeypatc
 # Whole-sequence kernels.
 
 SEQUENCE_OPS = {"SimpleRNN": "KerasFancyrnnRnnSequence", "LSTM": "KerasFancyrnnLstmSequence",
-                "GRU": "KerasFancyrnnGruSequence", "SimpleRNN-relu": "KerasFancyrnnRnnSequence"}
-GATES = {"LSTM": 4, "GRU": 3, "SimpleRNN": 1, "SimpleRNN-relu": 1}
+                "GRU": "KerasFancyrnnGruSequence", "SimpleRNN-relu": "KerasFancyrnnRnnSequence",
+                "GRU-before": "KerasFancyrnnGruBeforeSequence"}
+GATES = {"LSTM": 4, "GRU": 3, "SimpleRNN": 1, "SimpleRNN-relu": 1, "GRU-before": 3}
 
 
 @pytest.mark.parametrize("kind", SEQUENCE_OPS)
@@ -324,8 +328,13 @@ def _sequence_loss(library, kind, weights):
         h, h_last = library.keras_fancyrnn_rnn_sequence(xp, h0, u, activation=activation)
         return tf.reduce_sum(h ** 3 * weights[0]) + last(h_last)
 
+    def gru_before(xp, h0, u):
+        h, rec, rh, h_last = library.keras_fancyrnn_gru_before_sequence(xp, h0, u)
+        return (tf.reduce_sum(h ** 3 * weights[0]) + tf.reduce_sum(tf.sin(rec)[..., :1])
+                + tf.reduce_sum(rh * weights[1]) + last(h_last))
+
     return {"LSTM": lstm, "GRU": gru, "SimpleRNN": rnn,
-            "SimpleRNN-relu": lambda *a: rnn(*a, activation="relu")}[kind]
+            "SimpleRNN-relu": lambda *a: rnn(*a, activation="relu"), "GRU-before": gru_before}[kind]
 
 
 @pytest.mark.parametrize("kind", SEQUENCE_OPS)
@@ -377,9 +386,9 @@ def test_sequence_kernels_equal_keras_at_a_larger_size(library, kind, rng):
     """37 units: whole and partial 16-column panels of the float32 product (forward, 4·37 or
     3·37 columns; backward, 37); batch 13: shards of 6 and 7 rows, so full six-row blocks and a
     padded remainder."""
-    kind, extra = _layer_kind(kind)
-    ours = getattr(fr, kind)(37, return_sequences=True, **extra)
-    theirs = getattr(keras.layers, kind)(37, return_sequences=True, **extra)
+    name, extra = _layer_kind(kind)
+    ours = getattr(fr, name)(37, return_sequences=True, **extra)
+    theirs = getattr(keras.layers, name)(37, return_sequences=True, **extra)
     for layer in (ours, theirs):
         layer.build((13, 5, 8))
     weights = [w + 0.1 * rng.normal(size=w.shape) for w in theirs.get_weights()]
@@ -449,7 +458,8 @@ def test_sequence_kernels_with_no_timesteps(library, kind):
     run = {"LSTM": lambda h0: native.lstm_sequence(xp, h0, h0 + 1, u),
            "GRU": lambda h0: native.gru_sequence(xp, h0, u, tf.zeros((3 * units,), tf.float64)),
            "SimpleRNN": lambda h0: native.rnn_sequence(xp, h0, u),
-           "SimpleRNN-relu": lambda h0: native.rnn_sequence(xp, h0, u, "relu")}[kind]
+           "SimpleRNN-relu": lambda h0: native.rnn_sequence(xp, h0, u, "relu"),
+           "GRU-before": lambda h0: native.gru_before_sequence(xp, h0, u)}[kind]
     with tf.GradientTape() as outer:
         outer.watch(h0)
         with tf.GradientTape() as inner:

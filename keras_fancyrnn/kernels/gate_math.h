@@ -97,6 +97,63 @@ inline void GruRowGrad(const T* dh, const T* xp, const T* rec, const T* h_prev, 
   Out<T>(dh_prev, H) = dh_b * s.z;
 }
 
+// GRU, reset_after=False (the reset gate before the product), blocks z, r, h of xp = x W + b and
+// rec = [h_{t-1} U_z, h_{t-1} U_r, (r h_{t-1}) U_h] (3H each):
+//   z = σ(xp_z + rec_z),  r = σ(xp_r + rec_r),  ĥ = tanh(xp_h + rec_h),  h = z h_prev + (1 - z) ĥ.
+// A row runs in two halves around the product (r h_{t-1}) U_h. The first: z and rh = r h_prev.
+template <typename T>
+inline void GruBeforeGates(const T* xp, const T* rec, const T* h_prev, T* z, T* rh, int64_t H) {
+  Out<T>(z, H) = (In<T>(xp, H) + In<T>(rec, H)).logistic();
+  Out<T>(rh, H) = (In<T>(xp + H, H) + In<T>(rec + H, H)).logistic() * In<T>(h_prev, H);
+}
+
+// The second: h from z and rec_h.
+template <typename T>
+inline void GruBeforeRow(const T* xp, const T* rec, const T* h_prev, const T* z, T* h, int64_t H,
+                         GruScratch<T>& s) {
+  s.hh = (In<T>(xp + 2 * H, H) + In<T>(rec + 2 * H, H)).tanh();
+  In<T> z_b(z, H);
+  Out<T>(h, H) = z_b * In<T>(h_prev, H) + (T(1) - z_b) * s.hh;
+}
+
+// Its gradient, also in two halves around d(rh) = d rec_h U_h^T (the caller's product), to
+// d xp and d rec (3H each; d rec = d xp here, plus `drec_in`, a gradient of the rec output, where
+// not null) and the direct parts of d h_prev. The first half: the z and h blocks, and z dh into
+// `direct`. dxp may be xp and drec may be rec (each read before it is written).
+template <typename T>
+inline void GruBeforeRowGrad(const T* dh, const T* xp, const T* rec, const T* h_prev,
+                             const T* drec_in, T* dxp, T* drec, T* direct, int64_t H,
+                             GruScratch<T>& s) {
+  In<T> dh_b(dh, H);
+  s.z = (In<T>(xp, H) + In<T>(rec, H)).logistic();
+  s.hh = (In<T>(xp + 2 * H, H) + In<T>(rec + 2 * H, H)).tanh();
+  s.da = dh_b * (T(1) - s.z) * (T(1) - s.hh * s.hh);  // ∂ℓ/∂(xp_h + rec_h)
+  s.r = dh_b * (In<T>(h_prev, H) - s.hh) * s.z * (T(1) - s.z);  // ∂ℓ/∂(xp_z + rec_z)
+  Out<T>(direct, H) = dh_b * s.z;
+  Out<T>(dxp, H) = s.r;
+  Out<T>(dxp + 2 * H, H) = s.da;
+  Out<T>(drec, H) = s.r;
+  Out<T>(drec + 2 * H, H) = s.da;
+  if (drec_in != nullptr) {
+    Out<T>(drec, H) += In<T>(drec_in, H);
+    Out<T>(drec + 2 * H, H) += In<T>(drec_in + 2 * H, H);
+  }
+}
+
+// The second half, given d_rh = ∂ℓ/∂(r h_prev): the r block, and r d_rh added to `direct`.
+template <typename T>
+inline void GruBeforeRowGradReset(const T* d_rh, const T* xp, const T* rec, const T* h_prev,
+                                  const T* drec_in, T* dxp, T* drec, T* direct, int64_t H,
+                                  GruScratch<T>& s) {
+  In<T> drh_b(d_rh, H);
+  s.r = (In<T>(xp + H, H) + In<T>(rec + H, H)).logistic();
+  s.da = drh_b * In<T>(h_prev, H) * s.r * (T(1) - s.r);  // ∂ℓ/∂(xp_r + rec_r)
+  Out<T>(direct, H) += drh_b * s.r;
+  Out<T>(dxp + H, H) = s.da;
+  Out<T>(drec + H, H) = s.da;
+  if (drec_in != nullptr) Out<T>(drec + H, H) += In<T>(drec_in + H, H);
+}
+
 }  // namespace keras_fancyrnn
 
 #endif  // KERAS_FANCYRNN_GATE_MATH_H_

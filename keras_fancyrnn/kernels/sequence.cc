@@ -180,8 +180,8 @@ class LstmSequence : public OpKernel {
 };
 
 // Inputs dh, dc (gradients of the h and c sequences), dz_in (of the z output; each empty where
-// there is none, else [T, B, H] or [T, B, 4H]), z, c, c0, u, dh_last, dc_last [B, H]. Outputs dz [T, B, 4H] (= d xp; in z's buffer where
-// TensorFlow allows), dh0, dc0.
+// there is none, else [T, B, H] or [T, B, 4H]), z, c, c0, u, dh_last, dc_last [B, H]. Outputs
+// dz [T, B, 4H] (= d xp; in z's buffer where TensorFlow allows), dh0, dc0.
 template <typename T>
 class LstmSequenceGrad : public OpKernel {
  public:
@@ -314,6 +314,114 @@ class GruSequenceGrad : public OpKernel {
         }
         u_t.Multiply(At(drec, t, B, lo, 3 * H), n, dh_carry.data(), false);
         dh_carry += direct;
+      }
+    });
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// GRU (reset_after=False: the reset gate before the product). Inputs xp [T, B, 3H] (x W + b),
+// h0 [B, H], u [H, 3H]. Outputs h [T, B, H]; rec [T, B, 3H] = [h_{t-1} U_z, h_{t-1} U_r,
+// (r h_{t-1}) U_h] and rh = r h_{t-1} [T, B, H] (kept for the gradient); h_T [B, H]. Two
+// dependent products a step: [U_z U_r] and U_h, blocks of u (rows 3H apart).
+
+template <typename T>
+class GruBeforeSequence : public OpKernel {
+ public:
+  using OpKernel::OpKernel;
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& h0 = ctx->input(1);
+    Shapes shapes(ctx, {"xp", "h0", "u"});
+    if (!shapes.Check(1, {-1, -1})) return;
+    const int64_t B = h0.dim_size(0), H = h0.dim_size(1);
+    if (!shapes.Check(0, {-1, B, 3 * H}) || !shapes.Check(2, {H, 3 * H})) return;
+    const int64_t S = ctx->input(0).dim_size(0);
+    T* h = Output<T>(ctx, 0, TensorShape({S, B, H}));
+    T* rec = Output<T>(ctx, 1, ctx->input(0).shape());
+    T* rh = Output<T>(ctx, 2, TensorShape({S, B, H}));
+    T* h_last = Output<T>(ctx, 3, h0.shape());
+    if (!ctx->status().ok()) return;
+    const T *xp = Ptr<T>(ctx, 0), *h_0 = Ptr<T>(ctx, 1), *u = Ptr<T>(ctx, 2);
+    const RecurrentKernel<T> u_zr(u, H, 2 * H, false, 3 * H), u_h(u + 2 * H, H, H, false, 3 * H);
+    ForEachShard(ctx, B, [&](int64_t lo, int64_t hi) {
+      const int64_t n = hi - lo;
+      GruScratch<T> scratch(H);
+      std::vector<T> z(n * H);
+      for (int64_t t = 0; t < S; ++t) {
+        T* rec_t = At(rec, t, B, lo, 3 * H);
+        u_zr.Multiply(Prev<T>(h, h_0, t, B, lo, H), n, rec_t, false, H, 3 * H);
+        for (int64_t b = lo; b < hi; ++b) {
+          GruBeforeGates<T>(At(xp, t, B, b, 3 * H), At(rec, t, B, b, 3 * H),
+                            Prev<T>(h, h_0, t, B, b, H), z.data() + (b - lo) * H,
+                            At(rh, t, B, b, H), H);
+        }
+        u_h.Multiply(At(rh, t, B, lo, H), n, rec_t + 2 * H, false, H, 3 * H);
+        for (int64_t b = lo; b < hi; ++b) {
+          GruBeforeRow<T>(At(xp, t, B, b, 3 * H), At(rec, t, B, b, 3 * H),
+                          Prev<T>(h, h_0, t, B, b, H), z.data() + (b - lo) * H,
+                          At(h, t, B, b, H), H, scratch);
+        }
+      }
+      CopyLast<T>(h, h_0, S, B, H, lo, hi, h_last);
+    });
+  }
+};
+
+// Inputs dh, drec_in, drh_in (gradients of the h, rec and rh outputs: each empty where there is
+// none, else [T, B, H], [T, B, 3H], [T, B, H]), xp, rec, h, h0, u, dh_last [B, H]. Outputs d xp,
+// d rec [T, B, 3H] (in the buffers of xp and rec where TensorFlow allows) and dh0.
+template <typename T>
+class GruBeforeSequenceGrad : public OpKernel {
+ public:
+  using OpKernel::OpKernel;
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& h0 = ctx->input(6);
+    Shapes shapes(ctx, {"dh", "drec_in", "drh_in", "xp", "rec", "h", "h0", "u", "dh_last"});
+    if (!shapes.Check(6, {-1, -1})) return;
+    const int64_t B = h0.dim_size(0), H = h0.dim_size(1), S = ctx->input(3).dim_size(0);
+    if (!shapes.Check(3, {-1, B, 3 * H}) || !shapes.CheckOptional(0, {S, B, H}) ||
+        !shapes.CheckOptional(1, {S, B, 3 * H}) || !shapes.CheckOptional(2, {S, B, H}) ||
+        !shapes.Check(4, {S, B, 3 * H}) || !shapes.Check(5, {S, B, H}) ||
+        !shapes.Check(7, {H, 3 * H}) || !shapes.Check(8, {B, H}))
+      return;
+    T* dxp = Output<T>(ctx, 0, ctx->input(3).shape(), 3);
+    T* drec = Output<T>(ctx, 1, ctx->input(4).shape(), 4);
+    T* dh0 = Output<T>(ctx, 2, h0.shape());
+    if (!ctx->status().ok()) return;
+    const T *dh = OptionalPtr<T>(ctx, 0), *drec_in = OptionalPtr<T>(ctx, 1),
+            *drh_in = OptionalPtr<T>(ctx, 2), *xp = Ptr<T>(ctx, 3), *rec = Ptr<T>(ctx, 4),
+            *h = Ptr<T>(ctx, 5), *h_0 = Ptr<T>(ctx, 6), *u = Ptr<T>(ctx, 7),
+            *dh_last = Ptr<T>(ctx, 8);
+    // U_h^T and [U_z U_r]^T
+    const RecurrentKernel<T> u_h_t(u + 2 * H, H, H, true, 3 * H), u_zr_t(u, 2 * H, H, true, 3 * H);
+    ForEachShard(ctx, B, [&](int64_t lo, int64_t hi) {
+      const int64_t n = hi - lo;
+      T* dh_carry = dh0 + lo * H;  // ∂ℓ/∂h_t through step t + 1
+      std::copy_n(dh_last + lo * H, n * H, dh_carry);
+      RowMat<T> direct(n, H), d_rh(n, H);
+      GruScratch<T> scratch(H);
+      for (int64_t t = S - 1; t >= 0; --t) {
+        AddStep(dh, t, B, H, lo, hi, dh_carry);  // now the total ∂ℓ/∂h_t
+        for (int64_t b = lo; b < hi; ++b) {
+          GruBeforeRowGrad<T>(dh_carry + (b - lo) * H, At(xp, t, B, b, 3 * H),
+                              At(rec, t, B, b, 3 * H), Prev<T>(h, h_0, t, B, b, H),
+                              drec_in == nullptr ? nullptr : At(drec_in, t, B, b, 3 * H),
+                              At(dxp, t, B, b, 3 * H), At(drec, t, B, b, 3 * H),
+                              direct.data() + (b - lo) * H, H, scratch);
+        }
+        u_h_t.Multiply(At(drec, t, B, lo, 3 * H) + 2 * H, n, d_rh.data(), false, 3 * H, H);
+        if (drh_in != nullptr) d_rh += MatIn<T>(At(drh_in, t, B, lo, H), n, H);
+        for (int64_t b = lo; b < hi; ++b) {
+          GruBeforeRowGradReset<T>(d_rh.data() + (b - lo) * H, At(xp, t, B, b, 3 * H),
+                                   At(rec, t, B, b, 3 * H), Prev<T>(h, h_0, t, B, b, H),
+                                   drec_in == nullptr ? nullptr : At(drec_in, t, B, b, 3 * H),
+                                   At(dxp, t, B, b, 3 * H), At(drec, t, B, b, 3 * H),
+                                   direct.data() + (b - lo) * H, H, scratch);
+        }
+        u_zr_t.Multiply(At(drec, t, B, lo, 3 * H), n, dh_carry, false, 3 * H, H);
+        MatOut<T>(dh_carry, n, H) += direct;
       }
     });
   }
@@ -459,6 +567,23 @@ REGISTER_OP("KerasFancyrnnGruSequenceGrad")
       return SequenceShapes(c, 2, 5, {}, {{0, 2}, {1, 3}, {2, 5}});
     });
 
+REGISTER_OP("KerasFancyrnnGruBeforeSequence")
+    .Input("xp: T").Input("h0: T").Input("u: T")
+    .Output("h: T").Output("rec: T").Output("rh: T").Output("h_last: T")
+    .Attr("T: {float, double}")
+    .SetShapeFn([](InferenceContext* c) {
+      return SequenceShapes(c, 0, 1, {0, 2}, {{1, 0}, {3, 1}});
+    });
+
+REGISTER_OP("KerasFancyrnnGruBeforeSequenceGrad")
+    .Input("dh: T").Input("drec_in: T").Input("drh_in: T").Input("xp: T").Input("rec: T")
+    .Input("h: T").Input("h0: T").Input("u: T").Input("dh_last: T")
+    .Output("dxp: T").Output("drec: T").Output("dh0: T")
+    .Attr("T: {float, double}")
+    .SetShapeFn([](InferenceContext* c) {
+      return SequenceShapes(c, 3, 6, {}, {{0, 3}, {1, 4}, {2, 6}});
+    });
+
 REGISTER_OP("KerasFancyrnnRnnSequence")
     .Input("xp: T").Input("h0: T").Input("u: T")
     .Output("h: T").Output("h_last: T")
@@ -483,6 +608,8 @@ REGISTER_OP("KerasFancyrnnRnnSequenceGrad")
   KFR_SEQUENCE_KERNEL("KerasFancyrnnLstmSequenceGrad", T, LstmSequenceGrad<T>)  \
   KFR_SEQUENCE_KERNEL("KerasFancyrnnGruSequence", T, GruSequence<T>)            \
   KFR_SEQUENCE_KERNEL("KerasFancyrnnGruSequenceGrad", T, GruSequenceGrad<T>)    \
+  KFR_SEQUENCE_KERNEL("KerasFancyrnnGruBeforeSequence", T, GruBeforeSequence<T>) \
+  KFR_SEQUENCE_KERNEL("KerasFancyrnnGruBeforeSequenceGrad", T, GruBeforeSequenceGrad<T>) \
   KFR_SEQUENCE_KERNEL("KerasFancyrnnRnnSequence", T, RnnSequence<T>)            \
   KFR_SEQUENCE_KERNEL("KerasFancyrnnRnnSequenceGrad", T, RnnSequenceGrad<T>)
 

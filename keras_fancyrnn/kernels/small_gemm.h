@@ -40,12 +40,13 @@ template <typename T>
 using MatOut = Eigen::Map<RowMat<T>>;
 
 // B (K x N) for repeated products: U (transpose = false) or U^T (transpose = true) of a
-// row-major u of shape [K, N] or [N, K].
+// row-major u of shape [K, N] or [N, K], whose rows are ldu apart (by default N or K: a whole
+// matrix; more for a block of columns of a wider one, such as the GRU's U_h in [U_z U_r U_h]).
 template <typename T>
 class RecurrentKernel {
  public:
-  RecurrentKernel(const T* u, int64_t K, int64_t N, bool transpose)
-      : u_(u), K_(K), N_(N), transpose_(transpose) {
+  RecurrentKernel(const T* u, int64_t K, int64_t N, bool transpose, int64_t ldu = -1)
+      : u_(u), K_(K), N_(N), transpose_(transpose), ldu_(ldu >= 0 ? ldu : transpose ? K : N) {
 #ifdef KERAS_FANCYRNN_AVX2
     if constexpr (std::is_same<T, float>::value) {
       const int64_t panels = (N + kCols - 1) / kCols;
@@ -53,7 +54,8 @@ class RecurrentKernel {
       for (int64_t p = 0; p < panels; ++p) {
         for (int64_t k = 0; k < K; ++k) {
           for (int64_t j = p * kCols; j < std::min(N, (p + 1) * kCols); ++j) {
-            packed_[(p * K + k) * kCols + j - p * kCols] = transpose ? u[j * K + k] : u[k * N + j];
+            packed_[(p * K + k) * kCols + j - p * kCols] =
+                transpose ? u[j * ldu_ + k] : u[k * ldu_ + j];
           }
         }
       }
@@ -61,22 +63,27 @@ class RecurrentKernel {
 #endif
   }
 
-  // c (n x N, rows contiguous) = a (n x K, rows contiguous) B, or += with accumulate.
-  void Multiply(const T* a, int64_t n, T* c, bool accumulate) const {
+  // c (n x N, rows ldc apart) = a (n x K, rows lda apart) B, or += with accumulate; by default
+  // the rows are contiguous.
+  void Multiply(const T* a, int64_t n, T* c, bool accumulate, int64_t lda = -1,
+                int64_t ldc = -1) const {
+    if (lda < 0) lda = K_;
+    if (ldc < 0) ldc = N_;
 #ifdef KERAS_FANCYRNN_AVX2
     if constexpr (std::is_same<T, float>::value) {
-      MultiplyPacked(reinterpret_cast<const float*>(a), n, reinterpret_cast<float*>(c),
+      MultiplyPacked(reinterpret_cast<const float*>(a), lda, n, reinterpret_cast<float*>(c), ldc,
                      accumulate);
       return;
     }
 #endif
-    MatIn<T> A(a, n, K_);
-    MatOut<T> C(c, n, N_);
+    using Strided = Eigen::OuterStride<>;
+    Eigen::Map<const RowMat<T>, 0, Strided> A(a, n, K_, Strided(lda));
+    Eigen::Map<RowMat<T>, 0, Strided> C(c, n, N_, Strided(ldc));
     if (transpose_) {
-      MatIn<T> u(u_, N_, K_);
+      Eigen::Map<const RowMat<T>, 0, Strided> u(u_, N_, K_, Strided(ldu_));
       if (accumulate) C.noalias() += A * u.transpose(); else C.noalias() = A * u.transpose();
     } else {
-      MatIn<T> u(u_, K_, N_);
+      Eigen::Map<const RowMat<T>, 0, Strided> u(u_, K_, N_, Strided(ldu_));
       if (accumulate) C.noalias() += A * u; else C.noalias() = A * u;
     }
   }
@@ -86,7 +93,8 @@ class RecurrentKernel {
   static constexpr int64_t kRows = 6;
 
 #ifdef KERAS_FANCYRNN_AVX2
-  void MultiplyPacked(const float* a, int64_t n, float* c, bool accumulate) const {
+  void MultiplyPacked(const float* a, int64_t lda, int64_t n, float* c, int64_t ldc,
+                      bool accumulate) const {
     const float* packed = reinterpret_cast<const float*>(packed_.data());
     const int64_t panels = (N_ + kCols - 1) / kCols;
     // The last rows, if fewer than kRows, go through a zero-padded copy (one kernel shape).
@@ -94,51 +102,56 @@ class RecurrentKernel {
     const int64_t full = n - n % kRows;
     if (full < n) {
       tail.assign(kRows * K_, 0.0f);
-      std::copy_n(a + full * K_, (n - full) * K_, tail.data());
+      for (int64_t r = full; r < n; ++r) {
+        std::copy_n(a + r * lda, K_, tail.data() + (r - full) * K_);
+      }
     }
     for (int64_t p = 0; p < panels; ++p) {
       const float* panel = packed + p * K_ * kCols;
       const int64_t cols = std::min(kCols, N_ - p * kCols);
       for (int64_t r = 0; r < n; r += kRows) {
-        const float* a_r = r < full ? a + r * K_ : tail.data();
-        Block(a_r, panel, c + r * N_ + p * kCols, std::min(kRows, n - r), cols, accumulate);
+        const bool in_tail = r >= full;
+        Block(in_tail ? tail.data() : a + r * lda, in_tail ? K_ : lda, panel,
+              c + r * ldc + p * kCols, ldc, std::min(kRows, n - r), cols, accumulate);
       }
     }
   }
 
-  // Six rows of a times one 16-column panel, into `rows` rows and `cols` columns of c (row
-  // stride N). Twelve named accumulators, so that they stay in registers.
-  void Block(const float* a, const float* panel, float* c, int64_t rows, int64_t cols,
-             bool accumulate) const {
+  // Six rows of a (rows lda apart) times one 16-column panel, into `rows` rows and `cols`
+  // columns of c (rows ldc apart). Twelve named accumulators, so that they stay in registers.
+  void Block(const float* a, int64_t lda, const float* panel, float* c, int64_t ldc, int64_t rows,
+             int64_t cols, bool accumulate) const {
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
            c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     const int64_t K = K_;
+    const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda,
+                *a5 = a + 5 * lda;
     for (int64_t k = 0; k < K; ++k) {
       const __m256 b0 = _mm256_loadu_ps(panel + k * kCols);
       const __m256 b1 = _mm256_loadu_ps(panel + k * kCols + 8);
-      __m256 x = _mm256_broadcast_ss(a + k);
+      __m256 x = _mm256_broadcast_ss(a0 + k);
       c00 = _mm256_fmadd_ps(x, b0, c00);
       c01 = _mm256_fmadd_ps(x, b1, c01);
-      x = _mm256_broadcast_ss(a + K + k);
+      x = _mm256_broadcast_ss(a1 + k);
       c10 = _mm256_fmadd_ps(x, b0, c10);
       c11 = _mm256_fmadd_ps(x, b1, c11);
-      x = _mm256_broadcast_ss(a + 2 * K + k);
+      x = _mm256_broadcast_ss(a2 + k);
       c20 = _mm256_fmadd_ps(x, b0, c20);
       c21 = _mm256_fmadd_ps(x, b1, c21);
-      x = _mm256_broadcast_ss(a + 3 * K + k);
+      x = _mm256_broadcast_ss(a3 + k);
       c30 = _mm256_fmadd_ps(x, b0, c30);
       c31 = _mm256_fmadd_ps(x, b1, c31);
-      x = _mm256_broadcast_ss(a + 4 * K + k);
+      x = _mm256_broadcast_ss(a4 + k);
       c40 = _mm256_fmadd_ps(x, b0, c40);
       c41 = _mm256_fmadd_ps(x, b1, c41);
-      x = _mm256_broadcast_ss(a + 5 * K + k);
+      x = _mm256_broadcast_ss(a5 + k);
       c50 = _mm256_fmadd_ps(x, b0, c50);
       c51 = _mm256_fmadd_ps(x, b1, c51);
     }
     const __m256 result[kRows][2] = {{c00, c01}, {c10, c11}, {c20, c21},
                                       {c30, c31}, {c40, c41}, {c50, c51}};
     for (int64_t r = 0; r < rows; ++r) {
-      float* c_r = c + r * N_;
+      float* c_r = c + r * ldc;
       alignas(32) float row[kCols];
       _mm256_store_ps(row, result[r][0]);
       _mm256_store_ps(row + 8, result[r][1]);
@@ -154,6 +167,7 @@ class RecurrentKernel {
   const T* u_;
   const int64_t K_, N_;
   const bool transpose_;
+  const int64_t ldu_;
   std::vector<T> packed_;
 };
 
