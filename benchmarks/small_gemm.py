@@ -57,7 +57,7 @@ def main(argv):
     rows = ["| n | K | N | kernel | eigen GFLOP/s | block GFLOP/s | eigen/block | max rel. error |",
             "|---|---|---|---|---|---|---|---|", *done.stdout.splitlines(), "",
             f"One core. Machine: {platform.machine()}, {os.cpu_count()} cores; "
-            f"{_cpu_model()}."]
+            f"{_isa()}."]
     table = "\n".join(rows)
     print(table)
     if FLAGS.out:
@@ -67,7 +67,7 @@ def main(argv):
         raise SystemExit("a product differs from the double-precision reference (see the table)")
 
 
-def _cpu_model() -> str:
+def _isa() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             flags_line = next((ln for ln in f if ln.startswith("flags")), "")

@@ -6,11 +6,10 @@ arithmetic. Two kinds of kernels remove that:
 
 - ``kernels/sequence.cc``: every timestep of an LSTM, GRU (either ``reset_after``) or tanh or
   ReLU SimpleRNN in one op (``lstm_sequence``, ``gru_sequence``, ``gru_before_sequence``,
-  ``rnn_sequence``), and the
-  step-by-step part of its gradient in another; ``project`` computes ``x W + b`` for all
-  timesteps before it, and the weight gradients are large matmuls after it. The engine runs
-  them where it would otherwise loop without a mask, probe, truncation or recurrent dropout
-  (benchmarks/sequence_kernels.py).
+  ``rnn_sequence``), and the step-by-step part of its gradient in another; ``project``
+  computes ``x W + b`` for all timesteps before it, and the weight gradients are large matmuls
+  after it. The engine runs them where it would otherwise loop without a mask, probe,
+  truncation or recurrent dropout (benchmarks/sequence_kernels.py).
 - ``kernels/gates.cc``: the gate equations of ``LSTMCell.step`` and ``GRUCell.step`` in one op
   and their gradient in another, for the steps of the engine's loop (benchmarks/native_gates.py).
 
@@ -494,6 +493,12 @@ def _vjp(function, inputs, grads):
     return tape.gradient(outputs, inputs, output_gradients=_zeros_for_none(grads, outputs))
 
 
+def _activation(op) -> str:
+    """The ``activation`` attr of a SimpleRNN sequence op, as ``str``."""
+    activation = op.get_attr("activation")
+    return activation.decode() if isinstance(activation, bytes) else activation
+
+
 def _register_gradients():
     from keras_fancyrnn._tf import tf
 
@@ -566,7 +571,7 @@ def _register_gradients():
         h, last = op.outputs
         (dh_last,) = _zeros_for_none((dh_last,), (last,))
         dz, dh0 = library().keras_fancyrnn_rnn_sequence_grad(
-            _optional(dh, h), h, h0, u, dh_last, activation=op.get_attr("activation"))
+            _optional(dh, h), h, h0, u, dh_last, activation=_activation(op))
         return dz, dh0, _recurrent_kernel_gradient(h0, h, dz)
 
     @tf.RegisterGradient("KerasFancyrnnLstmSequenceGrad")
@@ -583,10 +588,8 @@ def _register_gradients():
 
     @tf.RegisterGradient("KerasFancyrnnRnnSequenceGrad")
     def _rnn_sequence_second(op, *grads):
-        activation = op.get_attr("activation")
-        activation = activation.decode() if isinstance(activation, bytes) else activation
-        return _vjp(functools.partial(rnn_sequence_backward, activation=activation), op.inputs,
-                    grads)
+        return _vjp(functools.partial(rnn_sequence_backward, activation=_activation(op)),
+                    op.inputs, grads)
 
 
 if keras.config.backend() == "tensorflow":

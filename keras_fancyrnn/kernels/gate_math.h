@@ -128,11 +128,10 @@ inline void GruBeforeRowGrad(const T* dh, const T* xp, const T* rec, const T* h_
   s.z = (In<T>(xp, H) + In<T>(rec, H)).logistic();
   s.hh = (In<T>(xp + 2 * H, H) + In<T>(rec + 2 * H, H)).tanh();
   s.da = dh_b * (T(1) - s.z) * (T(1) - s.hh * s.hh);  // ∂ℓ/∂(xp_h + rec_h)
-  s.r = dh_b * (In<T>(h_prev, H) - s.hh) * s.z * (T(1) - s.z);  // ∂ℓ/∂(xp_z + rec_z)
   Out<T>(direct, H) = dh_b * s.z;
-  Out<T>(dxp, H) = s.r;
+  Out<T>(dxp, H) = dh_b * (In<T>(h_prev, H) - s.hh) * s.z * (T(1) - s.z);  // ∂ℓ/∂(xp_z + rec_z)
   Out<T>(dxp + 2 * H, H) = s.da;
-  Out<T>(drec, H) = s.r;
+  Out<T>(drec, H) = In<T>(dxp, H);
   Out<T>(drec + 2 * H, H) = s.da;
   if (drec_in != nullptr) {
     Out<T>(drec, H) += In<T>(drec_in, H);
