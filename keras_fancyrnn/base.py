@@ -282,14 +282,15 @@ class RecurrentCell(SeedStateSaving, keras.layers.Layer, DropoutRNNCell):
         return engine.ANY_BATCH if self.native_sequence(dtype) else 0
 
     def fused_sequence(self, inputs, states, dropout_mask=None):
-        """All timesteps in one kernel: ``x W + b`` for the whole sequence as one matmul, then
-        ``sequence_kernel``. ``inputs``: time-major ``[T, B, D]``; ``dropout_mask``: ``None`` or
-        one ``[B, D]`` mask. Returns ``(outputs [T, B, units], final states)``."""
+        """All timesteps in one kernel: ``x W`` for the whole sequence as one matmul, then
+        ``sequence_kernel``, which adds the bias. ``inputs``: time-major ``[T, B, D]``;
+        ``dropout_mask``: ``None`` or one ``[B, D]`` mask. Returns
+        ``(outputs [T, B, units], final states)``."""
         if dropout_mask is not None:
             inputs = inputs * dropout_mask  # one [B, D] mask, broadcast over time
+        xp = native.project(inputs, ops.convert_to_tensor(self.kernel))
         bias = None if self.input_bias is None else ops.convert_to_tensor(self.input_bias)
-        xp = native.project(inputs, ops.convert_to_tensor(self.kernel), bias)
-        return self.sequence_kernel(xp, list(states))
+        return self.sequence_kernel(xp, list(states), bias)
 
     def get_config(self):
         config = {

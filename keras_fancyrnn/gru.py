@@ -77,16 +77,14 @@ class GRUCell(RecurrentCell):
     def native_sequence(self, dtype) -> bool:
         return native.SEQUENCES and self.native_gates(dtype)
 
-    def sequence_kernel(self, xp, states):
-        """``step`` over all of ``xp`` ``[T, B, 3·units]`` in one C++ op (tanh/sigmoid; either
-        ``reset_after``)."""
+    def sequence_kernel(self, xp, states, bias=None):
+        """``step`` over all of ``xp = x W`` ``[T, B, 3·units]`` plus the input bias ``bias`` in
+        one C++ op (tanh/sigmoid; either ``reset_after``)."""
+        kernel = ops.convert_to_tensor(self.recurrent_kernel)
         if not self.reset_after:
-            return native.gru_before_sequence(xp, states[0],
-                                              ops.convert_to_tensor(self.recurrent_kernel))
-        b_rec = (ops.zeros((3 * self.units,), xp.dtype) if self.bias is None
-                 else ops.convert_to_tensor(self.bias)[1])
-        return native.gru_sequence(xp, states[0], ops.convert_to_tensor(self.recurrent_kernel),
-                                   b_rec)
+            return native.gru_before_sequence(xp, states[0], kernel, bias)
+        b_rec = None if self.bias is None else ops.convert_to_tensor(self.bias)[1]
+        return native.gru_sequence(xp, states[0], kernel, b_rec, bias)
 
     def get_config(self):
         return {

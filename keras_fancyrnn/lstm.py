@@ -85,10 +85,11 @@ class LSTMCell(RecurrentCell):
     def native_sequence(self, dtype) -> bool:
         return native.SEQUENCES and self.native_gates(dtype)
 
-    def sequence_kernel(self, xp, states):
-        """``step`` over all of ``xp`` ``[T, B, 4·units]`` in one C++ op (tanh/sigmoid)."""
+    def sequence_kernel(self, xp, states, bias=None):
+        """``step`` over all of ``xp = x W`` ``[T, B, 4·units]`` plus ``bias`` in one C++ op
+        (tanh/sigmoid)."""
         return native.lstm_sequence(xp, states[0], states[1],
-                                    ops.convert_to_tensor(self.recurrent_kernel))
+                                    ops.convert_to_tensor(self.recurrent_kernel), bias)
 
     def fused_batch_limit(self, input_dim, dtype):
         """The largest batch for which ``fused_sequence`` runs, 0 where it never does: every

@@ -6,10 +6,10 @@ arithmetic. Two kinds of kernels remove that:
 
 - ``kernels/sequence.cc``: every timestep of an LSTM, GRU (either ``reset_after``) or tanh or
   ReLU SimpleRNN in one op (``lstm_sequence``, ``gru_sequence``, ``gru_before_sequence``,
-  ``rnn_sequence``), and the step-by-step part of its gradient in another; ``project``
-  computes ``x W + b`` for all timesteps before it, and the weight gradients are large matmuls
-  after it. The engine runs them where it would otherwise loop without a mask, probe,
-  truncation or recurrent dropout (benchmarks/sequence_kernels.py).
+  ``rnn_sequence``), and the step-by-step part of its gradient in another, which also sums the
+  bias gradient; ``project`` computes ``x W`` for all timesteps before it, and the weight
+  gradients are large matmuls after it. The engine runs them where it would otherwise loop
+  without a mask, probe, truncation or recurrent dropout (benchmarks/sequence_kernels.py).
 - ``kernels/gates.cc``: the gate equations of ``LSTMCell.step`` and ``GRUCell.step`` in one op
   and their gradient in another, for the steps of the engine's loop (benchmarks/native_gates.py).
 
@@ -218,64 +218,77 @@ def gru_gates(xp, rec, h_prev):
     return library().keras_fancyrnn_gru_gates(xp, rec, h_prev)
 
 
-def project(x, kernel, bias=None):
-    """``x W + b`` for time-major ``x`` ``[T, B, D]``: one matmul, with its gradient written here.
+def project(x, kernel):
+    """``x W`` for time-major ``x`` ``[T, B, D]``: one matmul, with its gradient written here.
+    (The bias is the sequence kernels' input: their gradient kernels sum its gradient.)
 
-    TensorFlow's own gradients of a reshape and a bias add keep their inputs alive until the
-    backward pass (for their shapes, where the batch size is unknown), so the ``[T, B, n]``
-    product would be held twice and the sequence kernels could not write their output into it;
-    this gradient needs only ``x`` and ``W``."""
+    TensorFlow's own gradient of a reshape keeps its input alive until the backward pass (for
+    its shape, where the batch size is unknown), so the ``[T, B, n]`` product would be held twice
+    and the sequence kernels could not write their output into it; this gradient needs only
+    ``x`` and ``W``."""
     from keras_fancyrnn._tf import tf
 
     @tf.custom_gradient
-    def projected(x, kernel, *bias):
+    def projected(x, kernel):
         shape = tf.shape(x)
         flat = tf.reshape(x, [-1, x.shape[-1]])
         y = tf.matmul(flat, kernel)
-        if bias:
-            y = tf.nn.bias_add(y, bias[0])
 
         def grad(dy):
             dflat = tf.reshape(dy, [-1, kernel.shape[-1]])
             dx = tf.reshape(tf.matmul(dflat, kernel, transpose_b=True), shape)
-            return (dx, tf.matmul(flat, dflat, transpose_a=True),
-                    *([tf.reduce_sum(dflat, axis=0)] if bias else []))
+            return dx, tf.matmul(flat, dflat, transpose_a=True)
 
         return tf.reshape(y, tf.concat([shape[:-1], tf.shape(kernel)[-1:]], axis=0)), grad
 
-    # Values, not variables (read here, outside the custom gradient), so that the gradient
-    # reaches the variables through the reads.
+    # A value, not the variable (read here, outside the custom gradient), so that the gradient
+    # reaches the variable through the read.
     kernel = tf.identity(kernel)
-    y = projected(x, kernel, *([] if bias is None else [tf.identity(bias)]))
+    y = projected(x, kernel)
     return tf.ensure_shape(y, x.shape[:-1].concatenate(kernel.shape[-1:]))
 
 
-def lstm_sequence(xp, h0, c0, u):
-    """All steps of an LSTM: ``(h [T, B, H], [h_T, c_T])`` from ``xp = x W + b`` ``[T, B, 4H]``
-    (time-major), the initial states ``h0``, ``c0`` and the recurrent kernel ``u``."""
-    _, h, _, h_last, c_last = library().keras_fancyrnn_lstm_sequence(xp, h0, c0, u)
+def _bias(bias, xp):
+    """The bias input of a sequence kernel: ``bias``, or zeros as wide as ``xp``'s rows."""
+    from keras_fancyrnn._tf import tf
+
+    if bias is None:
+        return tf.zeros(tf.shape(xp)[-1:], xp.dtype)
+    return tf.convert_to_tensor(bias, xp.dtype)
+
+
+def lstm_sequence(xp, h0, c0, u, b=None):
+    """All steps of an LSTM: ``(h [T, B, H], [h_T, c_T])`` from ``xp = x W`` ``[T, B, 4H]``
+    (time-major), the initial states ``h0``, ``c0``, the recurrent kernel ``u`` and the bias
+    ``b`` (``None``: none)."""
+    _, h, _, h_last, c_last = library().keras_fancyrnn_lstm_sequence(xp, h0, c0, u,
+                                                                     _bias(b, xp))
     return h, [h_last, c_last]
 
 
-def gru_sequence(xp, h0, u, b_rec):
+def gru_sequence(xp, h0, u, b_rec=None, b_in=None):
     """All steps of a GRU (``reset_after=True``): ``(h [T, B, H], [h_T])`` from
-    ``xp = x W + b_in`` ``[T, B, 3H]``, ``h0``, the recurrent kernel ``u`` and the recurrent bias
-    ``b_rec``."""
-    h, _, h_last = library().keras_fancyrnn_gru_sequence(xp, h0, u, b_rec)
+    ``xp = x W`` ``[T, B, 3H]``, ``h0``, the recurrent kernel ``u``, the recurrent bias ``b_rec``
+    and the input bias ``b_in`` (``None``: none)."""
+    h, _, h_last = library().keras_fancyrnn_gru_sequence(xp, h0, u, _bias(b_rec, xp),
+                                                         _bias(b_in, xp))
     return h, [h_last]
 
 
-def gru_before_sequence(xp, h0, u):
+def gru_before_sequence(xp, h0, u, b=None):
     """All steps of a GRU with ``reset_after=False`` (the reset gate before the product):
-    ``(h [T, B, H], [h_T])`` from ``xp = x W + b`` ``[T, B, 3H]``, ``h0`` and ``u``."""
-    h, _, _, h_last = library().keras_fancyrnn_gru_before_sequence(xp, h0, u)
+    ``(h [T, B, H], [h_T])`` from ``xp = x W`` ``[T, B, 3H]``, ``h0``, ``u`` and the bias ``b``
+    (``None``: none)."""
+    h, _, _, h_last = library().keras_fancyrnn_gru_before_sequence(xp, h0, u, _bias(b, xp))
     return h, [h_last]
 
 
-def rnn_sequence(xp, h0, u, activation="tanh"):
+def rnn_sequence(xp, h0, u, activation="tanh", b=None):
     """All steps of a SimpleRNN with ``activation`` ``"tanh"`` or ``"relu"``:
-    ``(h [T, B, H], [h_T])`` from ``xp = x W + b`` ``[T, B, H]``."""
-    h, h_last = library().keras_fancyrnn_rnn_sequence(xp, h0, u, activation=activation)
+    ``(h [T, B, H], [h_T])`` from ``xp = x W`` ``[T, B, H]`` and the bias ``b`` (``None``:
+    none)."""
+    h, h_last = library().keras_fancyrnn_rnn_sequence(xp, h0, u, _bias(b, xp),
+                                                      activation=activation)
     return h, [h_last]
 
 
@@ -339,8 +352,15 @@ def _scan_back(step, sequences, initializer):
     return tf.scan(step, sequences, initializer=initializer, reverse=True)
 
 
+def _column_sums(grad):
+    """The bias gradient of a ``[T, B, n]`` gradient: its sum over ``T`` and ``B``."""
+    from keras_fancyrnn._tf import tf
+
+    return tf.reduce_sum(grad, axis=[0, 1])
+
+
 def lstm_sequence_backward(dh, dc, dz_in, z, c, c0, u, dh_last, dc_last):
-    """``(dz, dh0, dc0)`` of ``KerasFancyrnnLstmSequenceGrad`` with TensorFlow ops."""
+    """``(dz, dh0, dc0, db)`` of ``KerasFancyrnnLstmSequenceGrad`` with TensorFlow ops."""
     from keras_fancyrnn._tf import tf
 
     dh, dc, dz_in = _present(dh, c), _present(dc, c), _present(dz_in, z)
@@ -353,14 +373,15 @@ def lstm_sequence_backward(dh, dc, dz_in, z, c, c0, u, dh_last, dc_last):
 
     dh_back, dc_back, dz = _scan_back(step, (dh, dc, dz_in, z, _previous(c0, c)),
                                       (dh_last, dc_last, _step_zeros(z)))
-    return dz, _first(dh_back, dh_last), _first(dc_back, dc_last)
+    return dz, _first(dh_back, dh_last), _first(dc_back, dc_last), _column_sums(dz)
 
 
-def gru_sequence_backward(dh, drec_in, xp, rec, h, h0, u, dh_last):
-    """``(dxp, drec, dh0)`` of ``KerasFancyrnnGruSequenceGrad`` with TensorFlow ops."""
+def gru_sequence_backward(dh, drec_in, xp, rec, h, h0, u, dh_last, b_in):
+    """``(dxp, drec, dh0, db_in, db_rec)`` of ``KerasFancyrnnGruSequenceGrad`` with TensorFlow
+    ops."""
     from keras_fancyrnn._tf import tf
 
-    dh, drec_in = _present(dh, h), _present(drec_in, rec)
+    dh, drec_in, xp = _present(dh, h), _present(drec_in, rec), xp + b_in
 
     def step(carry, xs):
         dh_t, drec_in_t, xp_t, rec_t, h_prev = xs
@@ -370,14 +391,15 @@ def gru_sequence_backward(dh, drec_in, xp, rec, h, h0, u, dh_last):
 
     dh_back, dxp, drec = _scan_back(step, (dh, drec_in, xp, rec, _previous(h0, h)),
                                     (dh_last, _step_zeros(xp), _step_zeros(rec)))
-    return dxp, drec, _first(dh_back, dh_last)
+    return dxp, drec, _first(dh_back, dh_last), _column_sums(dxp), _column_sums(drec)
 
 
-def gru_before_sequence_backward(dh, drec_in, drh_in, xp, rec, h, h0, u, dh_last):
-    """``(dxp, drec, dh0)`` of ``KerasFancyrnnGruBeforeSequenceGrad`` with TensorFlow ops."""
+def gru_before_sequence_backward(dh, drec_in, drh_in, xp, rec, h, h0, u, dh_last, b):
+    """``(dxp, drec, dh0, db)`` of ``KerasFancyrnnGruBeforeSequenceGrad`` with TensorFlow ops."""
     from keras_fancyrnn._tf import tf
 
     dh, drec_in, drh_in = _present(dh, h), _present(drec_in, rec), _present(drh_in, h)
+    xp = xp + b
     units = h.shape[-1]
     u_zr, u_h = u[:, :2 * units], u[:, 2 * units:]
 
@@ -399,11 +421,11 @@ def gru_before_sequence_backward(dh, drec_in, drh_in, xp, rec, h, h0, u, dh_last
 
     dh_back, dxp, drec = _scan_back(step, (dh, drec_in, drh_in, xp, rec, _previous(h0, h)),
                                     (dh_last, _step_zeros(xp), _step_zeros(rec)))
-    return dxp, drec, _first(dh_back, dh_last)
+    return dxp, drec, _first(dh_back, dh_last), _column_sums(dxp)
 
 
 def rnn_sequence_backward(dh, h, h0, u, dh_last, activation="tanh"):
-    """``(dz, dh0)`` of ``KerasFancyrnnRnnSequenceGrad`` with TensorFlow ops."""
+    """``(dz, dh0, db)`` of ``KerasFancyrnnRnnSequenceGrad`` with TensorFlow ops."""
     from keras_fancyrnn._tf import tf
 
     dh = _present(dh, h)
@@ -419,7 +441,7 @@ def rnn_sequence_backward(dh, h, h0, u, dh_last, activation="tanh"):
         return tf.matmul(dz_t, u, transpose_b=True), dz_t
 
     dh_back, dz = _scan_back(step, (dh, h), (dh_last, _step_zeros(h)))
-    return dz, _first(dh_back, dh_last)
+    return dz, _first(dh_back, dh_last), _column_sums(dz)
 
 
 def _step_zeros(sequence):
@@ -525,7 +547,8 @@ def _register_gradients():
         return _vjp(gru_backward, op.inputs, grads)
 
     # The sequence kernels. Their gradient kernels run the step-by-step part of backpropagation
-    # through time; the recurrent kernel's gradient is one large matmul here.
+    # through time and sum the bias gradients; the recurrent kernel's gradient is one large
+    # matmul here.
 
     # Gradients of sequence outputs nobody used (None in a graph) go to the kernels as empty
     # markers, not as [T, B, ...] zeros: a layer that returns only its final state then sends no
@@ -533,46 +556,45 @@ def _register_gradients():
 
     @tf.RegisterGradient("KerasFancyrnnLstmSequence")
     def _lstm_sequence(op, dz, dh, dc, dh_last, dc_last):
-        _, h0, c0, u = op.inputs
+        _, h0, c0, u, _ = op.inputs
         z, h, c, *last = op.outputs
         dh_last, dc_last = _zeros_for_none((dh_last, dc_last), last)
-        dz, dh0, dc0 = library().keras_fancyrnn_lstm_sequence_grad(
+        dz, dh0, dc0, db = library().keras_fancyrnn_lstm_sequence_grad(
             _optional(dh, h), _optional(dc, c), _optional(dz, z), z, c, c0, u, dh_last, dc_last)
-        return dz, dh0, dc0, _recurrent_kernel_gradient(h0, h, dz)
+        return dz, dh0, dc0, _recurrent_kernel_gradient(h0, h, dz), db
 
     @tf.RegisterGradient("KerasFancyrnnGruSequence")
     def _gru_sequence(op, dh, drec, dh_last):
-        xp, h0, u, _ = op.inputs
+        xp, h0, u, _, b_in = op.inputs
         h, rec, last = op.outputs
         (dh_last,) = _zeros_for_none((dh_last,), (last,))
-        dxp, drec, dh0 = library().keras_fancyrnn_gru_sequence_grad(
-            _optional(dh, h), _optional(drec, rec), xp, rec, h, h0, u, dh_last)
-        return (dxp, dh0, _recurrent_kernel_gradient(h0, h, drec),
-                tf.reduce_sum(drec, axis=[0, 1]))
+        dxp, drec, dh0, db_in, db_rec = library().keras_fancyrnn_gru_sequence_grad(
+            _optional(dh, h), _optional(drec, rec), xp, rec, h, h0, u, dh_last, b_in)
+        return dxp, dh0, _recurrent_kernel_gradient(h0, h, drec), db_rec, db_in
 
     @tf.RegisterGradient("KerasFancyrnnGruBeforeSequence")
     def _gru_before_sequence(op, dh, drec, drh, dh_last):
-        xp, h0, u = op.inputs
+        xp, h0, u, b = op.inputs
         h, rec, rh, last = op.outputs
         (dh_last,) = _zeros_for_none((dh_last,), (last,))
-        dxp, drec, dh0 = library().keras_fancyrnn_gru_before_sequence_grad(
+        dxp, drec, dh0, db = library().keras_fancyrnn_gru_before_sequence_grad(
             _optional(dh, h), _optional(drec, rec), _optional(drh, rh), xp, rec, h, h0, u,
-            dh_last)
+            dh_last, b)
         # rec = [h_{t-1} U_z, h_{t-1} U_r, rh_t U_h]
         units = h.shape[-1]
         du_h = tf.matmul(tf.reshape(rh, [-1, units]), tf.reshape(drec[..., 2 * units:],
                                                                  [-1, units]), transpose_a=True)
         du_zr = _recurrent_kernel_gradient(h0, h, drec[..., :2 * units])
-        return dxp, dh0, tf.concat([du_zr, du_h], axis=1)
+        return dxp, dh0, tf.concat([du_zr, du_h], axis=1), db
 
     @tf.RegisterGradient("KerasFancyrnnRnnSequence")
     def _rnn_sequence(op, dh, dh_last):
-        _, h0, u = op.inputs
+        _, h0, u, _ = op.inputs
         h, last = op.outputs
         (dh_last,) = _zeros_for_none((dh_last,), (last,))
-        dz, dh0 = library().keras_fancyrnn_rnn_sequence_grad(
+        dz, dh0, db = library().keras_fancyrnn_rnn_sequence_grad(
             _optional(dh, h), h, h0, u, dh_last, activation=_activation(op))
-        return dz, dh0, _recurrent_kernel_gradient(h0, h, dz)
+        return dz, dh0, _recurrent_kernel_gradient(h0, h, dz), db
 
     @tf.RegisterGradient("KerasFancyrnnLstmSequenceGrad")
     def _lstm_sequence_second(op, *grads):

@@ -41,10 +41,11 @@ class SimpleRNNCell(RecurrentCell):
             return "tanh"
         return "relu" if self.activation is keras.activations.relu else None
 
-    def sequence_kernel(self, xp, states):
-        """``step`` over all of ``xp`` ``[T, B, units]`` in one C++ op (tanh or ReLU)."""
+    def sequence_kernel(self, xp, states, bias=None):
+        """``step`` over all of ``xp = x W`` ``[T, B, units]`` plus ``bias`` in one C++ op (tanh
+        or ReLU)."""
         return native.rnn_sequence(xp, states[0], ops.convert_to_tensor(self.recurrent_kernel),
-                                   self._kernel_activation())
+                                   self._kernel_activation(), bias)
 
 
 @keras.saving.register_keras_serializable(package="keras_fancyrnn")

@@ -315,22 +315,22 @@ def _sequence_loss(library, kind, weights):
     def last(*states):
         return sum(tf.reduce_sum(tf.sin((k + 2) * s)) for k, s in enumerate(states))
 
-    def lstm(xp, h0, c0, u):
-        z, h, c, h_last, c_last = library.keras_fancyrnn_lstm_sequence(xp, h0, c0, u)
+    def lstm(xp, h0, c0, u, b):
+        z, h, c, h_last, c_last = library.keras_fancyrnn_lstm_sequence(xp, h0, c0, u, b)
         return tf.reduce_sum(h * weights[0] + c * c * weights[1]) + tf.reduce_sum(
             tf.sin(z)[..., :1]) + last(h_last, c_last)
 
-    def gru(xp, h0, u, b_rec):
-        h, rec, h_last = library.keras_fancyrnn_gru_sequence(xp, h0, u, b_rec)
+    def gru(xp, h0, u, b_rec, b_in):
+        h, rec, h_last = library.keras_fancyrnn_gru_sequence(xp, h0, u, b_rec, b_in)
         return tf.reduce_sum(h ** 3 * weights[0]) + tf.reduce_sum(tf.sin(rec)[..., :1]) + last(
             h_last)
 
-    def rnn(xp, h0, u, activation="tanh"):
-        h, h_last = library.keras_fancyrnn_rnn_sequence(xp, h0, u, activation=activation)
+    def rnn(xp, h0, u, b, activation="tanh"):
+        h, h_last = library.keras_fancyrnn_rnn_sequence(xp, h0, u, b, activation=activation)
         return tf.reduce_sum(h ** 3 * weights[0]) + last(h_last)
 
-    def gru_before(xp, h0, u):
-        h, rec, rh, h_last = library.keras_fancyrnn_gru_before_sequence(xp, h0, u)
+    def gru_before(xp, h0, u, b):
+        h, rec, rh, h_last = library.keras_fancyrnn_gru_before_sequence(xp, h0, u, b)
         return (tf.reduce_sum(h ** 3 * weights[0]) + tf.reduce_sum(tf.sin(rec)[..., :1])
                 + tf.reduce_sum(rh * weights[1]) + last(h_last))
 
@@ -348,8 +348,9 @@ def test_sequence_kernel_gradients_equal_finite_differences(library, kind, rng):
     if kind == "LSTM":
         rest.append(tf.Variable(rng.normal(size=(batch, units))))
     rest.append(tf.Variable(0.5 * rng.normal(size=(units, gates * units))))
-    if kind == "GRU":
-        rest.append(tf.Variable(rng.normal(size=(gates * units,))))
+    # the biases: b (b_rec and b_in for the GRU), whose gradients the kernels sum
+    rest.extend(tf.Variable(rng.normal(size=(gates * units,)))
+                for _ in range(2 if kind == "GRU" else 1))
     xp = rng.normal(size=(steps, batch, gates * units))
     assert_gradients_match_finite_differences(lambda xp: loss(xp, *rest), xp, rest, rng)
 
@@ -373,7 +374,11 @@ def test_sequence_kernels_reject_bad_shapes_naming_the_input(library):
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"KerasFancyrnnLstmSequence: input u must have shape \[3, 12\]"):
         library.keras_fancyrnn_lstm_sequence(tf.zeros((5, 2, 12)), tf.zeros((2, 3)),
-                                             tf.zeros((2, 3)), tf.zeros((3, 9)))
+                                             tf.zeros((2, 3)), tf.zeros((3, 9)), tf.zeros((12,)))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"KerasFancyrnnRnnSequence: input b must have shape \[3\]"):
+        native.rnn_sequence(tf.zeros((5, 2, 3)), tf.zeros((2, 3)), tf.zeros((3, 3)),
+                            b=tf.zeros((4,)))
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"input xp must have shape \[\?, 2, 9\]"):
         native.gru_sequence(tf.zeros((5, 3, 9)), tf.zeros((2, 3)), tf.zeros((3, 9)),
