@@ -52,10 +52,13 @@ GATES = {"simple_rnn": 1, "lstm": 4, "gru": 3, "irnn": 1, "gru_before": 3}
 
 
 def flops_per_step(cell, batch, steps, dim, units, train):
-    """Matmul FLOPs of one forward (x W and h U) and, when training, backward (x 2)."""
+    """Matmul FLOPs a step must do: x W and h U forward; in training also dz Uᵀ (through time),
+    dW = xᵀ dz and dU = hᵀ dz. Not dx = dz Wᵀ: the input is data, so no implementation computes
+    it (counting it, as runs before 2026-12-02's second session did, put some points above 100 %
+    of the roofline)."""
     g = GATES[cell] * units
-    forward = 2 * batch * steps * (dim * g + units * g)
-    return forward * (3 if train else 1)
+    projection, recurrent = 2 * batch * steps * dim * g, 2 * batch * steps * units * g
+    return 2 * projection + 3 * recurrent if train else projection + recurrent
 
 
 def matmul_roofline(n=1024, repeats=20):
