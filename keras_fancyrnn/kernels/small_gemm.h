@@ -1,13 +1,13 @@
 // C = A B or C += A B for the recurrent products of the sequence kernels (sequence.cc): A is a
 // few batch rows of a state or gradient (n x K), B is the recurrent kernel U or its transpose,
-// the same for every timestep. B is packed once per op into column panels, and for float on a
-// CPU with AVX2 and FMA but without AVX-512 a register-blocked kernel (6 rows x 16 columns per
-// block, the shape of BLIS's Haswell kernel) multiplies; elsewhere, and for double, Eigen's
-// product does. The rule is measured on one core: on an AVX2 machine the block ran 56-70
-// GFLOP/s against Eigen's 40-50 (which repacks U at every call); on an AVX-512 machine (n = 8 to
-// 128 rows, K = 128 to 256, N = 128 to 1024) Eigen's AVX-512 product, compiled with
-// -march=native, ran 1.2-2x the block (benchmarks/small_gemm.py), and the sequence kernels
-// trained 1.1-1.4x faster with it (benchmarks/sequence_kernels.py; README "Speed").
+// the same for every timestep. For float on a CPU with AVX2 and FMA, B is packed once per op
+// into column panels for a register-blocked kernel: with AVX-512, 8 rows x 32 columns per
+// block; without, 6 rows x 16 columns (the shape of BLIS's Haswell kernel). For double, and
+// without AVX2/FMA, Eigen's product (compiled with -march=native), which repacks B at every
+// call. Measured on one core (benchmarks/small_gemm.py): on an AVX2 machine the AVX2 block ran
+// 56-70 GFLOP/s against Eigen's 40-50; on an AVX-512 machine (n = 8 to 128 rows, K = 128 to
+// 1024, N = 128 to 1024) the AVX-512 block ran 231-257 GFLOP/s, 1.2-2.4x Eigen's AVX-512
+// product (101-208), which ran 1.2-2x the AVX2 block (README "Speed").
 #ifndef KERAS_FANCYRNN_SMALL_GEMM_H_
 #define KERAS_FANCYRNN_SMALL_GEMM_H_
 
@@ -16,18 +16,27 @@
 #include <type_traits>
 #include <vector>
 
-// KERAS_FANCYRNN_BLOCK: 1 for the register block, 0 for Eigen (benchmarks/small_gemm.py sets
-// it to compare the two); by default the rule above.
+// KERAS_FANCYRNN_BLOCK: 0 for Eigen's product; 1 for the AVX2/FMA register block (6 rows x 16
+// columns); 2 for the AVX-512 one (8 rows x 32 columns). benchmarks/small_gemm.py compiles
+// each to compare them; by default the rule above.
 #ifndef KERAS_FANCYRNN_BLOCK
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(__AVX512F__)
+#define KERAS_FANCYRNN_BLOCK 2
+#elif defined(__AVX2__) && defined(__FMA__)
 #define KERAS_FANCYRNN_BLOCK 1
 #else
 #define KERAS_FANCYRNN_BLOCK 0
 #endif
 #endif
-#if KERAS_FANCYRNN_BLOCK
+#if KERAS_FANCYRNN_BLOCK == 1
 #include <immintrin.h>
 #define KERAS_FANCYRNN_AVX2 1
+#elif KERAS_FANCYRNN_BLOCK == 2
+#include <immintrin.h>
+#define KERAS_FANCYRNN_AVX512 1
+#endif
+#if defined(KERAS_FANCYRNN_AVX2) || defined(KERAS_FANCYRNN_AVX512)
+#define KERAS_FANCYRNN_PACKED 1
 #endif
 
 namespace keras_fancyrnn {
@@ -50,15 +59,15 @@ class RecurrentKernel {
  public:
   RecurrentKernel(const T* u, int64_t K, int64_t N, bool transpose, int64_t ldu = -1)
       : u_(u), K_(K), N_(N), transpose_(transpose), ldu_(ldu >= 0 ? ldu : transpose ? K : N) {
-    if (!UsesBlock() && transpose) {
+    if (transpose && !kPacked) {  // for Eigen's product
       transposed_.resize(K * N);
       MatOut<T>(transposed_.data(), K, N) =
           Eigen::Map<const RowMat<T>, 0, Eigen::OuterStride<>>(u, N, K,
                                                               Eigen::OuterStride<>(ldu_))
               .transpose();
     }
-#ifdef KERAS_FANCYRNN_AVX2
-    if constexpr (std::is_same<T, float>::value) {
+#ifdef KERAS_FANCYRNN_PACKED
+    if constexpr (std::is_same<T, float>::value) {  // B in panels of kCols columns, zero-padded
       const int64_t panels = (N + kCols - 1) / kCols;
       packed_.assign(panels * K * kCols, T(0));
       for (int64_t p = 0; p < panels; ++p) {
@@ -79,7 +88,7 @@ class RecurrentKernel {
                 int64_t ldc = -1) const {
     if (lda < 0) lda = K_;
     if (ldc < 0) ldc = N_;
-#ifdef KERAS_FANCYRNN_AVX2
+#ifdef KERAS_FANCYRNN_PACKED
     if constexpr (std::is_same<T, float>::value) {
       MultiplyPacked(reinterpret_cast<const float*>(a), lda, n, reinterpret_cast<float*>(c), ldc,
                      accumulate);
@@ -96,52 +105,45 @@ class RecurrentKernel {
   }
 
  private:
-  // Whether Multiply runs the register block (float with KERAS_FANCYRNN_AVX2) rather than Eigen.
-  static constexpr bool UsesBlock() {
-#ifdef KERAS_FANCYRNN_AVX2
-    return std::is_same<T, float>::value;
+#if defined(KERAS_FANCYRNN_AVX512)
+  static constexpr int64_t kRows = 8, kCols = 32;
 #else
-    return false;
+  static constexpr int64_t kRows = 6, kCols = 16;
 #endif
-  }
+  // Whether Multiply runs a register block (float, with one compiled in) rather than Eigen.
+#ifdef KERAS_FANCYRNN_PACKED
+  static constexpr bool kPacked = std::is_same<T, float>::value;
+#else
+  static constexpr bool kPacked = false;
+#endif
 
-  static constexpr int64_t kCols = 16;
-  static constexpr int64_t kRows = 6;
-
-#ifdef KERAS_FANCYRNN_AVX2
+#ifdef KERAS_FANCYRNN_PACKED
   void MultiplyPacked(const float* a, int64_t lda, int64_t n, float* c, int64_t ldc,
                       bool accumulate) const {
     const float* packed = reinterpret_cast<const float*>(packed_.data());
     const int64_t panels = (N_ + kCols - 1) / kCols;
-    // The last rows, if fewer than kRows, go through a zero-padded copy (one kernel shape).
-    std::vector<float> tail;
-    const int64_t full = n - n % kRows;
-    if (full < n) {
-      tail.assign(kRows * K_, 0.0f);
-      for (int64_t r = full; r < n; ++r) {
-        std::copy_n(a + r * lda, K_, tail.data() + (r - full) * K_);
-      }
-    }
-    for (int64_t p = 0; p < panels; ++p) {
-      const float* panel = packed + p * K_ * kCols;
-      const int64_t cols = std::min(kCols, N_ - p * kCols);
-      for (int64_t r = 0; r < n; r += kRows) {
-        const bool in_tail = r >= full;
-        Block(in_tail ? tail.data() : a + r * lda, in_tail ? K_ : lda, panel,
-              c + r * ldc + p * kCols, ldc, std::min(kRows, n - r), cols, accumulate);
+    for (int64_t r = 0; r < n; r += kRows) {
+      // A block's rows; past the last row (a block of fewer than kRows), the last row again:
+      // computed and not stored.
+      const float* rows[kRows];
+      for (int64_t i = 0; i < kRows; ++i) rows[i] = a + std::min(r + i, n - 1) * lda;
+      for (int64_t p = 0; p < panels; ++p) {
+        Block(rows, packed + p * K_ * kCols, c + r * ldc + p * kCols, ldc,
+              std::min(kRows, n - r), std::min(kCols, N_ - p * kCols), accumulate);
       }
     }
   }
+#endif
 
-  // Six rows of a (rows lda apart) times one 16-column panel, into `rows` rows and `cols`
-  // columns of c (rows ldc apart). Twelve named accumulators, so that they stay in registers.
-  void Block(const float* a, int64_t lda, const float* panel, float* c, int64_t ldc, int64_t rows,
+#ifdef KERAS_FANCYRNN_AVX2
+  // Six rows of a times one 16-column panel, into `rows` rows and `cols` columns of c (rows ldc
+  // apart). Twelve named accumulators, so that they stay in registers.
+  void Block(const float* const* a, const float* panel, float* c, int64_t ldc, int64_t rows,
              int64_t cols, bool accumulate) const {
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
            c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     const int64_t K = K_;
-    const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda,
-                *a5 = a + 5 * lda;
+    const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
     for (int64_t k = 0; k < K; ++k) {
       const __m256 b0 = _mm256_loadu_ps(panel + k * kCols);
       const __m256 b1 = _mm256_loadu_ps(panel + k * kCols + 8);
@@ -177,6 +179,50 @@ class RecurrentKernel {
         std::copy_n(row, cols, c_r);
       }
     }
+  }
+#endif
+
+#ifdef KERAS_FANCYRNN_AVX512
+  // Eight rows of a times one 32-column panel, into `rows` rows and `cols` columns of c (rows
+  // ldc apart): sixteen accumulators (named, so that they stay in registers), two loads of the
+  // panel and eight broadcasts per k; partial columns through masked loads and stores.
+  void Block(const float* const* a, const float* panel, float* c, int64_t ldc, int64_t rows,
+             int64_t cols, bool accumulate) const {
+#define KFR_ACC(r) __m512 c##r##0 = _mm512_setzero_ps(), c##r##1 = c##r##0;
+    KFR_ACC(0) KFR_ACC(1) KFR_ACC(2) KFR_ACC(3) KFR_ACC(4) KFR_ACC(5) KFR_ACC(6) KFR_ACC(7)
+#undef KFR_ACC
+    const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5],
+                *a6 = a[6], *a7 = a[7];
+    const int64_t K = K_;
+    for (int64_t k = 0; k < K; ++k) {
+      const __m512 b0 = _mm512_loadu_ps(panel + k * kCols);
+      const __m512 b1 = _mm512_loadu_ps(panel + k * kCols + 16);
+#define KFR_FMA(r)                                   \
+  {                                                  \
+    const __m512 x = _mm512_set1_ps(a##r[k]);        \
+    c##r##0 = _mm512_fmadd_ps(x, b0, c##r##0);       \
+    c##r##1 = _mm512_fmadd_ps(x, b1, c##r##1);       \
+  }
+      KFR_FMA(0) KFR_FMA(1) KFR_FMA(2) KFR_FMA(3) KFR_FMA(4) KFR_FMA(5) KFR_FMA(6) KFR_FMA(7)
+#undef KFR_FMA
+    }
+    const __mmask16 m0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+    const __mmask16 m1 = cols >= 32 ? __mmask16(0xFFFF)
+                         : cols > 16 ? __mmask16((1u << (cols - 16)) - 1) : __mmask16(0);
+#define KFR_STORE(r)                                                            \
+  if (r < rows) {                                                               \
+    float* c_r = c + r * ldc;                                                   \
+    __m512 v0 = c##r##0, v1 = c##r##1;                                          \
+    if (accumulate) {                                                           \
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, c_r));                   \
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, c_r + 16));              \
+    }                                                                           \
+    _mm512_mask_storeu_ps(c_r, m0, v0);                                         \
+    _mm512_mask_storeu_ps(c_r + 16, m1, v1);                                    \
+  }
+    KFR_STORE(0) KFR_STORE(1) KFR_STORE(2) KFR_STORE(3) KFR_STORE(4) KFR_STORE(5) KFR_STORE(6)
+    KFR_STORE(7)
+#undef KFR_STORE
   }
 #endif
 
