@@ -6,8 +6,8 @@
 // without AVX2/FMA, Eigen's product (compiled with -march=native), which repacks B at every
 // call. Measured on one core (benchmarks/small_gemm.py): on an AVX2 machine the AVX2 block ran
 // 56-70 GFLOP/s against Eigen's 40-50; on an AVX-512 machine (n = 8 to 128 rows, K = 128 to
-// 1024, N = 128 to 1024) the AVX-512 block ran 231-257 GFLOP/s, 1.2-2.4x Eigen's AVX-512
-// product (101-208), which ran 1.2-2x the AVX2 block (README "Speed").
+// 1024, N = 128 to 1024; two runs) the AVX-512 block ran 154-257 GFLOP/s, 1.15-2.6x Eigen's
+// AVX-512 product (84-208), which ran 1.1-2.1x the AVX2 block (README "Speed").
 #ifndef KERAS_FANCYRNN_SMALL_GEMM_H_
 #define KERAS_FANCYRNN_SMALL_GEMM_H_
 
