@@ -70,10 +70,10 @@ void ForEachShard(OpKernelContext* ctx, int64_t B, const F& fn) {
 }
 
 // The column sums of every row a gradient kernel writes into one of its [T, B, w] outputs: the
-// gradient of a bias added to every row (x W + b is one of them). Each shard adds up its rows
-// of a step while they are still in cache, into its own double-precision sums (float32 has
-// B·T rows to add: 6,400 at the benchmark's default point); Write then adds the shards in order,
-// so that the result does not depend on which thread finished first.
+// gradient of a bias added to every row (x W + b is one of them). Each shard sums its few rows
+// of a step in T while they are still in cache, and adds that into its own double-precision sums
+// (float32 has B·T rows to add: 6,400 at the benchmark's default point); Write then adds the
+// shards in order, so that the result does not depend on which thread finished first.
 template <typename T>
 class ColumnSums {
  public:
@@ -632,8 +632,9 @@ absl::Status SequenceShapes(InferenceContext* ctx, int sequence, int state,
   for (const auto& p : same_as_input) ctx->set_output(p.first, ctx->input(p.second));
   for (const auto& p : column_sums) {
     auto rows = ctx->input(p.second);
-    ctx->set_output(p.first, ctx->RankKnown(rows) ? ctx->Vector(ctx->Dim(rows, 2))
-                                                  : ctx->UnknownShapeOfRank(1));
+    ctx->set_output(p.first, ctx->RankKnown(rows) && ctx->Rank(rows) == 3
+                                 ? ctx->Vector(ctx->Dim(rows, 2))
+                                 : ctx->UnknownShapeOfRank(1));  // (the kernel checks ranks)
   }
   return absl::OkStatus();
 }
