@@ -17,38 +17,11 @@
 #include <type_traits>
 #include <vector>
 
-// Each variant is the header compiled again in a namespace of its own, with its choice of
-// product (KERAS_FANCYRNN_BLOCK).
-#if defined(__AVX2__) && defined(__FMA__)
-#define KERAS_FANCYRNN_BLOCK 1
-namespace avx2 {
 #include "small_gemm.h"
-}
-#undef KERAS_FANCYRNN_SMALL_GEMM_H_
-#undef KERAS_FANCYRNN_BLOCK
-#undef KERAS_FANCYRNN_AVX2
-#undef KERAS_FANCYRNN_PACKED
-#define HAVE_AVX2 1
-#else
-#define HAVE_AVX2 0
-#endif
-#if defined(__AVX512F__)
-#define KERAS_FANCYRNN_BLOCK 2
-namespace avx512 {
-#include "small_gemm.h"
-}
-#undef KERAS_FANCYRNN_SMALL_GEMM_H_
-#undef KERAS_FANCYRNN_BLOCK
-#undef KERAS_FANCYRNN_AVX512
-#undef KERAS_FANCYRNN_PACKED
-#define HAVE_AVX512 1
-#else
-#define HAVE_AVX512 0
-#endif
-#define KERAS_FANCYRNN_BLOCK 0
-namespace eigen {
-#include "small_gemm.h"
-}
+
+using keras_fancyrnn::Compiled;
+using keras_fancyrnn::Product;
+using Kernel = keras_fancyrnn::RecurrentKernel<float>;
 
 namespace {
 
@@ -56,9 +29,8 @@ namespace {
 // builds its own kernel over a copy of u with rows 2 further apart, and multiplies rows 3
 // further apart into rows 5 further apart, accumulating (as the sequence kernels use blocks of
 // wider matrices): both of Multiply's modes and every stride are checked.
-template <typename Kernel>
 double RelativeError(const std::vector<float>& a, const std::vector<float>& u, int64_t n,
-                     int64_t K, int64_t N, bool transpose) {
+                     int64_t K, int64_t N, bool transpose, Product product) {
   const int64_t rows = transpose ? N : K, cols = transpose ? K : N, ldu = cols + 2;
   const int64_t lda = K + 3, ldc = N + 5;
   std::vector<float> wide_u(rows * ldu, 0.0f), strided(n * lda, 0.0f), c(n * ldc, 0.5f);
@@ -66,7 +38,7 @@ double RelativeError(const std::vector<float>& a, const std::vector<float>& u, i
     std::copy_n(u.data() + i * cols, cols, wide_u.data() + i * ldu);
   }
   for (int64_t i = 0; i < n; ++i) std::copy_n(a.data() + i * K, K, strided.data() + i * lda);
-  const Kernel kernel(wide_u.data(), K, N, transpose, ldu);
+  const Kernel kernel(wide_u.data(), K, N, transpose, ldu, product);
   kernel.Multiply(strided.data(), n, c.data(), true, lda, ldc);
   double err = 0, scale = 0;
   for (int64_t i = 0; i < n; ++i) {
@@ -82,7 +54,6 @@ double RelativeError(const std::vector<float>& a, const std::vector<float>& u, i
   return err / std::max(scale, 1e-30);
 }
 
-template <typename Kernel>
 double Seconds(const Kernel& kernel, const float* a, int64_t n, float* c, int reps) {
   const auto start = std::chrono::steady_clock::now();
   for (int r = 0; r < reps; ++r) kernel.Multiply(a, n, c, false);
@@ -121,27 +92,18 @@ int main(int argc, char** argv) {
       // per variant: checked error, then alternating timed rounds (one vector per variant)
       std::vector<std::vector<double>> times(3);
       double err = 0;
-      using EigenKernel = eigen::keras_fancyrnn::RecurrentKernel<float>;
-      const EigenKernel by_eigen(u.data(), K, N, transpose);
-      err = std::max(err, RelativeError<EigenKernel>(a, u, n, K, N, transpose));
-#if HAVE_AVX2
-      using Avx2Kernel = avx2::keras_fancyrnn::RecurrentKernel<float>;
-      const Avx2Kernel by_avx2(u.data(), K, N, transpose);
-      err = std::max(err, RelativeError<Avx2Kernel>(a, u, n, K, N, transpose));
-#endif
-#if HAVE_AVX512
-      using Avx512Kernel = avx512::keras_fancyrnn::RecurrentKernel<float>;
-      const Avx512Kernel by_avx512(u.data(), K, N, transpose);
-      err = std::max(err, RelativeError<Avx512Kernel>(a, u, n, K, N, transpose));
-#endif
+      const Product products[3] = {Product::kEigen, Product::kAvx2, Product::kAvx512};
+      std::vector<Kernel> kernels;
+      kernels.reserve(3);
+      for (Product product : products) {
+        if (!Compiled(product)) break;
+        kernels.emplace_back(u.data(), K, N, transpose, -1, product);
+        err = std::max(err, RelativeError(a, u, n, K, N, transpose, product));
+      }
       for (int r = 0; r < rounds; ++r) {
-        times[0].push_back(Seconds(by_eigen, a.data(), n, c.data(), reps));
-#if HAVE_AVX2
-        times[1].push_back(Seconds(by_avx2, a.data(), n, c.data(), reps));
-#endif
-#if HAVE_AVX512
-        times[2].push_back(Seconds(by_avx512, a.data(), n, c.data(), reps));
-#endif
+        for (size_t v = 0; v < kernels.size(); ++v) {
+          times[v].push_back(Seconds(kernels[v], a.data(), n, c.data(), reps));
+        }
       }
       ok = ok && err < 1e-5;
       const double g_eigen = flops / Median(times[0]) / 1e9;

@@ -43,7 +43,8 @@ def build(directory: str) -> str:
     if not command:
         raise SystemExit("no C++ compiler (g++ or $CXX) on PATH")
     target = os.path.join(directory, "small_gemm")
-    subprocess.run([*command, "-std=c++17", "-O3", "-march=native", "-w", "-I", KERNELS,
+    subprocess.run([*command, "-std=c++17", "-O3", *native._target_flags(tuple(command)),
+                    "-w", "-I", KERNELS,
                     "-I", tf.sysconfig.get_include(), os.path.join(HERE, "small_gemm.cc"),
                     "-o", target], check=True)
     return target

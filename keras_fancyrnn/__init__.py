@@ -2,8 +2,9 @@
 
 __version__ = "0.1.0"
 
-from keras_fancyrnn import datasets, initializers
+from keras_fancyrnn import config, datasets, initializers
 from keras_fancyrnn.base import RNN, RecurrentCell
+from keras_fancyrnn.errors import ConfigError
 from keras_fancyrnn.export import export_saved_model
 from keras_fancyrnn.gpu import portable
 from keras_fancyrnn.gru import GRU, GRUCell
@@ -20,6 +21,7 @@ __all__ = [
     "Bidirectional",
     "ClippingOptimizer",
     "ClippingStats",
+    "ConfigError",
     "GRUCell",
     "GradientNormMonitor",
     "LSTMCell",
@@ -27,6 +29,7 @@ __all__ = [
     "SimpleRNN",
     "SimpleRNNCell",
     "StackedRNN",
+    "config",
     "datasets",
     "export_saved_model",
     "initializers",

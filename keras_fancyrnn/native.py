@@ -19,7 +19,11 @@ The kernels are compiled against the installed TensorFlow the first time a layer
 is impossible (no C++ compiler, another backend, a GPU, a portable or XLA trace, float16) the
 cells run their plain TensorFlow ops, which compute the same values; set
 ``KERAS_FANCYRNN_NATIVE=0`` or ``keras_fancyrnn.native.ENABLED = False`` to always do so, and
-``SEQUENCES = False`` to keep the loop (with the gate kernels).
+``SEQUENCES = False`` to keep the loop (with the gate kernels). The library is built for this
+CPU (``-march=native``); ``$KERAS_FANCYRNN_CXXFLAGS`` adds compiler flags (``-mno-avx512f``
+builds on an AVX-512 CPU what an AVX2 CPU builds). The recurrent products of the sequence kernels
+run a register block for this CPU's widest vectors; ``keras_fancyrnn.config``'s
+``recurrent_product`` picks another one this CPU runs (``products()``).
 
 Gradients: the backward kernels give first derivatives; their own gradients (second derivatives,
 e.g. a gradient penalty) are the same equations written with TensorFlow ops, so every order is
@@ -44,6 +48,9 @@ import threading
 
 import keras
 
+from keras_fancyrnn import config
+from keras_fancyrnn.errors import ConfigError
+
 #: Whether the cells may use the fused kernels at all (tests and benchmarks switch it).
 ENABLED = os.environ.get("KERAS_FANCYRNN_NATIVE", "1") not in ("0", "false", "False")
 #: Whether the layers may run a whole sequence in one kernel (``*_sequence`` below) where the
@@ -55,7 +62,7 @@ _SOURCES = [os.path.join(_KERNELS, name) for name in ("gates.cc", "sequence.cc")
 _HEADERS = [os.path.join(_KERNELS, name) for name in ("gate_math.h", "small_gemm.h")]
 _log = logging.getLogger("keras_fancyrnn")
 _lock = threading.Lock()
-_state = {"tried": False, "library": None, "error": None}
+_state = {"tried": False, "library": None, "error": None, "products": None}
 
 
 def _cpu_id() -> str:
@@ -106,12 +113,31 @@ def compiler() -> list[str] | None:
     return [found] if found else None
 
 
+def _extra_flags() -> list[str]:
+    """``$KERAS_FANCYRNN_CXXFLAGS``: compiler flags added after ours, e.g. ``-mno-avx512f`` to
+    build on an AVX-512 CPU what an AVX2 CPU builds."""
+    return shlex.split(os.environ.get("KERAS_FANCYRNN_CXXFLAGS", ""))
+
+
+@functools.cache
+def _target_flags(command: tuple[str, ...]) -> list[str]:
+    """``-march=native``, and ``-mno-avx512fp16`` where that enables AVX512-FP16: TensorFlow's
+    copy of Eigen does not compile with it (its half-precision packet code), and the kernels use
+    no half precision. Then ``$KERAS_FANCYRNN_CXXFLAGS``."""
+    flags = ["-march=native"]
+    probe = subprocess.run([*command, *flags, "-dM", "-E", "-x", "c++", os.devnull],
+                           capture_output=True, text=True, timeout=60)
+    if "__AVX512FP16__" in probe.stdout:
+        flags.append("-mno-avx512fp16")
+    return flags + _extra_flags()
+
+
 def _compile(tf, target: str) -> None:
     command = compiler()
     if not command:
         raise RuntimeError("no C++ compiler (g++ or $CXX) on PATH")
-    command += ["-shared", "-fPIC", "-O3", "-march=native", "-w", *_SOURCES, "-o", target,
-                *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
+    command += ["-shared", "-fPIC", "-O3", *_target_flags(tuple(command)), "-w", *_SOURCES, "-o",
+                target, *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         errors = [line for line in done.stderr.splitlines() if "error" in line]
@@ -154,7 +180,8 @@ def _load():
             sources.append(f.read())
     key = hashlib.sha256(b"\0".join([
         *sources, tf.__version__.encode(), " ".join(tf.sysconfig.get_compile_flags()).encode(),
-        sys.version.encode(), _cpu_id().encode()])).hexdigest()[:16]
+        sys.version.encode(), _cpu_id().encode(), " ".join(_extra_flags()).encode()]
+    )).hexdigest()[:16]
     built = os.path.join(os.environ.get("KERAS_FANCYRNN_CACHE") or _default_cache(),
                          f"gates-{key}.so")
     if os.path.exists(built):  # also where the cache is read-only
@@ -202,6 +229,35 @@ def portable_or_xla() -> bool:
         return in_portable_trace()
     graph = tf.compat.v1.get_default_graph()
     return in_portable_trace() or control_flow_util.GraphOrParentsInXlaContext(graph)
+
+
+def products() -> list[str]:
+    """The recurrent products (``keras_fancyrnn.config``'s ``recurrent_product``) the sequence
+    kernels of this build run on this CPU, widest first, e.g. ``["avx512", "avx2", "eigen"]``;
+    empty where the kernels cannot be had."""
+    if _state.get("products") is None:
+        lib = library()
+        if lib is None:
+            return []
+        from keras_fancyrnn._tf import tf
+
+        with tf.init_scope():  # eagerly, also while a function is traced
+            names = lib.keras_fancyrnn_products().numpy().decode()
+        _state["products"] = names.split(", ")
+    return list(_state["products"])
+
+
+def product() -> str:
+    """The ``product`` attr for the sequence ops now: the ``recurrent_product`` setting, checked
+    against what this CPU runs."""
+    name = config.get("recurrent_product")
+    if name != "auto" and name not in products():
+        raise ConfigError(
+            f"recurrent_product={name!r} is not available on this CPU: it runs "
+            f"{', '.join(map(repr, products())) or 'none (the kernels are unavailable)'} "
+            "(set keras_fancyrnn.config recurrent_product or "
+            "$KERAS_FANCYRNN_RECURRENT_PRODUCT to one of them, or 'auto')")
+    return name
 
 
 def lstm_gates(z, c_prev, probe=None):
@@ -261,8 +317,8 @@ def lstm_sequence(xp, h0, c0, u, b=None):
     """All steps of an LSTM: ``(h [T, B, H], [h_T, c_T])`` from ``xp = x W`` ``[T, B, 4H]``
     (time-major), the initial states ``h0``, ``c0``, the recurrent kernel ``u`` and the bias
     ``b`` (``None``: none)."""
-    _, h, _, h_last, c_last = library().keras_fancyrnn_lstm_sequence(xp, h0, c0, u,
-                                                                     _bias(b, xp))
+    _, h, _, h_last, c_last = library().keras_fancyrnn_lstm_sequence(
+        xp, h0, c0, u, _bias(b, xp), product=product())
     return h, [h_last, c_last]
 
 
@@ -271,7 +327,7 @@ def gru_sequence(xp, h0, u, b_rec=None, b_in=None):
     ``xp = x W`` ``[T, B, 3H]``, ``h0``, the recurrent kernel ``u``, the recurrent bias ``b_rec``
     and the input bias ``b_in`` (``None``: none)."""
     h, _, h_last = library().keras_fancyrnn_gru_sequence(xp, h0, u, _bias(b_rec, xp),
-                                                         _bias(b_in, xp))
+                                                         _bias(b_in, xp), product=product())
     return h, [h_last]
 
 
@@ -279,7 +335,8 @@ def gru_before_sequence(xp, h0, u, b=None):
     """All steps of a GRU with ``reset_after=False`` (the reset gate before the product):
     ``(h [T, B, H], [h_T])`` from ``xp = x W`` ``[T, B, 3H]``, ``h0``, ``u`` and the bias ``b``
     (``None``: none)."""
-    h, _, _, h_last = library().keras_fancyrnn_gru_before_sequence(xp, h0, u, _bias(b, xp))
+    h, _, _, h_last = library().keras_fancyrnn_gru_before_sequence(xp, h0, u, _bias(b, xp),
+                                                                   product=product())
     return h, [h_last]
 
 
@@ -288,7 +345,7 @@ def rnn_sequence(xp, h0, u, activation="tanh", b=None):
     ``(h [T, B, H], [h_T])`` from ``xp = x W`` ``[T, B, H]`` and the bias ``b`` (``None``:
     none)."""
     h, h_last = library().keras_fancyrnn_rnn_sequence(xp, h0, u, _bias(b, xp),
-                                                      activation=activation)
+                                                      activation=activation, product=product())
     return h, [h_last]
 
 
@@ -515,10 +572,10 @@ def _vjp(function, inputs, grads):
     return tape.gradient(outputs, inputs, output_gradients=_zeros_for_none(grads, outputs))
 
 
-def _activation(op) -> str:
-    """The ``activation`` attr of a SimpleRNN sequence op, as ``str``."""
-    activation = op.get_attr("activation")
-    return activation.decode() if isinstance(activation, bytes) else activation
+def _attr(op, name: str) -> str:
+    """A string attr of an op (``activation``, ``product``), as ``str``."""
+    value = op.get_attr(name)
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _register_gradients():
@@ -560,7 +617,8 @@ def _register_gradients():
         z, h, c, *last = op.outputs
         dh_last, dc_last = _zeros_for_none((dh_last, dc_last), last)
         dz, dh0, dc0, db = library().keras_fancyrnn_lstm_sequence_grad(
-            _optional(dh, h), _optional(dc, c), _optional(dz, z), z, c, c0, u, dh_last, dc_last)
+            _optional(dh, h), _optional(dc, c), _optional(dz, z), z, c, c0, u, dh_last, dc_last,
+            product=_attr(op, "product"))
         return dz, dh0, dc0, _recurrent_kernel_gradient(h0, h, dz), db
 
     @tf.RegisterGradient("KerasFancyrnnGruSequence")
@@ -569,7 +627,8 @@ def _register_gradients():
         h, rec, last = op.outputs
         (dh_last,) = _zeros_for_none((dh_last,), (last,))
         dxp, drec, dh0, db_in, db_rec = library().keras_fancyrnn_gru_sequence_grad(
-            _optional(dh, h), _optional(drec, rec), xp, rec, h, h0, u, dh_last, b_in)
+            _optional(dh, h), _optional(drec, rec), xp, rec, h, h0, u, dh_last, b_in,
+            product=_attr(op, "product"))
         return dxp, dh0, _recurrent_kernel_gradient(h0, h, drec), db_rec, db_in
 
     @tf.RegisterGradient("KerasFancyrnnGruBeforeSequence")
@@ -579,7 +638,7 @@ def _register_gradients():
         (dh_last,) = _zeros_for_none((dh_last,), (last,))
         dxp, drec, dh0, db = library().keras_fancyrnn_gru_before_sequence_grad(
             _optional(dh, h), _optional(drec, rec), _optional(drh, rh), xp, rec, h, h0, u,
-            dh_last, b)
+            dh_last, b, product=_attr(op, "product"))
         # rec = [h_{t-1} U_z, h_{t-1} U_r, rh_t U_h]
         units = h.shape[-1]
         du_h = tf.matmul(tf.reshape(rh, [-1, units]), tf.reshape(drec[..., 2 * units:],
@@ -593,7 +652,8 @@ def _register_gradients():
         h, last = op.outputs
         (dh_last,) = _zeros_for_none((dh_last,), (last,))
         dz, dh0, db = library().keras_fancyrnn_rnn_sequence_grad(
-            _optional(dh, h), h, h0, u, dh_last, activation=_activation(op))
+            _optional(dh, h), h, h0, u, dh_last, activation=_attr(op, "activation"),
+            product=_attr(op, "product"))
         return dz, dh0, _recurrent_kernel_gradient(h0, h, dz), db
 
     @tf.RegisterGradient("KerasFancyrnnLstmSequenceGrad")
@@ -610,7 +670,7 @@ def _register_gradients():
 
     @tf.RegisterGradient("KerasFancyrnnRnnSequenceGrad")
     def _rnn_sequence_second(op, *grads):
-        return _vjp(functools.partial(rnn_sequence_backward, activation=_activation(op)),
+        return _vjp(functools.partial(rnn_sequence_backward, activation=_attr(op, "activation")),
                     op.inputs, grads)
 
 

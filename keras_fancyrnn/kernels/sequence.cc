@@ -138,6 +138,46 @@ class Shapes {
   std::vector<const char*> names_;
 };
 
+// The products this build can run, widest first, comma-separated.
+std::string CompiledProducts() {
+  std::string names;
+  for (auto [product, name] : {std::pair{Product::kAvx512, "avx512"},
+                               std::pair{Product::kAvx2, "avx2"},
+                               std::pair{Product::kEigen, "eigen"}}) {
+    if (Compiled(product)) absl::StrAppend(&names, names.empty() ? "" : ", ", name);
+  }
+  return names;
+}
+
+// The `product` attr of every sequence op: how RecurrentKernel multiplies ("auto": the widest
+// block compiled in). A block this build lacks is an error naming the ones it has.
+Product ParseProduct(OpKernelConstruction* ctx) {
+  std::string name;
+  auto status = ctx->GetAttr("product", &name);
+  if (!status.ok()) {
+    ctx->CtxFailure(status);
+    return Product::kEigen;
+  }
+  const Product product = name == "avx512" ? Product::kAvx512
+                          : name == "avx2" ? Product::kAvx2
+                          : name == "eigen" ? Product::kEigen : kWidestProduct;
+  if (!Compiled(product)) {
+    ctx->CtxFailure(absl::InvalidArgumentError(absl::StrCat(
+        "recurrent_product='", name, "' needs a CPU with ", name == "avx512" ? "AVX-512F" :
+        "AVX2 and FMA", "; this one runs: ", CompiledProducts())));
+  }
+  return product;
+}
+
+// A sequence op: an OpKernel that knows its recurrent product.
+class SequenceOp : public OpKernel {
+ public:
+  explicit SequenceOp(OpKernelConstruction* ctx) : OpKernel(ctx), product_(ParseProduct(ctx)) {}
+
+ protected:
+  const Product product_;
+};
+
 template <typename T>
 const T* Ptr(OpKernelContext* ctx, int i) {
   return ctx->input(i).template flat<T>().data();
@@ -191,9 +231,9 @@ void AddStep(const T* grad, int64_t t, int64_t B, int64_t H, int64_t lo, int64_t
 // sum its gradient while each step's dz is in cache.
 
 template <typename T>
-class LstmSequence : public OpKernel {
+class LstmSequence : public SequenceOp {
  public:
-  using OpKernel::OpKernel;
+  using SequenceOp::SequenceOp;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& h0 = ctx->input(1);
@@ -213,7 +253,7 @@ class LstmSequence : public OpKernel {
     if (!ctx->status().ok()) return;
     if (z != Ptr<T>(ctx, 0)) std::copy_n(Ptr<T>(ctx, 0), xp.NumElements(), z);
     const T *h_0 = Ptr<T>(ctx, 1), *c_0 = Ptr<T>(ctx, 2);
-    const RecurrentKernel<T> u(Ptr<T>(ctx, 3), H, 4 * H, false);
+    const RecurrentKernel<T> u(Ptr<T>(ctx, 3), H, 4 * H, false, -1, product_);
     const RowIn<T> b(Ptr<T>(ctx, 4), 4 * H);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
       for (int64_t t = 0; t < S; ++t) {
@@ -235,9 +275,9 @@ class LstmSequence : public OpKernel {
 // dz [T, B, 4H] (= d xp; in z's buffer where TensorFlow allows), dh0, dc0 and db [4H], the sum
 // of dz over T and B.
 template <typename T>
-class LstmSequenceGrad : public OpKernel {
+class LstmSequenceGrad : public SequenceOp {
  public:
-  using OpKernel::OpKernel;
+  using SequenceOp::SequenceOp;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& c0 = ctx->input(5);
@@ -257,7 +297,7 @@ class LstmSequenceGrad : public OpKernel {
     if (!ctx->status().ok()) return;
     const T *dh = OptionalPtr<T>(ctx, 0), *dc = OptionalPtr<T>(ctx, 1), *c = Ptr<T>(ctx, 4),
             *c_0 = Ptr<T>(ctx, 5), *dh_last = Ptr<T>(ctx, 7), *dc_last = Ptr<T>(ctx, 8);
-    const RecurrentKernel<T> u_t(Ptr<T>(ctx, 6), 4 * H, H, true);
+    const RecurrentKernel<T> u_t(Ptr<T>(ctx, 6), 4 * H, H, true, -1, product_);
     ColumnSums<T> db_sums(ctx, B, 4 * H);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t s) {
       const int64_t n = hi - lo;
@@ -296,9 +336,9 @@ void AddBias(const T* xp, const RowIn<T>& b, int64_t t, int64_t B, int64_t lo, R
 }
 
 template <typename T>
-class GruSequence : public OpKernel {
+class GruSequence : public SequenceOp {
  public:
-  using OpKernel::OpKernel;
+  using SequenceOp::SequenceOp;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& h0 = ctx->input(1);
@@ -314,7 +354,7 @@ class GruSequence : public OpKernel {
     T* h_last = Output<T>(ctx, 2, h0.shape());
     if (!ctx->status().ok()) return;
     const T *xp = Ptr<T>(ctx, 0), *h_0 = Ptr<T>(ctx, 1);
-    const RecurrentKernel<T> u(Ptr<T>(ctx, 2), H, 3 * H, false);
+    const RecurrentKernel<T> u(Ptr<T>(ctx, 2), H, 3 * H, false, -1, product_);
     const RowIn<T> b_rec(Ptr<T>(ctx, 3), 3 * H), b_in(Ptr<T>(ctx, 4), 3 * H);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
       GruScratch<T> scratch(H);
@@ -339,9 +379,9 @@ class GruSequence : public OpKernel {
 // [T, B, 3H] (in the buffers of xp and rec where TensorFlow allows), dh0, and the bias gradients
 // db_in, db_rec [3H] (the sums of d xp and d rec over T and B).
 template <typename T>
-class GruSequenceGrad : public OpKernel {
+class GruSequenceGrad : public SequenceOp {
  public:
-  using OpKernel::OpKernel;
+  using SequenceOp::SequenceOp;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& h0 = ctx->input(5);
@@ -364,7 +404,7 @@ class GruSequenceGrad : public OpKernel {
     const T *dh = OptionalPtr<T>(ctx, 0), *drec_in = OptionalPtr<T>(ctx, 1), *xp = Ptr<T>(ctx, 2),
             *rec = Ptr<T>(ctx, 3), *h = Ptr<T>(ctx, 4), *h_0 = Ptr<T>(ctx, 5),
             *dh_last = Ptr<T>(ctx, 7);
-    const RecurrentKernel<T> u_t(Ptr<T>(ctx, 6), 3 * H, H, true);
+    const RecurrentKernel<T> u_t(Ptr<T>(ctx, 6), 3 * H, H, true, -1, product_);
     const RowIn<T> b_in(Ptr<T>(ctx, 8), 3 * H);
     ColumnSums<T> dxp_sums(ctx, B, 3 * H), drec_sums(ctx, B, 3 * H);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t s) {
@@ -403,9 +443,9 @@ class GruSequenceGrad : public OpKernel {
 // dependent products a step: [U_z U_r] and U_h, blocks of u (rows 3H apart).
 
 template <typename T>
-class GruBeforeSequence : public OpKernel {
+class GruBeforeSequence : public SequenceOp {
  public:
-  using OpKernel::OpKernel;
+  using SequenceOp::SequenceOp;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& h0 = ctx->input(1);
@@ -422,7 +462,8 @@ class GruBeforeSequence : public OpKernel {
     T* h_last = Output<T>(ctx, 3, h0.shape());
     if (!ctx->status().ok()) return;
     const T *xp = Ptr<T>(ctx, 0), *h_0 = Ptr<T>(ctx, 1), *u = Ptr<T>(ctx, 2);
-    const RecurrentKernel<T> u_zr(u, H, 2 * H, false, 3 * H), u_h(u + 2 * H, H, H, false, 3 * H);
+    const RecurrentKernel<T> u_zr(u, H, 2 * H, false, 3 * H, product_),
+        u_h(u + 2 * H, H, H, false, 3 * H, product_);
     const RowIn<T> bias(Ptr<T>(ctx, 3), 3 * H);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
       const int64_t n = hi - lo;
@@ -455,9 +496,9 @@ class GruBeforeSequence : public OpKernel {
 // Outputs d xp, d rec [T, B, 3H] (in the buffers of xp and rec where TensorFlow allows), dh0 and
 // db [3H], the sum of d xp over T and B.
 template <typename T>
-class GruBeforeSequenceGrad : public OpKernel {
+class GruBeforeSequenceGrad : public SequenceOp {
  public:
-  using OpKernel::OpKernel;
+  using SequenceOp::SequenceOp;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& h0 = ctx->input(6);
@@ -480,7 +521,8 @@ class GruBeforeSequenceGrad : public OpKernel {
             *h = Ptr<T>(ctx, 5), *h_0 = Ptr<T>(ctx, 6), *u = Ptr<T>(ctx, 7),
             *dh_last = Ptr<T>(ctx, 8);
     // U_h^T and [U_z U_r]^T
-    const RecurrentKernel<T> u_h_t(u + 2 * H, H, H, true, 3 * H), u_zr_t(u, 2 * H, H, true, 3 * H);
+    const RecurrentKernel<T> u_h_t(u + 2 * H, H, H, true, 3 * H, product_),
+        u_zr_t(u, 2 * H, H, true, 3 * H, product_);
     const RowIn<T> bias(Ptr<T>(ctx, 9), 3 * H);
     ColumnSums<T> db_sums(ctx, B, 3 * H);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t s) {
@@ -532,9 +574,9 @@ bool IsRelu(OpKernelConstruction* ctx) {
 }
 
 template <typename T>
-class RnnSequence : public OpKernel {
+class RnnSequence : public SequenceOp {
  public:
-  explicit RnnSequence(OpKernelConstruction* ctx) : OpKernel(ctx), relu_(IsRelu(ctx)) {}
+  explicit RnnSequence(OpKernelConstruction* ctx) : SequenceOp(ctx), relu_(IsRelu(ctx)) {}
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& h0 = ctx->input(1);
@@ -549,7 +591,7 @@ class RnnSequence : public OpKernel {
     if (!ctx->status().ok()) return;
     if (h != Ptr<T>(ctx, 0)) std::copy_n(Ptr<T>(ctx, 0), xp.NumElements(), h);
     const T* h_0 = Ptr<T>(ctx, 1);
-    const RecurrentKernel<T> u(Ptr<T>(ctx, 2), H, H, false);
+    const RecurrentKernel<T> u(Ptr<T>(ctx, 2), H, H, false, -1, product_);
     const RowIn<T> b(Ptr<T>(ctx, 3), H);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
       for (int64_t t = 0; t < S; ++t) {
@@ -574,9 +616,10 @@ class RnnSequence : public OpKernel {
 // dh_last [B, H]. Outputs dz [T, B, H] (= d xp; in dh's buffer where TensorFlow allows), dh0 and
 // db [H], the sum of dz over T and B.
 template <typename T>
-class RnnSequenceGrad : public OpKernel {
+class RnnSequenceGrad : public SequenceOp {
  public:
-  explicit RnnSequenceGrad(OpKernelConstruction* ctx) : OpKernel(ctx), relu_(IsRelu(ctx)) {}
+  explicit RnnSequenceGrad(OpKernelConstruction* ctx)
+      : SequenceOp(ctx), relu_(IsRelu(ctx)) {}
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& h0 = ctx->input(2);
@@ -591,7 +634,7 @@ class RnnSequenceGrad : public OpKernel {
     T* dh0 = Output<T>(ctx, 1, h0.shape());
     T* db = Output<T>(ctx, 2, TensorShape({H}));
     if (!ctx->status().ok()) return;
-    const RecurrentKernel<T> u_t(Ptr<T>(ctx, 3), H, H, true);
+    const RecurrentKernel<T> u_t(Ptr<T>(ctx, 3), H, H, true, -1, product_);
     ColumnSums<T> db_sums(ctx, B, H);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t s) {
       const int64_t n = hi - lo;
@@ -645,6 +688,7 @@ REGISTER_OP("KerasFancyrnnLstmSequence")
     .Input("xp: T").Input("h0: T").Input("c0: T").Input("u: T").Input("b: T")
     .Output("z: T").Output("h: T").Output("c: T").Output("h_last: T").Output("c_last: T")
     .Attr("T: {float, double}")
+    .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
     .SetShapeFn([](InferenceContext* c) {
       return SequenceShapes(c, 0, 1, {1, 2}, {{0, 0}, {3, 1}, {4, 1}});
     });
@@ -654,6 +698,7 @@ REGISTER_OP("KerasFancyrnnLstmSequenceGrad")
     .Input("u: T").Input("dh_last: T").Input("dc_last: T")
     .Output("dz: T").Output("dh0: T").Output("dc0: T").Output("db: T")
     .Attr("T: {float, double}")
+    .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
     .SetShapeFn([](InferenceContext* c) {
       return SequenceShapes(c, 3, 5, {}, {{0, 3}, {1, 5}, {2, 5}}, {{3, 3}});
     });
@@ -662,6 +707,7 @@ REGISTER_OP("KerasFancyrnnGruSequence")
     .Input("xp: T").Input("h0: T").Input("u: T").Input("b_rec: T").Input("b_in: T")
     .Output("h: T").Output("rec: T").Output("h_last: T")
     .Attr("T: {float, double}")
+    .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
     .SetShapeFn([](InferenceContext* c) {
       return SequenceShapes(c, 0, 1, {0}, {{1, 0}, {2, 1}});
     });
@@ -671,6 +717,7 @@ REGISTER_OP("KerasFancyrnnGruSequenceGrad")
     .Input("h0: T").Input("u: T").Input("dh_last: T").Input("b_in: T")
     .Output("dxp: T").Output("drec: T").Output("dh0: T").Output("db_in: T").Output("db_rec: T")
     .Attr("T: {float, double}")
+    .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
     .SetShapeFn([](InferenceContext* c) {
       return SequenceShapes(c, 2, 5, {}, {{0, 2}, {1, 3}, {2, 5}}, {{3, 2}, {4, 3}});
     });
@@ -679,6 +726,7 @@ REGISTER_OP("KerasFancyrnnGruBeforeSequence")
     .Input("xp: T").Input("h0: T").Input("u: T").Input("b: T")
     .Output("h: T").Output("rec: T").Output("rh: T").Output("h_last: T")
     .Attr("T: {float, double}")
+    .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
     .SetShapeFn([](InferenceContext* c) {
       return SequenceShapes(c, 0, 1, {0, 2}, {{1, 0}, {3, 1}});
     });
@@ -688,6 +736,7 @@ REGISTER_OP("KerasFancyrnnGruBeforeSequenceGrad")
     .Input("h: T").Input("h0: T").Input("u: T").Input("dh_last: T").Input("b: T")
     .Output("dxp: T").Output("drec: T").Output("dh0: T").Output("db: T")
     .Attr("T: {float, double}")
+    .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
     .SetShapeFn([](InferenceContext* c) {
       return SequenceShapes(c, 3, 6, {}, {{0, 3}, {1, 4}, {2, 6}}, {{3, 3}});
     });
@@ -696,6 +745,7 @@ REGISTER_OP("KerasFancyrnnRnnSequence")
     .Input("xp: T").Input("h0: T").Input("u: T").Input("b: T")
     .Output("h: T").Output("h_last: T")
     .Attr("T: {float, double}")
+    .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
     .Attr("activation: {'tanh', 'relu'} = 'tanh'")
     .SetShapeFn([](InferenceContext* c) { return SequenceShapes(c, 0, 1, {}, {{0, 0}, {1, 1}}); });
 
@@ -703,6 +753,7 @@ REGISTER_OP("KerasFancyrnnRnnSequenceGrad")
     .Input("dh: T").Input("h: T").Input("h0: T").Input("u: T").Input("dh_last: T")
     .Output("dz: T").Output("dh0: T").Output("db: T")
     .Attr("T: {float, double}")
+    .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
     .Attr("activation: {'tanh', 'relu'} = 'tanh'")
     .SetShapeFn([](InferenceContext* c) {
       return SequenceShapes(c, 1, 2, {}, {{0, 1}, {1, 2}}, {{2, 1}});
@@ -720,6 +771,24 @@ REGISTER_OP("KerasFancyrnnRnnSequenceGrad")
   KFR_SEQUENCE_KERNEL("KerasFancyrnnGruBeforeSequenceGrad", T, GruBeforeSequenceGrad<T>) \
   KFR_SEQUENCE_KERNEL("KerasFancyrnnRnnSequence", T, RnnSequence<T>)            \
   KFR_SEQUENCE_KERNEL("KerasFancyrnnRnnSequenceGrad", T, RnnSequenceGrad<T>)
+
+// The recurrent products this build can run, widest first (keras_fancyrnn.native.products).
+REGISTER_OP("KerasFancyrnnProducts").Output("names: string").SetShapeFn([](InferenceContext* c) {
+  c->set_output(0, c->Scalar());
+  return absl::OkStatus();
+});
+
+class Products : public OpKernel {
+ public:
+  using OpKernel::OpKernel;
+  void Compute(OpKernelContext* ctx) override {
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
+    out->scalar<::tensorflow::tstring>()() = CompiledProducts();
+  }
+};
+
+REGISTER_KERNEL_BUILDER(Name("KerasFancyrnnProducts").Device(::tensorflow::DEVICE_CPU), Products);
 
 KFR_SEQUENCE_KERNELS(float)
 KFR_SEQUENCE_KERNELS(double)

@@ -1,13 +1,13 @@
 // C = A B or C += A B for the recurrent products of the sequence kernels (sequence.cc): A is a
 // few batch rows of a state or gradient (n x K), B is the recurrent kernel U or its transpose,
-// the same for every timestep. For float on a CPU with AVX2 and FMA, B is packed once per op
-// into column panels for a register-blocked kernel: with AVX-512, 8 rows x 32 columns per
-// block; without, 6 rows x 16 columns (the shape of BLIS's Haswell kernel). For double, and
-// without AVX2/FMA, Eigen's product (compiled with -march=native), which repacks B at every
-// call. Measured on one core (benchmarks/small_gemm.py): on an AVX2 machine the AVX2 block ran
-// 56-70 GFLOP/s against Eigen's 40-50; on an AVX-512 machine (n = 8 to 128 rows, K = 128 to
-// 1024, N = 128 to 1024; two runs) the AVX-512 block ran 154-257 GFLOP/s, 1.15-2.6x Eigen's
-// AVX-512 product (84-208), which ran 1.1-2.1x the AVX2 block (README "Speed").
+// the same for every timestep. Three ways to compute it, chosen per op at run time (the ops'
+// `product` attr; keras_fancyrnn.config's `recurrent_product`):
+// - the AVX-512 register block, 8 rows x 32 columns, B packed once per op into column panels;
+// - the AVX2/FMA register block, 6 rows x 16 columns (the shape of BLIS's Haswell kernel);
+// - Eigen's product (compiled with -march=native), which repacks B at every call.
+// A block is compiled in where the build's target CPU (this one: -march=native) has its
+// instructions; "auto" picks the widest compiled in. The blocks are for float; double always
+// takes Eigen's product. benchmarks/small_gemm.py measures all three side by side.
 #ifndef KERAS_FANCYRNN_SMALL_GEMM_H_
 #define KERAS_FANCYRNN_SMALL_GEMM_H_
 
@@ -16,27 +16,13 @@
 #include <type_traits>
 #include <vector>
 
-// KERAS_FANCYRNN_BLOCK: 0 for Eigen's product; 1 for the AVX2/FMA register block (6 rows x 16
-// columns); 2 for the AVX-512 one (8 rows x 32 columns). benchmarks/small_gemm.py compiles
-// each to compare them; by default the rule above.
-#ifndef KERAS_FANCYRNN_BLOCK
 #if defined(__AVX512F__)
-#define KERAS_FANCYRNN_BLOCK 2
-#elif defined(__AVX2__) && defined(__FMA__)
-#define KERAS_FANCYRNN_BLOCK 1
-#else
-#define KERAS_FANCYRNN_BLOCK 0
-#endif
-#endif
-#if KERAS_FANCYRNN_BLOCK == 1
-#include <immintrin.h>
-#define KERAS_FANCYRNN_AVX2 1
-#elif KERAS_FANCYRNN_BLOCK == 2
 #include <immintrin.h>
 #define KERAS_FANCYRNN_AVX512 1
 #endif
-#if defined(KERAS_FANCYRNN_AVX2) || defined(KERAS_FANCYRNN_AVX512)
-#define KERAS_FANCYRNN_PACKED 1
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define KERAS_FANCYRNN_AVX2 1
 #endif
 
 namespace keras_fancyrnn {
@@ -48,38 +34,63 @@ using MatIn = Eigen::Map<const RowMat<T>>;
 template <typename T>
 using MatOut = Eigen::Map<RowMat<T>>;
 
+// How RecurrentKernel multiplies (the values of the ops' `product` attr).
+enum class Product { kEigen, kAvx2, kAvx512 };
+
+// The widest register block compiled in: what "auto" runs.
+constexpr Product kWidestProduct =
+#if defined(KERAS_FANCYRNN_AVX512)
+    Product::kAvx512;
+#elif defined(KERAS_FANCYRNN_AVX2)
+    Product::kAvx2;
+#else
+    Product::kEigen;
+#endif
+
+// Whether this build can run `product`: Eigen's always, a block where its instructions were
+// compiled in.
+constexpr bool Compiled(Product product) {
+  return product == Product::kEigen ||
+         (product == Product::kAvx2 && kWidestProduct != Product::kEigen) ||
+         (product == Product::kAvx512 && kWidestProduct == Product::kAvx512);
+}
+
 // B (K x N) for repeated products: U (transpose = false) or U^T (transpose = true) of a
 // row-major u of shape [K, N] or [N, K], whose rows are ldu apart (by default N or K: a whole
 // matrix; more for a block of columns of a wider one, such as the GRU's U_h in [U_z U_r U_h]).
+// `product` must be Compiled(); for double it is Eigen's whatever is asked.
 // For Eigen's product U^T is copied once, row-major: Eigen packs B at every product anyway, and
 // packs a row-major B faster (at 8 rows x 1024 x 256, the LSTM gradient's dz U^T at B=16,
-// H=256 on two threads, 108 against 52 GFLOP/s on one AVX-512 core; benchmarks/small_gemm.py).
+// H=256 on two threads, about twice as fast; benchmarks/small_gemm.py).
 template <typename T>
 class RecurrentKernel {
  public:
-  RecurrentKernel(const T* u, int64_t K, int64_t N, bool transpose, int64_t ldu = -1)
-      : u_(u), K_(K), N_(N), transpose_(transpose), ldu_(ldu >= 0 ? ldu : transpose ? K : N) {
-    if (transpose && !kPacked) {  // for Eigen's product
-      transposed_.resize(K * N);
-      MatOut<T>(transposed_.data(), K, N) =
-          Eigen::Map<const RowMat<T>, 0, Eigen::OuterStride<>>(u, N, K,
-                                                              Eigen::OuterStride<>(ldu_))
-              .transpose();
+  RecurrentKernel(const T* u, int64_t K, int64_t N, bool transpose, int64_t ldu = -1,
+                  Product product = kWidestProduct)
+      : u_(u), K_(K), N_(N), transpose_(transpose), ldu_(ldu >= 0 ? ldu : transpose ? K : N),
+        product_(std::is_same<T, float>::value ? product : Product::kEigen),
+        cols_(product_ == Product::kAvx512 ? 32 : 16) {
+    if (product_ == Product::kEigen) {
+      if (transpose) {
+        transposed_.resize(K * N);
+        MatOut<T>(transposed_.data(), K, N) =
+            Eigen::Map<const RowMat<T>, 0, Eigen::OuterStride<>>(u, N, K,
+                                                                Eigen::OuterStride<>(ldu_))
+                .transpose();
+      }
+      return;
     }
-#ifdef KERAS_FANCYRNN_PACKED
-    if constexpr (std::is_same<T, float>::value) {  // B in panels of kCols columns, zero-padded
-      const int64_t panels = (N + kCols - 1) / kCols;
-      packed_.assign(panels * K * kCols, T(0));
-      for (int64_t p = 0; p < panels; ++p) {
-        for (int64_t k = 0; k < K; ++k) {
-          for (int64_t j = p * kCols; j < std::min(N, (p + 1) * kCols); ++j) {
-            packed_[(p * K + k) * kCols + j - p * kCols] =
-                transpose ? u[j * ldu_ + k] : u[k * ldu_ + j];
-          }
+    // B in panels of cols_ columns, zero-padded
+    const int64_t panels = (N + cols_ - 1) / cols_;
+    packed_.assign(panels * K * cols_, T(0));
+    for (int64_t p = 0; p < panels; ++p) {
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t j = p * cols_; j < std::min(N, (p + 1) * cols_); ++j) {
+          packed_[(p * K + k) * cols_ + j - p * cols_] =
+              transpose ? u[j * ldu_ + k] : u[k * ldu_ + j];
         }
       }
     }
-#endif
   }
 
   // c (n x N, rows ldc apart) = a (n x K, rows lda apart) B, or += with accumulate; by default
@@ -88,13 +99,20 @@ class RecurrentKernel {
                 int64_t ldc = -1) const {
     if (lda < 0) lda = K_;
     if (ldc < 0) ldc = N_;
-#ifdef KERAS_FANCYRNN_PACKED
     if constexpr (std::is_same<T, float>::value) {
-      MultiplyPacked(reinterpret_cast<const float*>(a), lda, n, reinterpret_cast<float*>(c), ldc,
-                     accumulate);
-      return;
-    }
+#ifdef KERAS_FANCYRNN_AVX512
+      if (product_ == Product::kAvx512) {
+        Panels<8, 32, &RecurrentKernel::Block8x32>(a, lda, n, c, ldc, accumulate);
+        return;
+      }
 #endif
+#ifdef KERAS_FANCYRNN_AVX2
+      if (product_ == Product::kAvx2) {
+        Panels<6, 16, &RecurrentKernel::Block6x16>(a, lda, n, c, ldc, accumulate);
+        return;
+      }
+#endif
+    }
     using Strided = Eigen::OuterStride<>;
     Eigen::Map<const RowMat<T>, 0, Strided> A(a, n, K_, Strided(lda));
     Eigen::Map<RowMat<T>, 0, Strided> C(c, n, N_, Strided(ldc));
@@ -105,21 +123,15 @@ class RecurrentKernel {
   }
 
  private:
-#if defined(KERAS_FANCYRNN_AVX512)
-  static constexpr int64_t kRows = 8, kCols = 32;
-#else
-  static constexpr int64_t kRows = 6, kCols = 16;
-#endif
-  // Whether Multiply runs a register block (float, with one compiled in) rather than Eigen.
-#ifdef KERAS_FANCYRNN_PACKED
-  static constexpr bool kPacked = std::is_same<T, float>::value;
-#else
-  static constexpr bool kPacked = false;
-#endif
+  using BlockFn = void (RecurrentKernel::*)(const float* const*, const float*, float*, int64_t,
+                                            int64_t, int64_t, bool) const;
 
-#ifdef KERAS_FANCYRNN_PACKED
-  void MultiplyPacked(const float* a, int64_t lda, int64_t n, float* c, int64_t ldc,
-                      bool accumulate) const {
+  // The rows of a in blocks of kRows, each times every kCols-column panel of B.
+  template <int64_t kRows, int64_t kCols, BlockFn kBlock>
+  void Panels(const T* a_in, int64_t lda, int64_t n, T* c_in, int64_t ldc,
+              bool accumulate) const {
+    const float* a = reinterpret_cast<const float*>(a_in);
+    float* c = reinterpret_cast<float*>(c_in);
     const float* packed = reinterpret_cast<const float*>(packed_.data());
     const int64_t panels = (N_ + kCols - 1) / kCols;
     for (int64_t r = 0; r < n; r += kRows) {
@@ -128,18 +140,18 @@ class RecurrentKernel {
       const float* rows[kRows];
       for (int64_t i = 0; i < kRows; ++i) rows[i] = a + std::min(r + i, n - 1) * lda;
       for (int64_t p = 0; p < panels; ++p) {
-        Block(rows, packed + p * K_ * kCols, c + r * ldc + p * kCols, ldc,
-              std::min(kRows, n - r), std::min(kCols, N_ - p * kCols), accumulate);
+        (this->*kBlock)(rows, packed + p * K_ * kCols, c + r * ldc + p * kCols, ldc,
+                        std::min(kRows, n - r), std::min(kCols, N_ - p * kCols), accumulate);
       }
     }
   }
-#endif
 
 #ifdef KERAS_FANCYRNN_AVX2
   // Six rows of a times one 16-column panel, into `rows` rows and `cols` columns of c (rows ldc
   // apart). Twelve named accumulators, so that they stay in registers.
-  void Block(const float* const* a, const float* panel, float* c, int64_t ldc, int64_t rows,
-             int64_t cols, bool accumulate) const {
+  void Block6x16(const float* const* a, const float* panel, float* c, int64_t ldc,
+                 int64_t rows, int64_t cols, bool accumulate) const {
+    constexpr int64_t kRows = 6, kCols = 16;
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
            c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     const int64_t K = K_;
@@ -186,8 +198,9 @@ class RecurrentKernel {
   // Eight rows of a times one 32-column panel, into `rows` rows and `cols` columns of c (rows
   // ldc apart): sixteen accumulators (named, so that they stay in registers), two loads of the
   // panel and eight broadcasts per k; partial columns through masked loads and stores.
-  void Block(const float* const* a, const float* panel, float* c, int64_t ldc, int64_t rows,
-             int64_t cols, bool accumulate) const {
+  void Block8x32(const float* const* a, const float* panel, float* c, int64_t ldc,
+                 int64_t rows, int64_t cols, bool accumulate) const {
+    constexpr int64_t kCols = 32;
 #define KFR_ACC(r) __m512 c##r##0 = _mm512_setzero_ps(), c##r##1 = c##r##0;
     KFR_ACC(0) KFR_ACC(1) KFR_ACC(2) KFR_ACC(3) KFR_ACC(4) KFR_ACC(5) KFR_ACC(6) KFR_ACC(7)
 #undef KFR_ACC
@@ -230,6 +243,8 @@ class RecurrentKernel {
   const int64_t K_, N_;
   const bool transpose_;
   const int64_t ldu_;
+  const Product product_;
+  const int64_t cols_;         // a block's panel width
   std::vector<T> packed_;      // the block's panels
   std::vector<T> transposed_;  // Eigen's U^T, row-major [K, N]
 };

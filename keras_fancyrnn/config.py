@@ -1,0 +1,97 @@
+"""Settings of keras_fancyrnn: read with ``get``, change for the process with ``set``, or for a
+block of code with ``scope``.
+
+    import keras_fancyrnn as fr
+
+    fr.config.get("recurrent_product")          # "auto"
+    with fr.config.scope(recurrent_product="avx2"):
+        model(x)                                # traced here: runs the AVX2 register block
+
+Each setting starts from its environment variable where it has one, else its default. The
+layers read settings when they are traced (the first call of a ``tf.function``, ``fit``'s first
+step): a function traced before a change keeps what it was traced with.
+
+Settings:
+
+``recurrent_product`` (``KERAS_FANCYRNN_RECURRENT_PRODUCT``): how the CPU sequence kernels
+compute the recurrent products ``h_{t-1} U`` and ``dz_t U^T`` for float32:
+``"auto"`` (default: the widest of the following this CPU runs), ``"avx512"`` (an 8 x 32
+register block, CPUs with AVX-512F), ``"avx2"`` (a 6 x 16 register block, CPUs with AVX2 and
+FMA), ``"eigen"`` (Eigen's matrix product, any CPU). float64 always uses Eigen's. They differ
+only in the order of float32 additions; ``keras_fancyrnn.native.products()`` lists what this
+CPU runs, and asking for one it cannot is an error when the kernel is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import types
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from keras_fancyrnn.errors import ConfigError
+
+#: name -> (environment variable, default, allowed values)
+_SETTINGS: dict[str, tuple[str, Any, tuple]] = {
+    "recurrent_product": ("KERAS_FANCYRNN_RECURRENT_PRODUCT", "auto",
+                          ("auto", "avx512", "avx2", "eigen")),
+}
+
+_process: dict[str, Any] = {}
+_scoped: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "keras_fancyrnn_config", default=types.MappingProxyType({}))
+
+
+def _check(name: str, value: Any, source: str) -> Any:
+    if name not in _SETTINGS:
+        raise ConfigError(f"{source}: no setting named {name!r}; the settings are "
+                          f"{', '.join(sorted(_SETTINGS))}")
+    allowed = _SETTINGS[name][2]
+    if value not in allowed:
+        raise ConfigError(f"{source}: {name} must be one of {', '.join(map(repr, allowed))}, "
+                          f"got {value!r}")
+    return value
+
+
+def get(name: str) -> Any:
+    """The value of setting ``name``: the innermost ``scope``'s, else ``set``'s, else the
+    environment variable's, else the default."""
+    if name not in _SETTINGS:
+        raise ConfigError(f"keras_fancyrnn.config.get: no setting named {name!r}; the settings "
+                          f"are {', '.join(sorted(_SETTINGS))}")
+    scoped = _scoped.get()
+    if name in scoped:
+        return scoped[name]
+    if name in _process:
+        return _process[name]
+    variable, default, _ = _SETTINGS[name]
+    if os.environ.get(variable):
+        return _check(name, os.environ[variable], f"${variable}")
+    return default
+
+
+def set(**settings: Any) -> None:  # noqa: A001 - fr.config.set reads as intended
+    """Changes settings for the whole process, e.g. ``set(recurrent_product="eigen")``."""
+    for name, value in settings.items():
+        _check(name, value, "keras_fancyrnn.config.set")
+    _process.update(settings)
+
+
+def reset() -> None:
+    """Forgets every ``set``: settings come from the environment or their defaults again."""
+    _process.clear()
+
+
+@contextlib.contextmanager
+def scope(**settings: Any) -> Iterator[None]:
+    """Changes settings inside a ``with`` block (this thread or task only), e.g.
+    ``with scope(recurrent_product="avx2"): ...``."""
+    for name, value in settings.items():
+        _check(name, value, "keras_fancyrnn.config.scope")
+    token = _scoped.set(types.MappingProxyType({**_scoped.get(), **settings}))
+    try:
+        yield
+    finally:
+        _scoped.reset(token)
