@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from gradcheck import assert_gradients_match_finite_differences
+from tolerance import assert_close, rounding_chain
 
 import keras_fancyrnn as fr
 from keras_fancyrnn import engine, native
@@ -278,12 +279,34 @@ SEQUENCE_OPS = {"SimpleRNN": "KerasFancyrnnRnnSequence", "LSTM": "KerasFancyrnnL
 GATES = {"LSTM": 4, "GRU": 3, "SimpleRNN": 1, "SimpleRNN-relu": 1, "GRU-before": 3}
 
 
+#: Every way the sequence kernels compute their float32 recurrent products
+#: (``keras_fancyrnn.config``'s ``recurrent_product``); each test runs those this CPU can.
+PRODUCTS = ["avx512", "avx2", "eigen"]
+
+
+@pytest.fixture(params=PRODUCTS)
+def product(request, library):
+    """A recurrent product this CPU runs, set for the test (skipped where the CPU lacks it)."""
+    if request.param not in native.products():
+        pytest.skip(f"this CPU runs {native.products()}, not {request.param}")
+    with fr.config.scope(recurrent_product=request.param):
+        yield request.param
+
+
+def _products_in(fn, *args):
+    """The ``product`` attrs of the sequence ops in ``fn``'s graph."""
+    graph_def = tf.function(fn).get_concrete_function(*args).graph.as_graph_def()
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+    return {n.attr["product"].s.decode() for n in nodes if n.op.endswith(("Sequence",
+                                                                          "SequenceGrad"))}
+
+
 @pytest.mark.parametrize("kind", SEQUENCE_OPS)
 @pytest.mark.parametrize("go_backwards", [False, True])
-def test_sequence_kernels_equal_keras(library, kind, go_backwards, rng):
+def test_sequence_kernels_equal_keras(library, kind, go_backwards, product, rng):
     """Outputs, final states and the gradients of all of them with respect to the inputs, the
-    initial states and every weight equal keras.layers with copied weights; batch 9 splits
-    unevenly over the threads."""
+    initial states and every weight equal keras.layers with copied weights, with each recurrent
+    product; batch 9 splits unevenly over the threads."""
     ours, theirs = _copied(kind, rng, go_backwards=go_backwards, return_state=True)
     x = tf.constant(rng.normal(size=(9, 7, 8)).astype("float32"))
     states = [tf.constant(rng.normal(size=(9, 6)).astype("float32"))
@@ -300,12 +323,13 @@ def test_sequence_kernels_equal_keras(library, kind, go_backwards, rng):
 
     used = _native_ops(call(ours), x)
     assert SEQUENCE_OPS[kind] in used and SEQUENCE_OPS[kind] + "Grad" in used
+    assert _products_in(call(ours), x) == {product}
     (outs, grads), (outs_ref, grads_ref) = tf.function(call(ours))(x), call(theirs)(x)
-    # float32 rounding, relative too: with ReLU the gradients reach ~1000
-    for y, y_ref in zip(outs, outs_ref, strict=True):
-        np.testing.assert_allclose(y.numpy(), y_ref.numpy(), atol=2e-6, rtol=1e-6)
-    for g, g_ref in zip(grads, grads_ref, strict=True):
-        np.testing.assert_allclose(g.numpy(), g_ref.numpy(), atol=3e-5, rtol=1e-6)
+    chain = rounding_chain(steps=7, batch=9, dim=8, units=6)  # float32 (tolerance.py)
+    for k, (y, y_ref) in enumerate(zip(outs, outs_ref, strict=True)):
+        assert_close(y, y_ref, chain, name=f"output {k}")
+    for k, (g, g_ref) in enumerate(zip(grads, grads_ref, strict=True)):
+        assert_close(g, g_ref, chain, name=f"gradient {k}")
 
 
 def _sequence_loss(library, kind, weights):
@@ -388,10 +412,10 @@ def test_sequence_kernels_reject_bad_shapes_naming_the_input(library):
 
 
 @pytest.mark.parametrize("kind", SEQUENCE_OPS)
-def test_sequence_kernels_equal_keras_at_a_larger_size(library, kind, rng):
-    """37 units: whole and partial 16-column panels of the float32 product (forward, 4·37 or
-    3·37 columns; backward, 37); batch 13: shards of 6 and 7 rows, so full six-row blocks and a
-    padded remainder."""
+def test_sequence_kernels_equal_keras_at_a_larger_size(library, kind, product, rng):
+    """37 units: whole and partial 16- and 32-column panels of the float32 product (forward,
+    4·37 or 3·37 columns; backward, 37); batch 13: shards of 6 and 7 rows, so full six-row blocks
+    and a padded remainder (and a short eight-row block)."""
     name, extra = _layer_kind(kind)
     ours = getattr(fr, name)(37, return_sequences=True, **extra)
     theirs = getattr(keras.layers, name)(37, return_sequences=True, **extra)
@@ -412,8 +436,10 @@ def test_sequence_kernels_equal_keras_at_a_larger_size(library, kind, rng):
         return fn
 
     assert SEQUENCE_OPS[kind] + "Grad" in _native_ops(call(ours), x)
-    for a, b in zip(tf.function(call(ours))(x), call(theirs)(x), strict=True):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=3e-5, rtol=1e-6)
+    assert _products_in(call(ours), x) == {product}
+    chain = rounding_chain(steps=5, batch=13, dim=8, units=37)  # float32 (tolerance.py)
+    for k, (a, b) in enumerate(zip(tf.function(call(ours))(x), call(theirs)(x), strict=True)):
+        assert_close(a, b, chain, name=f"output {k}" if k == 0 else f"gradient {k - 1}")
 
 
 def test_gradients_of_unused_sequence_outputs_are_not_materialised(library, rng):
