@@ -83,10 +83,15 @@ def test_kernel_gradients_equal_finite_differences(library, rng):
 
 
 def test_bad_shapes_name_the_input(library):
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"input 0 must have shape \[2, 12\]"):
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"KerasFancyrnnLstmGates: input z must have shape \[2, 12\]"):
         native.lstm_gates(tf.zeros((2, 13)), tf.zeros((2, 3)))
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"input 1 must have shape \[2, 9\]"):
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"KerasFancyrnnGruGates: input rec must have shape \[2, 9\]"):
         native.gru_gates(tf.zeros((2, 9)), tf.zeros((2, 6)), tf.zeros((2, 3)))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"input h_prev must have shape \[\?, \?\], got \[2,3,1\]"):
+        native.gru_gates(tf.zeros((2, 9)), tf.zeros((2, 9)), tf.zeros((2, 3, 1)))
 
 
 def _native_ops(fn, *args):

@@ -9,63 +9,26 @@
 #include <vector>
 
 #include "gate_math.h"
-
-#include "tensorflow/core/framework/op.h"
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/shape_inference.h"
+#include "kernel_util.h"
 
 namespace keras_fancyrnn {
 namespace {
 
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Tensor;
-using ::tensorflow::shape_inference::InferenceContext;
-
-// Output k of an op gets the shape of input i.
-absl::Status SameShapes(InferenceContext* ctx, std::initializer_list<std::pair<int, int>> pairs) {
-  for (const auto& p : pairs) ctx->set_output(p.first, ctx->input(p.second));
-  return absl::OkStatus();
-}
-
-template <typename T>
-const T* Ptr(OpKernelContext* ctx, int i) {
-  return ctx->input(i).template flat<T>().data();
-}
-
-template <typename T>
-T* NewOutput(OpKernelContext* ctx, int i, const tensorflow::TensorShape& shape) {
-  Tensor* out = nullptr;
-  auto status = ctx->allocate_output(i, shape, &out);
-  if (!status.ok()) {
-    ctx->SetStatus(status);
-    return nullptr;
-  }
-  return out->template flat<T>().data();
-}
-
-// What the four kernels share: input `state` ([batch, units], named `state_name`) fixes B and H,
-// the inputs in `widths` must be [B, k H]; then Run computes.
+// What the gate kernels share: input `state` ([batch, units]) fixes B and H, and each input i of
+// `widths` (i, k) must be [B, k H]; then Run computes.
 template <typename T>
 class GateKernel : public OpKernel {
  public:
-  GateKernel(OpKernelConstruction* ctx, int state, const char* state_name,
+  GateKernel(OpKernelConstruction* ctx, int state,
              std::initializer_list<std::pair<int, int>> widths)
-      : OpKernel(ctx), state_(state), state_name_(state_name), widths_(widths) {}
+      : OpKernel(ctx), state_(state), widths_(widths) {}
 
   void Compute(OpKernelContext* ctx) final {
-    const Tensor& s = ctx->input(state_);
-    OP_REQUIRES(ctx, s.dims() == 2,
-                absl::InvalidArgumentError(
-                    absl::StrCat(state_name_, " must be a [batch, units] matrix")));
-    const int64_t B = s.dim_size(0), H = s.dim_size(1);
+    Shapes shapes(ctx);
+    if (!shapes.Check(state_, {-1, -1})) return;
+    const int64_t B = ctx->input(state_).dim_size(0), H = ctx->input(state_).dim_size(1);
     for (const auto& w : widths_) {
-      const Tensor& t = ctx->input(w.first);
-      OP_REQUIRES(ctx, t.dims() == 2 && t.dim_size(0) == B && t.dim_size(1) == w.second * H,
-                  absl::InvalidArgumentError(absl::StrCat(
-                      "input ", w.first, " must have shape [", B, ", ", w.second * H, "], got ",
-                      t.shape().DebugString())));
+      if (!shapes.Check(w.first, {B, w.second * H})) return;
     }
     Run(ctx, B, H);
   }
@@ -75,7 +38,6 @@ class GateKernel : public OpKernel {
 
  private:
   const int state_;
-  const char* state_name_;
   const std::vector<std::pair<int, int>> widths_;
 };
 
@@ -91,13 +53,13 @@ template <typename T, bool kProbed>
 class LstmGates : public GateKernel<T> {
  public:
   explicit LstmGates(OpKernelConstruction* ctx)
-      : GateKernel<T>(ctx, 1, "c_prev", kProbed ? Widths{{0, 4}, {2, 1}} : Widths{{0, 4}}) {}
+      : GateKernel<T>(ctx, 1, kProbed ? Widths{{0, 4}, {2, 1}} : Widths{{0, 4}}) {}
 
  protected:
   void Run(OpKernelContext* ctx, int64_t B, int64_t H) override {
     const Tensor& c_prev = ctx->input(1);
-    T* h = NewOutput<T>(ctx, 0, c_prev.shape());
-    T* c = NewOutput<T>(ctx, 1, c_prev.shape());
+    T* h = Output<T>(ctx, 0, c_prev.shape());
+    T* c = Output<T>(ctx, 1, c_prev.shape());
     if (h == nullptr || c == nullptr) return;
     const T *z = Ptr<T>(ctx, 0), *cp = Ptr<T>(ctx, 1), *p = kProbed ? Ptr<T>(ctx, 2) : nullptr;
     for (int64_t b = 0; b < B; ++b) {
@@ -112,16 +74,16 @@ template <typename T, bool kProbed>
 class LstmGatesGrad : public GateKernel<T> {
  public:
   explicit LstmGatesGrad(OpKernelConstruction* ctx)
-      : GateKernel<T>(ctx, 3, "c_prev",
+      : GateKernel<T>(ctx, 3,
                       kProbed ? Widths{{0, 1}, {1, 1}, {2, 4}, {4, 1}}
                               : Widths{{0, 1}, {1, 1}, {2, 4}}) {}
 
  protected:
   void Run(OpKernelContext* ctx, int64_t B, int64_t H) override {
     const Tensor& c_prev = ctx->input(3);
-    T* dz = NewOutput<T>(ctx, 0, ctx->input(2).shape());
-    T* dcp = NewOutput<T>(ctx, 1, c_prev.shape());
-    T* dp = kProbed ? NewOutput<T>(ctx, 2, c_prev.shape()) : nullptr;
+    T* dz = Output<T>(ctx, 0, ctx->input(2).shape());
+    T* dcp = Output<T>(ctx, 1, c_prev.shape());
+    T* dp = kProbed ? Output<T>(ctx, 2, c_prev.shape()) : nullptr;
     if (dz == nullptr || dcp == nullptr || (kProbed && dp == nullptr)) return;
     const T *dh = Ptr<T>(ctx, 0), *dc = Ptr<T>(ctx, 1), *z = Ptr<T>(ctx, 2), *cp = Ptr<T>(ctx, 3);
     const T* p = kProbed ? Ptr<T>(ctx, 4) : nullptr;
@@ -142,12 +104,12 @@ template <typename T>
 class GruGates : public GateKernel<T> {
  public:
   explicit GruGates(OpKernelConstruction* ctx)
-      : GateKernel<T>(ctx, 2, "h_prev", {{0, 3}, {1, 3}}) {}
+      : GateKernel<T>(ctx, 2, {{0, 3}, {1, 3}}) {}
 
  protected:
   void Run(OpKernelContext* ctx, int64_t B, int64_t H) override {
     const Tensor& h_prev = ctx->input(2);
-    T* h = NewOutput<T>(ctx, 0, h_prev.shape());
+    T* h = Output<T>(ctx, 0, h_prev.shape());
     if (h == nullptr) return;
     const T *xp = Ptr<T>(ctx, 0), *rec = Ptr<T>(ctx, 1), *hp = Ptr<T>(ctx, 2);
     GruScratch<T> scratch(H);
@@ -163,14 +125,14 @@ template <typename T>
 class GruGatesGrad : public GateKernel<T> {
  public:
   explicit GruGatesGrad(OpKernelConstruction* ctx)
-      : GateKernel<T>(ctx, 3, "h_prev", {{0, 1}, {1, 3}, {2, 3}}) {}
+      : GateKernel<T>(ctx, 3, {{0, 1}, {1, 3}, {2, 3}}) {}
 
  protected:
   void Run(OpKernelContext* ctx, int64_t B, int64_t H) override {
     const Tensor& h_prev = ctx->input(3);
-    T* dxp = NewOutput<T>(ctx, 0, ctx->input(1).shape());
-    T* drec = NewOutput<T>(ctx, 1, ctx->input(2).shape());
-    T* dhp = NewOutput<T>(ctx, 2, h_prev.shape());
+    T* dxp = Output<T>(ctx, 0, ctx->input(1).shape());
+    T* drec = Output<T>(ctx, 1, ctx->input(2).shape());
+    T* dhp = Output<T>(ctx, 2, h_prev.shape());
     if (dxp == nullptr || drec == nullptr || dhp == nullptr) return;
     const T *dh = Ptr<T>(ctx, 0), *xp = Ptr<T>(ctx, 1), *rec = Ptr<T>(ctx, 2), *hp = Ptr<T>(ctx, 3);
     GruScratch<T> scratch(H);
@@ -180,6 +142,15 @@ class GruGatesGrad : public GateKernel<T> {
     }
   }
 };
+
+template <typename T>
+using LstmGatesPlain = LstmGates<T, false>;
+template <typename T>
+using LstmGatesProbed = LstmGates<T, true>;
+template <typename T>
+using LstmGatesGradPlain = LstmGatesGrad<T, false>;
+template <typename T>
+using LstmGatesGradProbed = LstmGatesGrad<T, true>;
 
 }  // namespace
 
@@ -221,18 +192,11 @@ REGISTER_OP("KerasFancyrnnGruGatesGrad")
     .Attr("T: {float, double}")
     .SetShapeFn(KFR_SHAPES({0, 1}, {1, 2}, {2, 3}));
 
-#define KFR_KERNEL(NAME, T, ...) \
-  REGISTER_KERNEL_BUILDER(         \
-      Name(NAME).Device(::tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), __VA_ARGS__);
-#define KFR_KERNELS(T)                                                        \
-  KFR_KERNEL("KerasFancyrnnLstmGates", T, LstmGates<T, false>)                \
-  KFR_KERNEL("KerasFancyrnnLstmGatesGrad", T, LstmGatesGrad<T, false>)        \
-  KFR_KERNEL("KerasFancyrnnLstmGatesProbed", T, LstmGates<T, true>)           \
-  KFR_KERNEL("KerasFancyrnnLstmGatesProbedGrad", T, LstmGatesGrad<T, true>)   \
-  KFR_KERNEL("KerasFancyrnnGruGates", T, GruGates<T>)                         \
-  KFR_KERNEL("KerasFancyrnnGruGatesGrad", T, GruGatesGrad<T>)
-
-KFR_KERNELS(float)
-KFR_KERNELS(double)
+KFR_REGISTER_KERNEL("KerasFancyrnnLstmGates", LstmGatesPlain)
+KFR_REGISTER_KERNEL("KerasFancyrnnLstmGatesGrad", LstmGatesGradPlain)
+KFR_REGISTER_KERNEL("KerasFancyrnnLstmGatesProbed", LstmGatesProbed)
+KFR_REGISTER_KERNEL("KerasFancyrnnLstmGatesProbedGrad", LstmGatesGradProbed)
+KFR_REGISTER_KERNEL("KerasFancyrnnGruGates", GruGates)
+KFR_REGISTER_KERNEL("KerasFancyrnnGruGatesGrad", GruGatesGrad)
 
 }  // namespace keras_fancyrnn

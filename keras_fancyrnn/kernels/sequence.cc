@@ -17,24 +17,11 @@
 #include <vector>
 
 #include "gate_math.h"
+#include "kernel_util.h"
 #include "small_gemm.h"
-#include "tensorflow/core/framework/op.h"
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/shape_inference.h"
-#include "tensorflow/core/platform/threadpool.h"
 
 namespace keras_fancyrnn {
 namespace {
-
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Tensor;
-using ::tensorflow::TensorShape;
-using ::tensorflow::shape_inference::InferenceContext;
-
-// Fewer rows than this per shard cost more in scheduling than they gain.
-constexpr int64_t kMinRowsPerShard = 4;
 
 // A [w] vector as a row, to add to every row of a matrix (a bias).
 template <typename T>
@@ -44,29 +31,6 @@ using RowIn = Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>;
 template <typename T>
 inline T* At(T* p, int64_t t, int64_t B, int64_t b, int64_t w) {
   return p + (t * B + b) * w;
-}
-
-// How many row shards ForEachShard splits a batch of B rows into: one per thread of the intra-op
-// pool, with at least kMinRowsPerShard rows each.
-int64_t NumShards(OpKernelContext* ctx, int64_t B) {
-  auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-  return std::max<int64_t>(1, std::min<int64_t>(pool->NumThreads(), B / kMinRowsPerShard));
-}
-
-// Runs fn(lo, hi, s) for shard s = 0 .. NumShards - 1 with rows [lo, hi) of [0, B), one shard
-// per thread of the intra-op pool.
-template <typename F>
-void ForEachShard(OpKernelContext* ctx, int64_t B, const F& fn) {
-  const int64_t shards = NumShards(ctx, B);
-  if (shards == 1) {
-    fn(int64_t{0}, B, int64_t{0});
-    return;
-  }
-  // A cost per unit this large makes ParallelFor give every shard its own thread.
-  ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
-      shards, int64_t{1} << 40, [&](int64_t first, int64_t last) {
-        for (int64_t s = first; s < last; ++s) fn(B * s / shards, B * (s + 1) / shards, s);
-      });
 }
 
 // The column sums of every row a gradient kernel writes into one of its [T, B, w] outputs: the
@@ -100,42 +64,6 @@ class ColumnSums {
  private:
   const int64_t width_;
   std::vector<double> sums_;
-};
-
-// The shape checks every kernel starts with. Dimension -1 matches anything.
-class Shapes {
- public:
-  Shapes(OpKernelContext* ctx, std::vector<const char*> names) : ctx_(ctx), names_(names) {}
-
-  bool Check(int i, std::initializer_list<int64_t> dims) {
-    const Tensor& t = ctx_->input(i);
-    bool ok = t.dims() == static_cast<int>(dims.size());
-    int k = 0;
-    for (int64_t d : dims) {
-      ok = ok && (d < 0 || t.dim_size(k) == d);
-      ++k;
-    }
-    if (!ok) {
-      std::string want;
-      for (int64_t d : dims) {
-        absl::StrAppend(&want, want.empty() ? "" : ", ", d < 0 ? "?" : absl::StrCat(d));
-      }
-      ctx_->CtxFailure(absl::InvalidArgumentError(absl::StrCat(
-          ctx_->op_kernel().type_string(), ": input ", names_[i], " must have shape [", want,
-          "], got ",
-          t.shape().DebugString())));
-    }
-    return ok;
-  }
-
-  // An optional gradient input: empty (absent) or of the given shape.
-  bool CheckOptional(int i, std::initializer_list<int64_t> dims) {
-    return ctx_->input(i).NumElements() == 0 || Check(i, dims);
-  }
-
- private:
-  OpKernelContext* ctx_;
-  std::vector<const char*> names_;
 };
 
 // The products this build can run, widest first, comma-separated.
@@ -178,30 +106,6 @@ class SequenceOp : public OpKernel {
   const Product product_;
 };
 
-template <typename T>
-const T* Ptr(OpKernelContext* ctx, int i) {
-  return ctx->input(i).template flat<T>().data();
-}
-
-template <typename T>
-const T* OptionalPtr(OpKernelContext* ctx, int i) {
-  return ctx->input(i).NumElements() == 0 ? nullptr : Ptr<T>(ctx, i);
-}
-
-// Output i (in input `reuse`'s buffer where TensorFlow allows). Null for an empty output, and
-// where allocation failed, which ctx->status() then says.
-template <typename T>
-T* Output(OpKernelContext* ctx, int i, const TensorShape& shape, int reuse = -1) {
-  Tensor* out = nullptr;
-  auto status = reuse < 0 ? ctx->allocate_output(i, shape, &out)
-                          : ctx->forward_input_or_allocate_output({reuse}, i, shape, &out);
-  if (!status.ok()) {
-    ctx->SetStatus(status);
-    return nullptr;
-  }
-  return out->template flat<T>().data();
-}
-
 // The state before step t: the initial state at t = 0, else the sequence's step t - 1.
 template <typename T>
 inline const T* Prev(const T* seq, const T* initial, int64_t t, int64_t B, int64_t b, int64_t w) {
@@ -237,7 +141,7 @@ class LstmSequence : public SequenceOp {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& h0 = ctx->input(1);
-    Shapes shapes(ctx, {"xp", "h0", "c0", "u", "b"});
+    Shapes shapes(ctx);
     if (!shapes.Check(1, {-1, -1})) return;
     const int64_t B = h0.dim_size(0), H = h0.dim_size(1);
     if (!shapes.Check(0, {-1, B, 4 * H}) || !shapes.Check(2, {B, H}) ||
@@ -281,7 +185,7 @@ class LstmSequenceGrad : public SequenceOp {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& c0 = ctx->input(5);
-    Shapes shapes(ctx, {"dh", "dc", "dz_in", "z", "c", "c0", "u", "dh_last", "dc_last"});
+    Shapes shapes(ctx);
     if (!shapes.Check(5, {-1, -1})) return;
     const int64_t B = c0.dim_size(0), H = c0.dim_size(1), S = ctx->input(3).dim_size(0);
     if (!shapes.Check(3, {-1, B, 4 * H}) || !shapes.CheckOptional(0, {S, B, H}) ||
@@ -342,7 +246,7 @@ class GruSequence : public SequenceOp {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& h0 = ctx->input(1);
-    Shapes shapes(ctx, {"xp", "h0", "u", "b_rec", "b_in"});
+    Shapes shapes(ctx);
     if (!shapes.Check(1, {-1, -1})) return;
     const int64_t B = h0.dim_size(0), H = h0.dim_size(1);
     if (!shapes.Check(0, {-1, B, 3 * H}) || !shapes.Check(2, {H, 3 * H}) ||
@@ -385,7 +289,7 @@ class GruSequenceGrad : public SequenceOp {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& h0 = ctx->input(5);
-    Shapes shapes(ctx, {"dh", "drec_in", "xp", "rec", "h", "h0", "u", "dh_last", "b_in"});
+    Shapes shapes(ctx);
     if (!shapes.Check(5, {-1, -1})) return;
     const int64_t B = h0.dim_size(0), H = h0.dim_size(1), S = ctx->input(2).dim_size(0);
     if (!shapes.Check(2, {-1, B, 3 * H}) || !shapes.CheckOptional(0, {S, B, H}) ||
@@ -449,7 +353,7 @@ class GruBeforeSequence : public SequenceOp {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& h0 = ctx->input(1);
-    Shapes shapes(ctx, {"xp", "h0", "u", "b"});
+    Shapes shapes(ctx);
     if (!shapes.Check(1, {-1, -1})) return;
     const int64_t B = h0.dim_size(0), H = h0.dim_size(1);
     if (!shapes.Check(0, {-1, B, 3 * H}) || !shapes.Check(2, {H, 3 * H}) ||
@@ -502,8 +406,7 @@ class GruBeforeSequenceGrad : public SequenceOp {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& h0 = ctx->input(6);
-    Shapes shapes(ctx,
-                  {"dh", "drec_in", "drh_in", "xp", "rec", "h", "h0", "u", "dh_last", "b"});
+    Shapes shapes(ctx);
     if (!shapes.Check(6, {-1, -1})) return;
     const int64_t B = h0.dim_size(0), H = h0.dim_size(1), S = ctx->input(3).dim_size(0);
     if (!shapes.Check(3, {-1, B, 3 * H}) || !shapes.CheckOptional(0, {S, B, H}) ||
@@ -580,7 +483,7 @@ class RnnSequence : public SequenceOp {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& h0 = ctx->input(1);
-    Shapes shapes(ctx, {"xp", "h0", "u", "b"});
+    Shapes shapes(ctx);
     if (!shapes.Check(1, {-1, -1})) return;
     const int64_t B = h0.dim_size(0), H = h0.dim_size(1);
     if (!shapes.Check(0, {-1, B, H}) || !shapes.Check(2, {H, H}) || !shapes.Check(3, {H})) return;
@@ -623,7 +526,7 @@ class RnnSequenceGrad : public SequenceOp {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& h0 = ctx->input(2);
-    Shapes shapes(ctx, {"dh", "h", "h0", "u", "dh_last"});
+    Shapes shapes(ctx);
     if (!shapes.Check(2, {-1, -1})) return;
     const int64_t B = h0.dim_size(0), H = h0.dim_size(1), S = ctx->input(1).dim_size(0);
     if (!shapes.Check(1, {-1, B, H}) || !shapes.CheckOptional(0, {S, B, H}) ||
@@ -759,19 +662,6 @@ REGISTER_OP("KerasFancyrnnRnnSequenceGrad")
       return SequenceShapes(c, 1, 2, {}, {{0, 1}, {1, 2}}, {{2, 1}});
     });
 
-#define KFR_SEQUENCE_KERNEL(NAME, T, ...) \
-  REGISTER_KERNEL_BUILDER(                \
-      Name(NAME).Device(::tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), __VA_ARGS__);
-#define KFR_SEQUENCE_KERNELS(T)                                                 \
-  KFR_SEQUENCE_KERNEL("KerasFancyrnnLstmSequence", T, LstmSequence<T>)          \
-  KFR_SEQUENCE_KERNEL("KerasFancyrnnLstmSequenceGrad", T, LstmSequenceGrad<T>)  \
-  KFR_SEQUENCE_KERNEL("KerasFancyrnnGruSequence", T, GruSequence<T>)            \
-  KFR_SEQUENCE_KERNEL("KerasFancyrnnGruSequenceGrad", T, GruSequenceGrad<T>)    \
-  KFR_SEQUENCE_KERNEL("KerasFancyrnnGruBeforeSequence", T, GruBeforeSequence<T>) \
-  KFR_SEQUENCE_KERNEL("KerasFancyrnnGruBeforeSequenceGrad", T, GruBeforeSequenceGrad<T>) \
-  KFR_SEQUENCE_KERNEL("KerasFancyrnnRnnSequence", T, RnnSequence<T>)            \
-  KFR_SEQUENCE_KERNEL("KerasFancyrnnRnnSequenceGrad", T, RnnSequenceGrad<T>)
-
 // The recurrent products this build can run, widest first (keras_fancyrnn.native.products).
 REGISTER_OP("KerasFancyrnnProducts").Output("names: string").SetShapeFn([](InferenceContext* c) {
   c->set_output(0, c->Scalar());
@@ -790,7 +680,13 @@ class Products : public OpKernel {
 
 REGISTER_KERNEL_BUILDER(Name("KerasFancyrnnProducts").Device(::tensorflow::DEVICE_CPU), Products);
 
-KFR_SEQUENCE_KERNELS(float)
-KFR_SEQUENCE_KERNELS(double)
+KFR_REGISTER_KERNEL("KerasFancyrnnLstmSequence", LstmSequence)
+KFR_REGISTER_KERNEL("KerasFancyrnnLstmSequenceGrad", LstmSequenceGrad)
+KFR_REGISTER_KERNEL("KerasFancyrnnGruSequence", GruSequence)
+KFR_REGISTER_KERNEL("KerasFancyrnnGruSequenceGrad", GruSequenceGrad)
+KFR_REGISTER_KERNEL("KerasFancyrnnGruBeforeSequence", GruBeforeSequence)
+KFR_REGISTER_KERNEL("KerasFancyrnnGruBeforeSequenceGrad", GruBeforeSequenceGrad)
+KFR_REGISTER_KERNEL("KerasFancyrnnRnnSequence", RnnSequence)
+KFR_REGISTER_KERNEL("KerasFancyrnnRnnSequenceGrad", RnnSequenceGrad)
 
 }  // namespace keras_fancyrnn
