@@ -123,7 +123,8 @@ def serve_elsewhere(path: str, x: np.ndarray, names: list[str], workdir: str) ->
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # TensorFlow's export INFO lines
-    out = FLAGS.out or tempfile.mkdtemp(prefix="fr_export_")
+    # Absolute: the serving process runs in `out`, where a relative path would point elsewhere.
+    out = os.path.abspath(FLAGS.out or tempfile.mkdtemp(prefix="fr_export_"))
     os.makedirs(out, exist_ok=True)
     keras.utils.set_random_seed(FLAGS.seed)
     rng = np.random.default_rng(FLAGS.seed)
