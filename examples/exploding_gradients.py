@@ -116,6 +116,7 @@ def train(name: str, optimizer: ClippingOptimizer, data: dict) -> dict:
     return {
         "first_nonfinite_grad_norm_step": recorder.first_nonfinite_grad_norm,
         "first_nonfinite_loss_step": recorder.first_nonfinite_loss,
+        "steps": recorder.seen,
         "name": name,
         "seconds": round(seconds, 2),
         "test_mse": test_mse,
@@ -124,6 +125,19 @@ def train(name: str, optimizer: ClippingOptimizer, data: dict) -> dict:
         "epochs": {k: [float(v) for v in vs] for k, vs in history.history.items()},
         "final_stats": stats,
     }
+
+
+def nonfinite_report(run: dict) -> str:
+    """The step at which a run's gradient norm and loss first became non-finite, or that they
+    never did (the first-step fields are None then: a mild --gain, a short --length or few steps
+    do not make plain SGD diverge)."""
+    steps = run["steps"]
+    first = {"gradient norm": run["first_nonfinite_grad_norm_step"],
+             "loss": run["first_nonfinite_loss_step"]}
+    if all(step is None for step in first.values()):
+        return f"no non-finite gradient norm or loss in {steps} steps"
+    return ", ".join(f"first non-finite {what} at step {step} of {steps}" if step is not None
+                     else f"{what} finite in all {steps} steps" for what, step in first.items())
 
 
 def fmt(v: float) -> str:
@@ -166,9 +180,7 @@ def markdown(summary: dict) -> str:
         )
     lines += [
         "",
-        f"Plain SGD: first non-finite gradient norm at step "
-        f"{plain['first_nonfinite_grad_norm_step']}, first non-finite loss at step "
-        f"{plain['first_nonfinite_loss_step']}. Clipped: "
+        f"Plain SGD: {nonfinite_report(plain)}. Clipped: "
         f"{clipped['final_stats']['clipped_steps']} of {clipped['final_stats']['applied_steps']} "
         f"steps clipped, {clipped['final_stats']['skipped_steps']} skipped.",
         "",

@@ -239,13 +239,30 @@ def test_char_rnn_falls_back_to_the_builtin_text_offline(tmp_path):
 
 def test_exploding_gradients(tmp_path):
     out = tmp_path / "exploding"
-    run_example(
+    # Too short and small for plain SGD to diverge: the summary must say so, not "step None".
+    stdout = run_example(
         "exploding_gradients", f"--out={out}", "--seq_len=10", "--units=8", "--epochs=2",
         "--num_train=64", "--num_test=32", "--batch_size=16",
     )
     summary = json.loads((out / "summary.json").read_text())
     assert {"plain", "clipped"} <= set(summary)
-    assert (out / "summary.md").stat().st_size > 0
+    assert summary["plain"]["steps"] == summary["clipped"]["steps"] == 2 * 64 // 16
+    text = (out / "summary.md").read_text()
+    for printed in (text, stdout):
+        assert "None" not in printed
+        assert "Plain SGD: no non-finite gradient norm or loss in 8 steps." in printed
+
+
+def test_exploding_gradients_nonfinite_report():
+    eg, _ = load_example("exploding_gradients")
+    run = {"steps": 64, "first_nonfinite_grad_norm_step": None, "first_nonfinite_loss_step": None}
+    assert eg.nonfinite_report(run) == "no non-finite gradient norm or loss in 64 steps"
+    run |= {"first_nonfinite_grad_norm_step": 32, "first_nonfinite_loss_step": 29}
+    assert eg.nonfinite_report(run) == ("first non-finite gradient norm at step 32 of 64, "
+                                        "first non-finite loss at step 29 of 64")
+    run["first_nonfinite_grad_norm_step"] = None
+    assert eg.nonfinite_report(run) == ("gradient norm finite in all 64 steps, "
+                                        "first non-finite loss at step 29 of 64")
 
 
 def test_bidirectional_stacked(tmp_path):
