@@ -36,7 +36,9 @@ import os
 import time
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import _cli
+
+_cli.quiet_startup()  # before TensorFlow loads
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -271,16 +273,19 @@ def sweep(config: Config) -> list[dict[str, Any]]:
     """Runs every setting (lengths outermost, so each data set is generated once); writes the
     results after each one; returns the rows."""
     rows: list[dict[str, Any]] = []
+    progress = _cli.Progress(len(config.lengths) * len(config.cells) * len(config.clipping))
     for length in config.lengths:
         data = load_data(length, config)
         for cell in config.cells:
             for clipping in config.clipping:
+                label = f"{cell} T={length} clip={clipping}"
+                progress.start(label)
                 row = run_setting(cell, length, clipping, data, config)
                 rows.append(row)
                 verdict = f"solved at step {row['solved_step']}" if row["solved"] else (
                     f"not solved ({row['stopped_by']})")
-                print(f"{cell} T={length} clip={clipping}: {verdict}, final test MSE "
-                      f"{row['final_test_mse']:.4f}, {row['seconds']} s", flush=True)
+                progress.finish(f"{label}: {verdict}, final test MSE "
+                                f"{row['final_test_mse']:.4f}, {row['seconds']} s")
                 write_results(rows, config)
     print()
     print(markdown_table(rows, config))

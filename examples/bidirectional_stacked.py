@@ -19,11 +19,15 @@ import json
 import os
 import time
 
-import keras
-import numpy as np
-from absl import app, flags
+import _cli
 
-import keras_fancyrnn as fr
+_cli.quiet_startup()  # before TensorFlow loads
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+import keras_fancyrnn as fr  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Folder for loss_curve.csv and summary.json (none: print only).")
@@ -86,7 +90,9 @@ def main(argv):
     variants = [("bidirectional", True)]
     if FLAGS.compare_unidirectional:
         variants.append(("unidirectional", False))
+    progress = _cli.Progress(len(variants))
     for name, bidirectional in variants:
+        progress.start(f"training the {name} stack")
         keras.utils.set_random_seed(FLAGS.seed)
         model = build_model(bidirectional)
         start = time.perf_counter()
@@ -103,8 +109,8 @@ def main(argv):
             "params": model.count_params(),
             "seconds": seconds,
         }
-        print(f"{name:>14} final val MSE {val[-1]:.4f} = {val[-1] / baseline:.1%} of baseline "
-              f"({model.count_params()} params, {seconds:.1f} s)")
+        progress.finish(f"{name} final val MSE {val[-1]:.4f} = {val[-1] / baseline:.1%} of "
+                        f"baseline ({model.count_params()} params, {seconds:.1f} s)")
 
     if FLAGS.out:
         os.makedirs(FLAGS.out, exist_ok=True)

@@ -39,7 +39,9 @@ import os
 import time
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import _cli
+
+_cli.quiet_startup()  # before TensorFlow loads
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -309,12 +311,16 @@ def build_model(vocab_size: int, config: Config) -> keras.Model:
 
 
 class EvalLog(keras.callbacks.Callback):
-    """Prints and keeps ``(step, train loss, validation loss, validation perplexity)``."""
+    """Prints and keeps ``(step, train loss, validation loss, validation perplexity)``, with the
+    evaluations done out of all and the time left."""
 
     def __init__(self, eval_every: int):
         super().__init__()
         self.eval_every = eval_every
         self.rows: list[dict[str, float]] = []
+
+    def on_train_begin(self, logs=None):
+        self.progress = _cli.Progress(self.params["epochs"])  # an epoch ends in an evaluation
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -322,8 +328,8 @@ class EvalLog(keras.callbacks.Callback):
         row = {"step": (epoch + 1) * self.eval_every, "train_loss": float(logs["loss"]),
                "val_loss": val, "val_perplexity": math.exp(val) if val < 50 else math.inf}
         self.rows.append(row)
-        print(f"  step {row['step']:5d}  train loss {row['train_loss']:.3f}  val loss "
-              f"{val:.3f}  val perplexity {row['val_perplexity']:.2f}", flush=True)
+        self.progress.finish(f"step {row['step']:5d}  train loss {row['train_loss']:.3f}  val "
+                             f"loss {val:.3f}  val perplexity {row['val_perplexity']:.2f}")
 
 
 def sample(model: keras.Model, vocabulary: frd.CharVocabulary, prime: np.ndarray, length: int,

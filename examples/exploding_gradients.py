@@ -28,12 +28,13 @@ import math
 import os
 import time
 
-from absl import app, flags
+import _cli
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_cli.quiet_startup()  # before TensorFlow loads
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from keras_fancyrnn.optimizers import METHODS, ClippingOptimizer, ClippingStats  # noqa: E402
 from keras_fancyrnn.reporting import json_safe  # noqa: E402
@@ -95,7 +96,8 @@ class StepRecorder(keras.callbacks.Callback):
             self.first_nonfinite_loss = self.seen
 
 
-def train(name: str, optimizer: ClippingOptimizer, data: dict) -> dict:
+def train(name: str, optimizer: ClippingOptimizer, data: dict, progress: _cli.Progress) -> dict:
+    progress.start(f"training with {name} ({FLAGS.epochs} epochs)")
     model = make_model(FLAGS.seq_len, FLAGS.units, FLAGS.gain, FLAGS.seed)
     model.compile(optimizer, "mse", jit_compile=FLAGS.jit_compile)
     recorder = StepRecorder(FLAGS.show_steps)
@@ -112,7 +114,8 @@ def train(name: str, optimizer: ClippingOptimizer, data: dict) -> dict:
     test_mse = float(model.evaluate(data["x_test"], data["y_test"], verbose=0))
     weights_finite = all(np.all(np.isfinite(w)) for w in model.get_weights())
     stats = optimizer.stats()
-    print(f"{name}: {seconds:.1f} s, test MSE {test_mse:.4g}, weights finite: {weights_finite}")
+    progress.finish(f"{name}: {seconds:.1f} s, test MSE {test_mse:.4g}, weights finite: "
+                    f"{weights_finite}")
     return {
         "first_nonfinite_grad_norm_step": recorder.first_nonfinite_grad_norm,
         "first_nonfinite_loss_step": recorder.first_nonfinite_loss,
@@ -205,17 +208,19 @@ def main(argv: list[str]) -> None:
     initial_norm = probe_opt.stats()["grad_norm"]
     print(f"baseline test MSE {baseline:.4g}; gradient norm at initialisation {initial_norm:.4g}")
 
+    progress = _cli.Progress(2)  # the plain and the clipped run
     plain = train(
         "plain SGD",
         ClippingOptimizer(
             keras.optimizers.SGD(FLAGS.learning_rate), threshold=1e38, skip_nonfinite=False
         ),
         data,
+        progress,
     )
     clipping = ClippingOptimizer(
         keras.optimizers.SGD(FLAGS.learning_rate), method=FLAGS.method, threshold=FLAGS.threshold
     )
-    clipped = train(f"ClippingOptimizer({FLAGS.method})", clipping, data)
+    clipped = train(f"ClippingOptimizer({FLAGS.method})", clipping, data, progress)
     clipped["threshold"] = clipping.threshold
 
     summary = {

@@ -25,7 +25,9 @@ import sys
 import tempfile
 import textwrap
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import _cli
+
+_cli.quiet_startup()  # before TensorFlow loads
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -115,8 +117,14 @@ def serve_elsewhere(path: str, x: np.ndarray, names: list[str], workdir: str) ->
     inputs, outputs = os.path.join(workdir, "inputs.npz"), os.path.join(workdir, "outputs.npz")
     np.savez(inputs, x=x)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, "-I", script, path, inputs, outputs, json.dumps(names)],
-                   cwd=workdir, env=env, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-I", script, path, inputs, outputs, json.dumps(names)], cwd=workdir,
+        env=env, stderr=subprocess.PIPE, text=True,
+    )
+    sys.stderr.write(_cli.drop_startup_noise(proc.stderr))  # its TensorFlow starts up too
+    if proc.returncode != 0:
+        raise SystemExit(f"the serving process ({script}) exited with {proc.returncode}; its "
+                         "error is above")
     return np.load(outputs)["y"]
 
 

@@ -48,7 +48,9 @@ import os
 import time
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import _cli
+
+_cli.quiet_startup()  # before TensorFlow loads
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -281,9 +283,13 @@ def run(config: Config) -> dict[str, Any]:
           f"{len(data['x_test'])} test sequences; baseline test MSE {baseline:.4f}")
     results: dict[str, Any] = {"config": dataclasses.asdict(config), "baseline_mse": baseline,
                                "models": {}}
+    progress = _cli.Progress(len(config.models))
     for cell in config.models:
-        print(f"training {CELLS[cell][0]} ({config.steps} steps)", flush=True)
+        progress.start(f"training {CELLS[cell][0]} ({config.steps} steps)")
         results["models"][cell] = train_model(cell, data, config)
+        row = results["models"][cell]["row"]
+        progress.finish(f"{row['model']}: final test MSE {row['final_test_mse']:.4f}, "
+                        f"{row['seconds']} s")
     results["rows"] = [results["models"][c]["row"] for c in config.models]
     results["seconds"] = round(time.perf_counter() - start, 1)
     write_report(results, config.out)

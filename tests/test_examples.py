@@ -10,7 +10,9 @@ Examples not in the tree yet (the export example is written separately) are skip
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -80,6 +82,23 @@ def _event_files(directory: str) -> list[str]:
 # Loading examples in-process, and --help
 # ------------------------------------------------------------------------------------------------
 _LOADED: dict[str, object] = {}
+# TensorFlow's start-up lines that the examples must not show (tests/test_examples.py checks
+# stderr for them without TF_CPP_MIN_LOG_LEVEL set)
+TF_STARTUP_NOISE = ("oneDNN custom operations", "cpu_feature_guard",
+                    "This TensorFlow binary is optimized", "absl::InitializeLog")
+
+
+def _examples_on_path() -> None:
+    """What ``python examples/<name>.py`` does for the example: its folder on ``sys.path``, so
+    that the shared ``examples/_cli.py`` imports."""
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)
+
+
+def cli_module():
+    """The examples' shared module ``examples/_cli.py``."""
+    _examples_on_path()
+    return importlib.import_module("_cli")
 
 
 def load_example(name: str):
@@ -94,6 +113,7 @@ def load_example(name: str):
     spec = importlib.util.spec_from_file_location(module_name, _require(name))
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
+    _examples_on_path()
     before = set(flags.FLAGS)
     spec.loader.exec_module(module)
     defined = {n: flags.FLAGS[n].help for n in set(flags.FLAGS) - before}
@@ -112,13 +132,96 @@ def test_example_defines_its_flags_with_help(name):
     assert (module.__doc__ or "").strip(), "the module docstring is the --help headline"
 
 
-def test_help_on_the_command_line():
-    """The real ``--help`` of the main job (absl prints it and exits with 1)."""
+def test_help_on_the_command_line_without_startup_noise():
+    """The real ``--help`` of the main job (absl prints it and exits with 1), run as a user runs
+    it: without TF_CPP_MIN_LOG_LEVEL, TensorFlow's start-up lines must not reach stderr."""
+    env = _env()
+    del env["TF_CPP_MIN_LOG_LEVEL"]
     proc = subprocess.run([sys.executable, _path("vanishing_gradients"), "--help"], cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
     for flag in ("--out", "--length", "--models", "--steps", "--clip_method"):
         assert flag in proc.stdout, proc.stdout[-2000:]
+    for noise in TF_STARTUP_NOISE:
+        assert noise not in proc.stderr, proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# The shared module: quiet start-up, progress lines
+# ------------------------------------------------------------------------------------------------
+# What TensorFlow 2.21 writes to stderr while it is imported, with a line of our own around it
+IMPORT_STDERR = """\
+WARNING: All log messages before absl::InitializeLog() is called are written to STDERR
+I0000 00:00:1796425725.579679    3151 port.cc:153] oneDNN custom operations are on. You may see \
+slightly different numerical results due to floating-point round-off errors.
+I0000 00:00:1796425725.657648    3151 cpu_feature_guard.cc:227] This TensorFlow binary is \
+optimized to use available CPU instructions in performance-critical operations.
+To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow with the \
+appropriate compiler flags.
+W0000 00:00:1796425725.700000    3151 some_op.cc:12] a TensorFlow warning
+E0000 00:00:1796425725.800000    3151 util.cc:131] a TensorFlow error
+something.py:3: UserWarning: a Python warning
+"""
+
+
+def test_drop_startup_noise_follows_tf_cpp_min_log_level():
+    cli = cli_module()
+    lines = IMPORT_STDERR.splitlines(keepends=True)
+    assert cli.drop_startup_noise(IMPORT_STDERR, 0) == IMPORT_STDERR
+    assert cli.drop_startup_noise(IMPORT_STDERR, 1) == "".join(lines[-3:])
+    assert cli.drop_startup_noise(IMPORT_STDERR, 2) == "".join(lines[-2:])
+    assert cli.drop_startup_noise(IMPORT_STDERR, 3) == lines[-1]
+
+
+def test_format_duration():
+    cli = cli_module()
+    cases = {-1: "0s", 0: "0s", 59.4: "59s", 59.6: "1m00s", 65: "1m05s", 3599: "59m59s",
+             3600: "1h00m", 7620: "2h07m", 100 * 3600: "100h00m"}
+    assert {s: cli.format_duration(s) for s in cases} == cases
+
+
+def test_progress_reports_k_of_n_elapsed_and_time_left():
+    cli = cli_module()
+    now = [1000.0]
+    out = io.StringIO()
+    progress = cli.Progress(4, clock=lambda: now[0], stream=out)
+    lines = [progress.start("first")]
+    now[0] += 30
+    lines += [progress.finish("first: solved"), progress.start("second")]
+    now[0] += 90  # two units done in 120 s: 60 s each, two left
+    lines.append(progress.finish("second"))
+    lines.append(progress.finish("third"))  # 2m00s over 3 units: 40 s for the last one
+    now[0] += 3600
+    lines.append(progress.finish("fourth"))
+    assert lines == [
+        "[1/4] first (elapsed 0s)",
+        "[1/4] first: solved (elapsed 30s, about 1m30s left)",
+        "[2/4] second (elapsed 30s, about 1m30s left)",
+        "[2/4] second (elapsed 2m00s, about 2m00s left)",
+        "[3/4] third (elapsed 2m00s, about 40s left)",
+        "[4/4] fourth (elapsed 1h02m, done)",
+    ]
+    assert out.getvalue() == "".join(line + "\n" for line in lines), "printed as returned"
+    with pytest.raises(ValueError, match="already done"):
+        progress.finish("fifth")
+    with pytest.raises(ValueError, match="none is left to start"):
+        progress.start("fifth")
+    with pytest.raises(ValueError, match="total must be a positive integer"):
+        cli.Progress(0)
+
+
+def test_progress_start_alone_counts_the_previous_unit_done():
+    """Loops that only announce each unit: starting the next one ends the last."""
+    cli = cli_module()
+    now = [0.0]
+    progress = cli.Progress(3, clock=lambda: now[0], stream=io.StringIO())
+    lines = [progress.start("a")]
+    now[0] = 10
+    lines.append(progress.start("b"))
+    now[0] = 30
+    lines += [progress.start("c"), progress.finish("c")]
+    assert lines == ["[1/3] a (elapsed 0s)", "[2/3] b (elapsed 10s, about 20s left)",
+                     "[3/3] c (elapsed 30s, about 15s left)", "[3/3] c (elapsed 30s, done)"]
 
 
 # ------------------------------------------------------------------------------------------------
