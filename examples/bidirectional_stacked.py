@@ -34,9 +34,9 @@ flags.DEFINE_string("out", None, "Folder for loss_curve.csv and summary.json (no
 flags.DEFINE_enum("cell", "lstm", ["lstm", "gru", "simple_rnn"], "Recurrent layer type.")
 flags.DEFINE_integer("layers", 3, "Number of stacked bidirectional layers.", lower_bound=1)
 flags.DEFINE_integer("units", 8, "Units per direction.", lower_bound=1)
-flags.DEFINE_integer("steps", 8, "Sequence length T.", lower_bound=2)
-flags.DEFINE_integer("train_size", 512, "Training sequences.", lower_bound=1)
-flags.DEFINE_integer("val_size", 256, "Validation sequences.", lower_bound=1)
+flags.DEFINE_integer("length", 8, "Sequence length T.", lower_bound=2)
+flags.DEFINE_integer("num_train", 512, "Training sequences.", lower_bound=1)
+flags.DEFINE_integer("num_val", 256, "Validation sequences.", lower_bound=1)
 flags.DEFINE_integer("epochs", 8, "Training epochs.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 32, "Batch size.", lower_bound=1)
 flags.DEFINE_float("learning_rate", 0.02, "Adam learning rate.")
@@ -49,9 +49,9 @@ flags.DEFINE_integer("seed", 0, "Random seed (data and weights).")
 LAYERS = {"lstm": fr.LSTM, "gru": fr.GRU, "simple_rnn": fr.SimpleRNN}
 
 
-def neighbour_sum(n: int, steps: int, rng: np.random.Generator):
-    """``x`` ``(n, steps, 1)`` uniform in [-1, 1); ``y_t = x_{t-1} + x_{t+1}``."""
-    x = rng.uniform(-1, 1, size=(n, steps, 1)).astype("float32")
+def neighbour_sum(n: int, length: int, rng: np.random.Generator):
+    """``x`` ``(n, length, 1)`` uniform in [-1, 1); ``y_t = x_{t-1} + x_{t+1}``."""
+    x = rng.uniform(-1, 1, size=(n, length, 1)).astype("float32")
     padded = np.pad(x, ((0, 0), (1, 1), (0, 0)))
     return x, padded[:, :-2] + padded[:, 2:]
 
@@ -67,7 +67,7 @@ def build_model(bidirectional: bool) -> keras.Model:
         for _ in range(FLAGS.layers)
     ]
     model = keras.Sequential([
-        keras.Input((FLAGS.steps, 1)),
+        keras.Input((FLAGS.length, 1)),
         fr.StackedRNN(layers, dropout=FLAGS.dropout, residual=FLAGS.residual, seed=FLAGS.seed),
         keras.layers.Dense(1),
     ])
@@ -78,12 +78,12 @@ def build_model(bidirectional: bool) -> keras.Model:
 def main(argv):
     del argv
     rng = np.random.default_rng(FLAGS.seed)
-    x, y = neighbour_sum(FLAGS.train_size, FLAGS.steps, rng)
-    x_val, y_val = neighbour_sum(FLAGS.val_size, FLAGS.steps, rng)
+    x, y = neighbour_sum(FLAGS.num_train, FLAGS.length, rng)
+    x_val, y_val = neighbour_sum(FLAGS.num_val, FLAGS.length, rng)
     baseline = float(np.mean((y_val - y.mean()) ** 2))
     print(f"baseline (predict the mean) val MSE: {baseline:.4f}")
 
-    ours = ("cell", "layers", "units", "steps", "train_size", "val_size", "epochs", "batch_size",
+    ours = ("cell", "layers", "units", "length", "num_train", "num_val", "epochs", "batch_size",
             "learning_rate", "dropout", "residual", "seed")
     rows = []
     summary = {"baseline_val_mse": baseline, "flags": {k: FLAGS[k].value for k in ours}}

@@ -1,7 +1,7 @@
 r"""Character-level RNN language model with a stacked fr.LSTM: perplexity and sampled text.
 
 The char-RNN setting (Karpathy 2015; the WildML RNN tutorial; cs224n): a text becomes character
-ids ``c_0 .. c_{N-1}`` (vocabulary: its distinct characters), cut into windows of ``--seq_len``
+ids ``c_0 .. c_{N-1}`` (vocabulary: its distinct characters), cut into windows of ``--length``
 steps; the model reads ``c_t`` and predicts ``c_{t+1}`` at every step,
 
 .. math::  p(c_{t+1} \mid c_{\le t}) = \mathrm{softmax}(W_o h_t^{(L)} + b_o), \qquad
@@ -209,7 +209,7 @@ class Config:
     embedding_dim: int = 32
     dropout: float = 0.3
     bptt_truncate: int | None = None
-    seq_len: int = 64
+    length: int = 64
     batch_size: int = 32
     steps: int = 200
     eval_every: int = 50
@@ -223,7 +223,7 @@ class Config:
     def __post_init__(self):
         if self.cell not in CELLS:
             raise ValueError(f"cell must be one of {list(CELLS)}, got {self.cell!r}")
-        for name in ("layers", "units", "embedding_dim", "seq_len", "batch_size", "steps",
+        for name in ("layers", "units", "embedding_dim", "length", "batch_size", "steps",
                      "eval_every", "record_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -249,10 +249,10 @@ def load_text(config: Config) -> dict[str, Any]:
         text = frd.read_text(os.fspath(config.text_file))
         return _split_text(text, f"file {config.text_file}", config)
     try:
-        train, vocab = frd.tiny_shakespeare(config.seq_len, config.batch_size, "train",
+        train, vocab = frd.tiny_shakespeare(config.length, config.batch_size, "train",
                                             data_dir=config.data_dir, download=config.download,
                                             seed=config.seed, drop_remainder=False)
-        val, _ = frd.tiny_shakespeare(config.seq_len, config.batch_size, "validation",
+        val, _ = frd.tiny_shakespeare(config.length, config.batch_size, "validation",
                                       data_dir=config.data_dir, download=False, shuffle=False,
                                       drop_remainder=False)
     except frd.DatasetUnavailableError as err:
@@ -269,14 +269,14 @@ def _split_text(text: str, source: str, config: Config) -> dict[str, Any]:
     vocab = frd.CharVocabulary.from_text(text)
     cut = int(0.9 * len(text))
     train_text, val_text = text[:cut], text[cut:]
-    if len(val_text) < config.seq_len + 1:
+    if len(val_text) < config.length + 1:
         raise ValueError(
-            f"the text ({len(text)} characters) is too short for seq_len={config.seq_len}: its "
+            f"the text ({len(text)} characters) is too short for length={config.length}: its "
             f"last 10 % ({len(val_text)} characters) must hold at least one validation window"
         )
-    train, _ = frd.text_dataset(train_text, config.seq_len, config.batch_size, vocabulary=vocab,
+    train, _ = frd.text_dataset(train_text, config.length, config.batch_size, vocabulary=vocab,
                                 seed=config.seed, drop_remainder=False)
-    val, _ = frd.text_dataset(val_text, config.seq_len, config.batch_size, vocabulary=vocab,
+    val, _ = frd.text_dataset(val_text, config.length, config.batch_size, vocabulary=vocab,
                               shuffle=False, drop_remainder=False)
     return {"source": source, "train": train, "validation": val, "vocabulary": vocab,
             "train_ids": vocab.encode(train_text)}
@@ -333,9 +333,9 @@ class EvalLog(keras.callbacks.Callback):
 
 
 def sample(model: keras.Model, vocabulary: frd.CharVocabulary, prime: np.ndarray, length: int,
-           temperature: float, seq_len: int, seed: int) -> str:
+           temperature: float, context: int, seed: int) -> str:
     """``length`` characters drawn one at a time from ``softmax(logits / temperature)``, each
-    conditioned on the last ``seq_len`` characters (the window length the model was trained
+    conditioned on the last ``context`` characters (the window length the model was trained
     on), starting from the ids ``prime``."""
     rng = np.random.default_rng(seed)
 
@@ -346,7 +346,7 @@ def sample(model: keras.Model, vocabulary: frd.CharVocabulary, prime: np.ndarray
     ids = list(np.asarray(prime, dtype=np.int32).reshape(-1))
     out = []
     for _ in range(length):
-        window = np.asarray(ids[-seq_len:], dtype=np.int32)[None]
+        window = np.asarray(ids[-context:], dtype=np.int32)[None]
         logits = last_logits(tf.constant(window)).numpy().astype(np.float64) / temperature
         p = np.exp(logits - logits.max())
         nxt = int(rng.choice(len(p), p=p / p.sum()))
@@ -384,7 +384,7 @@ def run(config: Config) -> dict[str, Any]:
         monitor.record()
     monitor.plot(os.path.join(config.out, "grad_norms.png"))
     text = sample(model, vocab, x_probe.numpy()[0], config.sample_length, config.temperature,
-                  config.seq_len, config.seed)
+                  config.length, config.seed)
     prime = vocab.decode(x_probe.numpy()[0])
     history = monitor.history
     stats = model.optimizer.stats()
@@ -416,7 +416,7 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"# Char-RNN: {c['layers']} × fr.{layer}({c['units']}), {summary['source']}",
         "",
-        f"Vocabulary {summary['vocabulary_size']} characters; seq_len {c['seq_len']}, batch "
+        f"Vocabulary {summary['vocabulary_size']} characters; length {c['length']}, batch "
         f"{c['batch_size']}, Adam lr {c['learning_rate']}, global-norm clipping at "
         f"{c['clip_threshold']} (clip rate {summary['clip_rate']:.2f}, "
         f"{summary['skipped_steps']} skipped steps), bptt_truncate {c['bptt_truncate']}. "
@@ -482,7 +482,8 @@ flags.DEFINE_integer("embedding_dim", _D.embedding_dim, "Character embedding siz
 flags.DEFINE_float("dropout", _D.dropout, "Dropout between stacked layers.")
 flags.DEFINE_integer("bptt_truncate", None,
                      "Truncated BPTT: gradients flow back at most this many steps (WildML).")
-flags.DEFINE_integer("seq_len", _D.seq_len, "Characters per training window.", lower_bound=1)
+flags.DEFINE_integer("length", _D.length, "Sequence length T: characters per training window.",
+                     lower_bound=1)
 flags.DEFINE_integer("batch_size", _D.batch_size, "Windows per batch.", lower_bound=1)
 flags.DEFINE_integer("steps", _D.steps, "Training steps.", lower_bound=1)
 flags.DEFINE_integer("eval_every", _D.eval_every,

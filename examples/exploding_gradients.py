@@ -8,7 +8,7 @@ inf, then nan. The same model and data trained with
 ``ClippingOptimizer(SGD(lr), method="global_norm", threshold=1)`` — "if the norm of the gradient is
 greater than some threshold, scale it down before applying the SGD update" — learns.
 
-Task: the input is a sequence x_t ~ U[-1, 1] of length ``--seq_len``; the target is the sum of its
+Task: the input is a sequence x_t ~ U[-1, 1] of length ``--length``; the target is the sum of its
 last 5 values. Predicting the mean scores the baseline MSE, Var(y) = 5/3.
 
 Both runs log the global gradient norm of every step through ``keras_fancyrnn.ClippingStats``. For
@@ -40,12 +40,13 @@ from keras_fancyrnn.optimizers import METHODS, ClippingOptimizer, ClippingStats 
 from keras_fancyrnn.reporting import json_safe  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("seq_len", 30, "Sequence length T.")
+flags.DEFINE_integer("length", 30, "Sequence length T.")
 flags.DEFINE_integer("units", 32, "Hidden units of the tanh SimpleRNN.")
 flags.DEFINE_float("gain", 2.5, "Recurrent init: U ~ N(0, gain^2 / units); > 1 is chaotic.")
 flags.DEFINE_float("learning_rate", 0.1, "SGD learning rate, the same for both runs.")
-flags.DEFINE_enum("method", "global_norm", list(METHODS), "ClippingOptimizer method.")
-flags.DEFINE_float("threshold", None, "Clip threshold (default: the method's; none for 'auto').")
+flags.DEFINE_enum("clip_method", "global_norm", list(METHODS), "ClippingOptimizer method.")
+flags.DEFINE_float("clip_threshold", None,
+                  "Clip threshold (default: the method's; none for 'auto').")
 flags.DEFINE_integer("epochs", 30, "Training epochs.")
 flags.DEFINE_integer("num_train", 2048, "Training sequences.")
 flags.DEFINE_integer("num_test", 512, "Test sequences.")
@@ -58,18 +59,18 @@ flags.DEFINE_string("out", None, "Directory for summary.json and summary.md (opt
 LAST = 5  # the target sums the last LAST inputs
 
 
-def make_data(n: int, seq_len: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    x = rng.uniform(-1.0, 1.0, size=(n, seq_len, 1)).astype("float32")
+def make_data(n: int, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    x = rng.uniform(-1.0, 1.0, size=(n, length, 1)).astype("float32")
     y = x[:, -LAST:, 0].sum(axis=1, keepdims=True).astype("float32")
     return x, y
 
 
-def make_model(seq_len: int, units: int, gain: float, seed: int) -> keras.Model:
+def make_model(length: int, units: int, gain: float, seed: int) -> keras.Model:
     keras.utils.set_random_seed(seed)
     recurrent_init = keras.initializers.RandomNormal(stddev=gain / math.sqrt(units), seed=seed)
     return keras.Sequential(
         [
-            keras.Input((seq_len, 1)),
+            keras.Input((length, 1)),
             keras.layers.SimpleRNN(units, activation="tanh", recurrent_initializer=recurrent_init),
             keras.layers.Dense(1),
         ]
@@ -98,7 +99,7 @@ class StepRecorder(keras.callbacks.Callback):
 
 def train(name: str, optimizer: ClippingOptimizer, data: dict, progress: _cli.Progress) -> dict:
     progress.start(f"training with {name} ({FLAGS.epochs} epochs)")
-    model = make_model(FLAGS.seq_len, FLAGS.units, FLAGS.gain, FLAGS.seed)
+    model = make_model(FLAGS.length, FLAGS.units, FLAGS.gain, FLAGS.seed)
     model.compile(optimizer, "mse", jit_compile=FLAGS.jit_compile)
     recorder = StepRecorder(FLAGS.show_steps)
     start = time.time()
@@ -150,8 +151,8 @@ def fmt(v: float) -> str:
 def markdown(summary: dict) -> str:
     plain, clipped = summary["plain"], summary["clipped"]
     lines = [
-        f"Exploding gradients: tanh SimpleRNN({FLAGS.units}), T={FLAGS.seq_len}, recurrent gain "
-        f"{FLAGS.gain}, SGD lr={FLAGS.learning_rate}; clipped run: method={FLAGS.method}, "
+        f"Exploding gradients: tanh SimpleRNN({FLAGS.units}), T={FLAGS.length}, recurrent gain "
+        f"{FLAGS.gain}, SGD lr={FLAGS.learning_rate}; clipped run: method={FLAGS.clip_method}, "
         f"threshold={clipped['threshold']}. Baseline test MSE (predict the mean) "
         f"{summary['baseline_mse']:.4g}.",
         "",
@@ -196,12 +197,12 @@ def markdown(summary: dict) -> str:
 def main(argv: list[str]) -> None:
     del argv
     rng = np.random.default_rng(FLAGS.seed)
-    x_train, y_train = make_data(FLAGS.num_train, FLAGS.seq_len, rng)
-    x_test, y_test = make_data(FLAGS.num_test, FLAGS.seq_len, rng)
+    x_train, y_train = make_data(FLAGS.num_train, FLAGS.length, rng)
+    x_test, y_test = make_data(FLAGS.num_test, FLAGS.length, rng)
     data = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
     baseline = float(np.mean((y_test - y_train.mean()) ** 2))
 
-    probe = make_model(FLAGS.seq_len, FLAGS.units, FLAGS.gain, FLAGS.seed)
+    probe = make_model(FLAGS.length, FLAGS.units, FLAGS.gain, FLAGS.seed)
     probe_opt = ClippingOptimizer(keras.optimizers.SGD(0.0), threshold=1e38)
     probe.compile(probe_opt, "mse")
     probe.fit(x_train, y_train, batch_size=len(x_train), verbose=0)  # one full-batch step
@@ -218,21 +219,22 @@ def main(argv: list[str]) -> None:
         progress,
     )
     clipping = ClippingOptimizer(
-        keras.optimizers.SGD(FLAGS.learning_rate), method=FLAGS.method, threshold=FLAGS.threshold
+        keras.optimizers.SGD(FLAGS.learning_rate), method=FLAGS.clip_method,
+        threshold=FLAGS.clip_threshold,
     )
-    clipped = train(f"ClippingOptimizer({FLAGS.method})", clipping, data, progress)
+    clipped = train(f"ClippingOptimizer({FLAGS.clip_method})", clipping, data, progress)
     clipped["threshold"] = clipping.threshold
 
     summary = {
         "flags": {
             name: FLAGS[name].value
             for name in (
-                "seq_len",
+                "length",
                 "units",
                 "gain",
                 "learning_rate",
-                "method",
-                "threshold",
+                "clip_method",
+                "clip_threshold",
                 "epochs",
                 "num_train",
                 "num_test",

@@ -39,8 +39,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Directory for the SavedModel and the serving files "
                     "(default: a new temporary directory).")
 flags.DEFINE_integer("units", 16, "Units per recurrent layer.")
-flags.DEFINE_integer("steps", 20, "Longest training sequence.")
-flags.DEFINE_integer("samples", 512, "Training sequences.")
+flags.DEFINE_integer("length", 20, "Sequence length T of the longest training sequence.")
+flags.DEFINE_integer("num_train", 512, "Training sequences.")
 flags.DEFINE_integer("epochs", 2, "Training epochs.")
 flags.DEFINE_bool("streaming", False, "Export explicit states and serve the test sequences in "
                   "chunks (unidirectional model).")
@@ -89,11 +89,11 @@ SERVE = textwrap.dedent(
 )
 
 
-def toy_data(rng, n, max_steps, min_steps=1):
+def toy_data(rng, n, max_length, min_length=1):
     """Right-padded sequences of numbers in [0, 1); the target is the mean of the real ones."""
-    lengths = rng.integers(min_steps, max_steps + 1, size=n)
-    x = rng.uniform(0.05, 1.0, size=(n, max_steps, 1)).astype("float32")
-    x[np.arange(max_steps)[None, :] >= lengths[:, None]] = 0.0  # padding, masked by Masking(0)
+    lengths = rng.integers(min_length, max_length + 1, size=n)
+    x = rng.uniform(0.05, 1.0, size=(n, max_length, 1)).astype("float32")
+    x[np.arange(max_length)[None, :] >= lengths[:, None]] = 0.0  # padding, masked by Masking(0)
     y = x.sum(axis=(1, 2)) / lengths
     return x, y.astype("float32")[:, None]
 
@@ -139,7 +139,7 @@ def main(argv):
 
     model = build_model(FLAGS.units, FLAGS.streaming)
     model.compile(keras.optimizers.Adam(3e-3), "mse")
-    x, y = toy_data(rng, FLAGS.samples, FLAGS.steps)
+    x, y = toy_data(rng, FLAGS.num_train, FLAGS.length)
     history = model.fit(x, y, batch_size=64, epochs=FLAGS.epochs, verbose=2)
     print(f"trained: mse {history.history['loss'][-1]:.4f}")
 
@@ -155,9 +155,9 @@ def main(argv):
     # of 4 steps and no padding: a chunk in which a row is all padding outputs zeros for that row
     # (Keras's rule for masked steps; its state still carries over).
     if FLAGS.streaming:
-        x_test, y_test = toy_data(rng, 7, 2 * FLAGS.steps, min_steps=2 * FLAGS.steps)
+        x_test, y_test = toy_data(rng, 7, 2 * FLAGS.length, min_length=2 * FLAGS.length)
     else:
-        x_test, y_test = toy_data(rng, 7, FLAGS.steps + 5)
+        x_test, y_test = toy_data(rng, 7, FLAGS.length + 5)
     served = serve_elsewhere(path, x_test, names, out)
     expected = np.asarray(model(x_test))
     diff = float(np.max(np.abs(served - expected)))

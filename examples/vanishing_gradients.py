@@ -79,7 +79,7 @@ class Config:
 
     out: str = "vanishing_gradients_report"
     length: int = 100
-    models: tuple[str, ...] = ("simple_rnn", "lstm", "gru")
+    cells: tuple[str, ...] = ("simple_rnn", "lstm", "gru")
     units: int = 64
     steps: int = 2000
     batch_size: int = 32
@@ -96,11 +96,11 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):
-        self.models = tuple(self.models)
-        unknown = [m for m in self.models if m not in CELLS]
-        if unknown or not self.models:
-            raise ValueError(f"models must be a non-empty subset of {list(CELLS)}, got "
-                             f"{list(self.models)}")
+        self.cells = tuple(self.cells)
+        unknown = [c for c in self.cells if c not in CELLS]
+        if unknown or not self.cells:
+            raise ValueError(f"cells must be a non-empty subset of {list(CELLS)}, got "
+                             f"{list(self.cells)}")
         for name in ("length", "units", "steps", "batch_size", "record_every", "eval_every",
                      "probe_size", "num_train", "num_test"):
             value = getattr(self, name)
@@ -268,7 +268,7 @@ def train_model(cell: str, data: dict[str, np.ndarray], config: Config) -> dict[
 
 
 def run(config: Config) -> dict[str, Any]:
-    """Trains every model of ``config.models`` and writes the report to ``config.out``.
+    """Trains a model of every cell of ``config.cells`` and writes the report to ``config.out``.
 
     Returns ``{"config", "baseline_mse", "seconds", "rows": [...], "models": {cell: {...}}}``
     where each row is the table line of one model and ``models[cell]`` also holds
@@ -283,14 +283,14 @@ def run(config: Config) -> dict[str, Any]:
           f"{len(data['x_test'])} test sequences; baseline test MSE {baseline:.4f}")
     results: dict[str, Any] = {"config": dataclasses.asdict(config), "baseline_mse": baseline,
                                "models": {}}
-    progress = _cli.Progress(len(config.models))
-    for cell in config.models:
+    progress = _cli.Progress(len(config.cells))
+    for cell in config.cells:
         progress.start(f"training {CELLS[cell][0]} ({config.steps} steps)")
         results["models"][cell] = train_model(cell, data, config)
         row = results["models"][cell]["row"]
         progress.finish(f"{row['model']}: final test MSE {row['final_test_mse']:.4f}, "
                         f"{row['seconds']} s")
-    results["rows"] = [results["models"][c]["row"] for c in config.models]
+    results["rows"] = [results["models"][c]["row"] for c in config.cells]
     results["seconds"] = round(time.perf_counter() - start, 1)
     write_report(results, config.out)
     return results
@@ -543,9 +543,10 @@ def report_markdown(results: dict[str, Any], table: str) -> str:
 FLAGS = flags.FLAGS
 _D = Config()
 flags.DEFINE_string("out", _D.out, "Directory for the report, pictures, CSVs and TensorBoard.")
-flags.DEFINE_integer("length", _D.length, "Time lag T of the adding problem.", lower_bound=2)
-flags.DEFINE_list("models", list(_D.models),
-                  f"Comma-separated models to train, from {', '.join(CELLS)}.")
+flags.DEFINE_integer("length", _D.length,
+                     "Sequence length T (the time lag) of the adding problem.", lower_bound=2)
+flags.DEFINE_list("cells", list(_D.cells),
+                  f"Comma-separated cells to train a model of, from {', '.join(CELLS)}.")
 flags.DEFINE_integer("units", _D.units, "Hidden units of every recurrent layer.", lower_bound=1)
 flags.DEFINE_integer("steps", _D.steps, "Training steps (batches) per model.", lower_bound=1)
 flags.DEFINE_integer("batch_size", _D.batch_size, "Batch size.", lower_bound=1)

@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -132,6 +133,51 @@ def test_example_defines_its_flags_with_help(name):
     assert (module.__doc__ or "").strip(), "the module docstring is the --help headline"
 
 
+# One name per meaning across the examples; these are the names the shared ones replaced.
+RENAMED = {"seq_len": "length", "max_steps": "steps", "models": "cells", "train_size": "num_train",
+           "samples": "num_train", "val_size": "num_val", "method": "clip_method",
+           "threshold": "clip_threshold"}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_examples_share_one_flag_vocabulary(name):
+    """--steps is training steps, --length the sequence length T, --lengths a sweep of them."""
+    _, defined = load_example(name)
+    assert not set(RENAMED) & set(defined), f"renamed: {RENAMED}"
+    helps = {flag: text.lower() for flag, text in defined.items()}
+    if "steps" in helps:
+        assert "training steps" in helps["steps"]
+    for flag, text in helps.items():
+        if flag in ("length", "lengths"):
+            assert f"sequence {flag} t" in text, (flag, text)
+        else:
+            assert "length t" not in text and "lengths t" not in text, (flag, text)
+    assert "length" in helps or "lengths" in helps, "every example has a sequence length"
+
+
+def _example_commands(text: str) -> list[tuple[str, list[str]]]:
+    """``(example, [flag names])`` of every ``python examples/<name>.py ...`` command in text."""
+    text = text.replace("\\\n", " ")  # shell line continuations
+    return [(m.group(1), re.findall(r"(?<![\w-])--(\w+)", m.group(2)))
+            for m in re.finditer(r"python examples/(\w+)\.py([^\n`]*)", text)]
+
+
+def test_documented_commands_use_flags_that_exist():
+    """Every example command in the README and in the examples' docstrings parses: each flag it
+    passes is one the example defines (``--noX`` for a boolean X; ``--help`` is absl's)."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        commands = _example_commands(f.read())
+    for name in ALL:
+        commands += _example_commands(load_example(name)[0].__doc__)
+    assert {name for name, _ in commands} == set(ALL), "each example has a documented command"
+    for name, used in commands:
+        _, defined = load_example(name)
+        for flag in used:
+            known = flag in defined or flag == "help" or (
+                flag.startswith("no") and flag[2:] in defined)
+            assert known, f"examples/{name}.py has no --{flag}"
+
+
 def test_help_on_the_command_line_without_startup_noise():
     """The real ``--help`` of the main job (absl prints it and exits with 1), run as a user runs
     it: without TF_CPP_MIN_LOG_LEVEL, TensorFlow's start-up lines must not reach stderr."""
@@ -140,7 +186,7 @@ def test_help_on_the_command_line_without_startup_noise():
     proc = subprocess.run([sys.executable, _path("vanishing_gradients"), "--help"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
-    for flag in ("--out", "--length", "--models", "--steps", "--clip_method"):
+    for flag in ("--out", "--length", "--cells", "--steps", "--clip_method"):
         assert flag in proc.stdout, proc.stdout[-2000:]
     for noise in TF_STARTUP_NOISE:
         assert noise not in proc.stderr, proc.stderr[-2000:]
@@ -272,8 +318,8 @@ def test_vanishing_gradients_helpers():
            "steps": 1500, "seconds": 70.0}
     table = vg.markdown_table([row])
     assert "| LSTM | 0.0012 | 0.007 | yes (step 800) | 1.00e-08 | 7.00e-02 | 0.01 | 0 |" in table
-    with pytest.raises(ValueError, match="models"):
-        vg.Config(models=("lstm", "transformer"))
+    with pytest.raises(ValueError, match="cells must be a non-empty subset"):
+        vg.Config(cells=("lstm", "transformer"))
     with pytest.raises(ValueError, match="multiple of eval_every"):
         vg.Config(steps=150, eval_every=100)
     with pytest.raises(ValueError, match="probe_size"):
@@ -286,10 +332,10 @@ def test_vanishing_gradients_helpers():
 def test_adding_problem_sweep_stops_when_solved(tmp_path):
     out = tmp_path / "adding"
     # --solved_mse 10: every setting counts as solved at its first evaluation, so each must stop
-    # there (after eval_every steps, not max_steps).
+    # there (after eval_every steps, not --steps).
     run_example(
         "adding_problem", f"--out={out}", "--cells=lstm,chrono_lstm", "--lengths=8",
-        "--clipping=on,off", "--units=4", "--max_steps=20", "--eval_every=5",
+        "--clipping=on,off", "--units=4", "--steps=20", "--eval_every=5",
         "--num_train=64", "--num_test=32", "--batch_size=8", "--solved_mse=10",
     )
     rows = json.loads((out / "results.json").read_text())["rows"]
@@ -310,7 +356,7 @@ def test_char_rnn_on_a_text_file(tmp_path):
     out = tmp_path / "char"
     run_example(
         "char_rnn", f"--out={out}", f"--text_file={text_file}", "--layers=2", "--units=8",
-        "--embedding_dim=4", "--seq_len=16", "--batch_size=4", "--steps=4", "--eval_every=2",
+        "--embedding_dim=4", "--length=16", "--batch_size=4", "--steps=4", "--eval_every=2",
         "--record_every=2", "--sample_length=20", "--bptt_truncate=5",
     )
     summary = json.loads((out / "results.json").read_text())
@@ -330,7 +376,7 @@ def test_char_rnn_falls_back_to_the_builtin_text_offline(tmp_path):
     """No --text_file and an empty TFDS data directory (tiny_shakespeare not prepared, download
     off): the built-in text, without touching the network."""
     char_rnn, _ = load_example("char_rnn")
-    config = char_rnn.Config(data_dir=str(tmp_path / "tfds"), seq_len=32, batch_size=8)
+    config = char_rnn.Config(data_dir=str(tmp_path / "tfds"), length=32, batch_size=8)
     data = char_rnn.load_text(config)
     assert data["source"].startswith("built-in")
     x, y = next(iter(data["validation"]))
@@ -344,7 +390,7 @@ def test_exploding_gradients(tmp_path):
     out = tmp_path / "exploding"
     # Too short and small for plain SGD to diverge: the summary must say so, not "step None".
     stdout = run_example(
-        "exploding_gradients", f"--out={out}", "--seq_len=10", "--units=8", "--epochs=2",
+        "exploding_gradients", f"--out={out}", "--length=10", "--units=8", "--epochs=2",
         "--num_train=64", "--num_test=32", "--batch_size=16",
     )
     summary = json.loads((out / "summary.json").read_text())
@@ -371,8 +417,8 @@ def test_exploding_gradients_nonfinite_report():
 def test_bidirectional_stacked(tmp_path):
     out = tmp_path / "bistack"
     run_example(
-        "bidirectional_stacked", f"--out={out}", "--layers=2", "--units=4", "--steps=6",
-        "--train_size=32", "--val_size=16", "--epochs=2", "--batch_size=16",
+        "bidirectional_stacked", f"--out={out}", "--layers=2", "--units=4", "--length=6",
+        "--num_train=32", "--num_val=16", "--epochs=2", "--batch_size=16",
     )
     summary = json.loads((out / "summary.json").read_text())
     assert {"bidirectional", "unidirectional"} <= set(summary)
@@ -383,8 +429,8 @@ def test_export_savedmodel_with_a_relative_out(tmp_path):
     """``--out`` relative to the working directory, as a user types it: the serving process runs
     inside ``--out``, so the example must not hand it paths relative to the parent."""
     _require("export_savedmodel")
-    stdout = run_example("export_savedmodel", "--out=export", "--units=4", "--steps=8",
-                         "--samples=64", "--epochs=1", cwd=tmp_path)
+    stdout = run_example("export_savedmodel", "--out=export", "--units=4", "--length=8",
+                         "--num_train=64", "--epochs=1", cwd=tmp_path)
     out = tmp_path / "export"
     assert (out / "saved_model" / "saved_model.pb").exists()
     assert (out / "outputs.npz").exists(), "the serving process wrote no outputs"
