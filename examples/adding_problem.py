@@ -1,30 +1,30 @@
 r"""Which recurrent cell solves the adding problem at which time lag, with and without clipping.
 
-The adding problem (Hochreiter & Schmidhuber 1997; Le et al. 2015; Arjovsky et al. 2016): ``T``
-pairs (value in [0, 1), 0/1 marker) with one marker in each half of the sequence; the target is
-the sum of the two marked values. Predicting 1 scores the baseline MSE 1/6 ≈ 0.167; a setting
-*solves* the task when its test MSE falls below ``--solved_mse`` (0.01).
+The adding problem (Hochreiter & Schmidhuber 1997; Le et al. 2015; Arjovsky et al. 2016): T pairs
+(value in [0, 1), 0/1 marker) with one marker in each half of the sequence; the target is the sum
+of the two marked values. Predicting 1 scores the baseline MSE 1/6 ≈ 0.167; a setting solves the
+task when its test MSE falls below --solved_mse (0.01).
 
-The sweep is the product ``--cells`` × ``--lengths`` × ``--clipping``:
+The sweep is the product --cells × --lengths × --clipping:
 
-* cells: ``simple_rnn`` (tanh), ``lstm`` (``unit_forget_bias``), ``gru``, ``chrono_lstm``
-  (``fr.LSTM`` with ``fr.initializers.ChronoBias(T)``, Tallec & Ollivier 2018: forget biases
-  ``log U[1, T - 1]``, input biases their negatives), ``irnn`` (ReLU SimpleRNN with identity
-  recurrent kernel, Le et al. 2015);
-* clipping ``on``: ``fr.ClippingOptimizer(Adam(lr), method="global_norm", threshold=
-  --clip_threshold)``; ``off``: plain ``Adam(lr)``.
+  cells     simple_rnn (tanh); lstm (unit_forget_bias); gru; chrono_lstm (fr.LSTM with
+            fr.initializers.ChronoBias(T), Tallec & Ollivier 2018: forget biases log U[1, T − 1],
+            input biases their negatives); irnn (ReLU SimpleRNN with an identity recurrent
+            kernel, Le et al. 2015)
+  clipping  on: fr.ClippingOptimizer(Adam(lr), method="global_norm", threshold=--clip_threshold);
+            off: plain Adam(lr)
 
-Each setting trains ``Input(T, 2) -> cell(units) -> Dense(1)`` for at most ``--steps`` steps
-(and at most ``--max_seconds``), evaluates the test MSE every ``--eval_every`` steps and stops as
-soon as it is solved, reporting the step. Results are rewritten after every setting, so a long
-sweep can be watched (``results.md``) and a killed one keeps what it finished.
+Each setting trains Input(T, 2) -> cell(units) -> Dense(1) for at most --steps steps (and at most
+--max_seconds), evaluates the test MSE every --eval_every steps and stops as soon as it is
+solved, reporting the step. Results are rewritten after every setting, so a long sweep can be
+watched (results.md) and a killed one keeps what it finished.
 
     python examples/adding_problem.py --out /tmp/adding --cells lstm,gru,simple_rnn \
         --lengths 50,100,200 --clipping on
 
-writes ``results.md`` and ``results.json`` to ``--out``. The defaults (LSTM and GRU at T = 50 and
-100, clipping on and off, at most 3000 steps each, each stopping when solved) take about
-five minutes on a 2-core CPU.
+writes results.md and results.json to --out. The defaults (LSTM and GRU at T = 50 and 100,
+clipping on and off, at most 3000 steps each, each stopping when solved) take about five minutes
+on a 2-core CPU.
 """
 
 from __future__ import annotations

@@ -1,15 +1,14 @@
-r"""Trains a 3-layer bidirectional stacked LSTM on a task that needs the future; saves the curve.
+"""Trains a 3-layer bidirectional stacked LSTM on a task that needs the future; saves the curve.
 
-Task ("neighbour sum"): inputs :math:`x_t \sim U(-1, 1)`, target at every step
-:math:`y_t = x_{t-1} + x_{t+1}` (0 outside the sequence). Predicting the mean scores the
-variance of ``y`` (about 0.58 for 8 steps: the baseline). A unidirectional stack never sees
-:math:`x_{t+1}`, so its error cannot fall below :math:`\mathrm{Var}(x_{t+1}) = 1/3` (less at the
-last step); the bidirectional stack can reach 0.
+Task ("neighbour sum"): inputs x_t ~ U(−1, 1), target at every step y_t = x_(t−1) + x_(t+1)
+(0 outside the sequence). Predicting the mean scores the variance of y (about 0.58 for 8 steps:
+the baseline). A unidirectional stack never sees x_(t+1), so its error cannot fall below
+Var(x_(t+1)) = 1/3 (less at the last step); the bidirectional stack can reach 0.
 
     python examples/bidirectional_stacked.py --out /tmp/bistack
 
-Writes ``loss_curve.csv`` (epoch, model, train_loss, val_loss) and ``summary.json`` to ``--out``
-and prints both. Runs in well under a minute on 2 CPU cores.
+Writes loss_curve.csv (epoch, model, train_loss, val_loss) and summary.json to --out and prints
+both. Runs in well under a minute on 2 CPU cores.
 """
 
 from __future__ import annotations

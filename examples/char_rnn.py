@@ -1,33 +1,32 @@
-r"""Character-level RNN language model with a stacked fr.LSTM: perplexity and sampled text.
+"""Character-level RNN language model with a stacked fr.LSTM: perplexity and sampled text.
 
 The char-RNN setting (Karpathy 2015; the WildML RNN tutorial; cs224n): a text becomes character
-ids ``c_0 .. c_{N-1}`` (vocabulary: its distinct characters), cut into windows of ``--length``
-steps; the model reads ``c_t`` and predicts ``c_{t+1}`` at every step,
+ids c_0 ... c_(N−1) (vocabulary: its distinct characters), cut into windows of --length steps;
+the model reads c_t and predicts c_(t+1) at every step,
 
-.. math::  p(c_{t+1} \mid c_{\le t}) = \mathrm{softmax}(W_o h_t^{(L)} + b_o), \qquad
-           h^{(l)}_t = \mathrm{LSTM}_l(h^{(l-1)}_t, h^{(l)}_{t-1}),\ h^{(0)}_t = E[c_t]
+    p(c_(t+1) | c_≤t) = softmax(W_o h_t + b_o),  h_t the top layer's state,
 
-trained with the mean cross-entropy; the per-character perplexity is ``exp`` of it. Baselines: a
-uniform guess scores ``|V|``, the unigram frequencies ``exp(H_unigram)``.
+trained with the mean cross-entropy; the per-character perplexity is exp of it. Baselines: a
+uniform guess scores |V|, the unigram frequencies exp(H_unigram).
 
-Model: ``Embedding -> fr.StackedRNN([fr.LSTM(units, return_sequences=True)] * layers) ->
-Dense(|V|)``, ``fr.ClippingOptimizer(Adam(lr), global norm --clip_threshold)``, a
-``fr.GradientNormMonitor`` recording ‖∂ℓ/∂h_t‖ of every LSTM layer on a validation batch, and
-optionally truncated BPTT (``--bptt_truncate``, the WildML tutorial's ``bptt_truncate``).
+Model: Embedding -> fr.StackedRNN([fr.LSTM(units, return_sequences=True)] * layers) ->
+Dense(|V|), fr.ClippingOptimizer(Adam(lr), global norm --clip_threshold), an
+fr.GradientNormMonitor recording ‖∂ℓ/∂h_t‖ of every LSTM layer on a validation batch, and
+optionally truncated BPTT (--bptt_truncate, the WildML tutorial's bptt_truncate).
 
-Text, in order of preference: ``--text_file`` (any local UTF-8 file; the last 10 % is the
-validation text); TFDS ``tiny_shakespeare`` when it is already prepared in the TFDS data directory
-(or ``--download`` and the network allows it); else a small built-in text (public-domain
+Text, in order of preference: --text_file (any local UTF-8 file; its last tenth is the
+validation text); TFDS tiny_shakespeare when it is already prepared in the TFDS data directory
+(or --download and the network allows it); else a small built-in text (public-domain
 Shakespeare, ~5 KB). The network is never required.
 
     python examples/char_rnn.py --out /tmp/char_rnn [--text_file input.txt]
 
-writes ``results.md``, ``results.json`` (losses, perplexities, baselines), ``samples.txt``,
-``grad_norms.png`` / ``grad_norms.csv`` (the monitor) and ``tensorboard/`` to ``--out``. The
-defaults (2 × 128 LSTM units, dropout 0.3 between them, 200 steps) run in about 20 s on a 2-core
-CPU; on the ~5 KB built-in text the validation perplexity bottoms out near 11 (unigram: 22,
-uniform: 55) and the model starts to memorise after ~200 steps: give it a larger ``--text_file``
-(and more ``--steps``) for real results.
+writes results.md, results.json (losses, perplexities, baselines), samples.txt, grad_norms.png
+and grad_norms.csv (the monitor) and tensorboard/ to --out. The defaults (2 × 128 LSTM units,
+dropout 0.3 between them, 200 steps) run in about 20 s on a 2-core CPU; on the ~5 KB built-in
+text the validation perplexity bottoms out near 11 (unigram: 22, uniform: 55) and the model
+starts to memorise after ~200 steps: give it a larger --text_file (and more --steps) for real
+results.
 """
 
 from __future__ import annotations

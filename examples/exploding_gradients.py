@@ -1,24 +1,24 @@
-r"""Exploding gradients in a tanh RNN: plain SGD diverges to nan, the ClippingOptimizer trains.
+"""Exploding gradients in a tanh RNN: plain SGD diverges to nan, the ClippingOptimizer trains.
 
-A tanh SimpleRNN whose recurrent kernel is drawn with a large gain, U ~ N(0, gain^2 / units), is in
-the chaotic regime for gain > 1: the BPTT Jacobian products diag(1 - h_t^2) U^T grow with the time
-lag, and the gradient of the loss reaches hundreds or thousands at initialisation (Pascanu, Mikolov
-& Bengio 2013). One plain SGD step of that size throws the weights far away and the loss becomes
-inf, then nan. The same model and data trained with
-``ClippingOptimizer(SGD(lr), method="global_norm", threshold=1)`` — "if the norm of the gradient is
-greater than some threshold, scale it down before applying the SGD update" — learns.
+A tanh SimpleRNN whose recurrent kernel is drawn with a large gain, U ~ N(0, gain² / units), is
+in the chaotic regime for gain > 1: the BPTT Jacobian products diag(1 − h_t²) Uᵀ grow with the
+time lag, and the gradient of the loss reaches hundreds or thousands at initialisation (Pascanu,
+Mikolov & Bengio 2013). One plain SGD step of that size throws the weights far away and the loss
+becomes inf, then nan. The same model and data trained with
+ClippingOptimizer(SGD(lr), method="global_norm", threshold=1) ("if the norm of the gradient is
+greater than some threshold, scale it down before applying the SGD update") learns.
 
-Task: the input is a sequence x_t ~ U[-1, 1] of length ``--length``; the target is the sum of its
+Task: the input is a sequence x_t ~ U[−1, 1] of length --length; the target is the sum of its
 last 5 values. Predicting the mean scores the baseline MSE, Var(y) = 5/3.
 
-Both runs log the global gradient norm of every step through ``keras_fancyrnn.ClippingStats``. For
-the plain-SGD run the wrapper is only a monitor: ``threshold=1e38`` never fires and
-``skip_nonfinite=False`` lets nan through, and an update under the threshold is bit-identical to
-the inner optimizer's (tests/test_optimizers.py checks this), so that run *is* plain SGD.
+Both runs log the global gradient norm of every step through keras_fancyrnn.ClippingStats. For
+the plain-SGD run the wrapper is only a monitor: threshold=1e38 never fires and
+skip_nonfinite=False lets nan through, and an update under the threshold is bit-identical to the
+inner optimizer's (tests/test_optimizers.py checks this), so that run is plain SGD.
 
     python examples/exploding_gradients.py --out /tmp/exploding
 
-writes ``summary.json`` and ``summary.md`` to ``--out``. The defaults run in about 15 s on a CPU.
+writes summary.json and summary.md to --out. The defaults run in about 15 s on a CPU.
 """
 
 from __future__ import annotations

@@ -5,13 +5,12 @@
 
 1. Trains a small model (Masking -> fr.Bidirectional(fr.LSTM) -> fr.GRU -> Dense) for a few
    seconds on a toy task: the mean of a right-padded sequence of numbers.
-2. Exports it with ``model.export(path)`` (format ``tf_saved_model``). With ``--streaming`` the
-   model is unidirectional and is exported with ``fr.export_saved_model(...,
-   state_layers="all")``: every recurrent state becomes an input and an output of ``serve``, so the
-   sequence can be served chunk by chunk (a model with ``stateful=True`` layers is exported the
-   same way by default).
-3. Starts a fresh Python (``-I``, outside the repository) in which a meta-path finder makes
-   ``import keras_fancyrnn`` fail, loads the SavedModel with ``tf.saved_model.load``, serves inputs
+2. Exports it with model.export(path) (format tf_saved_model). With --streaming the model is
+   unidirectional and is exported with fr.export_saved_model(..., state_layers="all"): every
+   recurrent state becomes an input and an output of serve, so the sequence can be served chunk
+   by chunk (a model with stateful=True layers is exported the same way by default).
+3. Starts a fresh Python (-I, outside the repository) in which a meta-path finder makes
+   "import keras_fancyrnn" fail, loads the SavedModel with tf.saved_model.load, serves inputs
    with a batch size and lengths never seen in training, and prints the serving signature.
 4. Compares the served outputs with the Keras model's.
 """

@@ -1,42 +1,42 @@
-r"""The main job: watch gradients vanish in a tanh RNN, and not in an LSTM or GRU.
+"""The main job: watch gradients vanish in a tanh RNN, and not in an LSTM or GRU.
 
-Trains three recurrent models, ``fr.SimpleRNN`` (tanh), ``fr.LSTM`` and ``fr.GRU``, on the adding
-problem (Hochreiter & Schmidhuber 1997; Le et al. 2015; Arjovsky et al. 2016) at ``T = --length``
-(100 by default): the input is ``T`` pairs (value in [0, 1), 0/1 marker), exactly one marker in
-each half of the sequence, and the target is the sum of the two marked values. Predicting the
-constant 1 scores the baseline MSE 1/6 ≈ 0.167; the task counts as solved at test MSE < 0.01.
+Trains three recurrent models, fr.SimpleRNN (tanh), fr.LSTM and fr.GRU, on the adding problem
+(Hochreiter & Schmidhuber 1997; Le et al. 2015; Arjovsky et al. 2016) at T = --length (100 by
+default): the input is T pairs (value in [0, 1), 0/1 marker), exactly one marker in each half of
+the sequence, and the target is the sum of the two marked values. Predicting the constant 1
+scores the baseline MSE 1/6 ≈ 0.167; the task counts as solved at test MSE < 0.01.
 
-Each model is ``Input(T, 2) -> fr layer(units) -> Dense(1)`` trained with MSE and
-``fr.ClippingOptimizer(Adam(lr), method="global_norm", threshold=1)``, with a
-``fr.GradientNormMonitor`` recording, every ``--record_every`` steps, the per-timestep curve
+Each model is Input(T, 2) -> fr layer(units) -> Dense(1), trained with MSE and
+fr.ClippingOptimizer(Adam(lr), method="global_norm", threshold=1), with an
+fr.GradientNormMonitor recording, every --record_every steps, the per-timestep curve
 
-.. math::  g_t = \tfrac{1}{B}\textstyle\sum_i \lVert \partial\ell_i / \partial h_t \rVert_2
+    g_t = (1/B) Σ_i ‖∂ℓ_i/∂h_t‖
 
-on a fixed probe batch of test sequences: the total derivative through the recurrence (BPTT),
-the quantity of Arjovsky et al. 2016, Fig. 4. In a tanh RNN it is a product of ``T - t`` Jacobians
-``diag(1 - h^2) U^T`` and decays exponentially in ``T - t``; in an LSTM the cell state carries it
-back through ``c_t = f ⊙ c_{t-1} + ...`` and it decays far less, once the forget gates learn to
-stay open.
+on a fixed probe batch of B test sequences: the total derivative through the recurrence (BPTT),
+the quantity of Arjovsky et al. 2016, Fig. 4. In a tanh RNN it is a product of T − t Jacobians
+diag(1 − h²) Uᵀ and decays exponentially in T − t; in an LSTM the cell state carries it back
+through c_t = f ⊙ c_(t−1) + ... and it decays far less, once the forget gates learn to stay open.
 
     python examples/vanishing_gradients.py --out /tmp/vanishing_gradients
 
-writes to ``--out``:
+writes to --out:
 
-* ``gradient_norms.png`` — ‖∂ℓ/∂h_t‖ over ``t`` (log scale) for every model, at initialisation
-  (left) and at the end of training (right);
-* ``heatmap.png`` — ``log10 ‖∂ℓ/∂h_t‖`` per record (rows: training step) and timestep, per model;
-* ``test_mse.png`` — test MSE over training against the 0.167 baseline;
-* ``results.md`` / ``results.json`` — the table (model, final test MSE vs the baseline, solved,
-  first/last gradient ratio at initialisation and at the end, clip rate, skipped steps, seconds)
-  and, in the JSON, the curves and the test-MSE history;
-* ``report.md`` — the table with the pictures embedded;
-* ``<model>/grad_norms.csv`` — every record of the monitor (long format);
-* ``tensorboard/<model>`` — train loss, test MSE and clipping stats; ``tensorboard/<model>/
-  gradient_norms`` — the monitor's summaries (``tensorboard --logdir <out>/tensorboard``).
+  gradient_norms.png   ‖∂ℓ/∂h_t‖ over t (log scale) for every model, at initialisation (left)
+                       and at the end of training (right)
+  heatmap.png          log10 ‖∂ℓ/∂h_t‖ per record (rows: training step) and timestep, per model
+  test_mse.png         test MSE over training against the 0.167 baseline
+  results.md, .json    the table (model, final test MSE vs the baseline, solved, first/last
+                       gradient ratio at initialisation and at the end, clip rate, skipped
+                       steps, seconds) and, in the JSON, the curves and the test-MSE history
+  report.md            the table with the pictures embedded
+  <model>/grad_norms.csv
+                       every record of the monitor (long format)
+  tensorboard/<model>  train loss, test MSE and clipping stats; in gradient_norms/ under it the
+                       monitor's summaries (tensorboard --logdir <out>/tensorboard)
 
 The defaults (units 64, Adam lr 0.01, batch 32, 2000 steps per model) run in 2-3 minutes on a
-2-core laptop CPU. The main logic is in functions (``Config``, ``load_data``, ``train_model``,
-``run``, ``write_report``) that a test imports.
+2-core laptop CPU. The main logic is in functions (Config, load_data, train_model, run,
+write_report) that a test imports.
 """
 
 from __future__ import annotations

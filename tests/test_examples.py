@@ -133,6 +133,30 @@ def test_example_defines_its_flags_with_help(name):
     assert (module.__doc__ or "").strip(), "the module docstring is the --help headline"
 
 
+# reStructuredText and LaTeX that --help would print raw
+HELP_MARKUP = {
+    "``literal``": r"``",
+    "an RST role (:math:`x`)": r":[a-z]+:`",
+    "an RST directive (.. math::)": r"(?m)^\s*\.\. [a-z]+::",
+    "a LaTeX command (\\frac)": r"\\[A-Za-z]+",
+    "LaTeX math ($x$)": r"\$[^$\n]+\$",
+    "a LaTeX sub- or superscript (x_{t-1})": r"[_^]\{",
+}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_help_text_is_plain(name):
+    """absl's --help prints the module docstring and every flag's help as they are: plain text,
+    no reStructuredText or LaTeX."""
+    module, defined = load_example(name)
+    assert "%" not in module.__doc__, "absl %-formats the docstring for --help (%s: the program)"
+    texts = {"the module docstring": module.__doc__, **{f"--{k}": v for k, v in defined.items()}}
+    for where, text in texts.items():
+        for what, pattern in HELP_MARKUP.items():
+            match = re.search(pattern, text)
+            assert not match, f"{where} of examples/{name}.py has {what}: {match.group(0)!r}"
+
+
 # One name per meaning across the examples; these are the names the shared ones replaced.
 RENAMED = {"seq_len": "length", "max_steps": "steps", "models": "cells", "train_size": "num_train",
            "samples": "num_train", "val_size": "num_val", "method": "clip_method",
@@ -188,6 +212,8 @@ def test_help_on_the_command_line_without_startup_noise():
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
     for flag in ("--out", "--length", "--cells", "--steps", "--clip_method"):
         assert flag in proc.stdout, proc.stdout[-2000:]
+    for what, pattern in HELP_MARKUP.items():
+        assert not re.search(pattern, proc.stdout), f"--help shows {what}"
     for noise in TF_STARTUP_NOISE:
         assert noise not in proc.stderr, proc.stderr[-2000:]
 
