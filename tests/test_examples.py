@@ -3,8 +3,10 @@ outputs; the main job's report has one row per model (SimpleRNN, LSTM, GRU).
 
 Each example runs once as a program (``python examples/<name>.py --flags``) in a subprocess, the
 way a user runs it, so flag parsing, ``main`` and the files under ``--out`` are exercised. Cheaper
-checks (every example's flags and ``--help`` text, the main job's helpers, the char-RNN's offline
-fallback text) load the example modules in this process, one TensorFlow import for all of them.
+checks (every example's flags and ``--help`` text, the shared flag names, the documented commands,
+the main job's helpers, the char-RNN's offline fallback text, the shared module
+``examples/_cli.py``) load the example modules in this process, one TensorFlow import for all of
+them; only the main job's ``--help`` runs as a program, to see what reaches stderr.
 Examples not in the tree yet (the export example is written separately) are skipped.
 """
 
@@ -221,17 +223,18 @@ def test_help_on_the_command_line_without_startup_noise():
 # ------------------------------------------------------------------------------------------------
 # The shared module: quiet start-up, progress lines
 # ------------------------------------------------------------------------------------------------
-# What TensorFlow 2.21 writes to stderr while it is imported, with a line of our own around it
+# What TensorFlow writes to stderr while it is imported (the format of its C++ log lines),
+# then one line of each other severity and a Python warning
 IMPORT_STDERR = """\
 WARNING: All log messages before absl::InitializeLog() is called are written to STDERR
-I0000 00:00:1796425725.579679    3151 port.cc:153] oneDNN custom operations are on. You may see \
+I0000 00:00:1000000000.000000    1234 port.cc:153] oneDNN custom operations are on. You may see \
 slightly different numerical results due to floating-point round-off errors.
-I0000 00:00:1796425725.657648    3151 cpu_feature_guard.cc:227] This TensorFlow binary is \
+I0000 00:00:1000000000.000000    1234 cpu_feature_guard.cc:227] This TensorFlow binary is \
 optimized to use available CPU instructions in performance-critical operations.
 To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow with the \
 appropriate compiler flags.
-W0000 00:00:1796425725.700000    3151 some_op.cc:12] a TensorFlow warning
-E0000 00:00:1796425725.800000    3151 util.cc:131] a TensorFlow error
+W0000 00:00:1000000000.000000    1234 some_op.cc:12] a TensorFlow warning
+E0000 00:00:1000000000.000000    1234 util.cc:131] a TensorFlow error
 something.py:3: UserWarning: a Python warning
 """
 
