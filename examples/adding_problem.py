@@ -1,30 +1,30 @@
 r"""Which recurrent cell solves the adding problem at which time lag, with and without clipping.
 
-The adding problem (Hochreiter & Schmidhuber 1997; Le et al. 2015; Arjovsky et al. 2016): ``T``
-pairs (value in [0, 1), 0/1 marker) with one marker in each half of the sequence; the target is
-the sum of the two marked values. Predicting 1 scores the baseline MSE 1/6 ≈ 0.167; a setting
-*solves* the task when its test MSE falls below ``--solved_mse`` (0.01).
+The adding problem (Hochreiter & Schmidhuber 1997; Le et al. 2015; Arjovsky et al. 2016): T pairs
+(value in [0, 1), 0/1 marker) with one marker in each half of the sequence; the target is the sum
+of the two marked values. Predicting 1 scores the baseline MSE 1/6 ≈ 0.167; a setting solves the
+task when its test MSE falls below --solved_mse (0.01).
 
-The sweep is the product ``--cells`` × ``--lengths`` × ``--clipping``:
+The sweep is the product --cells × --lengths × --clipping:
 
-* cells: ``simple_rnn`` (tanh), ``lstm`` (``unit_forget_bias``), ``gru``, ``chrono_lstm``
-  (``fr.LSTM`` with ``fr.initializers.ChronoBias(T)``, Tallec & Ollivier 2018: forget biases
-  ``log U[1, T - 1]``, input biases their negatives), ``irnn`` (ReLU SimpleRNN with identity
-  recurrent kernel, Le et al. 2015);
-* clipping ``on``: ``fr.ClippingOptimizer(Adam(lr), method="global_norm", threshold=
-  --clip_threshold)``; ``off``: plain ``Adam(lr)``.
+  cells     simple_rnn (tanh); lstm (unit_forget_bias); gru; chrono_lstm (fr.LSTM with
+            fr.initializers.ChronoBias(T), Tallec & Ollivier 2018: forget biases log U[1, T − 1],
+            input biases their negatives); irnn (ReLU SimpleRNN with an identity recurrent
+            kernel, Le et al. 2015)
+  clipping  on: fr.ClippingOptimizer(Adam(lr), method="global_norm", threshold=--clip_threshold);
+            off: plain Adam(lr)
 
-Each setting trains ``Input(T, 2) -> cell(units) -> Dense(1)`` for at most ``--max_steps`` steps
-(and at most ``--max_seconds``), evaluates the test MSE every ``--eval_every`` steps and stops as
-soon as it is solved, reporting the step. Results are rewritten after every setting, so a long
-sweep can be watched (``results.md``) and a killed one keeps what it finished.
+Each setting trains Input(T, 2) -> cell(units) -> Dense(1) for at most --steps steps (and at most
+--max_seconds), evaluates the test MSE every --eval_every steps and stops as soon as it is
+solved, reporting the step. Results are rewritten after every setting, so a long sweep can be
+watched (results.md) and a killed one keeps what it finished.
 
     python examples/adding_problem.py --out /tmp/adding --cells lstm,gru,simple_rnn \
         --lengths 50,100,200 --clipping on
 
-writes ``results.md`` and ``results.json`` to ``--out``. The defaults (LSTM and GRU at T = 50 and
-100, clipping on and off, at most 3000 steps each, each stopping when solved) take about
-five minutes on a 2-core CPU.
+writes results.md and results.json to --out. The defaults (LSTM and GRU at T = 50 and 100,
+clipping on and off, at most 3000 steps each, each stopping when solved) take about five minutes
+on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ import os
 import time
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import _cli
+
+_cli.quiet_startup()  # before TensorFlow loads
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -66,7 +68,7 @@ class Config:
     batch_size: int = 32
     learning_rate: float = 0.01
     clip_threshold: float = 1.0
-    max_steps: int = 3000
+    steps: int = 3000
     max_seconds: float = 0.0
     eval_every: int = 100
     solved_mse: float = 0.01
@@ -87,7 +89,7 @@ class Config:
                                  f"{list(values)}")
         if not self.lengths or min(self.lengths) < 4:
             raise ValueError(f"lengths must be integers >= 4, got {list(self.lengths)}")
-        for name in ("units", "batch_size", "max_steps", "eval_every", "num_train", "num_test"):
+        for name in ("units", "batch_size", "steps", "eval_every", "num_train", "num_test"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -185,7 +187,7 @@ def run_setting(cell: str, length: int, clipping: str, data: dict[str, np.ndarra
     stopper = StopWhenSolved(config.solved_mse, config.eval_every, config.max_seconds, label)
     start = time.perf_counter()
     model.fit(train, steps_per_epoch=config.eval_every,
-              epochs=max(config.max_steps // config.eval_every, 1), validation_data=test,
+              epochs=max(config.steps // config.eval_every, 1), validation_data=test,
               validation_batch_size=500, shuffle=False, verbose=0, callbacks=[stopper])
     seconds = time.perf_counter() - start
     mses = [m for _, m in stopper.history]
@@ -235,7 +237,7 @@ def markdown_table(rows: list[dict[str, Any]], config: Config) -> str:
     lines = [
         f"Adding problem sweep: units {config.units}, Adam lr {config.learning_rate}, batch "
         f"{config.batch_size}, clip threshold {config.clip_threshold} (global norm), at most "
-        f"{config.max_steps} steps" + (f" / {config.max_seconds:g} s" if config.max_seconds > 0
+        f"{config.steps} steps" + (f" / {config.max_seconds:g} s" if config.max_seconds > 0
                                        else "")
         + f" per setting, test MSE every {config.eval_every} steps; solved: test MSE < "
         f"{config.solved_mse}; baseline {BASELINE_MSE:.3f}. The gradient ratio is ‖∂ℓ/∂h_t‖ "
@@ -271,16 +273,19 @@ def sweep(config: Config) -> list[dict[str, Any]]:
     """Runs every setting (lengths outermost, so each data set is generated once); writes the
     results after each one; returns the rows."""
     rows: list[dict[str, Any]] = []
+    progress = _cli.Progress(len(config.lengths) * len(config.cells) * len(config.clipping))
     for length in config.lengths:
         data = load_data(length, config)
         for cell in config.cells:
             for clipping in config.clipping:
+                label = f"{cell} T={length} clip={clipping}"
+                progress.start(label)
                 row = run_setting(cell, length, clipping, data, config)
                 rows.append(row)
                 verdict = f"solved at step {row['solved_step']}" if row["solved"] else (
                     f"not solved ({row['stopped_by']})")
-                print(f"{cell} T={length} clip={clipping}: {verdict}, final test MSE "
-                      f"{row['final_test_mse']:.4f}, {row['seconds']} s", flush=True)
+                progress.finish(f"{label}: {verdict}, final test MSE "
+                                f"{row['final_test_mse']:.4f}, {row['seconds']} s")
                 write_results(rows, config)
     print()
     print(markdown_table(rows, config))
@@ -291,14 +296,17 @@ FLAGS = flags.FLAGS
 _D = Config()
 flags.DEFINE_string("out", _D.out, "Directory for results.md and results.json.")
 flags.DEFINE_list("cells", list(_D.cells), f"Cells to sweep, from {', '.join(CELLS)}.")
-flags.DEFINE_list("lengths", [str(t) for t in _D.lengths], "Time lags T to sweep.")
+flags.DEFINE_list("lengths", [str(t) for t in _D.lengths],
+                  "Sequence lengths T (time lags) to sweep.")
 flags.DEFINE_list("clipping", list(_D.clipping),
                   "Clipping settings to sweep: on (fr.ClippingOptimizer, global norm), off.")
 flags.DEFINE_integer("units", _D.units, "Hidden units.", lower_bound=1)
 flags.DEFINE_integer("batch_size", _D.batch_size, "Batch size.", lower_bound=1)
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Adam learning rate.")
 flags.DEFINE_float("clip_threshold", _D.clip_threshold, "Global-norm clipping threshold.")
-flags.DEFINE_integer("max_steps", _D.max_steps, "Step budget per setting.", lower_bound=1)
+flags.DEFINE_integer("steps", _D.steps,
+                     "Training steps per setting, at most (a setting stops once solved).",
+                     lower_bound=1)
 flags.DEFINE_float("max_seconds", _D.max_seconds,
                    "Wall-time budget per setting in seconds (checked at each evaluation; 0: "
                    "none).")

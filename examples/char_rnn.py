@@ -1,33 +1,32 @@
-r"""Character-level RNN language model with a stacked fr.LSTM: perplexity and sampled text.
+"""Character-level RNN language model with a stacked fr.LSTM: perplexity and sampled text.
 
 The char-RNN setting (Karpathy 2015; the WildML RNN tutorial; cs224n): a text becomes character
-ids ``c_0 .. c_{N-1}`` (vocabulary: its distinct characters), cut into windows of ``--seq_len``
-steps; the model reads ``c_t`` and predicts ``c_{t+1}`` at every step,
+ids c_0 ... c_(N−1) (vocabulary: its distinct characters), cut into windows of --length steps;
+the model reads c_t and predicts c_(t+1) at every step,
 
-.. math::  p(c_{t+1} \mid c_{\le t}) = \mathrm{softmax}(W_o h_t^{(L)} + b_o), \qquad
-           h^{(l)}_t = \mathrm{LSTM}_l(h^{(l-1)}_t, h^{(l)}_{t-1}),\ h^{(0)}_t = E[c_t]
+    p(c_(t+1) | c_≤t) = softmax(W_o h_t + b_o),  h_t the top layer's state,
 
-trained with the mean cross-entropy; the per-character perplexity is ``exp`` of it. Baselines: a
-uniform guess scores ``|V|``, the unigram frequencies ``exp(H_unigram)``.
+trained with the mean cross-entropy; the per-character perplexity is exp of it. Baselines: a
+uniform guess scores |V|, the unigram frequencies exp(H_unigram).
 
-Model: ``Embedding -> fr.StackedRNN([fr.LSTM(units, return_sequences=True)] * layers) ->
-Dense(|V|)``, ``fr.ClippingOptimizer(Adam(lr), global norm --clip_threshold)``, a
-``fr.GradientNormMonitor`` recording ‖∂ℓ/∂h_t‖ of every LSTM layer on a validation batch, and
-optionally truncated BPTT (``--bptt_truncate``, the WildML tutorial's ``bptt_truncate``).
+Model: Embedding -> fr.StackedRNN([fr.LSTM(units, return_sequences=True)] * layers) ->
+Dense(|V|), fr.ClippingOptimizer(Adam(lr), global norm --clip_threshold), an
+fr.GradientNormMonitor recording ‖∂ℓ/∂h_t‖ of every LSTM layer on a validation batch, and
+optionally truncated BPTT (--bptt_truncate, the WildML tutorial's bptt_truncate).
 
-Text, in order of preference: ``--text_file`` (any local UTF-8 file; the last 10 % is the
-validation text); TFDS ``tiny_shakespeare`` when it is already prepared in the TFDS data directory
-(or ``--download`` and the network allows it); else a small built-in text (public-domain
+Text, in order of preference: --text_file (any local UTF-8 file; its last tenth is the
+validation text); TFDS tiny_shakespeare when it is already prepared in the TFDS data directory
+(or --download and the network allows it); else a small built-in text (public-domain
 Shakespeare, ~5 KB). The network is never required.
 
     python examples/char_rnn.py --out /tmp/char_rnn [--text_file input.txt]
 
-writes ``results.md``, ``results.json`` (losses, perplexities, baselines), ``samples.txt``,
-``grad_norms.png`` / ``grad_norms.csv`` (the monitor) and ``tensorboard/`` to ``--out``. The
-defaults (2 × 128 LSTM units, dropout 0.3 between them, 200 steps) run in about 20 s on a 2-core
-CPU; on the ~5 KB built-in text the validation perplexity bottoms out near 11 (unigram: 22,
-uniform: 55) and the model starts to memorise after ~200 steps: give it a larger ``--text_file``
-(and more ``--steps``) for real results.
+writes results.md, results.json (losses, perplexities, baselines), samples.txt, grad_norms.png
+and grad_norms.csv (the monitor) and tensorboard/ to --out. The defaults (2 × 128 LSTM units,
+dropout 0.3 between them, 200 steps) run in about 20 s on a 2-core CPU; on the ~5 KB built-in
+text the validation perplexity bottoms out near 11 (unigram: 22, uniform: 55) and the model
+starts to memorise after ~200 steps: give it a larger --text_file (and more --steps) for real
+results.
 """
 
 from __future__ import annotations
@@ -39,7 +38,9 @@ import os
 import time
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import _cli
+
+_cli.quiet_startup()  # before TensorFlow loads
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -207,7 +208,7 @@ class Config:
     embedding_dim: int = 32
     dropout: float = 0.3
     bptt_truncate: int | None = None
-    seq_len: int = 64
+    length: int = 64
     batch_size: int = 32
     steps: int = 200
     eval_every: int = 50
@@ -221,7 +222,7 @@ class Config:
     def __post_init__(self):
         if self.cell not in CELLS:
             raise ValueError(f"cell must be one of {list(CELLS)}, got {self.cell!r}")
-        for name in ("layers", "units", "embedding_dim", "seq_len", "batch_size", "steps",
+        for name in ("layers", "units", "embedding_dim", "length", "batch_size", "steps",
                      "eval_every", "record_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -247,10 +248,10 @@ def load_text(config: Config) -> dict[str, Any]:
         text = frd.read_text(os.fspath(config.text_file))
         return _split_text(text, f"file {config.text_file}", config)
     try:
-        train, vocab = frd.tiny_shakespeare(config.seq_len, config.batch_size, "train",
+        train, vocab = frd.tiny_shakespeare(config.length, config.batch_size, "train",
                                             data_dir=config.data_dir, download=config.download,
                                             seed=config.seed, drop_remainder=False)
-        val, _ = frd.tiny_shakespeare(config.seq_len, config.batch_size, "validation",
+        val, _ = frd.tiny_shakespeare(config.length, config.batch_size, "validation",
                                       data_dir=config.data_dir, download=False, shuffle=False,
                                       drop_remainder=False)
     except frd.DatasetUnavailableError as err:
@@ -267,14 +268,14 @@ def _split_text(text: str, source: str, config: Config) -> dict[str, Any]:
     vocab = frd.CharVocabulary.from_text(text)
     cut = int(0.9 * len(text))
     train_text, val_text = text[:cut], text[cut:]
-    if len(val_text) < config.seq_len + 1:
+    if len(val_text) < config.length + 1:
         raise ValueError(
-            f"the text ({len(text)} characters) is too short for seq_len={config.seq_len}: its "
+            f"the text ({len(text)} characters) is too short for length={config.length}: its "
             f"last 10 % ({len(val_text)} characters) must hold at least one validation window"
         )
-    train, _ = frd.text_dataset(train_text, config.seq_len, config.batch_size, vocabulary=vocab,
+    train, _ = frd.text_dataset(train_text, config.length, config.batch_size, vocabulary=vocab,
                                 seed=config.seed, drop_remainder=False)
-    val, _ = frd.text_dataset(val_text, config.seq_len, config.batch_size, vocabulary=vocab,
+    val, _ = frd.text_dataset(val_text, config.length, config.batch_size, vocabulary=vocab,
                               shuffle=False, drop_remainder=False)
     return {"source": source, "train": train, "validation": val, "vocabulary": vocab,
             "train_ids": vocab.encode(train_text)}
@@ -309,12 +310,16 @@ def build_model(vocab_size: int, config: Config) -> keras.Model:
 
 
 class EvalLog(keras.callbacks.Callback):
-    """Prints and keeps ``(step, train loss, validation loss, validation perplexity)``."""
+    """Prints and keeps ``(step, train loss, validation loss, validation perplexity)``, with the
+    evaluations done out of all and the time left."""
 
     def __init__(self, eval_every: int):
         super().__init__()
         self.eval_every = eval_every
         self.rows: list[dict[str, float]] = []
+
+    def on_train_begin(self, logs=None):
+        self.progress = _cli.Progress(self.params["epochs"])  # an epoch ends in an evaluation
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -322,14 +327,14 @@ class EvalLog(keras.callbacks.Callback):
         row = {"step": (epoch + 1) * self.eval_every, "train_loss": float(logs["loss"]),
                "val_loss": val, "val_perplexity": math.exp(val) if val < 50 else math.inf}
         self.rows.append(row)
-        print(f"  step {row['step']:5d}  train loss {row['train_loss']:.3f}  val loss "
-              f"{val:.3f}  val perplexity {row['val_perplexity']:.2f}", flush=True)
+        self.progress.finish(f"step {row['step']:5d}  train loss {row['train_loss']:.3f}  val "
+                             f"loss {val:.3f}  val perplexity {row['val_perplexity']:.2f}")
 
 
 def sample(model: keras.Model, vocabulary: frd.CharVocabulary, prime: np.ndarray, length: int,
-           temperature: float, seq_len: int, seed: int) -> str:
+           temperature: float, context: int, seed: int) -> str:
     """``length`` characters drawn one at a time from ``softmax(logits / temperature)``, each
-    conditioned on the last ``seq_len`` characters (the window length the model was trained
+    conditioned on the last ``context`` characters (the window length the model was trained
     on), starting from the ids ``prime``."""
     rng = np.random.default_rng(seed)
 
@@ -340,7 +345,7 @@ def sample(model: keras.Model, vocabulary: frd.CharVocabulary, prime: np.ndarray
     ids = list(np.asarray(prime, dtype=np.int32).reshape(-1))
     out = []
     for _ in range(length):
-        window = np.asarray(ids[-seq_len:], dtype=np.int32)[None]
+        window = np.asarray(ids[-context:], dtype=np.int32)[None]
         logits = last_logits(tf.constant(window)).numpy().astype(np.float64) / temperature
         p = np.exp(logits - logits.max())
         nxt = int(rng.choice(len(p), p=p / p.sum()))
@@ -378,7 +383,7 @@ def run(config: Config) -> dict[str, Any]:
         monitor.record()
     monitor.plot(os.path.join(config.out, "grad_norms.png"))
     text = sample(model, vocab, x_probe.numpy()[0], config.sample_length, config.temperature,
-                  config.seq_len, config.seed)
+                  config.length, config.seed)
     prime = vocab.decode(x_probe.numpy()[0])
     history = monitor.history
     stats = model.optimizer.stats()
@@ -410,7 +415,7 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"# Char-RNN: {c['layers']} × fr.{layer}({c['units']}), {summary['source']}",
         "",
-        f"Vocabulary {summary['vocabulary_size']} characters; seq_len {c['seq_len']}, batch "
+        f"Vocabulary {summary['vocabulary_size']} characters; length {c['length']}, batch "
         f"{c['batch_size']}, Adam lr {c['learning_rate']}, global-norm clipping at "
         f"{c['clip_threshold']} (clip rate {summary['clip_rate']:.2f}, "
         f"{summary['skipped_steps']} skipped steps), bptt_truncate {c['bptt_truncate']}. "
@@ -476,7 +481,8 @@ flags.DEFINE_integer("embedding_dim", _D.embedding_dim, "Character embedding siz
 flags.DEFINE_float("dropout", _D.dropout, "Dropout between stacked layers.")
 flags.DEFINE_integer("bptt_truncate", None,
                      "Truncated BPTT: gradients flow back at most this many steps (WildML).")
-flags.DEFINE_integer("seq_len", _D.seq_len, "Characters per training window.", lower_bound=1)
+flags.DEFINE_integer("length", _D.length, "Sequence length T: characters per training window.",
+                     lower_bound=1)
 flags.DEFINE_integer("batch_size", _D.batch_size, "Windows per batch.", lower_bound=1)
 flags.DEFINE_integer("steps", _D.steps, "Training steps.", lower_bound=1)
 flags.DEFINE_integer("eval_every", _D.eval_every,

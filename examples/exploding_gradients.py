@@ -1,24 +1,24 @@
-r"""Exploding gradients in a tanh RNN: plain SGD diverges to nan, the ClippingOptimizer trains.
+"""Exploding gradients in a tanh RNN: plain SGD diverges to nan, the ClippingOptimizer trains.
 
-A tanh SimpleRNN whose recurrent kernel is drawn with a large gain, U ~ N(0, gain^2 / units), is in
-the chaotic regime for gain > 1: the BPTT Jacobian products diag(1 - h_t^2) U^T grow with the time
-lag, and the gradient of the loss reaches hundreds or thousands at initialisation (Pascanu, Mikolov
-& Bengio 2013). One plain SGD step of that size throws the weights far away and the loss becomes
-inf, then nan. The same model and data trained with
-``ClippingOptimizer(SGD(lr), method="global_norm", threshold=1)`` — "if the norm of the gradient is
-greater than some threshold, scale it down before applying the SGD update" — learns.
+A tanh SimpleRNN whose recurrent kernel is drawn with a large gain, U ~ N(0, gain² / units), is
+in the chaotic regime for gain > 1: the BPTT Jacobian products diag(1 − h_t²) Uᵀ grow with the
+time lag, and the gradient of the loss reaches hundreds or thousands at initialisation (Pascanu,
+Mikolov & Bengio 2013). One plain SGD step of that size throws the weights far away and the loss
+becomes inf, then nan. The same model and data trained with
+ClippingOptimizer(SGD(lr), method="global_norm", threshold=1) ("if the norm of the gradient is
+greater than some threshold, scale it down before applying the SGD update") learns.
 
-Task: the input is a sequence x_t ~ U[-1, 1] of length ``--seq_len``; the target is the sum of its
+Task: the input is a sequence x_t ~ U[−1, 1] of length --length; the target is the sum of its
 last 5 values. Predicting the mean scores the baseline MSE, Var(y) = 5/3.
 
-Both runs log the global gradient norm of every step through ``keras_fancyrnn.ClippingStats``. For
-the plain-SGD run the wrapper is only a monitor: ``threshold=1e38`` never fires and
-``skip_nonfinite=False`` lets nan through, and an update under the threshold is bit-identical to
-the inner optimizer's (tests/test_optimizers.py checks this), so that run *is* plain SGD.
+Both runs log the global gradient norm of every step through keras_fancyrnn.ClippingStats. For
+the plain-SGD run the wrapper is only a monitor: threshold=1e38 never fires and
+skip_nonfinite=False lets nan through, and an update under the threshold is bit-identical to the
+inner optimizer's (tests/test_optimizers.py checks this), so that run is plain SGD.
 
     python examples/exploding_gradients.py --out /tmp/exploding
 
-writes ``summary.json`` and ``summary.md`` to ``--out``. The defaults run in about 15 s on a CPU.
+writes summary.json and summary.md to --out. The defaults run in about 15 s on a CPU.
 """
 
 from __future__ import annotations
@@ -28,23 +28,25 @@ import math
 import os
 import time
 
-from absl import app, flags
+import _cli
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_cli.quiet_startup()  # before TensorFlow loads
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from keras_fancyrnn.optimizers import METHODS, ClippingOptimizer, ClippingStats  # noqa: E402
 from keras_fancyrnn.reporting import json_safe  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("seq_len", 30, "Sequence length T.")
+flags.DEFINE_integer("length", 30, "Sequence length T.")
 flags.DEFINE_integer("units", 32, "Hidden units of the tanh SimpleRNN.")
 flags.DEFINE_float("gain", 2.5, "Recurrent init: U ~ N(0, gain^2 / units); > 1 is chaotic.")
 flags.DEFINE_float("learning_rate", 0.1, "SGD learning rate, the same for both runs.")
-flags.DEFINE_enum("method", "global_norm", list(METHODS), "ClippingOptimizer method.")
-flags.DEFINE_float("threshold", None, "Clip threshold (default: the method's; none for 'auto').")
+flags.DEFINE_enum("clip_method", "global_norm", list(METHODS), "ClippingOptimizer method.")
+flags.DEFINE_float("clip_threshold", None,
+                  "Clip threshold (default: the method's; none for 'auto').")
 flags.DEFINE_integer("epochs", 30, "Training epochs.")
 flags.DEFINE_integer("num_train", 2048, "Training sequences.")
 flags.DEFINE_integer("num_test", 512, "Test sequences.")
@@ -57,18 +59,18 @@ flags.DEFINE_string("out", None, "Directory for summary.json and summary.md (opt
 LAST = 5  # the target sums the last LAST inputs
 
 
-def make_data(n: int, seq_len: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    x = rng.uniform(-1.0, 1.0, size=(n, seq_len, 1)).astype("float32")
+def make_data(n: int, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    x = rng.uniform(-1.0, 1.0, size=(n, length, 1)).astype("float32")
     y = x[:, -LAST:, 0].sum(axis=1, keepdims=True).astype("float32")
     return x, y
 
 
-def make_model(seq_len: int, units: int, gain: float, seed: int) -> keras.Model:
+def make_model(length: int, units: int, gain: float, seed: int) -> keras.Model:
     keras.utils.set_random_seed(seed)
     recurrent_init = keras.initializers.RandomNormal(stddev=gain / math.sqrt(units), seed=seed)
     return keras.Sequential(
         [
-            keras.Input((seq_len, 1)),
+            keras.Input((length, 1)),
             keras.layers.SimpleRNN(units, activation="tanh", recurrent_initializer=recurrent_init),
             keras.layers.Dense(1),
         ]
@@ -95,8 +97,9 @@ class StepRecorder(keras.callbacks.Callback):
             self.first_nonfinite_loss = self.seen
 
 
-def train(name: str, optimizer: ClippingOptimizer, data: dict) -> dict:
-    model = make_model(FLAGS.seq_len, FLAGS.units, FLAGS.gain, FLAGS.seed)
+def train(name: str, optimizer: ClippingOptimizer, data: dict, progress: _cli.Progress) -> dict:
+    progress.start(f"training with {name} ({FLAGS.epochs} epochs)")
+    model = make_model(FLAGS.length, FLAGS.units, FLAGS.gain, FLAGS.seed)
     model.compile(optimizer, "mse", jit_compile=FLAGS.jit_compile)
     recorder = StepRecorder(FLAGS.show_steps)
     start = time.time()
@@ -112,10 +115,12 @@ def train(name: str, optimizer: ClippingOptimizer, data: dict) -> dict:
     test_mse = float(model.evaluate(data["x_test"], data["y_test"], verbose=0))
     weights_finite = all(np.all(np.isfinite(w)) for w in model.get_weights())
     stats = optimizer.stats()
-    print(f"{name}: {seconds:.1f} s, test MSE {test_mse:.4g}, weights finite: {weights_finite}")
+    progress.finish(f"{name}: {seconds:.1f} s, test MSE {test_mse:.4g}, weights finite: "
+                    f"{weights_finite}")
     return {
         "first_nonfinite_grad_norm_step": recorder.first_nonfinite_grad_norm,
         "first_nonfinite_loss_step": recorder.first_nonfinite_loss,
+        "steps": recorder.seen,
         "name": name,
         "seconds": round(seconds, 2),
         "test_mse": test_mse,
@@ -126,6 +131,19 @@ def train(name: str, optimizer: ClippingOptimizer, data: dict) -> dict:
     }
 
 
+def nonfinite_report(run: dict) -> str:
+    """The step at which a run's gradient norm and loss first became non-finite, or that they
+    never did (the first-step fields are None then: a mild --gain, a short --length or few steps
+    do not make plain SGD diverge)."""
+    steps = run["steps"]
+    first = {"gradient norm": run["first_nonfinite_grad_norm_step"],
+             "loss": run["first_nonfinite_loss_step"]}
+    if all(step is None for step in first.values()):
+        return f"no non-finite gradient norm or loss in {steps} steps"
+    return ", ".join(f"first non-finite {what} at step {step} of {steps}" if step is not None
+                     else f"{what} finite in all {steps} steps" for what, step in first.items())
+
+
 def fmt(v: float) -> str:
     return f"{v:.4g}" if math.isfinite(v) else str(v)
 
@@ -133,8 +151,8 @@ def fmt(v: float) -> str:
 def markdown(summary: dict) -> str:
     plain, clipped = summary["plain"], summary["clipped"]
     lines = [
-        f"Exploding gradients: tanh SimpleRNN({FLAGS.units}), T={FLAGS.seq_len}, recurrent gain "
-        f"{FLAGS.gain}, SGD lr={FLAGS.learning_rate}; clipped run: method={FLAGS.method}, "
+        f"Exploding gradients: tanh SimpleRNN({FLAGS.units}), T={FLAGS.length}, recurrent gain "
+        f"{FLAGS.gain}, SGD lr={FLAGS.learning_rate}; clipped run: method={FLAGS.clip_method}, "
         f"threshold={clipped['threshold']}. Baseline test MSE (predict the mean) "
         f"{summary['baseline_mse']:.4g}.",
         "",
@@ -166,9 +184,7 @@ def markdown(summary: dict) -> str:
         )
     lines += [
         "",
-        f"Plain SGD: first non-finite gradient norm at step "
-        f"{plain['first_nonfinite_grad_norm_step']}, first non-finite loss at step "
-        f"{plain['first_nonfinite_loss_step']}. Clipped: "
+        f"Plain SGD: {nonfinite_report(plain)}. Clipped: "
         f"{clipped['final_stats']['clipped_steps']} of {clipped['final_stats']['applied_steps']} "
         f"steps clipped, {clipped['final_stats']['skipped_steps']} skipped.",
         "",
@@ -181,41 +197,44 @@ def markdown(summary: dict) -> str:
 def main(argv: list[str]) -> None:
     del argv
     rng = np.random.default_rng(FLAGS.seed)
-    x_train, y_train = make_data(FLAGS.num_train, FLAGS.seq_len, rng)
-    x_test, y_test = make_data(FLAGS.num_test, FLAGS.seq_len, rng)
+    x_train, y_train = make_data(FLAGS.num_train, FLAGS.length, rng)
+    x_test, y_test = make_data(FLAGS.num_test, FLAGS.length, rng)
     data = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
     baseline = float(np.mean((y_test - y_train.mean()) ** 2))
 
-    probe = make_model(FLAGS.seq_len, FLAGS.units, FLAGS.gain, FLAGS.seed)
+    probe = make_model(FLAGS.length, FLAGS.units, FLAGS.gain, FLAGS.seed)
     probe_opt = ClippingOptimizer(keras.optimizers.SGD(0.0), threshold=1e38)
     probe.compile(probe_opt, "mse")
     probe.fit(x_train, y_train, batch_size=len(x_train), verbose=0)  # one full-batch step
     initial_norm = probe_opt.stats()["grad_norm"]
     print(f"baseline test MSE {baseline:.4g}; gradient norm at initialisation {initial_norm:.4g}")
 
+    progress = _cli.Progress(2)  # the plain and the clipped run
     plain = train(
         "plain SGD",
         ClippingOptimizer(
             keras.optimizers.SGD(FLAGS.learning_rate), threshold=1e38, skip_nonfinite=False
         ),
         data,
+        progress,
     )
     clipping = ClippingOptimizer(
-        keras.optimizers.SGD(FLAGS.learning_rate), method=FLAGS.method, threshold=FLAGS.threshold
+        keras.optimizers.SGD(FLAGS.learning_rate), method=FLAGS.clip_method,
+        threshold=FLAGS.clip_threshold,
     )
-    clipped = train(f"ClippingOptimizer({FLAGS.method})", clipping, data)
+    clipped = train(f"ClippingOptimizer({FLAGS.clip_method})", clipping, data, progress)
     clipped["threshold"] = clipping.threshold
 
     summary = {
         "flags": {
             name: FLAGS[name].value
             for name in (
-                "seq_len",
+                "length",
                 "units",
                 "gain",
                 "learning_rate",
-                "method",
-                "threshold",
+                "clip_method",
+                "clip_threshold",
                 "epochs",
                 "num_train",
                 "num_test",

@@ -5,13 +5,12 @@
 
 1. Trains a small model (Masking -> fr.Bidirectional(fr.LSTM) -> fr.GRU -> Dense) for a few
    seconds on a toy task: the mean of a right-padded sequence of numbers.
-2. Exports it with ``model.export(path)`` (format ``tf_saved_model``). With ``--streaming`` the
-   model is unidirectional and is exported with ``fr.export_saved_model(...,
-   state_layers="all")``: every recurrent state becomes an input and an output of ``serve``, so the
-   sequence can be served chunk by chunk (a model with ``stateful=True`` layers is exported the
-   same way by default).
-3. Starts a fresh Python (``-I``, outside the repository) in which a meta-path finder makes
-   ``import keras_fancyrnn`` fail, loads the SavedModel with ``tf.saved_model.load``, serves inputs
+2. Exports it with model.export(path) (format tf_saved_model). With --streaming the model is
+   unidirectional and is exported with fr.export_saved_model(..., state_layers="all"): every
+   recurrent state becomes an input and an output of serve, so the sequence can be served chunk
+   by chunk (a model with stateful=True layers is exported the same way by default).
+3. Starts a fresh Python (-I, outside the repository) in which a meta-path finder makes
+   "import keras_fancyrnn" fail, loads the SavedModel with tf.saved_model.load, serves inputs
    with a batch size and lengths never seen in training, and prints the serving signature.
 4. Compares the served outputs with the Keras model's.
 """
@@ -25,7 +24,9 @@ import sys
 import tempfile
 import textwrap
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import _cli
+
+_cli.quiet_startup()  # before TensorFlow loads
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -37,8 +38,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Directory for the SavedModel and the serving files "
                     "(default: a new temporary directory).")
 flags.DEFINE_integer("units", 16, "Units per recurrent layer.")
-flags.DEFINE_integer("steps", 20, "Longest training sequence.")
-flags.DEFINE_integer("samples", 512, "Training sequences.")
+flags.DEFINE_integer("length", 20, "Sequence length T of the longest training sequence.")
+flags.DEFINE_integer("num_train", 512, "Training sequences.")
 flags.DEFINE_integer("epochs", 2, "Training epochs.")
 flags.DEFINE_bool("streaming", False, "Export explicit states and serve the test sequences in "
                   "chunks (unidirectional model).")
@@ -87,11 +88,11 @@ SERVE = textwrap.dedent(
 )
 
 
-def toy_data(rng, n, max_steps, min_steps=1):
+def toy_data(rng, n, max_length, min_length=1):
     """Right-padded sequences of numbers in [0, 1); the target is the mean of the real ones."""
-    lengths = rng.integers(min_steps, max_steps + 1, size=n)
-    x = rng.uniform(0.05, 1.0, size=(n, max_steps, 1)).astype("float32")
-    x[np.arange(max_steps)[None, :] >= lengths[:, None]] = 0.0  # padding, masked by Masking(0)
+    lengths = rng.integers(min_length, max_length + 1, size=n)
+    x = rng.uniform(0.05, 1.0, size=(n, max_length, 1)).astype("float32")
+    x[np.arange(max_length)[None, :] >= lengths[:, None]] = 0.0  # padding, masked by Masking(0)
     y = x.sum(axis=(1, 2)) / lengths
     return x, y.astype("float32")[:, None]
 
@@ -115,22 +116,29 @@ def serve_elsewhere(path: str, x: np.ndarray, names: list[str], workdir: str) ->
     inputs, outputs = os.path.join(workdir, "inputs.npz"), os.path.join(workdir, "outputs.npz")
     np.savez(inputs, x=x)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, "-I", script, path, inputs, outputs, json.dumps(names)],
-                   cwd=workdir, env=env, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-I", script, path, inputs, outputs, json.dumps(names)], cwd=workdir,
+        env=env, stderr=subprocess.PIPE, text=True,
+    )
+    sys.stderr.write(_cli.drop_startup_noise(proc.stderr))  # its TensorFlow starts up too
+    if proc.returncode != 0:
+        raise SystemExit(f"the serving process ({script}) exited with {proc.returncode}; its "
+                         "error is above")
     return np.load(outputs)["y"]
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # TensorFlow's export INFO lines
-    out = FLAGS.out or tempfile.mkdtemp(prefix="fr_export_")
+    # Absolute: the serving process runs in `out`, where a relative path would point elsewhere.
+    out = os.path.abspath(FLAGS.out or tempfile.mkdtemp(prefix="fr_export_"))
     os.makedirs(out, exist_ok=True)
     keras.utils.set_random_seed(FLAGS.seed)
     rng = np.random.default_rng(FLAGS.seed)
 
     model = build_model(FLAGS.units, FLAGS.streaming)
     model.compile(keras.optimizers.Adam(3e-3), "mse")
-    x, y = toy_data(rng, FLAGS.samples, FLAGS.steps)
+    x, y = toy_data(rng, FLAGS.num_train, FLAGS.length)
     history = model.fit(x, y, batch_size=64, epochs=FLAGS.epochs, verbose=2)
     print(f"trained: mse {history.history['loss'][-1]:.4f}")
 
@@ -146,9 +154,9 @@ def main(argv):
     # of 4 steps and no padding: a chunk in which a row is all padding outputs zeros for that row
     # (Keras's rule for masked steps; its state still carries over).
     if FLAGS.streaming:
-        x_test, y_test = toy_data(rng, 7, 2 * FLAGS.steps, min_steps=2 * FLAGS.steps)
+        x_test, y_test = toy_data(rng, 7, 2 * FLAGS.length, min_length=2 * FLAGS.length)
     else:
-        x_test, y_test = toy_data(rng, 7, FLAGS.steps + 5)
+        x_test, y_test = toy_data(rng, 7, FLAGS.length + 5)
     served = serve_elsewhere(path, x_test, names, out)
     expected = np.asarray(model(x_test))
     diff = float(np.max(np.abs(served - expected)))

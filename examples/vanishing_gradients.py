@@ -1,42 +1,42 @@
-r"""The main job: watch gradients vanish in a tanh RNN, and not in an LSTM or GRU.
+"""The main job: watch gradients vanish in a tanh RNN, and not in an LSTM or GRU.
 
-Trains three recurrent models, ``fr.SimpleRNN`` (tanh), ``fr.LSTM`` and ``fr.GRU``, on the adding
-problem (Hochreiter & Schmidhuber 1997; Le et al. 2015; Arjovsky et al. 2016) at ``T = --length``
-(100 by default): the input is ``T`` pairs (value in [0, 1), 0/1 marker), exactly one marker in
-each half of the sequence, and the target is the sum of the two marked values. Predicting the
-constant 1 scores the baseline MSE 1/6 ≈ 0.167; the task counts as solved at test MSE < 0.01.
+Trains three recurrent models, fr.SimpleRNN (tanh), fr.LSTM and fr.GRU, on the adding problem
+(Hochreiter & Schmidhuber 1997; Le et al. 2015; Arjovsky et al. 2016) at T = --length (100 by
+default): the input is T pairs (value in [0, 1), 0/1 marker), exactly one marker in each half of
+the sequence, and the target is the sum of the two marked values. Predicting the constant 1
+scores the baseline MSE 1/6 ≈ 0.167; the task counts as solved at test MSE < 0.01.
 
-Each model is ``Input(T, 2) -> fr layer(units) -> Dense(1)`` trained with MSE and
-``fr.ClippingOptimizer(Adam(lr), method="global_norm", threshold=1)``, with a
-``fr.GradientNormMonitor`` recording, every ``--record_every`` steps, the per-timestep curve
+Each model is Input(T, 2) -> fr layer(units) -> Dense(1), trained with MSE and
+fr.ClippingOptimizer(Adam(lr), method="global_norm", threshold=1), with an
+fr.GradientNormMonitor recording, every --record_every steps, the per-timestep curve
 
-.. math::  g_t = \tfrac{1}{B}\textstyle\sum_i \lVert \partial\ell_i / \partial h_t \rVert_2
+    g_t = (1/B) Σ_i ‖∂ℓ_i/∂h_t‖
 
-on a fixed probe batch of test sequences: the total derivative through the recurrence (BPTT),
-the quantity of Arjovsky et al. 2016, Fig. 4. In a tanh RNN it is a product of ``T - t`` Jacobians
-``diag(1 - h^2) U^T`` and decays exponentially in ``T - t``; in an LSTM the cell state carries it
-back through ``c_t = f ⊙ c_{t-1} + ...`` and it decays far less, once the forget gates learn to
-stay open.
+on a fixed probe batch of B test sequences: the total derivative through the recurrence (BPTT),
+the quantity of Arjovsky et al. 2016, Fig. 4. In a tanh RNN it is a product of T − t Jacobians
+diag(1 − h²) Uᵀ and decays exponentially in T − t; in an LSTM the cell state carries it back
+through c_t = f ⊙ c_(t−1) + ... and it decays far less, once the forget gates learn to stay open.
 
     python examples/vanishing_gradients.py --out /tmp/vanishing_gradients
 
-writes to ``--out``:
+writes to --out:
 
-* ``gradient_norms.png`` — ‖∂ℓ/∂h_t‖ over ``t`` (log scale) for every model, at initialisation
-  (left) and at the end of training (right);
-* ``heatmap.png`` — ``log10 ‖∂ℓ/∂h_t‖`` per record (rows: training step) and timestep, per model;
-* ``test_mse.png`` — test MSE over training against the 0.167 baseline;
-* ``results.md`` / ``results.json`` — the table (model, final test MSE vs the baseline, solved,
-  first/last gradient ratio at initialisation and at the end, clip rate, skipped steps, seconds)
-  and, in the JSON, the curves and the test-MSE history;
-* ``report.md`` — the table with the pictures embedded;
-* ``<model>/grad_norms.csv`` — every record of the monitor (long format);
-* ``tensorboard/<model>`` — train loss, test MSE and clipping stats; ``tensorboard/<model>/
-  gradient_norms`` — the monitor's summaries (``tensorboard --logdir <out>/tensorboard``).
+  gradient_norms.png   ‖∂ℓ/∂h_t‖ over t (log scale) for every model, at initialisation (left)
+                       and at the end of training (right)
+  heatmap.png          log10 ‖∂ℓ/∂h_t‖ per record (rows: training step) and timestep, per model
+  test_mse.png         test MSE over training against the 0.167 baseline
+  results.md, .json    the table (model, final test MSE vs the baseline, solved, first/last
+                       gradient ratio at initialisation and at the end, clip rate, skipped
+                       steps, seconds) and, in the JSON, the curves and the test-MSE history
+  report.md            the table with the pictures embedded
+  <model>/grad_norms.csv
+                       every record of the monitor (long format)
+  tensorboard/<model>  train loss, test MSE and clipping stats; in gradient_norms/ under it the
+                       monitor's summaries (tensorboard --logdir <out>/tensorboard)
 
 The defaults (units 64, Adam lr 0.01, batch 32, 2000 steps per model) run in 2-3 minutes on a
-2-core laptop CPU. The main logic is in functions (``Config``, ``load_data``, ``train_model``,
-``run``, ``write_report``) that a test imports.
+2-core laptop CPU. The main logic is in functions (Config, load_data, train_model, run,
+write_report) that a test imports.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ import os
 import time
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import _cli
+
+_cli.quiet_startup()  # before TensorFlow loads
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -77,7 +79,7 @@ class Config:
 
     out: str = "vanishing_gradients_report"
     length: int = 100
-    models: tuple[str, ...] = ("simple_rnn", "lstm", "gru")
+    cells: tuple[str, ...] = ("simple_rnn", "lstm", "gru")
     units: int = 64
     steps: int = 2000
     batch_size: int = 32
@@ -94,11 +96,11 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):
-        self.models = tuple(self.models)
-        unknown = [m for m in self.models if m not in CELLS]
-        if unknown or not self.models:
-            raise ValueError(f"models must be a non-empty subset of {list(CELLS)}, got "
-                             f"{list(self.models)}")
+        self.cells = tuple(self.cells)
+        unknown = [c for c in self.cells if c not in CELLS]
+        if unknown or not self.cells:
+            raise ValueError(f"cells must be a non-empty subset of {list(CELLS)}, got "
+                             f"{list(self.cells)}")
         for name in ("length", "units", "steps", "batch_size", "record_every", "eval_every",
                      "probe_size", "num_train", "num_test"):
             value = getattr(self, name)
@@ -266,7 +268,7 @@ def train_model(cell: str, data: dict[str, np.ndarray], config: Config) -> dict[
 
 
 def run(config: Config) -> dict[str, Any]:
-    """Trains every model of ``config.models`` and writes the report to ``config.out``.
+    """Trains a model of every cell of ``config.cells`` and writes the report to ``config.out``.
 
     Returns ``{"config", "baseline_mse", "seconds", "rows": [...], "models": {cell: {...}}}``
     where each row is the table line of one model and ``models[cell]`` also holds
@@ -281,10 +283,14 @@ def run(config: Config) -> dict[str, Any]:
           f"{len(data['x_test'])} test sequences; baseline test MSE {baseline:.4f}")
     results: dict[str, Any] = {"config": dataclasses.asdict(config), "baseline_mse": baseline,
                                "models": {}}
-    for cell in config.models:
-        print(f"training {CELLS[cell][0]} ({config.steps} steps)", flush=True)
+    progress = _cli.Progress(len(config.cells))
+    for cell in config.cells:
+        progress.start(f"training {CELLS[cell][0]} ({config.steps} steps)")
         results["models"][cell] = train_model(cell, data, config)
-    results["rows"] = [results["models"][c]["row"] for c in config.models]
+        row = results["models"][cell]["row"]
+        progress.finish(f"{row['model']}: final test MSE {row['final_test_mse']:.4f}, "
+                        f"{row['seconds']} s")
+    results["rows"] = [results["models"][c]["row"] for c in config.cells]
     results["seconds"] = round(time.perf_counter() - start, 1)
     write_report(results, config.out)
     return results
@@ -537,9 +543,10 @@ def report_markdown(results: dict[str, Any], table: str) -> str:
 FLAGS = flags.FLAGS
 _D = Config()
 flags.DEFINE_string("out", _D.out, "Directory for the report, pictures, CSVs and TensorBoard.")
-flags.DEFINE_integer("length", _D.length, "Time lag T of the adding problem.", lower_bound=2)
-flags.DEFINE_list("models", list(_D.models),
-                  f"Comma-separated models to train, from {', '.join(CELLS)}.")
+flags.DEFINE_integer("length", _D.length,
+                     "Sequence length T (the time lag) of the adding problem.", lower_bound=2)
+flags.DEFINE_list("cells", list(_D.cells),
+                  f"Comma-separated cells to train a model of, from {', '.join(CELLS)}.")
 flags.DEFINE_integer("units", _D.units, "Hidden units of every recurrent layer.", lower_bound=1)
 flags.DEFINE_integer("steps", _D.steps, "Training steps (batches) per model.", lower_bound=1)
 flags.DEFINE_integer("batch_size", _D.batch_size, "Batch size.", lower_bound=1)

@@ -131,9 +131,9 @@ CATALOGUE = [
      ValueError, "split must be one of"),
     ("example: vanishing_gradients --length=1", lambda: example_config("vanishing_gradients",
      length=1), ValueError, "length must be >= 2, got 1"),
-    ("example: vanishing_gradients --models=transformer", lambda: example_config(
-        "vanishing_gradients", models=["transformer"]), ValueError,
-     "models must be a non-empty subset of"),
+    ("example: vanishing_gradients --cells=transformer", lambda: example_config(
+        "vanishing_gradients", cells=["transformer"]), ValueError,
+     "cells must be a non-empty subset of"),
     ("example: adding_problem --lengths=2", lambda: example_config("adding_problem",
      lengths=[2]), ValueError, "lengths must be integers >= 4"),
     ("example: adding_problem --data=web", lambda: example_config("adding_problem", data="web"),
