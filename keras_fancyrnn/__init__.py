@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from keras_fancyrnn import datasets, initializers
 from keras_fancyrnn.base import RNN, RecurrentCell
+from keras_fancyrnn.errors import LayerSelectionError
 from keras_fancyrnn.export import export_saved_model
 from keras_fancyrnn.gpu import portable
 from keras_fancyrnn.gru import GRU, GRUCell
@@ -22,6 +23,7 @@ __all__ = [
     "ClippingStats",
     "GRUCell",
     "GradientNormMonitor",
+    "LayerSelectionError",
     "LSTMCell",
     "RecurrentCell",
     "SimpleRNN",

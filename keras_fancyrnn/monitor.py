@@ -55,6 +55,7 @@ from keras import ops
 from keras_fancyrnn import reporting
 from keras_fancyrnn._tf import tf
 from keras_fancyrnn.base import RNN
+from keras_fancyrnn.errors import LayerSelectionError
 
 #: Records per ``every_n_batches`` when neither ``every_n_batches`` nor ``every_n_epochs`` is given.
 DEFAULT_EVERY_N_BATCHES = 100
@@ -150,10 +151,6 @@ def _walk(model):
     yield from visit(model, ())
 
 
-class _LayersError(ValueError):
-    """A ValueError about the ``layers`` argument (never re-labelled as a ``data`` error)."""
-
-
 def _side(layer, parent) -> str | None:
     """``"forward"``/``"backward"`` if ``layer`` is a direction of the wrapper ``parent``."""
     if parent is None or not _is_bidirectional(parent):
@@ -218,7 +215,7 @@ def _as_selection(layers) -> list:
     items = list(layers) if isinstance(layers, (list, tuple)) else [layers]
     for item in items:
         if not isinstance(item, (str, keras.layers.Layer)):
-            raise _LayersError(
+            raise LayerSelectionError(
                 "layers must be None, a layer name, a layer, or a list of them, got an item of "
                 f"type {type(item).__name__}: {item!r}"
             )
@@ -229,7 +226,7 @@ def _resolve(item, entries, model) -> list:
     if isinstance(item, keras.layers.Layer):
         found = [e for e in entries if e[0] is item]
         if not found:
-            raise _LayersError(
+            raise LayerSelectionError(
                 f"layers: the layer {item.name!r} is not part of the model {model.name!r}"
             )
         return found
@@ -241,7 +238,7 @@ def _resolve(item, entries, model) -> list:
                 found.append((layer, parent, path))
     if not found:
         names = sorted({e[0].name for e in entries if _is_recurrent(e[0])})
-        raise _LayersError(
+        raise LayerSelectionError(
             f"layers: no layer named {item!r} in the model {model.name!r}; its recurrent layers "
             f"are {names}"
         )
@@ -268,7 +265,7 @@ def _unique_keys(targets: list[_Target]) -> list[_Target]:
     keys = [k for t in targets for k in t.series_keys()]
     if len(set(keys)) != len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})
-        raise _LayersError(f"layers: two monitored layers give the same series keys {dup}")
+        raise LayerSelectionError(f"layers: two monitored layers give the same series keys {dup}")
     return targets
 
 
@@ -419,11 +416,11 @@ class ProbePass:
                 f"compiled loss ({type(e).__name__}: {e})"
             ) from e
         if self._trace_errors:
-            raise _LayersError(self._trace_errors[0])
+            raise LayerSelectionError(self._trace_errors[0])
         order = [k for t in self.targets for k in t.series_keys()]
         missing = [k for k in order if k not in out]
         if missing:
-            raise _LayersError(
+            raise LayerSelectionError(
                 f"layers: {missing} were not computed: the layer is not called in the model's "
                 "forward pass"
             )
@@ -888,7 +885,7 @@ class GradientNormMonitor(keras.callbacks.Callback):
             _check_loss(model, self.loss)
             targets = discover(model, self.layers, self.input_norms)
             if not targets:
-                raise _LayersError(
+                raise LayerSelectionError(
                     f"layers: the model {model.name!r} has no recurrent layer to monitor; pass "
                     "layers=[...] to name layers that take a sequence"
                 )

@@ -315,6 +315,25 @@ def test_bad_arguments_raise_value_errors_naming_them(rng):
         model.fit(x, y, epochs=1, verbose=0, callbacks=[monitor])
 
 
+def test_layer_selection_errors_have_a_public_type(rng):
+    """Errors about ``layers`` are ``fr.LayerSelectionError`` (a ValueError the package exports),
+    not a private class, and say what ``layers`` should be."""
+    assert issubclass(fr.LayerSelectionError, ValueError)
+    assert fr.LayerSelectionError.__module__ == "keras_fancyrnn.errors"
+    assert "LayerSelectionError" in fr.__all__
+    model = model_of(fr.GRU(H, name="g"))
+    x, y = data(rng)
+    with pytest.raises(fr.LayerSelectionError, match=r"layers: no layer named 'nope'.*\['g'\]"):
+        gradient_norms(model, x, y, layers="nope")
+    with pytest.raises(fr.LayerSelectionError, match="layers must be None, a layer name"):
+        GradientNormMonitor((x, y), layers=[3])
+    dense_only = keras.Sequential([keras.Input((D,)), keras.layers.Dense(OUT)])
+    dense_only.compile(loss="mse")
+    monitor = GradientNormMonitor((x[:, 0], y))
+    monitor.set_model(dense_only)
+    with pytest.raises(fr.LayerSelectionError, match="layers: .*no recurrent layer.*layers="):
+        monitor.record()
+
 # -- scheduling, logs, outputs ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small():
