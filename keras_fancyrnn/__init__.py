@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from keras_fancyrnn import datasets, initializers
 from keras_fancyrnn.base import RNN, RecurrentCell
-from keras_fancyrnn.errors import LayerSelectionError
+from keras_fancyrnn.errors import LayerSelectionError, ProbeDataError
 from keras_fancyrnn.export import export_saved_model
 from keras_fancyrnn.gpu import portable
 from keras_fancyrnn.gru import GRU, GRUCell
@@ -25,6 +25,7 @@ __all__ = [
     "GradientNormMonitor",
     "LayerSelectionError",
     "LSTMCell",
+    "ProbeDataError",
     "RecurrentCell",
     "SimpleRNN",
     "SimpleRNNCell",

@@ -13,4 +13,10 @@ class LayerSelectionError(ValueError):
     sequence, or a model without a recurrent layer."""
 
 
-__all__ = ["LayerSelectionError"]
+class ProbeDataError(ValueError):
+    """The ``data`` argument of ``GradientNormMonitor`` / ``gradient_norms`` (the probe batch) does
+    not fit the model: e.g. a ``tf.data.Dataset`` of single examples instead of batches, or a batch
+    size other than the one a stateful layer was built for."""
+
+
+__all__ = ["LayerSelectionError", "ProbeDataError"]

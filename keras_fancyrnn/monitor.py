@@ -55,7 +55,7 @@ from keras import ops
 from keras_fancyrnn import reporting
 from keras_fancyrnn._tf import tf
 from keras_fancyrnn.base import RNN
-from keras_fancyrnn.errors import LayerSelectionError
+from keras_fancyrnn.errors import LayerSelectionError, ProbeDataError
 
 #: Records per ``every_n_batches`` when neither ``every_n_batches`` nor ``every_n_epochs`` is given.
 DEFAULT_EVERY_N_BATCHES = 100
@@ -755,6 +755,43 @@ def _unpack(element, where: str):
     return x, y, (element[2] if len(element) == 3 else None)
 
 
+def _shapes(structure) -> list[tuple]:
+    """The shapes (``None``: unknown size) of the arrays, tensors or specs in ``structure``."""
+    from keras import tree
+
+    return [tuple(getattr(a, "shape", None) or np.shape(a))
+            for a in tree.flatten(structure) if a is not None]
+
+
+def _model_input_ranks(model) -> list[int] | None:
+    try:
+        return [len(spec.shape) for spec in model.inputs]
+    except (AttributeError, TypeError, ValueError):  # a subclassed model has no declared inputs
+        return None
+
+
+def _check_batched(x, y, sample_weight, model=None) -> None:
+    """Raises ``ProbeDataError`` when a dataset element (or its spec) is not a batch: a component
+    without a leading axis, components whose leading sizes differ, or an ``x`` with one axis fewer
+    than every input of ``model``. A dataset of single examples gives such elements; without this
+    check the first record would fail on mismatched shapes, far from the cause."""
+    parts = {"x": _shapes(x), "y": _shapes(y), "sample_weight": _shapes(sample_weight)}
+    flat = [shape for shapes in parts.values() for shape in shapes]
+    leading = {shape[0] for shape in flat if shape and shape[0] is not None}
+    single = any(not shape for shape in flat) or len(leading) > 1
+    ranks = None if model is None else _model_input_ranks(model)
+    if not single and ranks and len(ranks) == len(parts["x"]):
+        single = all(len(shape) == rank - 1 for shape, rank in zip(parts["x"], ranks))
+    if single:
+        got = ", ".join(f"{name} {shapes[0] if len(shapes) == 1 else shapes}"
+                        for name, shapes in parts.items() if shapes)
+        raise ProbeDataError(
+            "data: a tf.data.Dataset must yield batches (x of shape [batch, time, ...] and y, "
+            f"sample_weight with the same leading batch axis), but its elements look like single "
+            f"examples ({got}); call .batch(n) on it, e.g. data=dataset.batch(32)"
+        )
+
+
 def _positive_int_or_none(name, value):
     if value is None:
         return None
@@ -827,6 +864,7 @@ class GradientNormMonitor(keras.callbacks.Callback):
         self.input_norms = bool(input_norms)
         self.log_scalars = bool(log_scalars)
         self.loss = loss
+        self._dataset_spec = None  # (x, y, sample_weight) element specs of a dataset
         self._data_source = self._make_source(data)
         self._csv = reporting.CSVWriter(csv_path) if csv_path else None
         self._npz = reporting.NPZWriter(npz_path) if npz_path else None
@@ -846,6 +884,8 @@ class GradientNormMonitor(keras.callbacks.Callback):
     # -- data ------------------------------------------------------------------------------
     def _make_source(self, data):
         if isinstance(data, tf.data.Dataset):
+            self._dataset_spec = _unpack(data.element_spec, "the dataset")
+            _check_batched(*self._dataset_spec)
             state = {"it": None}
 
             def from_dataset():
@@ -853,10 +893,13 @@ class GradientNormMonitor(keras.callbacks.Callback):
                     if state["it"] is None:
                         state["it"] = iter(data)
                     try:
-                        return _unpack(next(state["it"]), "the dataset")
+                        element = _unpack(next(state["it"]), "the dataset")
                     except StopIteration:
                         state["it"] = None
-                raise ValueError("data: the dataset is empty")
+                        continue
+                    _check_batched(*element)  # sizes the spec left unknown
+                    return element
+                raise ProbeDataError("data: the dataset is empty; it must yield at least one batch")
 
             return from_dataset
         if callable(data) and not isinstance(data, (tuple, list)):
@@ -889,6 +932,8 @@ class GradientNormMonitor(keras.callbacks.Callback):
                     f"layers: the model {model.name!r} has no recurrent layer to monitor; pass "
                     "layers=[...] to name layers that take a sequence"
                 )
+            if self._dataset_spec is not None:  # now the model's input ranks can tell
+                _check_batched(*self._dataset_spec, model=model)
             self._probe = ProbePass(model, targets, self.loss)
             self._probe_model = model
         return self._probe

@@ -334,6 +334,25 @@ def test_layer_selection_errors_have_a_public_type(rng):
     with pytest.raises(fr.LayerSelectionError, match="layers: .*no recurrent layer.*layers="):
         monitor.record()
 
+def test_unbatched_dataset_is_refused_with_a_hint_to_batch_it(rng):
+    """A tf.data.Dataset of single examples is refused as soon as that can be told (from its
+    element spec when built, from the model's input rank when the model is known), with an error
+    that says to call .batch(n); the batched dataset works."""
+    model = model_of(fr.GRU(H, return_sequences=True, name="g"))
+    x, y = data(rng, seq=True)
+    hint = r"data: .*must yield batches.*\.batch\(n\)"
+    with pytest.raises(fr.ProbeDataError, match=hint):  # y has no batch axis: rank 0
+        GradientNormMonitor(tf.data.Dataset.from_tensor_slices((x, y[:, 0, 0])))
+    with pytest.raises(fr.ProbeDataError, match=hint):  # x (T, D) and y (O,): no common batch
+        GradientNormMonitor(tf.data.Dataset.from_tensor_slices((x, y[:, 0])))
+    # x (T, D) and y (T, O) agree on their first axis: only the model's input rank tells
+    monitor = GradientNormMonitor(tf.data.Dataset.from_tensor_slices((x, y)))
+    with pytest.raises(fr.ProbeDataError, match=hint):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[monitor])
+    monitor = GradientNormMonitor(tf.data.Dataset.from_tensor_slices((x, y)).batch(2))
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[monitor])
+    assert monitor.history["g"].shape == (1, T)
+
 # -- scheduling, logs, outputs ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small():
