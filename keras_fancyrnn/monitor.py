@@ -411,7 +411,7 @@ class ProbePass:
         except (ValueError, TypeError, KeyError, IndexError, tf.errors.InvalidArgumentError) as e:
             if self._checked:
                 raise
-            raise ValueError(
+            raise ProbeDataError(
                 f"data: the probe batch does not fit the model {self.model.name!r} and its "
                 f"compiled loss ({type(e).__name__}: {e})"
             ) from e
@@ -457,7 +457,7 @@ class ProbePass:
                 for v, value in zip(state, snapshot):
                     v.assign(value)
             except Exception as e:
-                raise ValueError(
+                raise ProbeDataError(
                     f"data: the model {self.model.name!r} cannot run on the probe batch "
                     f"({type(e).__name__}: {e})"
                 ) from e
@@ -620,7 +620,9 @@ def _check_batch(model, x, y, sample_weight):
     from keras import tree
 
     if y is None:
-        raise ValueError("data: the probe batch needs targets y (data=(x, y)) to compute the loss")
+        raise ProbeDataError(
+            "data: the probe batch needs targets y (data=(x, y)) to compute the loss"
+        )
     try:
         inputs = model.inputs
     except (AttributeError, ValueError):
@@ -628,7 +630,7 @@ def _check_batch(model, x, y, sample_weight):
     flat_x = tree.flatten(x)
     batches = {int(np.shape(a)[0]) for a in flat_x + tree.flatten(y) if np.ndim(a) > 0}
     if len(batches) > 1:
-        raise ValueError(f"data: x and y have different batch sizes {sorted(batches)}")
+        raise ProbeDataError(f"data: x and y have different batch sizes {sorted(batches)}")
     if not inputs or len(inputs) != len(flat_x):
         return
     for a, spec in zip(flat_x, inputs):
@@ -636,7 +638,7 @@ def _check_batch(model, x, y, sample_weight):
         if len(want) != len(got) or any(
             w is not None and w != g for w, g in zip(want[1:], got[1:])
         ):
-            raise ValueError(
+            raise ProbeDataError(
                 f"data: x has shape {got} but the model {model.name!r} expects {want}"
             )
 
@@ -746,7 +748,7 @@ def _unpack(element, where: str):
     if isinstance(element, dict) or not isinstance(element, (tuple, list)) or not 2 <= len(
         element
     ) <= 3:
-        raise ValueError(
+        raise ProbeDataError(
             f"data: {where} must give (x, y) or (x, y, sample_weight), got "
             f"{type(element).__name__}"
             + (f" of length {len(element)}" if isinstance(element, (tuple, list)) else "")
@@ -914,7 +916,7 @@ class GradientNormMonitor(keras.callbacks.Callback):
             fixed = (tree.map_structure(to_tensor, x), tree.map_structure(to_tensor, y),
                      None if sw is None else tree.map_structure(to_tensor, sw))
             return lambda: fixed
-        raise ValueError(
+        raise ProbeDataError(
             "data must be a tuple (x, y) or (x, y, sample_weight), a tf.data.Dataset of such "
             f"batches, or a callable returning one, got {type(data).__name__}"
         )

@@ -294,14 +294,14 @@ def test_bad_arguments_raise_value_errors_naming_them(rng):
         gradient_norms(model, x, y, layers=fr.GRU(2))
     with pytest.raises(ValueError, match="layers: 'head' does not take a sequence"):
         gradient_norms(model, x, y, layers="head")
-    with pytest.raises(ValueError, match=r"data: x has shape \(4, 7, 5\)"):
+    with pytest.raises(fr.ProbeDataError, match=r"data: x has shape \(4, 7, 5\)"):
         gradient_norms(model, np.zeros((B, T, 5), "float32"), y)
-    with pytest.raises(ValueError, match="data: x and y have different batch sizes"):
+    with pytest.raises(fr.ProbeDataError, match="data: x and y have different batch sizes"):
         gradient_norms(model, x, y[:2])
-    with pytest.raises(ValueError, match="data: the probe batch does not fit"):
+    with pytest.raises(fr.ProbeDataError, match="data: the probe batch does not fit"):
         gradient_norms(model, x, np.zeros((B, 3), "float32"))
     for bad in (x, (x,), {"x": x}, 3):
-        with pytest.raises(ValueError, match="data"):
+        with pytest.raises(fr.ProbeDataError, match="data"):
             GradientNormMonitor(bad)
     with pytest.raises(ValueError, match="every_n_batches"):
         GradientNormMonitor((x, y), every_n_batches=0)
