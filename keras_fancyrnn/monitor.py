@@ -403,6 +403,7 @@ class ProbePass:
 
     # -- public ----------------------------------------------------------------------------
     def __call__(self, x, y, sample_weight=None, loss_scale: float = 1.0) -> dict[str, np.ndarray]:
+        _check_stateful_batch(self.model, _leading_size(x))  # every call: dataset batches vary
         if not self._checked:
             self._prepare(x, y, sample_weight)
         try:
@@ -643,6 +644,40 @@ def _check_batch(model, x, y, sample_weight):
             )
 
 
+def _leading_size(x) -> int | None:
+    """The static size of the first axis of ``x``'s first array, tensor or spec (``None``:
+    unknown)."""
+    shapes = _shapes(x)
+    return shapes[0][0] if shapes and shapes[0] else None
+
+
+def _stateful_batch_size(layer) -> int | None:
+    """The batch size a built stateful recurrent layer keeps its states for; ``None`` for any other
+    layer."""
+    from keras import tree
+
+    if not (isinstance(layer, keras.layers.RNN) and layer.stateful):
+        return None
+    states = [v for v in tree.flatten(getattr(layer, "states", None) or [])
+              if isinstance(v, keras.Variable)]
+    return int(states[0].shape[0]) if states and states[0].shape[0] is not None else None
+
+
+def _check_stateful_batch(model, batch: int | None) -> None:
+    """Raises ``ProbeDataError`` when the probe batch size differs from the one a stateful layer of
+    ``model`` keeps its states for (the pass adds those states to the batch's, shape by shape)."""
+    if batch is None:
+        return
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        expected = _stateful_batch_size(layer)
+        if expected is not None and expected != batch:
+            raise ProbeDataError(
+                f"data: the stateful layer {layer.name!r} keeps its states for batch size "
+                f"{expected}, but the probe batch has {batch} examples; pass a probe batch of "
+                f"exactly {expected} examples (e.g. data=(x[:{expected}], y[:{expected}]))"
+            )
+
+
 def gradient_norms(model, x, y, sample_weight=None, layers=None, input_norms: bool = True,
                    loss: Callable | None = None) -> dict[str, np.ndarray]:
     """One probe pass: ``{series key: [T] curve}`` for a batch ``(x, y)``, without recording.
@@ -867,6 +902,7 @@ class GradientNormMonitor(keras.callbacks.Callback):
         self.log_scalars = bool(log_scalars)
         self.loss = loss
         self._dataset_spec = None  # (x, y, sample_weight) element specs of a dataset
+        self._static_batch = None  # the probe batch size, where known before drawing a batch
         self._data_source = self._make_source(data)
         self._csv = reporting.CSVWriter(csv_path) if csv_path else None
         self._npz = reporting.NPZWriter(npz_path) if npz_path else None
@@ -888,6 +924,7 @@ class GradientNormMonitor(keras.callbacks.Callback):
         if isinstance(data, tf.data.Dataset):
             self._dataset_spec = _unpack(data.element_spec, "the dataset")
             _check_batched(*self._dataset_spec)
+            self._static_batch = _leading_size(self._dataset_spec[0])
             state = {"it": None}
 
             def from_dataset():
@@ -915,6 +952,7 @@ class GradientNormMonitor(keras.callbacks.Callback):
 
             fixed = (tree.map_structure(to_tensor, x), tree.map_structure(to_tensor, y),
                      None if sw is None else tree.map_structure(to_tensor, sw))
+            self._static_batch = _leading_size(fixed[0])
             return lambda: fixed
         raise ProbeDataError(
             "data must be a tuple (x, y) or (x, y, sample_weight), a tf.data.Dataset of such "
@@ -936,6 +974,8 @@ class GradientNormMonitor(keras.callbacks.Callback):
                 )
             if self._dataset_spec is not None:  # now the model's input ranks can tell
                 _check_batched(*self._dataset_spec, model=model)
+            # before the first record, which may be many steps into fit
+            _check_stateful_batch(model, self._static_batch)
             self._probe = ProbePass(model, targets, self.loss)
             self._probe_model = model
         return self._probe

@@ -247,6 +247,31 @@ def test_stateful_layer_states_restored(rng):
         np.testing.assert_array_equal(a, s.numpy())
 
 
+@pytest.mark.parametrize("make", [lambda: fr.GRU(H, stateful=True, name="sg"),
+                                  lambda: keras.layers.LSTM(H, stateful=True, name="sg")],
+                         ids=["fr", "keras"])
+def test_stateful_layer_batch_size_is_checked_up_front(rng, make):
+    """A probe batch of another size than a stateful layer keeps its states for is refused before
+    any pass (at train begin for fixed data, per record for a dataset), naming the layer and both
+    sizes, instead of failing deep in TensorFlow on incompatible shapes."""
+    inp = keras.Input((T, D), batch_size=8)
+    model = keras.Model(inp, keras.layers.Dense(OUT)(make()(inp)))
+    model.compile(optimizer="adam", loss="mse")
+    x, y = data(rng, b=8)
+    model.fit(x, y, batch_size=8, verbose=0)  # model and compiled loss built
+    message = r"data: the stateful layer 'sg' .*batch size 8.*probe batch has 4 examples"
+    monitor = GradientNormMonitor((x[:4], y[:4]), record_at_train_begin=False, every_n_batches=1)
+    with pytest.raises(fr.ProbeDataError, match=message):
+        model.fit(x, y, batch_size=8, verbose=0, callbacks=[monitor])
+    assert monitor.steps.size == 0
+    dataset = tf.data.Dataset.from_tensor_slices((np.concatenate([x, x[:4]]),
+                                                  np.concatenate([y, y[:4]]))).batch(8)
+    monitor = GradientNormMonitor(dataset)
+    monitor.set_model(model)
+    assert monitor.record()["sg/input"].shape == (T,)  # the batch of 8
+    with pytest.raises(fr.ProbeDataError, match=message):  # the remainder of 4
+        monitor.record()
+
 # -- keys: wrappers, nesting, selection ---------------------------------------------------------
 def test_keys_for_wrappers_and_nested_models(rng):
     sub_in = keras.Input((T, D))
