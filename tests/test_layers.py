@@ -272,6 +272,66 @@ def test_save_and_load_keras_file(tmp_path, x):
     assert isinstance(loaded.layers[0], fr.LSTM)
 
 
+def integer_inputs(rng):
+    """The same small integers as numpy int32/int64/uint8, bool-free, and as tf int tensors."""
+    ints = rng.integers(-2, 3, size=(B, T, D))
+    return ints, [ints.astype("int32"), ints, np.abs(ints).astype("uint8"),
+                  tf.constant(ints, tf.int32), tf.constant(ints, tf.int64)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_integer_inputs_are_cast_as_keras_does(kind, rng):
+    """Keras's layers take integer inputs and compute in their compute dtype; so do ours (eager,
+    and with the RNN base layer): same output dtype, values equal to Keras with copied weights."""
+    ints, variants = integer_inputs(rng)
+    ref, ours = make_pair(kind, return_sequences=True, return_state=True)
+    copy_weights(ref, ours, ints.astype("float32"))
+    for x in variants:
+        expected, got = ref(x), ours(x)
+        for a, b in zip(expected, got, strict=True):
+            assert b.dtype == a.dtype == "float32"
+            np.testing.assert_allclose(b, a, rtol=RTOL, atol=ATOL)
+    _, fr_cls, extra = KINDS[kind]
+    base = fr.RNN(fr_cls.cell_class(H, **extra))
+    base(ints.astype("float32"))
+    base.set_weights(ours.get_weights())
+    np.testing.assert_allclose(base(variants[0]), ours(variants[0])[1], rtol=RTOL, atol=ATOL)
+
+
+def test_integer_inputs_under_mixed_precision_give_keras_dtype(rng):
+    ints, _ = integer_inputs(rng)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        ref, ours = make_pair("lstm")
+        expected, got = ref(ints), ours(ints)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert got.dtype == expected.dtype == "float16"
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru_reset_before"])
+def test_integer_inputs_in_a_model_fit_equal_keras(kind, rng):
+    """An int32 ``keras.Input`` feeding the layer: predictions, losses and trained weights of a
+    few SGD steps equal the same model built with Keras's layer."""
+    ints, _ = integer_inputs(rng)
+    y = rng.normal(size=(B, 1)).astype("float32")
+    models = []
+    for layer in make_pair(kind):
+        inp = keras.Input((T, D), dtype="int32")
+        model = keras.Model(inp, keras.layers.Dense(1)(layer(inp)))
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        models.append(model)
+    models[1].set_weights(models[0].get_weights())
+    x = ints.astype("int32")
+    np.testing.assert_allclose(models[1].predict(x, verbose=0), models[0].predict(x, verbose=0),
+                               rtol=RTOL, atol=ATOL)
+    losses = [m.fit(x, y, batch_size=2, epochs=2, shuffle=False, verbose=0).history["loss"]
+              for m in models]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=RTOL, atol=ATOL)
+    for a, b in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
+        np.testing.assert_allclose(b, a, rtol=RTOL, atol=ATOL)
+
 @pytest.mark.parametrize(
     "make, message",
     [
@@ -299,8 +359,8 @@ def test_bad_inputs(x):
     layer(x)
     with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 4"):
         layer(np.zeros((B, T, D + 1), "float32"))  # feature dim changed after build
-    with pytest.raises(TypeError, match="floating-point inputs, got dtype int32"):
-        fr.GRU(H)(np.zeros((B, T, D), "int32"))
+    with pytest.raises(TypeError, match="real-valued inputs .*got dtype complex64"):
+        fr.GRU(H)(np.zeros((B, T, D), "complex64"))
     with pytest.raises(ValueError, match="0 timesteps"):
         fr.GRU(H)(np.zeros((B, 0, D), "float32"))
     with pytest.raises(ValueError, match="initial_state to be a list of 2"):
