@@ -521,6 +521,10 @@ class ProbePass:
                     f"input has shape {tuple(seq_t.shape)}"
                 )
                 return call(*args, **kwargs)
+            if target.inputs and _is_recurrent(layer) and (
+                seq_t.dtype.is_integer or seq_t.dtype == tf.bool
+            ):  # the layer computes it in its compute dtype: the gradient is w.r.t. that
+                seq_t = tf.cast(seq_t, layer.compute_dtype)
             if target.inputs and not seq_t.dtype.is_floating:
                 errors.append(
                     f"layers: the input of {layer.name!r} is {seq_t.dtype.name}, not a float "

@@ -169,6 +169,26 @@ def test_input_series_of_keras_lstm_equals_tape_gradient(rng):
     np.testing.assert_allclose(curves["klstm/input"], want, rtol=RTOL)
 
 
+def test_integer_input_of_a_recurrent_layer_gets_an_input_series(rng):
+    """A recurrent layer computes an int input in its compute dtype, so ``name/input`` is the
+    gradient w.r.t. the input cast to float: a tape gradient of Keras's LSTM on that input."""
+    ints = rng.integers(-2, 3, size=(B, T, D))
+    y = rng.normal(0, 1, (B, OUT)).astype("float32")
+    inp = keras.Input((T, D), dtype="int32")
+    model = keras.Model(inp, keras.layers.Dense(OUT)(fr.LSTM(H, name="l")(inp)))
+    model.compile(loss="mse")
+    randomize(model)
+    reference = model_of(keras.layers.LSTM(H))
+    reference.set_weights(model.get_weights())
+    xt = tf.constant(ints.astype("float32"))
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        total = tf.reduce_sum(tf.reduce_mean((reference(xt) - y) ** 2, axis=-1))
+    want = mean_norms(tape.gradient(total, xt).numpy())
+    curves = gradient_norms(model, ints.astype("int32"), y)
+    np.testing.assert_allclose(curves["l/input"], want, rtol=RTOL)
+
+
 def test_batch_size_independent_and_masked_steps_report_zero(rng):
     """With a mask that reaches the loss and sample weights: the curve of a batch is the mean of
     the curves of its examples alone (per-example losses, not the batch loss)."""
