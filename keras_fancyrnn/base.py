@@ -122,11 +122,16 @@ class RecurrentCell(SeedStateSaving, keras.layers.Layer, DropoutRNNCell):
         self.bias_constraint = keras.constraints.get(bias_constraint)
         self.dropout = check_rate("dropout", dropout)
         self.recurrent_dropout = check_rate("recurrent_dropout", recurrent_dropout)
-        if implementation not in (1, 2):
-            raise ValueError(f"implementation must be 1 or 2, got {implementation!r}")
+        # 0 is a legacy value that Keras still accepts (old configs) and runs as 2; it is kept as
+        # given so that the config round-trips.
+        if isinstance(implementation, bool) or implementation not in (0, 1, 2):
+            raise ValueError(
+                f"implementation must be 0, 1 or 2, got {implementation!r} (0 is a legacy value "
+                "that computes as 2)"
+            )
         self.implementation = implementation
         # Keras draws one input/recurrent mask per gate when it runs implementation 1, which it
-        # does whenever recurrent_dropout is set; one mask for all gates otherwise.
+        # does whenever recurrent_dropout is set; one mask for all gates otherwise (0 and 2).
         if self.gates > 1 and (implementation == 1 or self.recurrent_dropout > 0):
             self.dropout_mask_count = self.gates
         self.seed = seed

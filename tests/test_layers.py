@@ -262,6 +262,30 @@ def test_config_round_trip(kind):
     assert keras.layers.deserialize(keras.layers.serialize(layer)).get_config() == config
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_legacy_implementation_zero_round_trips_and_computes_as_keras(kind, x):
+    """Keras accepts ``implementation=0`` (legacy configs) and computes as with 2; so do the fr
+    layers and cells, and the value survives get_config/from_config. A Keras config with it loads
+    into the fr layer (Keras's SimpleRNN has no such argument, so fr's alone carries it)."""
+    keras_cls, fr_cls, extra = KINDS[kind]
+    keras_config = keras_cls(H, return_sequences=True, **extra).get_config()
+    if kind != "simple_rnn":
+        keras_config["implementation"] = 0
+    ref = keras_cls.from_config(keras_config)
+    ours = fr_cls.from_config({**keras_config, "implementation": 0})
+    copy_weights(ref, ours, x)
+    np.testing.assert_allclose(ours(x), ref(x), rtol=RTOL, atol=ATOL)
+    config = ours.get_config()
+    assert config["implementation"] == 0 and ours.cell.implementation == 0
+    clone = fr_cls.from_config(config)
+    assert clone.get_config() == config
+    clone(x)
+    clone.set_weights(ours.get_weights())
+    np.testing.assert_array_equal(clone(x), ours(x))
+    cell = fr_cls.cell_class(H, implementation=0, **extra)
+    assert fr_cls.cell_class.from_config(cell.get_config()).get_config() == cell.get_config()
+
+
 def test_save_and_load_keras_file(tmp_path, x):
     model = keras.Sequential([keras.Input((T, D)), fr.LSTM(H, return_sequences=True),
                               fr.GRU(H, return_sequences=True), fr.SimpleRNN(H)])
@@ -345,6 +369,7 @@ def test_integer_inputs_in_a_model_fit_equal_keras(kind, rng):
         (lambda: fr.SimpleRNN(4, bptt_truncate=0), "bptt_truncate must be None"),
         (lambda: fr.LSTM(4, bptt_truncate=2.0), "bptt_truncate must be None"),
         (lambda: fr.LSTM(4, use_cudnn="yes"), "use_cudnn must be"),
+        (lambda: fr.GRU(4, implementation=3), r"implementation must be 0, 1 or 2, got 3"),
     ],
 )
 def test_bad_arguments(make, message):
