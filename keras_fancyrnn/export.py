@@ -175,11 +175,11 @@ def export_saved_model(
       ``states`` is a dict with one ``[batch, units]`` tensor per state of each state layer
       (zeros to start a sequence; leave ``states`` out for all zeros), the result holds the
       model's outputs (``output_<i>``, flattened in order) and each state layer's final states
-      under the same names. The state variables of
-      stateful layers are neither read nor written and are not in the SavedModel; the batch size is
-      free. Names are ``<layer name>_h`` and, for an LSTM, ``<layer name>_c`` (see
-      :func:`state_names`); a ``Bidirectional`` contributes its ``forward_*`` and ``backward_*``
-      layers. As the signature: ``serving_default(<input name>=x, <state name>=s, ...)``.
+      under the same names. The state variables of stateful layers are neither read nor
+      written and are not in the SavedModel; the batch size is free. Names are
+      ``<layer name>_h`` and, for an LSTM, ``<layer name>_c`` (see :func:`state_names`); a
+      ``Bidirectional`` contributes its ``forward_*`` and ``backward_*`` layers. As the
+      signature: ``serving_default(<input name>=x, <state name>=s, ...)``.
 
     Args:
         model: a built Keras model (functional, Sequential or subclassed).
