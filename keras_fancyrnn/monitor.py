@@ -797,11 +797,19 @@ def _unpack(element, where: str):
 
 
 def _shapes(structure) -> list[tuple]:
-    """The shapes (``None``: unknown size) of the arrays, tensors or specs in ``structure``."""
+    """The shapes (``None``: unknown size) of the arrays, tensors or specs in ``structure`` whose
+    rank is known."""
     from keras import tree
 
-    return [tuple(getattr(a, "shape", None) or np.shape(a))
-            for a in tree.flatten(structure) if a is not None]
+    out = []
+    for a in tree.flatten(structure):
+        shape = getattr(a, "shape", None) if a is not None else None
+        shape = np.shape(a) if shape is None and a is not None else shape
+        if isinstance(shape, tf.TensorShape):
+            shape = None if shape.rank is None else shape.as_list()
+        if shape is not None:
+            out.append(tuple(shape))
+    return out
 
 
 def _model_input_ranks(model) -> list[int] | None:

@@ -397,6 +397,9 @@ def test_unbatched_dataset_is_refused_with_a_hint_to_batch_it(rng):
     monitor = GradientNormMonitor(tf.data.Dataset.from_tensor_slices((x, y)).batch(2))
     model.fit(x, y, epochs=1, verbose=0, callbacks=[monitor])
     assert monitor.history["g"].shape == (1, T)
+    unknown_rank = tf.TensorSpec(None, tf.float32)  # nothing to tell before a batch is drawn
+    GradientNormMonitor(tf.data.Dataset.from_generator(
+        lambda: iter([(x, y)]), output_signature=(unknown_rank, unknown_rank)))
 
 # -- scheduling, logs, outputs ------------------------------------------------------------------
 @pytest.fixture(scope="module")
