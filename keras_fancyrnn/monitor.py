@@ -648,6 +648,24 @@ def _check_batch(model, x, y, sample_weight):
             )
 
 
+def _shapes(structure) -> list[tuple]:
+    """The shapes (``None``: unknown size) of the arrays, tensors or specs in ``structure``; those
+    of unknown rank are left out."""
+    from keras import tree
+
+    out = []
+    for a in tree.flatten(structure):
+        if a is None:
+            continue
+        shape = a.shape if hasattr(a, "shape") else np.shape(a)
+        if isinstance(shape, tf.TensorShape):
+            if shape.rank is None:
+                continue
+            shape = shape.as_list()
+        out.append(tuple(shape))
+    return out
+
+
 def _leading_size(x) -> int | None:
     """The static size of the first axis of ``x``'s first array, tensor or spec (``None``:
     unknown)."""
@@ -794,22 +812,6 @@ def _unpack(element, where: str):
         )
     x, y = element[0], element[1]
     return x, y, (element[2] if len(element) == 3 else None)
-
-
-def _shapes(structure) -> list[tuple]:
-    """The shapes (``None``: unknown size) of the arrays, tensors or specs in ``structure`` whose
-    rank is known."""
-    from keras import tree
-
-    out = []
-    for a in tree.flatten(structure):
-        shape = getattr(a, "shape", None) if a is not None else None
-        shape = np.shape(a) if shape is None and a is not None else shape
-        if isinstance(shape, tf.TensorShape):
-            shape = None if shape.rank is None else shape.as_list()
-        if shape is not None:
-            out.append(tuple(shape))
-    return out
 
 
 def _model_input_ranks(model) -> list[int] | None:
