@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from keras_fancyrnn import config, datasets, initializers
 from keras_fancyrnn.base import RNN, RecurrentCell
-from keras_fancyrnn.errors import ConfigError
+from keras_fancyrnn.errors import ConfigError, LayerSelectionError, ProbeDataError
 from keras_fancyrnn.export import export_saved_model
 from keras_fancyrnn.gpu import portable
 from keras_fancyrnn.gru import GRU, GRUCell
@@ -24,7 +24,9 @@ __all__ = [
     "ConfigError",
     "GRUCell",
     "GradientNormMonitor",
+    "LayerSelectionError",
     "LSTMCell",
+    "ProbeDataError",
     "RecurrentCell",
     "SimpleRNN",
     "SimpleRNNCell",

@@ -122,11 +122,16 @@ class RecurrentCell(SeedStateSaving, keras.layers.Layer, DropoutRNNCell):
         self.bias_constraint = keras.constraints.get(bias_constraint)
         self.dropout = check_rate("dropout", dropout)
         self.recurrent_dropout = check_rate("recurrent_dropout", recurrent_dropout)
-        if implementation not in (1, 2):
-            raise ValueError(f"implementation must be 1 or 2, got {implementation!r}")
+        # 0 is a legacy value that Keras still accepts (old configs) and runs as 2; it is kept as
+        # given so that the config round-trips.
+        if isinstance(implementation, bool) or implementation not in (0, 1, 2):
+            raise ValueError(
+                f"implementation must be 0, 1 or 2, got {implementation!r} (0 is a legacy value "
+                "that computes as 2)"
+            )
         self.implementation = implementation
         # Keras draws one input/recurrent mask per gate when it runs implementation 1, which it
-        # does whenever recurrent_dropout is set; one mask for all gates otherwise.
+        # does whenever recurrent_dropout is set; one mask for all gates otherwise (0 and 2).
         if self.gates > 1 and (implementation == 1 or self.recurrent_dropout > 0):
             self.dropout_mask_count = self.gates
         self.seed = seed
@@ -418,11 +423,7 @@ class RNN(SequenceMaskFromInput, keras.layers.RNN):
         self.input_spec = keras.layers.InputSpec(ndim=3, axes={-1: sequences_shape[-1]})
 
     def call(self, sequences, initial_state=None, mask=None, training=False):
-        if not sequences.dtype.is_floating:
-            raise TypeError(
-                f"{self.name} expects floating-point inputs, got dtype {sequences.dtype.name}; "
-                "cast the data (e.g. x.astype('float32')) or embed integer tokens first"
-            )
+        sequences = self._as_real(sequences)
         if sequences.shape[1] == 0:
             raise ValueError(f"{self.name}: the input has 0 timesteps, expected at least 1")
         batch = ops.shape(sequences)[0]
@@ -457,6 +458,19 @@ class RNN(SequenceMaskFromInput, keras.layers.RNN):
         return False  # LSTM and GRU override this (keras_fancyrnn.gpu.CudnnMixin)
 
     # -- input checks (raised while tracing, before any work) ----------------------------------
+    def _as_real(self, sequences):
+        """Integer and bool inputs in the cell's compute dtype, as Keras's layers compute them
+        (its matmul promotes them to the kernel's dtype); other non-float dtypes are refused."""
+        dtype = tf.as_dtype(sequences.dtype)
+        if dtype.is_integer or dtype == tf.bool:
+            return ops.cast(sequences, self.cell.compute_dtype)
+        if not dtype.is_floating:
+            raise TypeError(
+                f"{self.name} expects real-valued inputs (float, int or bool), got dtype "
+                f"{dtype.name}; cast the data (e.g. x.astype('float32'))"
+            )
+        return sequences
+
     def _check_stateful_batch(self, sequences):
         got = sequences.shape[0]
         expected = self._expected_batch_size

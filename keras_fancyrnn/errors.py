@@ -1,7 +1,27 @@
-"""The exception types keras_fancyrnn raises for bad input or settings. Each is a ``ValueError``,
-so code that catches Keras's ``ValueError`` for the same mistakes keeps working."""
+"""The package's public exception types.
+
+Each is a ``ValueError`` subclass, so code that catches ``ValueError`` (as for Keras's own
+argument errors) keeps working; catch the specific type to tell which argument was wrong.
+"""
+
+from __future__ import annotations
 
 
 class ConfigError(ValueError):
     """A setting of ``keras_fancyrnn.config`` that does not exist or has a value it cannot take,
     or a setting this machine cannot honour (a register block this CPU lacks)."""
+
+
+class LayerSelectionError(ValueError):
+    """The ``layers`` argument of ``GradientNormMonitor`` / ``gradient_norms`` selects no layer
+    that can be monitored: an unknown name, a layer outside the model, a layer that takes no
+    sequence, or a model without a recurrent layer."""
+
+
+class ProbeDataError(ValueError):
+    """The ``data`` argument of ``GradientNormMonitor`` / ``gradient_norms`` (the probe batch) does
+    not fit the model: e.g. a ``tf.data.Dataset`` of single examples instead of batches, or a batch
+    size other than the one a stateful layer was built for."""
+
+
+__all__ = ["ConfigError", "LayerSelectionError", "ProbeDataError"]

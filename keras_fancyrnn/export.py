@@ -25,6 +25,8 @@ and an output of ``serve``, and the SavedModel holds no state at all::
         out = loaded.serve(chunk, state)                    # {"output_0": ..., "lstm_h": ...}
         state = {n: out[n] for n in names}
 
+``loaded.serve(chunk)`` without the states starts every state from zeros.
+
 The same function exports a non-stateful model's recurrences for chunk-by-chunk (streaming)
 serving with ``state_layers="all"``, and otherwise equals ``model.export``.
 """
@@ -139,6 +141,14 @@ class _ExplicitStates:
         return False
 
 
+def _tensor_specs(structure):
+    """``tf.TensorSpec`` objects for a structure of ``keras.InputSpec``, ``KerasTensor`` or
+    tensors, as ``ExportArchive.add_endpoint`` makes them from its ``input_signature``."""
+    from keras.src.export.export_utils import make_tf_tensor_spec
+
+    return keras.tree.map_structure(make_tf_tensor_spec, structure)
+
+
 def _input_signature(model, input_signature):
     if input_signature is not None:
         return list(input_signature)
@@ -163,12 +173,13 @@ def export_saved_model(
     * without state layers, exactly ``model.export(filepath)``'s: ``serve(inputs) -> outputs``;
     * with state layers, ``serve(inputs, states) -> {"output_0": ..., <state name>: ...}``:
       ``states`` is a dict with one ``[batch, units]`` tensor per state of each state layer
-      (zeros to start a sequence), the result holds the model's outputs (``output_<i>``, flattened
-      in order) and each state layer's final states under the same names. The state variables of
-      stateful layers are neither read nor written and are not in the SavedModel; the batch size is
-      free. Names are ``<layer name>_h`` and, for an LSTM, ``<layer name>_c`` (see
-      :func:`state_names`); a ``Bidirectional`` contributes its ``forward_*`` and ``backward_*``
-      layers. As the signature: ``serving_default(<input name>=x, <state name>=s, ...)``.
+      (zeros to start a sequence; leave ``states`` out for all zeros), the result holds the
+      model's outputs (``output_<i>``, flattened in order) and each state layer's final states
+      under the same names. The state variables of stateful layers are neither read nor
+      written and are not in the SavedModel; the batch size is free. Names are
+      ``<layer name>_h`` and, for an LSTM, ``<layer name>_c`` (see :func:`state_names`); a
+      ``Bidirectional`` contributes its ``forward_*`` and ``backward_*`` layers. As the
+      signature: ``serving_default(<input name>=x, <state name>=s, ...)``.
 
     Args:
         model: a built Keras model (functional, Sequential or subclassed).
@@ -217,8 +228,16 @@ def export_saved_model(
         for name, size in zip(layer_names, _state_sizes(layer))
     }
 
+    specs = [_tensor_specs(spec) for spec in signature]
+
     def serve(*args):
-        *inputs, states = args
+        if len(args) == len(specs) + 1:
+            *inputs, states = args
+        else:  # the states left out: every state layer starts from zeros, as model(x) does
+            inputs = list(args)
+            batch = tf.shape(tf.nest.flatten(inputs)[0])[0]
+            states = {name: tf.zeros((batch, spec.shape[1]), spec.dtype)
+                      for name, spec in state_specs.items()}
         given = {
             id(layer): [states[n] for n in layer_names] for layer, layer_names in zip(layers, names)
         }
@@ -233,6 +252,11 @@ def export_saved_model(
         return result
 
     with gpu.portable():
-        archive.add_endpoint("serve", serve, [*signature, state_specs])
+        # Two traces of one endpoint: with the states (first, so that the archive also makes it
+        # the serving signatures) and without them (zero states).
+        endpoint = tf.function(serve, autograph=False)
+        endpoint.get_concrete_function(*specs, state_specs)
+        endpoint.get_concrete_function(*specs)
+        archive.add_endpoint("serve", endpoint)
         archive.write_out(filepath, verbose=verbose)
     return flat_names

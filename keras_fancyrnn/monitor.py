@@ -55,6 +55,7 @@ from keras import ops
 from keras_fancyrnn import reporting
 from keras_fancyrnn._tf import tf
 from keras_fancyrnn.base import RNN
+from keras_fancyrnn.errors import LayerSelectionError, ProbeDataError
 
 #: Records per ``every_n_batches`` when neither ``every_n_batches`` nor ``every_n_epochs`` is given.
 DEFAULT_EVERY_N_BATCHES = 100
@@ -150,10 +151,6 @@ def _walk(model):
     yield from visit(model, ())
 
 
-class _LayersError(ValueError):
-    """A ValueError about the ``layers`` argument (never re-labelled as a ``data`` error)."""
-
-
 def _side(layer, parent) -> str | None:
     """``"forward"``/``"backward"`` if ``layer`` is a direction of the wrapper ``parent``."""
     if parent is None or not _is_bidirectional(parent):
@@ -218,7 +215,7 @@ def _as_selection(layers) -> list:
     items = list(layers) if isinstance(layers, (list, tuple)) else [layers]
     for item in items:
         if not isinstance(item, (str, keras.layers.Layer)):
-            raise _LayersError(
+            raise LayerSelectionError(
                 "layers must be None, a layer name, a layer, or a list of them, got an item of "
                 f"type {type(item).__name__}: {item!r}"
             )
@@ -229,7 +226,7 @@ def _resolve(item, entries, model) -> list:
     if isinstance(item, keras.layers.Layer):
         found = [e for e in entries if e[0] is item]
         if not found:
-            raise _LayersError(
+            raise LayerSelectionError(
                 f"layers: the layer {item.name!r} is not part of the model {model.name!r}"
             )
         return found
@@ -241,7 +238,7 @@ def _resolve(item, entries, model) -> list:
                 found.append((layer, parent, path))
     if not found:
         names = sorted({e[0].name for e in entries if _is_recurrent(e[0])})
-        raise _LayersError(
+        raise LayerSelectionError(
             f"layers: no layer named {item!r} in the model {model.name!r}; its recurrent layers "
             f"are {names}"
         )
@@ -268,7 +265,7 @@ def _unique_keys(targets: list[_Target]) -> list[_Target]:
     keys = [k for t in targets for k in t.series_keys()]
     if len(set(keys)) != len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})
-        raise _LayersError(f"layers: two monitored layers give the same series keys {dup}")
+        raise LayerSelectionError(f"layers: two monitored layers give the same series keys {dup}")
     return targets
 
 
@@ -406,6 +403,7 @@ class ProbePass:
 
     # -- public ----------------------------------------------------------------------------
     def __call__(self, x, y, sample_weight=None, loss_scale: float = 1.0) -> dict[str, np.ndarray]:
+        _check_stateful_batch(self.model, _leading_size(x))  # every call: dataset batches vary
         if not self._checked:
             self._prepare(x, y, sample_weight)
         try:
@@ -414,16 +412,16 @@ class ProbePass:
         except (ValueError, TypeError, KeyError, IndexError, tf.errors.InvalidArgumentError) as e:
             if self._checked:
                 raise
-            raise ValueError(
+            raise ProbeDataError(
                 f"data: the probe batch does not fit the model {self.model.name!r} and its "
                 f"compiled loss ({type(e).__name__}: {e})"
             ) from e
         if self._trace_errors:
-            raise _LayersError(self._trace_errors[0])
+            raise LayerSelectionError(self._trace_errors[0])
         order = [k for t in self.targets for k in t.series_keys()]
         missing = [k for k in order if k not in out]
         if missing:
-            raise _LayersError(
+            raise LayerSelectionError(
                 f"layers: {missing} were not computed: the layer is not called in the model's "
                 "forward pass"
             )
@@ -460,7 +458,7 @@ class ProbePass:
                 for v, value in zip(state, snapshot):
                     v.assign(value)
             except Exception as e:
-                raise ValueError(
+                raise ProbeDataError(
                     f"data: the model {self.model.name!r} cannot run on the probe batch "
                     f"({type(e).__name__}: {e})"
                 ) from e
@@ -523,6 +521,10 @@ class ProbePass:
                     f"input has shape {tuple(seq_t.shape)}"
                 )
                 return call(*args, **kwargs)
+            if target.inputs and _is_recurrent(layer) and (
+                seq_t.dtype.is_integer or seq_t.dtype == tf.bool
+            ):  # the layer computes it in its compute dtype: the gradient is w.r.t. that
+                seq_t = tf.cast(seq_t, layer.compute_dtype)
             if target.inputs and not seq_t.dtype.is_floating:
                 errors.append(
                     f"layers: the input of {layer.name!r} is {seq_t.dtype.name}, not a float "
@@ -623,7 +625,9 @@ def _check_batch(model, x, y, sample_weight):
     from keras import tree
 
     if y is None:
-        raise ValueError("data: the probe batch needs targets y (data=(x, y)) to compute the loss")
+        raise ProbeDataError(
+            "data: the probe batch needs targets y (data=(x, y)) to compute the loss"
+        )
     try:
         inputs = model.inputs
     except (AttributeError, ValueError):
@@ -631,7 +635,7 @@ def _check_batch(model, x, y, sample_weight):
     flat_x = tree.flatten(x)
     batches = {int(np.shape(a)[0]) for a in flat_x + tree.flatten(y) if np.ndim(a) > 0}
     if len(batches) > 1:
-        raise ValueError(f"data: x and y have different batch sizes {sorted(batches)}")
+        raise ProbeDataError(f"data: x and y have different batch sizes {sorted(batches)}")
     if not inputs or len(inputs) != len(flat_x):
         return
     for a, spec in zip(flat_x, inputs):
@@ -639,8 +643,60 @@ def _check_batch(model, x, y, sample_weight):
         if len(want) != len(got) or any(
             w is not None and w != g for w, g in zip(want[1:], got[1:])
         ):
-            raise ValueError(
+            raise ProbeDataError(
                 f"data: x has shape {got} but the model {model.name!r} expects {want}"
+            )
+
+
+def _shapes(structure) -> list[tuple]:
+    """The shapes (``None``: unknown size) of the arrays, tensors or specs in ``structure``; those
+    of unknown rank are left out."""
+    from keras import tree
+
+    out = []
+    for a in tree.flatten(structure):
+        if a is None:
+            continue
+        shape = a.shape if hasattr(a, "shape") else np.shape(a)
+        if isinstance(shape, tf.TensorShape):
+            if shape.rank is None:
+                continue
+            shape = shape.as_list()
+        out.append(tuple(shape))
+    return out
+
+
+def _leading_size(x) -> int | None:
+    """The static size of the first axis of ``x``'s first array, tensor or spec (``None``:
+    unknown)."""
+    shapes = _shapes(x)
+    return shapes[0][0] if shapes and shapes[0] else None
+
+
+def _stateful_batch_size(layer) -> int | None:
+    """The batch size a built stateful recurrent layer keeps its states for; ``None`` for any other
+    layer."""
+    from keras import tree
+
+    if not (isinstance(layer, keras.layers.RNN) and layer.stateful):
+        return None
+    states = [v for v in tree.flatten(getattr(layer, "states", None) or [])
+              if isinstance(v, keras.Variable)]
+    return int(states[0].shape[0]) if states and states[0].shape[0] is not None else None
+
+
+def _check_stateful_batch(model, batch: int | None) -> None:
+    """Raises ``ProbeDataError`` when the probe batch size differs from the one a stateful layer of
+    ``model`` keeps its states for (the pass adds those states to the batch's, shape by shape)."""
+    if batch is None:
+        return
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        expected = _stateful_batch_size(layer)
+        if expected is not None and expected != batch:
+            raise ProbeDataError(
+                f"data: the stateful layer {layer.name!r} keeps its states for batch size "
+                f"{expected}, but the probe batch has {batch} examples; pass a probe batch of "
+                f"exactly {expected} examples (e.g. data=(x[:{expected}], y[:{expected}]))"
             )
 
 
@@ -749,13 +805,42 @@ def _unpack(element, where: str):
     if isinstance(element, dict) or not isinstance(element, (tuple, list)) or not 2 <= len(
         element
     ) <= 3:
-        raise ValueError(
+        raise ProbeDataError(
             f"data: {where} must give (x, y) or (x, y, sample_weight), got "
             f"{type(element).__name__}"
             + (f" of length {len(element)}" if isinstance(element, (tuple, list)) else "")
         )
     x, y = element[0], element[1]
     return x, y, (element[2] if len(element) == 3 else None)
+
+
+def _model_input_ranks(model) -> list[int] | None:
+    try:
+        return [len(spec.shape) for spec in model.inputs]
+    except (AttributeError, TypeError, ValueError):  # a subclassed model has no declared inputs
+        return None
+
+
+def _check_batched(x, y, sample_weight, model=None) -> None:
+    """Raises ``ProbeDataError`` when a dataset element (or its spec) is not a batch: a component
+    without a leading axis, components whose leading sizes differ, or an ``x`` with one axis fewer
+    than every input of ``model``. A dataset of single examples gives such elements; without this
+    check the first record would fail on mismatched shapes, far from the cause."""
+    parts = {"x": _shapes(x), "y": _shapes(y), "sample_weight": _shapes(sample_weight)}
+    flat = [shape for shapes in parts.values() for shape in shapes]
+    leading = {shape[0] for shape in flat if shape and shape[0] is not None}
+    single = any(not shape for shape in flat) or len(leading) > 1
+    ranks = None if model is None else _model_input_ranks(model)
+    if not single and ranks and len(ranks) == len(parts["x"]):
+        single = all(len(shape) == rank - 1 for shape, rank in zip(parts["x"], ranks))
+    if single:
+        got = ", ".join(f"{name} {shapes[0] if len(shapes) == 1 else shapes}"
+                        for name, shapes in parts.items() if shapes)
+        raise ProbeDataError(
+            "data: a tf.data.Dataset must yield batches (x of shape [batch, time, ...] and y, "
+            f"sample_weight with the same leading batch axis), but its elements look like single "
+            f"examples ({got}); call .batch(n) on it, e.g. data=dataset.batch(32)"
+        )
 
 
 def _positive_int_or_none(name, value):
@@ -830,6 +915,8 @@ class GradientNormMonitor(keras.callbacks.Callback):
         self.input_norms = bool(input_norms)
         self.log_scalars = bool(log_scalars)
         self.loss = loss
+        self._dataset_spec = None  # (x, y, sample_weight) element specs of a dataset
+        self._static_batch = None  # the probe batch size, where known before drawing a batch
         self._data_source = self._make_source(data)
         self._csv = reporting.CSVWriter(csv_path) if csv_path else None
         self._npz = reporting.NPZWriter(npz_path) if npz_path else None
@@ -849,6 +936,9 @@ class GradientNormMonitor(keras.callbacks.Callback):
     # -- data ------------------------------------------------------------------------------
     def _make_source(self, data):
         if isinstance(data, tf.data.Dataset):
+            self._dataset_spec = _unpack(data.element_spec, "the dataset")
+            _check_batched(*self._dataset_spec)
+            self._static_batch = _leading_size(self._dataset_spec[0])
             state = {"it": None}
 
             def from_dataset():
@@ -856,10 +946,13 @@ class GradientNormMonitor(keras.callbacks.Callback):
                     if state["it"] is None:
                         state["it"] = iter(data)
                     try:
-                        return _unpack(next(state["it"]), "the dataset")
+                        element = _unpack(next(state["it"]), "the dataset")
                     except StopIteration:
                         state["it"] = None
-                raise ValueError("data: the dataset is empty")
+                        continue
+                    _check_batched(*element)  # sizes the spec left unknown
+                    return element
+                raise ProbeDataError("data: the dataset is empty; it must yield at least one batch")
 
             return from_dataset
         if callable(data) and not isinstance(data, (tuple, list)):
@@ -873,8 +966,9 @@ class GradientNormMonitor(keras.callbacks.Callback):
 
             fixed = (tree.map_structure(to_tensor, x), tree.map_structure(to_tensor, y),
                      None if sw is None else tree.map_structure(to_tensor, sw))
+            self._static_batch = _leading_size(fixed[0])
             return lambda: fixed
-        raise ValueError(
+        raise ProbeDataError(
             "data must be a tuple (x, y) or (x, y, sample_weight), a tf.data.Dataset of such "
             f"batches, or a callable returning one, got {type(data).__name__}"
         )
@@ -888,10 +982,14 @@ class GradientNormMonitor(keras.callbacks.Callback):
             _check_loss(model, self.loss)
             targets = discover(model, self.layers, self.input_norms)
             if not targets:
-                raise _LayersError(
+                raise LayerSelectionError(
                     f"layers: the model {model.name!r} has no recurrent layer to monitor; pass "
                     "layers=[...] to name layers that take a sequence"
                 )
+            if self._dataset_spec is not None:  # now the model's input ranks can tell
+                _check_batched(*self._dataset_spec, model=model)
+            # before the first record, which may be many steps into fit
+            _check_stateful_batch(model, self._static_batch)
             self._probe = ProbePass(model, targets, self.loss)
             self._probe_model = model
         return self._probe

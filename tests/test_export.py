@@ -403,6 +403,26 @@ def test_stateful_export_takes_any_batch(tmp_path):
                                atol=ATOL)
 
 
+def test_stateful_export_starts_from_zero_states_when_they_are_omitted(tmp_path):
+    """``serve(x)`` without the state dict equals ``serve(x, zeros)`` and the Keras model run from
+    zero states; the signatures still take the states."""
+    model = stateful_model(batch=2)
+    names = fr_export.export_saved_model(model, str(tmp_path / "sm"))
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    specs = loaded.signatures["serving_default"].structured_input_signature[1]
+    assert set(names) < set(specs)
+    x = np.random.default_rng(8).normal(size=(3, 4, D)).astype("float32")
+    out = loaded.serve(x)
+    explicit = loaded.serve(x, {n: tf.zeros((3, specs[n].shape[1])) for n in names})
+    assert set(out) == set(explicit) == {"output_0", *names}
+    for key in out:
+        np.testing.assert_array_equal(out[key].numpy(), explicit[key].numpy())
+    keras_model = stateful_model(batch=3)  # fresh: its states start at zero
+    keras_model.set_weights(model.get_weights())
+    np.testing.assert_allclose(out["output_0"].numpy(), np.asarray(keras_model(x)), rtol=0,
+                               atol=ATOL)
+
+
 def test_streaming_export_of_a_stateless_model(tmp_path):
     """state_layers="all": chunk by chunk equals the whole sequence at once."""
     keras.utils.set_random_seed(6)

@@ -262,6 +262,30 @@ def test_config_round_trip(kind):
     assert keras.layers.deserialize(keras.layers.serialize(layer)).get_config() == config
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_legacy_implementation_zero_round_trips_and_computes_as_keras(kind, x):
+    """Keras accepts ``implementation=0`` (legacy configs) and computes as with 2; so do the fr
+    layers and cells, and the value survives get_config/from_config. A Keras config with it loads
+    into the fr layer (Keras's SimpleRNN has no such argument, so fr's alone carries it)."""
+    keras_cls, fr_cls, extra = KINDS[kind]
+    keras_config = keras_cls(H, return_sequences=True, **extra).get_config()
+    if kind != "simple_rnn":
+        keras_config["implementation"] = 0
+    ref = keras_cls.from_config(keras_config)
+    ours = fr_cls.from_config({**keras_config, "implementation": 0})
+    copy_weights(ref, ours, x)
+    np.testing.assert_allclose(ours(x), ref(x), rtol=RTOL, atol=ATOL)
+    config = ours.get_config()
+    assert config["implementation"] == 0 and ours.cell.implementation == 0
+    clone = fr_cls.from_config(config)
+    assert clone.get_config() == config
+    clone(x)
+    clone.set_weights(ours.get_weights())
+    np.testing.assert_array_equal(clone(x), ours(x))
+    cell = fr_cls.cell_class(H, implementation=0, **extra)
+    assert fr_cls.cell_class.from_config(cell.get_config()).get_config() == cell.get_config()
+
+
 def test_save_and_load_keras_file(tmp_path, x):
     model = keras.Sequential([keras.Input((T, D)), fr.LSTM(H, return_sequences=True),
                               fr.GRU(H, return_sequences=True), fr.SimpleRNN(H)])
@@ -271,6 +295,66 @@ def test_save_and_load_keras_file(tmp_path, x):
     np.testing.assert_array_equal(loaded(x), model(x))
     assert isinstance(loaded.layers[0], fr.LSTM)
 
+
+def integer_inputs(rng):
+    """The same small integers as numpy int32/int64/uint8, bool-free, and as tf int tensors."""
+    ints = rng.integers(-2, 3, size=(B, T, D))
+    return ints, [ints.astype("int32"), ints, np.abs(ints).astype("uint8"),
+                  tf.constant(ints, tf.int32), tf.constant(ints, tf.int64)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_integer_inputs_are_cast_as_keras_does(kind, rng):
+    """Keras's layers take integer inputs and compute in their compute dtype; so do ours (eager,
+    and with the RNN base layer): same output dtype, values equal to Keras with copied weights."""
+    ints, variants = integer_inputs(rng)
+    ref, ours = make_pair(kind, return_sequences=True, return_state=True)
+    copy_weights(ref, ours, ints.astype("float32"))
+    for x in variants:
+        expected, got = ref(x), ours(x)
+        for a, b in zip(expected, got, strict=True):
+            assert b.dtype == a.dtype == "float32"
+            np.testing.assert_allclose(b, a, rtol=RTOL, atol=ATOL)
+    _, fr_cls, extra = KINDS[kind]
+    base = fr.RNN(fr_cls.cell_class(H, **extra))
+    base(ints.astype("float32"))
+    base.set_weights(ours.get_weights())
+    np.testing.assert_allclose(base(variants[0]), ours(variants[0])[1], rtol=RTOL, atol=ATOL)
+
+
+def test_integer_inputs_under_mixed_precision_give_keras_dtype(rng):
+    ints, _ = integer_inputs(rng)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        ref, ours = make_pair("lstm")
+        expected, got = ref(ints), ours(ints)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert got.dtype == expected.dtype == "float16"
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru_reset_before"])
+def test_integer_inputs_in_a_model_fit_equal_keras(kind, rng):
+    """An int32 ``keras.Input`` feeding the layer: predictions, losses and trained weights of a
+    few SGD steps equal the same model built with Keras's layer."""
+    ints, _ = integer_inputs(rng)
+    y = rng.normal(size=(B, 1)).astype("float32")
+    models = []
+    for layer in make_pair(kind):
+        inp = keras.Input((T, D), dtype="int32")
+        model = keras.Model(inp, keras.layers.Dense(1)(layer(inp)))
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        models.append(model)
+    models[1].set_weights(models[0].get_weights())
+    x = ints.astype("int32")
+    np.testing.assert_allclose(models[1].predict(x, verbose=0), models[0].predict(x, verbose=0),
+                               rtol=RTOL, atol=ATOL)
+    losses = [m.fit(x, y, batch_size=2, epochs=2, shuffle=False, verbose=0).history["loss"]
+              for m in models]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=RTOL, atol=ATOL)
+    for a, b in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
+        np.testing.assert_allclose(b, a, rtol=RTOL, atol=ATOL)
 
 @pytest.mark.parametrize(
     "make, message",
@@ -285,6 +369,7 @@ def test_save_and_load_keras_file(tmp_path, x):
         (lambda: fr.SimpleRNN(4, bptt_truncate=0), "bptt_truncate must be None"),
         (lambda: fr.LSTM(4, bptt_truncate=2.0), "bptt_truncate must be None"),
         (lambda: fr.LSTM(4, use_cudnn="yes"), "use_cudnn must be"),
+        (lambda: fr.GRU(4, implementation=3), r"implementation must be 0, 1 or 2, got 3"),
     ],
 )
 def test_bad_arguments(make, message):
@@ -299,8 +384,8 @@ def test_bad_inputs(x):
     layer(x)
     with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 4"):
         layer(np.zeros((B, T, D + 1), "float32"))  # feature dim changed after build
-    with pytest.raises(TypeError, match="floating-point inputs, got dtype int32"):
-        fr.GRU(H)(np.zeros((B, T, D), "int32"))
+    with pytest.raises(TypeError, match="real-valued inputs .*got dtype complex64"):
+        fr.GRU(H)(np.zeros((B, T, D), "complex64"))
     with pytest.raises(ValueError, match="0 timesteps"):
         fr.GRU(H)(np.zeros((B, 0, D), "float32"))
     with pytest.raises(ValueError, match="initial_state to be a list of 2"):

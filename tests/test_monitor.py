@@ -169,6 +169,26 @@ def test_input_series_of_keras_lstm_equals_tape_gradient(rng):
     np.testing.assert_allclose(curves["klstm/input"], want, rtol=RTOL)
 
 
+def test_integer_input_of_a_recurrent_layer_gets_an_input_series(rng):
+    """A recurrent layer computes an int input in its compute dtype, so ``name/input`` is the
+    gradient w.r.t. the input cast to float: a tape gradient of Keras's LSTM on that input."""
+    ints = rng.integers(-2, 3, size=(B, T, D))
+    y = rng.normal(0, 1, (B, OUT)).astype("float32")
+    inp = keras.Input((T, D), dtype="int32")
+    model = keras.Model(inp, keras.layers.Dense(OUT)(fr.LSTM(H, name="l")(inp)))
+    model.compile(loss="mse")
+    randomize(model)
+    reference = model_of(keras.layers.LSTM(H))
+    reference.set_weights(model.get_weights())
+    xt = tf.constant(ints.astype("float32"))
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        total = tf.reduce_sum(tf.reduce_mean((reference(xt) - y) ** 2, axis=-1))
+    want = mean_norms(tape.gradient(total, xt).numpy())
+    curves = gradient_norms(model, ints.astype("int32"), y)
+    np.testing.assert_allclose(curves["l/input"], want, rtol=RTOL)
+
+
 def test_batch_size_independent_and_masked_steps_report_zero(rng):
     """With a mask that reaches the loss and sample weights: the curve of a batch is the mean of
     the curves of its examples alone (per-example losses, not the batch loss)."""
@@ -247,6 +267,31 @@ def test_stateful_layer_states_restored(rng):
         np.testing.assert_array_equal(a, s.numpy())
 
 
+@pytest.mark.parametrize("make", [lambda: fr.GRU(H, stateful=True, name="sg"),
+                                  lambda: keras.layers.LSTM(H, stateful=True, name="sg")],
+                         ids=["fr", "keras"])
+def test_stateful_layer_batch_size_is_checked_up_front(rng, make):
+    """A probe batch of another size than a stateful layer keeps its states for is refused before
+    any pass (at train begin for fixed data, per record for a dataset), naming the layer and both
+    sizes, instead of failing deep in TensorFlow on incompatible shapes."""
+    inp = keras.Input((T, D), batch_size=8)
+    model = keras.Model(inp, keras.layers.Dense(OUT)(make()(inp)))
+    model.compile(optimizer="adam", loss="mse")
+    x, y = data(rng, b=8)
+    model.fit(x, y, batch_size=8, verbose=0)  # model and compiled loss built
+    message = r"data: the stateful layer 'sg' .*batch size 8.*probe batch has 4 examples"
+    monitor = GradientNormMonitor((x[:4], y[:4]), record_at_train_begin=False, every_n_batches=1)
+    with pytest.raises(fr.ProbeDataError, match=message):
+        model.fit(x, y, batch_size=8, verbose=0, callbacks=[monitor])
+    assert monitor.steps.size == 0
+    dataset = tf.data.Dataset.from_tensor_slices((np.concatenate([x, x[:4]]),
+                                                  np.concatenate([y, y[:4]]))).batch(8)
+    monitor = GradientNormMonitor(dataset)
+    monitor.set_model(model)
+    assert monitor.record()["sg/input"].shape == (T,)  # the batch of 8
+    with pytest.raises(fr.ProbeDataError, match=message):  # the remainder of 4
+        monitor.record()
+
 # -- keys: wrappers, nesting, selection ---------------------------------------------------------
 def test_keys_for_wrappers_and_nested_models(rng):
     sub_in = keras.Input((T, D))
@@ -294,14 +339,14 @@ def test_bad_arguments_raise_value_errors_naming_them(rng):
         gradient_norms(model, x, y, layers=fr.GRU(2))
     with pytest.raises(ValueError, match="layers: 'head' does not take a sequence"):
         gradient_norms(model, x, y, layers="head")
-    with pytest.raises(ValueError, match=r"data: x has shape \(4, 7, 5\)"):
+    with pytest.raises(fr.ProbeDataError, match=r"data: x has shape \(4, 7, 5\)"):
         gradient_norms(model, np.zeros((B, T, 5), "float32"), y)
-    with pytest.raises(ValueError, match="data: x and y have different batch sizes"):
+    with pytest.raises(fr.ProbeDataError, match="data: x and y have different batch sizes"):
         gradient_norms(model, x, y[:2])
-    with pytest.raises(ValueError, match="data: the probe batch does not fit"):
+    with pytest.raises(fr.ProbeDataError, match="data: the probe batch does not fit"):
         gradient_norms(model, x, np.zeros((B, 3), "float32"))
     for bad in (x, (x,), {"x": x}, 3):
-        with pytest.raises(ValueError, match="data"):
+        with pytest.raises(fr.ProbeDataError, match="data"):
             GradientNormMonitor(bad)
     with pytest.raises(ValueError, match="every_n_batches"):
         GradientNormMonitor((x, y), every_n_batches=0)
@@ -314,6 +359,47 @@ def test_bad_arguments_raise_value_errors_naming_them(rng):
     with pytest.raises(ValueError, match="layers: no layer named"):
         model.fit(x, y, epochs=1, verbose=0, callbacks=[monitor])
 
+
+def test_layer_selection_errors_have_a_public_type(rng):
+    """Errors about ``layers`` are ``fr.LayerSelectionError`` (a ValueError the package exports),
+    not a private class, and say what ``layers`` should be."""
+    assert issubclass(fr.LayerSelectionError, ValueError)
+    assert fr.LayerSelectionError.__module__ == "keras_fancyrnn.errors"
+    assert "LayerSelectionError" in fr.__all__
+    model = model_of(fr.GRU(H, name="g"))
+    x, y = data(rng)
+    with pytest.raises(fr.LayerSelectionError, match=r"layers: no layer named 'nope'.*\['g'\]"):
+        gradient_norms(model, x, y, layers="nope")
+    with pytest.raises(fr.LayerSelectionError, match="layers must be None, a layer name"):
+        GradientNormMonitor((x, y), layers=[3])
+    dense_only = keras.Sequential([keras.Input((D,)), keras.layers.Dense(OUT)])
+    dense_only.compile(loss="mse")
+    monitor = GradientNormMonitor((x[:, 0], y))
+    monitor.set_model(dense_only)
+    with pytest.raises(fr.LayerSelectionError, match="layers: .*no recurrent layer.*layers="):
+        monitor.record()
+
+def test_unbatched_dataset_is_refused_with_a_hint_to_batch_it(rng):
+    """A tf.data.Dataset of single examples is refused as soon as that can be told (from its
+    element spec when built, from the model's input rank when the model is known), with an error
+    that says to call .batch(n); the batched dataset works."""
+    model = model_of(fr.GRU(H, return_sequences=True, name="g"))
+    x, y = data(rng, seq=True)
+    hint = r"data: .*must yield batches.*\.batch\(n\)"
+    with pytest.raises(fr.ProbeDataError, match=hint):  # y has no batch axis: rank 0
+        GradientNormMonitor(tf.data.Dataset.from_tensor_slices((x, y[:, 0, 0])))
+    with pytest.raises(fr.ProbeDataError, match=hint):  # x (T, D) and y (O,): no common batch
+        GradientNormMonitor(tf.data.Dataset.from_tensor_slices((x, y[:, 0])))
+    # x (T, D) and y (T, O) agree on their first axis: only the model's input rank tells
+    monitor = GradientNormMonitor(tf.data.Dataset.from_tensor_slices((x, y)))
+    with pytest.raises(fr.ProbeDataError, match=hint):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[monitor])
+    monitor = GradientNormMonitor(tf.data.Dataset.from_tensor_slices((x, y)).batch(2))
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[monitor])
+    assert monitor.history["g"].shape == (1, T)
+    unknown_rank = tf.TensorSpec(None, tf.float32)  # nothing to tell before a batch is drawn
+    GradientNormMonitor(tf.data.Dataset.from_generator(
+        lambda: iter([(x, y)]), output_signature=(unknown_rank, unknown_rank)))
 
 # -- scheduling, logs, outputs ------------------------------------------------------------------
 @pytest.fixture(scope="module")

@@ -86,6 +86,26 @@ def test_bidirectional_equals_keras(cell, merge_mode):
         assert_all_close(grad_a, grad_b)
 
 
+def test_integer_inputs_are_cast_as_keras_does():
+    """fr.Bidirectional and fr.StackedRNN take integer inputs as Keras's layers do: the result
+    equals Keras's Bidirectional / Keras's layers applied in turn, with the same weights."""
+    ints = np.random.default_rng(3).integers(-2, 3, size=(B, T, D))
+    ours, theirs = twin_bidirectionals("LSTM", "concat", return_sequences=True)
+    stacked = fr.StackedRNN([fr.GRU(U, return_sequences=True), fr.SimpleRNN(U)])
+    stacked.build((None, T, D))
+    random_weights(stacked)
+    by_keras = [keras.layers.GRU(U, return_sequences=True), keras.layers.SimpleRNN(U)]
+    for layer, source, shape in zip(by_keras, stacked.layers, [(None, T, D), (None, T, U)]):
+        layer.build(shape)
+        layer.set_weights(source.get_weights())
+    for x in (ints.astype("int32"), ints, tf.constant(ints, tf.int32)):
+        expected, got = theirs(x), ours(x)
+        assert got.dtype == expected.dtype == "float32"
+        np.testing.assert_allclose(got, expected, rtol=2e-6, atol=2e-6)
+        expected, got = by_keras[1](by_keras[0](x)), stacked(x)
+        assert got.dtype == expected.dtype == "float32"
+        np.testing.assert_allclose(got, expected, rtol=2e-6, atol=2e-6)
+
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_bidirectional_initial_state_forward_half_then_backward_half(cell):
     x, mask = data(seed=3)
