@@ -96,21 +96,19 @@ def torch_runner(cell, batch, steps, dim, units, train):
     return train_fn if train else predict_fn
 
 
-def with_setting(run, module, name: str, value):
-    """``run`` with ``module.<name> = value`` while it runs (its first call traces, and the layers
-    choose their path while tracing)."""
+def with_setting(run, name: str, value):
+    """``run`` with ``keras_fancyrnn.config``'s ``name`` set to ``value`` while it runs (its first
+    call traces, and the layers choose their path while tracing)."""
+    import keras_fancyrnn as fr
+
     def call(n):
-        previous = getattr(module, name)
-        setattr(module, name, value)
-        try:
+        with fr.config.scope(**{name: value}):
             run(n)
-        finally:
-            setattr(module, name, previous)
     return call
 
 
 def run_on_off(on: str, off: str, name: str, flags) -> None:
-    """``on_off_table`` for ``keras_fancyrnn.native.<name>``, printed and written to
+    """``on_off_table`` for the ``keras_fancyrnn.config`` setting ``name``, printed and written to
     ``flags.out`` with a footer naming the machine (exits if the kernels are unavailable)."""
     import platform
     import time
@@ -121,16 +119,16 @@ def run_on_off(on: str, off: str, name: str, flags) -> None:
 
     if native.library() is None:
         raise SystemExit(f"the kernels are unavailable here: {native.load_error()}")
-    rows = on_off_table(on, off, native, name, flags)
+    rows = on_off_table(on, off, name, flags)
     footer = (f"\nT={flags.time}, D={flags.input_dim}. Machine: "
               f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
               f"TF {tf.__version__}, Keras {keras.__version__}; {time.strftime('%Y-%m-%d')}.")
     emit(rows, footer, flags.out)
 
 
-def on_off_table(on: str, off: str, module, name: str, flags) -> list[str]:
+def on_off_table(on: str, off: str, name: str, flags) -> list[str]:
     """The rows of a table that times each fr layer of the grid in ``flags`` (cells, modes, batch,
-    hidden, time, input_dim, repeats, steps, torch) with ``module.<name>`` True (column ``on``)
+    hidden, time, input_dim, repeats, steps, torch) with setting ``name`` True (column ``on``)
     and False (``off``) against keras.layers (and torch.nn), alternating; printed as they come."""
     import itertools
 
@@ -143,8 +141,8 @@ def on_off_table(on: str, off: str, module, name: str, flags) -> list[str]:
                              map(int, flags.hidden))
     for cell, mode, batch, units in grid:
         dims = (cell, batch, flags.time, flags.input_dim, units, mode == "train")
-        runners = {on: with_setting(keras_runner(FR[cell], *dims, "auto"), module, name, True),
-                   off: with_setting(keras_runner(FR[cell], *dims, "auto"), module, name, False),
+        runners = {on: with_setting(keras_runner(FR[cell], *dims, "auto"), name, True),
+                   off: with_setting(keras_runner(FR[cell], *dims, "auto"), name, False),
                    "keras": keras_runner(KERAS[cell], *dims, "auto")}
         if have_torch:
             runners["torch"] = torch_runner(*dims)

@@ -32,7 +32,6 @@ from _timing import emit, time_alternating  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import keras_fancyrnn as fr  # noqa: E402
-from keras_fancyrnn import engine, native  # noqa: E402
 from keras_fancyrnn._tf import tf  # noqa: E402
 from keras_fancyrnn.lstm import _block_lstm  # noqa: E402
 
@@ -92,16 +91,13 @@ def check_equal():
         block = BlockLSTM(5, registered_gradient=registered)
         block(x)
         block.cell.set_weights(ours.get_weights())
-        engine.FUSED_ON_CPU = False  # fr.LSTM runs its loop here: the reference
-        try:
+        with fr.config.scope(fused_on_cpu=False):  # fr.LSTM runs its loop here: the reference
             with tf.GradientTape(persistent=True) as tape:
                 tape.watch(x)
                 a, b = ours(x), block(x)
                 loss_a, loss_b = tf.reduce_sum(a ** 2 + a), tf.reduce_sum(b ** 2 + b)
             grads_a = tape.gradient(loss_a, [x] + ours.trainable_weights)
             grads_b = tape.gradient(loss_b, [x] + block.trainable_weights)
-        finally:
-            engine.FUSED_ON_CPU = True
         if not registered:
             result.append(float(np.max(np.abs(a - b))))
         result.append(max(float(np.max(np.abs(p - q))) for p, q in zip(grads_a, grads_b)))
@@ -120,11 +116,8 @@ def runner(layer, mode, batch, fused=True):
         run = lambda n: [model.train_on_batch(xs[i % 2], y) for i in range(n)]  # noqa: E731
     else:
         run = lambda n: [model.predict_on_batch(xs[i % 2]) for i in range(n)]  # noqa: E731
-    engine.FUSED_ON_CPU = fused  # read when the step is traced, i.e. on the first call
-    try:
+    with fr.config.scope(fused_on_cpu=fused):  # read when the step is traced: the first call
         run(1)
-    finally:
-        engine.FUSED_ON_CPU = True
     return run
 
 
@@ -132,7 +125,7 @@ def main(argv):
     del argv
     # This script is about BlockLSTMV2, the fused path where the native sequence kernels are
     # off or unavailable (benchmarks/sequence_kernels.py measures those).
-    native.SEQUENCES = False
+    fr.config.set(sequence_kernels=False)
     out_diff, grad_diff, registered_diff = check_equal()
     print(f"BlockLSTMV2 vs fr.LSTM: outputs {out_diff:.1e}, gradients {grad_diff:.1e}; with "
           f"TensorFlow's registered gradient {registered_diff:.1e}")

@@ -19,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from _runners import run_on_off  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from keras_fancyrnn import engine  # noqa: E402
+import keras_fancyrnn as fr  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("cells", ["lstm", "gru"], "Cells: lstm, gru.")
@@ -36,8 +36,8 @@ flags.DEFINE_string("out", None, "Write the Markdown table here too.")
 
 def main(argv):
     del argv
-    engine.FUSED_ON_CPU = False  # the whole-sequence kernels would replace both loops
-    run_on_off("kernels", "plain", "ENABLED", FLAGS)
+    fr.config.set(fused_on_cpu=False)  # the whole-sequence kernels would replace both loops
+    run_on_off("kernels", "plain", "native_kernels", FLAGS)
 
 
 if __name__ == "__main__":

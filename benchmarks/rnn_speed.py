@@ -75,9 +75,9 @@ def matmul_roofline(n=1024, repeats=20):
 
 def main(argv):
     del argv
-    from keras_fancyrnn import engine
+    import keras_fancyrnn as fr
 
-    engine.HOIST_ON_CPU = FLAGS.hoist
+    fr.config.set(hoist_on_cpu=FLAGS.hoist)
     have_torch = FLAGS.torch and torch_available()
     roof = matmul_roofline()
     header = ("| cell | mode | B | T | H | jit | fr steps/s | keras steps/s | torch steps/s | "

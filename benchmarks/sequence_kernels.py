@@ -41,7 +41,7 @@ flags.DEFINE_string("out", None, "Write the Markdown table here too.")
 
 def main(argv):
     del argv
-    run_on_off("sequence", "loop", "SEQUENCES", FLAGS)
+    run_on_off("sequence", "loop", "sequence_kernels", FLAGS)
 
 
 if __name__ == "__main__":

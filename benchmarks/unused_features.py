@@ -31,7 +31,6 @@ from _timing import emit, time_alternating  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import keras_fancyrnn as fr  # noqa: E402
-from keras_fancyrnn import engine  # noqa: E402
 from keras_fancyrnn._tf import tf  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -129,7 +128,7 @@ def loop_ops(model, x, y):
 def main(argv):
     del argv
     # This is about the engine's loop: keep the LSTM's fused kernel (small layers) out of it.
-    engine.FUSED_ON_CPU = False
+    fr.config.set(fused_on_cpu=False)
     b, t, d, h = FLAGS.batch, FLAGS.time, FLAGS.input_dim, FLAGS.units
     rng = np.random.default_rng(0)
     xs = [tf.constant(rng.normal(size=(b, t, d)).astype("float32")) for _ in range(FLAGS.steps)]

@@ -19,7 +19,23 @@ compute the recurrent products ``h_{t-1} U`` and ``dz_t U^T`` for float32:
 register block, CPUs with AVX-512F), ``"avx2"`` (a 6 x 16 register block, CPUs with AVX2 and
 FMA), ``"eigen"`` (Eigen's matrix product, any CPU). float64 always uses Eigen's. They differ
 only in the order of float32 additions; ``keras_fancyrnn.native.products()`` lists what this
-CPU runs, and asking for one it cannot is an error when the kernel is built.
+CPU runs, and asking for one it cannot is an error when the layers are traced.
+
+``native_kernels`` (``KERAS_FANCYRNN_NATIVE``, ``True``): whether the layers may run the C++
+kernels (``keras_fancyrnn.native``) at all; ``False`` runs the same equations as TensorFlow ops.
+
+``sequence_kernels`` (``KERAS_FANCYRNN_SEQUENCE_KERNELS``, ``True``): whether a whole sequence may
+run in one C++ kernel; ``False`` keeps the step loop (with the per-step gate kernels).
+
+``fused_on_cpu`` (``KERAS_FANCYRNN_FUSED_ON_CPU``, ``True``): whether a cell's whole-sequence
+path (the sequence kernels, or the LSTM's ``BlockLSTMV2``) may replace the step loop on a CPU at
+all; ``False`` runs the loop (e.g. for second derivatives through ``BlockLSTMV2``).
+
+``hoist_on_cpu`` (``KERAS_FANCYRNN_HOIST_ON_CPU``, ``False``): whether the step loop computes the
+input projection ``x W`` for all steps before it on a CPU, as it does on a GPU.
+
+Boolean variables read ``0``, ``false`` or ``no`` (any case) as ``False`` and ``1``, ``true`` or
+``yes`` as ``True``.
 """
 
 from __future__ import annotations
@@ -33,11 +49,17 @@ from typing import Any
 
 from keras_fancyrnn.errors import ConfigError
 
+_BOOL = (True, False)
 #: name -> (environment variable, default, allowed values)
 _SETTINGS: dict[str, tuple[str, Any, tuple]] = {
     "recurrent_product": ("KERAS_FANCYRNN_RECURRENT_PRODUCT", "auto",
                           ("auto", "avx512", "avx2", "eigen")),
+    "native_kernels": ("KERAS_FANCYRNN_NATIVE", True, _BOOL),
+    "sequence_kernels": ("KERAS_FANCYRNN_SEQUENCE_KERNELS", True, _BOOL),
+    "fused_on_cpu": ("KERAS_FANCYRNN_FUSED_ON_CPU", True, _BOOL),
+    "hoist_on_cpu": ("KERAS_FANCYRNN_HOIST_ON_CPU", False, _BOOL),
 }
+_WORDS = {"0": False, "false": False, "no": False, "1": True, "true": True, "yes": True}
 
 _process: dict[str, Any] = {}
 _scoped: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
@@ -49,7 +71,9 @@ def _check(name: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: no setting named {name!r}; the settings are "
                           f"{', '.join(sorted(_SETTINGS))}")
     allowed = _SETTINGS[name][2]
-    if value not in allowed:
+    if allowed is _BOOL and source.startswith("$"):
+        value = _WORDS.get(value.strip().lower(), value)
+    if allowed is _BOOL and not isinstance(value, bool) or value not in allowed:
         raise ConfigError(f"{source}: {name} must be one of {', '.join(map(repr, allowed))}, "
                           f"got {value!r}")
     return value

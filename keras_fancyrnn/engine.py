@@ -36,15 +36,8 @@ import contextlib
 import functools
 from collections.abc import Sequence
 
-from keras_fancyrnn import cudnn, native
+from keras_fancyrnn import config, cudnn, native
 from keras_fancyrnn._tf import tf
-
-#: Whether the input projection is hoisted on a CPU too (see ``run``'s ``hoist_inputs``).
-HOIST_ON_CPU = False
-#: Whether a cell's fused whole-sequence kernel may replace the loop on a CPU (``run``'s ``fused``);
-#: False times and tests the loop alone.
-FUSED_ON_CPU = True
-
 
 #: A ``fused_batch_limit`` at least this large means any batch (no run-time check).
 ANY_BATCH = 2**31 - 1
@@ -127,9 +120,9 @@ def run(
             replace the loop where it computes what the loop computes (no mask,
             probe, truncation, unroll, recurrent dropout or per-gate dropout masks) and where the
             cell says it is faster (``cell.fused_batch_limit``; a dynamic batch size is checked
-            at run time). ``None`` chooses: on a CPU (``FUSED_ON_CPU``), outside XLA and outside
-            portable traces (``keras_fancyrnn.portable``, SavedModel export), which keep the
-            plain loop for converters such as TFLite that lack the fused op.
+            at run time). ``None`` chooses: on a CPU (``config``'s ``fused_on_cpu``), outside
+            XLA and outside portable traces (``keras_fancyrnn.portable``, SavedModel export),
+            which keep the plain loop for converters such as TFLite that lack the fused op.
 
     Returns:
         ``(last_output [B, H], outputs [B, T, H] or None, final_states list)``.
@@ -140,12 +133,12 @@ def run(
     dp_mask, rec_mask = _make_dropout_masks(cell, inputs[:, 0], initial_state[0], training)
     on_gpu = bool(tf.config.list_logical_devices("GPU"))
     if hoist_inputs is None:
-        hoist_inputs = HOIST_ON_CPU or on_gpu
+        hoist_inputs = config.get("hoist_on_cpu") or on_gpu
     loop = functools.partial(_loop_reading_weights_once, cell, inputs, initial_state, mask,
                              dp_mask, rec_mask, go_backwards, unroll, return_sequences,
                              zero_output_for_mask, bptt_truncate, probes, hoist_inputs)
     if fused is None:
-        fused = FUSED_ON_CPU and not on_gpu and not native.portable_or_xla()
+        fused = config.get("fused_on_cpu") and not on_gpu and not native.portable_or_xla()
     limit = 0
     if (fused and not use_cudnn and mask is None and not probes and not unroll
             and rec_mask is None and not isinstance(dp_mask, (list, tuple))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_fancyrnn import native
+from keras_fancyrnn import config, native
 from keras_fancyrnn.base import RNN, RecurrentCell, build_cell, get_activation, layer_arguments
 from keras_fancyrnn.gpu import CudnnMixin
 
@@ -83,7 +83,7 @@ class LSTMCell(RecurrentCell):
     fused_max_macs_plain_loop = 1_300_000
 
     def native_sequence(self, dtype) -> bool:
-        return native.SEQUENCES and self.native_gates(dtype)
+        return config.get("sequence_kernels") and self.native_gates(dtype)
 
     def sequence_kernel(self, xp, states, bias=None):
         """``step`` over all of ``xp = x W`` ``[T, B, 4·units]`` plus ``bias`` in one C++ op
@@ -112,7 +112,7 @@ class LSTMCell(RecurrentCell):
         sigmoid/tanh, no peephole, no clipping), in place of some 40 ops per step in the loop and
         60 in its gradient. ``inputs``: ``[T, B, D]``; ``dropout_mask``: ``None`` or one ``[B, D]``
         mask. Returns ``(outputs [T, B, units], [h_T, c_T])``. The gradient kernel has no gradient:
-        second derivatives need the loop (``keras_fancyrnn.engine.FUSED_ON_CPU = False``)."""
+        second derivatives need the loop (``keras_fancyrnn.config``'s ``fused_on_cpu=False``)."""
         from keras_fancyrnn._tf import tf
 
         if self.native_sequence(inputs.dtype):

@@ -18,11 +18,11 @@ The kernels are compiled against the installed TensorFlow the first time a layer
 ``~/.cache/keras_fancyrnn``, keyed by the sources, TensorFlow's version and this CPU). Where that
 is impossible (no C++ compiler, another backend, a GPU, a portable or XLA trace, float16) the
 cells run their plain TensorFlow ops, which compute the same values; set
-``KERAS_FANCYRNN_NATIVE=0`` or ``keras_fancyrnn.native.ENABLED = False`` to always do so, and
-``SEQUENCES = False`` to keep the loop (with the gate kernels). The library is built for this
-CPU (``-march=native``); ``$KERAS_FANCYRNN_CXXFLAGS`` adds compiler flags (``-mno-avx512f``
-builds on an AVX-512 CPU what an AVX2 CPU builds). The recurrent products of the sequence kernels
-run a register block for this CPU's widest vectors; ``keras_fancyrnn.config``'s
+``keras_fancyrnn.config``'s ``native_kernels=False`` (or ``KERAS_FANCYRNN_NATIVE=0``) to always
+do so, and ``sequence_kernels=False`` to keep the loop (with the gate kernels). The library is
+built for this CPU (``-march=native``); ``$KERAS_FANCYRNN_CXXFLAGS`` adds compiler flags
+(``-mno-avx512f`` builds on an AVX-512 CPU what an AVX2 CPU builds). The recurrent products of the
+sequence kernels run a register block for this CPU's widest vectors; ``keras_fancyrnn.config``'s
 ``recurrent_product`` picks another one this CPU runs (``products()``).
 
 Gradients: the backward kernels give first derivatives; their own gradients (second derivatives,
@@ -50,12 +50,6 @@ import keras
 
 from keras_fancyrnn import config
 from keras_fancyrnn.errors import ConfigError
-
-#: Whether the cells may use the fused kernels at all (tests and benchmarks switch it).
-ENABLED = os.environ.get("KERAS_FANCYRNN_NATIVE", "1") not in ("0", "false", "False")
-#: Whether the layers may run a whole sequence in one kernel (``*_sequence`` below) where the
-#: engine allows it, rather than the step kernels inside TensorFlow's loop (benchmarks switch it).
-SEQUENCES = True
 
 _KERNELS = os.path.join(os.path.dirname(__file__), "kernels")
 _SOURCES = [os.path.join(_KERNELS, name) for name in ("gates.cc", "sequence.cc")]
@@ -207,7 +201,7 @@ def _load():
 def usable(dtype) -> bool:
     """Whether a cell's step may call the kernels now: enabled, TensorFlow backend, float32 or
     float64, no GPU, not inside a portable or XLA trace, and the library loads."""
-    if not ENABLED or keras.config.backend() != "tensorflow":
+    if not config.get("native_kernels") or keras.config.backend() != "tensorflow":
         return False
     if str(getattr(dtype, "name", dtype)) not in ("float32", "float64"):
         return False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_fancyrnn import native
+from keras_fancyrnn import config, native
 from keras_fancyrnn.base import RNN, RecurrentCell, build_cell, layer_arguments
 
 
@@ -31,7 +31,7 @@ class SimpleRNNCell(RecurrentCell):
         return h, [h]
 
     def native_sequence(self, dtype) -> bool:
-        return (native.SEQUENCES and self._kernel_activation() is not None
+        return (config.get("sequence_kernels") and self._kernel_activation() is not None
                 and native.usable(dtype))
 
     def _kernel_activation(self):

@@ -50,7 +50,7 @@ def test_environment_variable_is_the_starting_value(monkeypatch):
 
 def test_bad_names_and_values_are_config_errors():
     with pytest.raises(fr.ConfigError, match=r"no setting named 'recurrent_products'; the "
-                                              r"settings are recurrent_product"):
+                                              r"settings are .*recurrent_product"):
         fr.config.set(recurrent_products="avx2")
     with pytest.raises(fr.ConfigError, match=r"must be one of 'auto', 'avx512', 'avx2', "
                                               r"'eigen', got 'AVX2'"):
@@ -98,3 +98,36 @@ def test_the_environment_variable_reaches_the_kernels():
                           env={**os.environ, **env}, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "['eigen']"
+
+
+def test_switches_are_booleans_from_the_environment_too(monkeypatch):
+    assert fr.config.get("native_kernels") is True
+    assert fr.config.get("hoist_on_cpu") is False
+    for word, value in [("0", False), ("False", False), ("no", False), ("1", True),
+                        ("TRUE", True), ("yes", True)]:
+        monkeypatch.setenv("KERAS_FANCYRNN_NATIVE", word)
+        assert fr.config.get("native_kernels") is value, word
+    monkeypatch.setenv("KERAS_FANCYRNN_NATIVE", "off")
+    with pytest.raises(fr.ConfigError, match=r"\$KERAS_FANCYRNN_NATIVE: native_kernels must be "
+                                              r"one of True, False, got 'off'"):
+        fr.config.get("native_kernels")
+    with pytest.raises(fr.ConfigError, match=r"fused_on_cpu must be one of True, False, got 1"):
+        fr.config.set(fused_on_cpu=1)
+
+
+def test_switches_choose_the_path(rng):
+    """The settings reach the layers when they are traced: the sequence kernel by default, the
+    step loop with the gate kernels without sequence kernels, no C++ op without native kernels."""
+    x = tf.constant(rng.normal(size=(3, 6, 4)).astype("float32"))
+
+    def ops(layer):
+        graph = tf.function(layer).get_concrete_function(x).graph.as_graph_def()
+        nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+        return {n.op for n in nodes if n.op.startswith("KerasFancyrnn")}
+
+    if native.library() is not None:
+        assert ops(fr.GRU(5)) == {"KerasFancyrnnGruSequence"}
+        with fr.config.scope(sequence_kernels=False):
+            assert ops(fr.GRU(5)) == {"KerasFancyrnnGruGates"}
+    with fr.config.scope(native_kernels=False):
+        assert ops(fr.GRU(5)) == set()

@@ -10,7 +10,7 @@ import tensorflow as tf
 from gradcheck import assert_gradients_match_finite_differences
 
 import keras_fancyrnn as fr
-from keras_fancyrnn import engine, native
+from keras_fancyrnn import native
 
 B, T, D, H = 2, 8, 3, 4
 
@@ -246,7 +246,7 @@ def test_hoisted_and_per_step_projection_agree(kind, monkeypatch):
     mask[1, 5:] = False
     results = []
     for hoist in (True, False):
-        monkeypatch.setattr(engine, "HOIST_ON_CPU", hoist)
+        fr.config.set(hoist_on_cpu=hoist)
         with tf.GradientTape() as tape:
             out = layer(x, mask=mask, training=True)
             loss = tf.reduce_sum(out * coef)
@@ -269,7 +269,7 @@ def test_unused_probe_and_truncation_add_no_ops(kind, monkeypatch):
     """With no probe and no truncation the engine's loop has exactly the ops of a bare
     ``tf.while_loop`` over the cell's own projection and step (written here), forward and
     gradient: the features cost nothing when unused (benchmarks/unused_features.py times it)."""
-    monkeypatch.setattr(engine, "FUSED_ON_CPU", False)  # this is about the loop
+    fr.config.set(fused_on_cpu=False)  # this is about the loop
     layer, _ = build(kind)
     layer.return_sequences = False
     cell = layer.cell
@@ -333,7 +333,7 @@ def _on_path(path, monkeypatch):
     kind, op, native_sequence = FUSED_PATHS[path]
     if native_sequence and native.library() is None:
         pytest.skip(f"no native kernels here: {native.load_error()}")
-    monkeypatch.setattr(native, "SEQUENCES", native_sequence)
+    fr.config.set(sequence_kernels=native_sequence)
     layer_class = functools.partial(getattr(fr, kind.partition("-")[0]), **VARIANTS.get(kind, {}))
     return layer_class, op, 2 if kind == "LSTM" else 1
 
@@ -358,7 +358,7 @@ def test_fused_kernel_equals_loop(path, options, monkeypatch):
     training = "dropout" in options
 
     def run(fused):
-        monkeypatch.setattr(engine, "FUSED_ON_CPU", fused)
+        fr.config.set(fused_on_cpu=fused)
         layer = layer_class(H, **kwargs)
         layer.build((None, T, D))
         layer.set_weights([np.random.default_rng(9).normal(0, 0.6, w.shape).astype("float32")
@@ -410,7 +410,7 @@ def test_sequence_kernels_only_where_they_apply(path, monkeypatch):
     assert not uses(probed)
     with fr.portable():
         assert not uses(layer_class(H))
-    monkeypatch.setattr(native, "ENABLED", False)
+    fr.config.set(native_kernels=False)
     assert not uses(layer_class(H))
 
 
@@ -436,9 +436,9 @@ def test_sequence_kernels_with_unknown_batch_and_length(path, monkeypatch):
         x = tf.constant(np.random.default_rng(batch).normal(size=(batch, steps, D)),
                         tf.float32)
         got = dynamic(x)
-        monkeypatch.setattr(engine, "FUSED_ON_CPU", False)
+        fr.config.set(fused_on_cpu=False)
         want = grads(x)
-        monkeypatch.setattr(engine, "FUSED_ON_CPU", True)
+        fr.config.set(fused_on_cpu=True)
         # float32 rounding, relative too: ReLU's values reach ~400, and the kernel adds the
         # bias in another order than the loop (dW differed by 6e-7 relative in 1 of 30 seeds)
         for a, b in zip(got, want, strict=True):
@@ -450,7 +450,7 @@ def test_fused_lstm_kernel_only_where_it_applies(monkeypatch):
     would compute something else (mask, probe, truncation, recurrent dropout, other activations,
     float64), where it measured slower (big layers), in portable traces and under XLA; a
     dynamic batch size decides at run time."""
-    monkeypatch.setattr(native, "SEQUENCES", False)
+    fr.config.set(sequence_kernels=False)
     x = tf.zeros((B, T, D))
 
     def uses(layer, x=x, **call):
@@ -484,7 +484,7 @@ def test_fused_lstm_kernel_only_where_it_applies(monkeypatch):
 def test_fused_lstm_dynamic_batch_gradients_equal_loop(monkeypatch):
     """With an unknown batch size BlockLSTMV2 runs under a tf.cond; gradients through it equal
     the loop's, below and above the batch limit."""
-    monkeypatch.setattr(native, "SEQUENCES", False)
+    fr.config.set(sequence_kernels=False)
     layer = fr.LSTM(H)
     layer.build((None, T, D))
     limit = layer.cell.fused_batch_limit(D, "float32")
@@ -499,9 +499,9 @@ def test_fused_lstm_dynamic_batch_gradients_equal_loop(monkeypatch):
     for batch in (B, limit + 1):
         x = tf.constant(np.random.default_rng(batch).normal(size=(batch, T, D)).astype("float32"))
         got = dynamic(x)
-        monkeypatch.setattr(engine, "FUSED_ON_CPU", False)
+        fr.config.set(fused_on_cpu=False)
         want = grads(x)
-        monkeypatch.setattr(engine, "FUSED_ON_CPU", True)
+        fr.config.set(fused_on_cpu=True)
         for a, b in zip(got, want):
             np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
 
@@ -510,7 +510,7 @@ def test_fused_lstm_dynamic_batch_gradients_equal_loop(monkeypatch):
 def test_weights_read_once_before_the_loop_and_restored(kind, monkeypatch):
     """The loop reads no variable (its body is free of ReadVariableOp), the cell holds its
     variables again afterwards (also after a failure inside), and training still updates them."""
-    monkeypatch.setattr(engine, "FUSED_ON_CPU", False)
+    fr.config.set(fused_on_cpu=False)
     layer, _ = build(kind)
     x = tf.constant(np.random.default_rng(0).normal(size=(B, T, D)).astype("float32"))
     graph_def = tf.function(layer).get_concrete_function(x).graph.as_graph_def()

@@ -12,7 +12,7 @@ from gradcheck import assert_gradients_match_finite_differences
 from tolerance import assert_close, rounding_chain
 
 import keras_fancyrnn as fr
-from keras_fancyrnn import engine, native
+from keras_fancyrnn import native
 
 pytestmark = pytest.mark.skipif(
     native.compiler() is None or shutil.which(native.compiler()[0]) is None,
@@ -104,10 +104,10 @@ def _native_ops(fn, *args):
 def _assert_kernels_equal_plain_ops(fn, x, op, monkeypatch, rtol, atol):
     """``fn(x)`` (a list of tensors) traced with the kernels, whose graph holds ``op``, equals
     ``fn(x)`` traced with the plain TensorFlow ops, whose graph holds no kernel."""
-    monkeypatch.setattr(native, "ENABLED", True)
+    fr.config.set(native_kernels=True)
     assert op in _native_ops(fn, x)
     fused = tf.function(fn)(x)
-    monkeypatch.setattr(native, "ENABLED", False)
+    fr.config.set(native_kernels=False)
     assert not _native_ops(fn, x)
     plain = tf.function(fn)(x)
     for a, b in zip(fused, plain, strict=True):
@@ -146,7 +146,7 @@ def test_layers_on_the_kernels_equal_keras(library, kind, go_backwards, kernels,
     weights, and the graph really runs the kernels (input_dim 8 > units 6, so not the LSTM's
     BlockLSTMV2 path either); and the same for the plain ops, which the kernels being on by
     default would otherwise leave to fewer tests."""
-    monkeypatch.setattr(native, "ENABLED", kernels)
+    fr.config.set(native_kernels=kernels)
     ours, theirs = _copied(kind, rng, go_backwards=go_backwards)
     x = tf.constant(rng.normal(size=(4, 9, 8)).astype("float32"))
     mask = tf.constant(np.arange(9)[None, :] < np.array([9, 7, 3, 1])[:, None])
@@ -195,7 +195,7 @@ def _gradient_penalty(kind, rng, batch):
 def test_second_derivatives_equal_the_plain_ops(library, kind, rng, monkeypatch):
     """A gradient penalty (the gradient of ‖∂ℓ/∂x‖² with respect to the weights) is the same
     with the kernels as with the cells' plain TensorFlow ops."""
-    monkeypatch.setattr(engine, "FUSED_ON_CPU", False)
+    fr.config.set(fused_on_cpu=False)
     penalty_gradient, x = _gradient_penalty(kind, rng, batch=3)
     op = {"LSTM": "KerasFancyrnnLstmGatesGrad", "GRU": "KerasFancyrnnGruGatesGrad"}[kind]
     _assert_kernels_equal_plain_ops(penalty_gradient, x, op, monkeypatch, 1e-9, 1e-12)
@@ -254,7 +254,7 @@ def test_probed_lstm_kernel(library, rng):
 def test_lstm_with_both_probes_fed_equals_the_plain_ops(library, rng, monkeypatch):
     """What GradientNormMonitor does: zero probes for h_t and c_t; their gradients (∂ℓ/∂h_t,
     ∂ℓ/∂c_t) and the weights' are the same with the kernel as with the plain ops."""
-    monkeypatch.setattr(engine, "FUSED_ON_CPU", False)
+    fr.config.set(fused_on_cpu=False)
     layer = fr.LSTM(5, return_sequences=True, dtype="float64")
     x = tf.constant(rng.normal(size=(3, 6, 4)))
     layer.build(x.shape)
@@ -392,7 +392,7 @@ def test_sequence_kernel_second_derivatives_equal_the_loop(library, kind, rng, m
     penalty_gradient, x = _gradient_penalty(kind, rng, batch=8)
     assert SEQUENCE_OPS[kind] + "Grad" in _native_ops(penalty_gradient, x)
     fused = tf.function(penalty_gradient)(x)
-    monkeypatch.setattr(native, "SEQUENCES", False)
+    fr.config.set(sequence_kernels=False)
     assert not any(op.endswith("Sequence") for op in _native_ops(penalty_gradient, x))
     looped = tf.function(penalty_gradient)(x)
     for a, b in zip(fused, looped, strict=True):

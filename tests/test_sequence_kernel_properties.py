@@ -5,8 +5,6 @@ both directions, float32 and float64, and every recurrent product this CPU runs.
 states and the gradients with respect to the inputs, the initial states and every weight must
 agree within the rounding bound of tests/tolerance.py."""
 
-import contextlib
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -15,7 +13,7 @@ from hypothesis import strategies as st
 from tolerance import assert_close, measured_rounding, rounding_chain
 
 import keras_fancyrnn as fr
-from keras_fancyrnn import engine, native
+from keras_fancyrnn import native
 
 pytestmark = pytest.mark.skipif(native.library() is None,
                                 reason=f"the kernels cannot be had here: {native.load_error()}")
@@ -44,16 +42,10 @@ def cases(draw):
     }
 
 
-@contextlib.contextmanager
 def _path(kernels):
     """The C++ sequence kernels, or the plain loop: the engine's step loop with the cells' plain
     TensorFlow ops (no C++ kernel, and not the LSTM's BlockLSTMV2 either)."""
-    before = native.ENABLED, engine.FUSED_ON_CPU
-    native.ENABLED = engine.FUSED_ON_CPU = kernels
-    try:
-        yield
-    finally:
-        native.ENABLED, engine.FUSED_ON_CPU = before
+    return fr.config.scope(native_kernels=kernels, fused_on_cpu=kernels)
 
 
 def _ops(concrete):
