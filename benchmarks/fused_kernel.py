@@ -10,8 +10,8 @@ side by side, alternating, over a grid of batch and hidden sizes.
 
 The answer on the 2-core test machine: the kernel wins for small layers, whose loop is per-op
 overhead, and loses for bigger ones (its per-step products run in Eigen, slower than oneDNN's
-MatMul); ``LSTMCell.fused_batch_limit`` encodes where it won, and the last column says which one
-``fr.LSTM`` picks at each point (the loop runs here with the fused path switched off).
+MatMul); ``LSTMCell.block_lstm_batch_limit`` encodes where it won, and the last column says which
+one ``fr.LSTM`` picks at each point (the loop runs here with the fused path switched off).
 
     python benchmarks/fused_kernel.py                          # B 8..256 x H 32..256, D=128
     python benchmarks/fused_kernel.py --batch=16 --hidden=64 --modes=train
@@ -135,7 +135,7 @@ def main(argv):
                                                 map(int, FLAGS.hidden)):
         runners = {"loop": runner(fr.LSTM(units), mode, batch, fused=False),
                    "fused": runner(BlockLSTM(units), mode, batch)}
-        chosen = 0 < batch <= fr.LSTMCell(units).fused_batch_limit(FLAGS.input_dim, "float32")
+        chosen = 0 < batch <= fr.LSTMCell(units).block_lstm_batch_limit(FLAGS.input_dim, "float32")
         rate = time_alternating(runners, FLAGS.repeats, 10**6, FLAGS.round_seconds)
         rows.append(f"| {mode} | {batch} | {units} | {rate['loop']:.1f} | {rate['fused']:.1f} | "
                     f"{rate['fused'] / rate['loop']:.2f} | {'fused' if chosen else 'loop'} |")

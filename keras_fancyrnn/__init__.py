@@ -4,9 +4,9 @@ __version__ = "0.1.0"
 
 from keras_fancyrnn import config, datasets, initializers
 from keras_fancyrnn.base import RNN, RecurrentCell
+from keras_fancyrnn.dispatch import explain, portable
 from keras_fancyrnn.errors import ConfigError, LayerSelectionError, ProbeDataError
 from keras_fancyrnn.export import export_saved_model
-from keras_fancyrnn.gpu import portable
 from keras_fancyrnn.gru import GRU, GRUCell
 from keras_fancyrnn.lstm import LSTM, LSTMCell
 from keras_fancyrnn.monitor import GradientNormMonitor
@@ -33,6 +33,7 @@ __all__ = [
     "StackedRNN",
     "config",
     "datasets",
+    "explain",
     "export_saved_model",
     "initializers",
     "portable",

@@ -14,7 +14,7 @@ import keras
 from keras import ops
 from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
 
-from keras_fancyrnn import engine, native
+from keras_fancyrnn import dispatch, engine, native
 from keras_fancyrnn._tf import tf
 
 _serialize = keras.saving.serialize_keras_object
@@ -275,16 +275,15 @@ class RecurrentCell(SeedStateSaving, keras.layers.Layer, DropoutRNNCell):
                 and getattr(self, "recurrent_activation", None) is keras.activations.sigmoid
                 and native.usable(dtype))
 
-    # -- whole-sequence kernels (the engine's ``fused`` path) -----------------------------------
-    def native_sequence(self, dtype) -> bool:
-        """Whether ``fused_sequence`` runs this cell's whole-sequence kernel of
-        ``keras_fancyrnn.native`` (``sequence_kernel``); cells without one say False."""
-        return False
-
-    def fused_batch_limit(self, input_dim, dtype):
-        """The largest batch for which the engine runs ``fused_sequence`` instead of its loop,
-        0 for none: with the native sequence kernel, every batch."""
-        return engine.ANY_BATCH if self.native_sequence(dtype) else 0
+    # -- whole-sequence kernels (the dispatch's "sequence_kernel" path) -------------------------
+    def sequence_kernel_blocker(self) -> str | None:
+        """Why this cell's configuration has no whole-sequence kernel (``sequence_kernel``), or
+        ``None`` where it has one: LSTM and GRU with tanh/sigmoid (either ``reset_after``)."""
+        if (self.activation is keras.activations.tanh
+                and getattr(self, "recurrent_activation", None) is keras.activations.sigmoid):
+            return None
+        return ("the sequence kernels run activation tanh and recurrent_activation sigmoid, "
+                "not this cell's")
 
     def fused_sequence(self, inputs, states, dropout_mask=None):
         """All timesteps in one kernel: ``x W`` for the whole sequence as one matmul, then
@@ -405,7 +404,7 @@ class RNN(SequenceMaskFromInput, keras.layers.RNN):
         self._fr_probes = None  # {state_index: [B, T, S]} set by the gradient monitor
         # On CPU, XLA's while loop is about 2x slower than TensorFlow's for these recurrences
         # (benchmarks/rnn_speed.py), so `jit_compile="auto"` leaves XLA off; True still forces it.
-        if not tf.config.list_logical_devices("GPU"):
+        if not dispatch.on_gpu():
             self.supports_jit = False
 
     def build(self, sequences_shape, initial_state_shape=None):
@@ -446,16 +445,13 @@ class RNN(SequenceMaskFromInput, keras.layers.RNN):
             zero_output_for_mask=self.zero_output_for_mask,
             bptt_truncate=self.bptt_truncate,
             probes=self._fr_probes,
-            use_cudnn=self._use_cudnn(mask, training),
+            plan=dispatch.choose(self, sequences, mask, training),
         )
         if self.stateful:
             for variable, value in zip(self.states, states):
                 variable.assign(ops.cast(value, variable.dtype))
         output = outputs if self.return_sequences else last_output
         return (output, *states) if self.return_state else output
-
-    def _use_cudnn(self, mask, training) -> bool:
-        return False  # LSTM and GRU override this (keras_fancyrnn.gpu.CudnnMixin)
 
     # -- input checks (raised while tracing, before any work) ----------------------------------
     def _as_real(self, sequences):

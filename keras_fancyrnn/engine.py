@@ -36,11 +36,8 @@ import contextlib
 import functools
 from collections.abc import Sequence
 
-from keras_fancyrnn import config, cudnn, native
+from keras_fancyrnn import cudnn, dispatch
 from keras_fancyrnn._tf import tf
-
-#: A ``fused_batch_limit`` at least this large means any batch (no run-time check).
-ANY_BATCH = 2**31 - 1
 
 
 def _as_list(x):
@@ -87,11 +84,10 @@ def run(
     zero_output_for_mask: bool = False,
     bptt_truncate: int | None = None,
     probes: dict | None = None,
-    use_cudnn: bool = False,
-    hoist_inputs: bool | None = None,
-    fused: bool | None = None,
+    plan: dispatch.Plan | None = None,
 ):
-    """Runs ``cell`` over the time axis of ``inputs``.
+    """Runs ``cell`` over the time axis of ``inputs`` on the path ``plan`` names
+    (``keras_fancyrnn.dispatch``, which the layer asks).
 
     Args:
         cell: a cell with the engine contract (module docstring).
@@ -107,53 +103,37 @@ def run(
             at input time ``t`` (input order, also when ``go_backwards``). Zero tensors make
             ``∂ℓ/∂probe[:, t]`` the total derivative ``∂ℓ/∂h_t``. At masked steps the probe is not
             added, so its gradient there is 0.
-        hoist_inputs: compute ``x_t W + b`` for all t as one matmul before the loop (True), or
-            inside each step (False). ``None`` chooses: hoisted on a GPU, per step on a CPU, where
-            the hoisted form measured slower at B=64, T=100, H=128 (training 20-25 %: its
-            backward keeps a ``[T, B, gates·units]`` gradient list and runs three large matmuls;
-            inference 30 %), because this CPU runs the per-step products as fast as one large
-            one (benchmarks/rnn_speed.py ``--hoist``).
-        use_cudnn: run the fused cuDNN kernel instead of the loop (the layer decides, see
-            ``keras_fancyrnn.gpu``); with a mask, only where it is right-padded (else the loop).
-        fused: let the cell's whole-sequence kernel (``cell.fused_sequence``: the native
-            sequence kernels of ``keras_fancyrnn.native``, or the LSTM's ``BlockLSTMV2``)
-            replace the loop where it computes what the loop computes (no mask,
-            probe, truncation, unroll, recurrent dropout or per-gate dropout masks) and where the
-            cell says it is faster (``cell.fused_batch_limit``; a dynamic batch size is checked
-            at run time). ``None`` chooses: on a CPU (``config``'s ``fused_on_cpu``), outside
-            XLA and outside portable traces (``keras_fancyrnn.portable``, SavedModel export),
-            which keep the plain loop for converters such as TFLite that lack the fused op.
+        plan: the path. ``"cudnn"`` runs the cuDNN kernel (with a mask, only where it is
+            right-padded, else the loop: checked at run time); ``"sequence_kernel"`` and
+            ``"block_lstm"`` the cell's whole-sequence kernel (``cell.fused_sequence`` or
+            ``cell.block_lstm_sequence``; the loop above ``plan.batch_limit``); ``"loop"`` the
+            step loop, with the input projection hoisted before it where ``plan.hoist_inputs``
+            (on a CPU the per-step form measured faster: benchmarks/rnn_speed.py ``--hoist``).
+            ``None``: the loop, projection per step.
 
     Returns:
         ``(last_output [B, H], outputs [B, T, H] or None, final_states list)``.
     """
     initial_state = _as_list(initial_state)
     inputs = tf.convert_to_tensor(inputs)
+    plan = plan or dispatch.Plan("", "loop", "no plan given")
 
     dp_mask, rec_mask = _make_dropout_masks(cell, inputs[:, 0], initial_state[0], training)
-    on_gpu = bool(tf.config.list_logical_devices("GPU"))
-    if hoist_inputs is None:
-        hoist_inputs = config.get("hoist_on_cpu") or on_gpu
     loop = functools.partial(_loop_reading_weights_once, cell, inputs, initial_state, mask,
                              dp_mask, rec_mask, go_backwards, unroll, return_sequences,
-                             zero_output_for_mask, bptt_truncate, probes, hoist_inputs)
-    if fused is None:
-        fused = config.get("fused_on_cpu") and not on_gpu and not native.portable_or_xla()
-    limit = 0
-    if (fused and not use_cudnn and mask is None and not probes and not unroll
-            and rec_mask is None and not isinstance(dp_mask, (list, tuple))
-            and _copies(bptt_truncate, inputs.shape[1]) == 1
-            and hasattr(cell, "fused_batch_limit")):
-        limit = cell.fused_batch_limit(inputs.shape[-1], inputs.dtype)
-    if limit:
-        whole = functools.partial(_fused, cell, inputs, initial_state, dp_mask, go_backwards,
-                                  return_sequences)
-        if limit >= ANY_BATCH:
+                             zero_output_for_mask, bptt_truncate, probes, plan.hoist_inputs)
+    if plan.path in ("sequence_kernel", "block_lstm"):
+        sequence = (cell.fused_sequence if plan.path == "sequence_kernel"
+                    else cell.block_lstm_sequence)
+        whole = functools.partial(_fused, sequence, cell, inputs, initial_state, dp_mask,
+                                  go_backwards, return_sequences)
+        limit = plan.batch_limit
+        if limit >= dispatch.ANY_BATCH:
             return whole()
         if inputs.shape[0] is not None:
             return whole() if inputs.shape[0] <= limit else loop()
         return tf.cond(tf.shape(inputs)[0] <= limit, whole, loop)
-    if not use_cudnn:
+    if plan.path != "cudnn":
         return loop()
     fused = functools.partial(cudnn.run, cell, inputs, initial_state, mask=mask,
                               dropout_mask=dp_mask, go_backwards=go_backwards,
@@ -164,15 +144,15 @@ def run(
                    loop)
 
 
-def _fused(cell, inputs, initial_state, dp_mask, go_backwards, return_sequences):
-    """The cell's whole-sequence kernel in place of the loop (same results as ``_loop``). It
-    reads the cell's weights, so it waits while another thread has them swapped for tensors
-    (``weights_read_once``)."""
+def _fused(sequence, cell, inputs, initial_state, dp_mask, go_backwards, return_sequences):
+    """The cell's whole-sequence kernel ``sequence`` in place of the loop (same results as
+    ``_loop``). It reads the cell's weights, so it waits while another thread has them swapped
+    for tensors (``weights_read_once``)."""
     xs = tf.transpose(inputs, [1, 0, 2])  # [T, B, D]
     if go_backwards:
         xs = tf.reverse(xs, [0])
     with getattr(cell, "_weights_lock", None) or contextlib.nullcontext():
-        outputs, states = cell.fused_sequence(xs, list(initial_state), dp_mask)
+        outputs, states = sequence(xs, list(initial_state), dp_mask)
     sequence = tf.transpose(outputs, [1, 0, 2]) if return_sequences else None
     return states[0], sequence, list(states)  # the last output is h_T (all fused cells)
 

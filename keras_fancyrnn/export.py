@@ -38,7 +38,7 @@ from collections.abc import Sequence
 
 import keras
 
-from keras_fancyrnn import gpu
+from keras_fancyrnn import dispatch
 from keras_fancyrnn._tf import tf
 
 __all__ = ["export_saved_model", "recurrent_layers", "state_names"]
@@ -215,7 +215,8 @@ def export_saved_model(
     archive = keras.export.ExportArchive()
     archive.track(model)
     if not layers:
-        with gpu.portable():  # every trace takes the engine's loop, also where cuDNN is eligible
+        # every trace takes the engine's loop, also where cuDNN is eligible
+        with dispatch.portable():
             archive.add_endpoint("serve", model.__call__, signature)
             archive.write_out(filepath, verbose=verbose)
         return []
@@ -251,7 +252,7 @@ def export_saved_model(
             result.update(zip(layer_names, scope.final[id(layer)]))
         return result
 
-    with gpu.portable():
+    with dispatch.portable():
         # Two traces of one endpoint: with the states (first, so that the archive also makes it
         # the serving signatures) and without them (zero states).
         endpoint = tf.function(serve, autograph=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_fancyrnn import config, native
+from keras_fancyrnn import native
 from keras_fancyrnn.base import RNN, RecurrentCell, build_cell, get_activation, layer_arguments
 from keras_fancyrnn.gpu import CudnnMixin
 
@@ -74,8 +74,6 @@ class GRUCell(RecurrentCell):
         h = z * h_prev + (1.0 - z) * h_hat
         return h, [h]
 
-    def native_sequence(self, dtype) -> bool:
-        return config.get("sequence_kernels") and self.native_gates(dtype)
 
     def sequence_kernel(self, xp, states, bias=None):
         """``step`` over all of ``xp = x W`` ``[T, B, 3·units]`` plus the input bias ``bias`` in

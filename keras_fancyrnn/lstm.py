@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_fancyrnn import config, native
+from keras_fancyrnn import native
 from keras_fancyrnn.base import RNN, RecurrentCell, build_cell, get_activation, layer_arguments
 from keras_fancyrnn.gpu import CudnnMixin
 
@@ -82,21 +82,17 @@ class LSTMCell(RecurrentCell):
     fused_max_macs = 450_000
     fused_max_macs_plain_loop = 1_300_000
 
-    def native_sequence(self, dtype) -> bool:
-        return config.get("sequence_kernels") and self.native_gates(dtype)
-
     def sequence_kernel(self, xp, states, bias=None):
         """``step`` over all of ``xp = x W`` ``[T, B, 4·units]`` plus ``bias`` in one C++ op
         (tanh/sigmoid)."""
         return native.lstm_sequence(xp, states[0], states[1],
                                     ops.convert_to_tensor(self.recurrent_kernel), bias)
 
-    def fused_batch_limit(self, input_dim, dtype):
-        """The largest batch for which ``fused_sequence`` runs, 0 where it never does: every
-        batch with the native sequence kernel; otherwise ``BlockLSTMV2``'s size rule, which
-        needs tanh/sigmoid (its hard-coded activations), float32 and the TensorFlow backend."""
-        if self.native_sequence(dtype):
-            return super().fused_batch_limit(input_dim, dtype)
+    def block_lstm_batch_limit(self, input_dim, dtype):
+        """The largest batch for which ``block_lstm_sequence`` runs instead of the loop (where
+        the sequence kernel cannot; keras_fancyrnn.dispatch), 0 where it never does:
+        ``BlockLSTMV2``'s size rule, which needs tanh/sigmoid (its hard-coded activations),
+        float32 and the TensorFlow backend."""
         if (self.activation is not keras.activations.tanh
                 or self.recurrent_activation is not keras.activations.sigmoid
                 or dtype != "float32" or keras.config.backend() != "tensorflow"
@@ -105,18 +101,15 @@ class LSTMCell(RecurrentCell):
         macs = self.fused_max_macs if self.native_gates(dtype) else self.fused_max_macs_plain_loop
         return macs // ((input_dim + self.units) * 4 * self.units)
 
-    def fused_sequence(self, inputs, states, dropout_mask=None):
-        """All timesteps of ``step`` in one kernel: the native sequence kernel where it runs
-        (``RecurrentCell.fused_sequence``), else TensorFlow's ``BlockLSTMV2``, whose equations
-        and weight layout are this cell's (``[x_t, h_{t-1}] [W; U] + b``, gates i, f, c, o,
+    def block_lstm_sequence(self, inputs, states, dropout_mask=None):
+        """All timesteps of ``step`` in TensorFlow's ``BlockLSTMV2``, whose equations and weight
+        layout are this cell's (``[x_t, h_{t-1}] [W; U] + b``, gates i, f, c, o,
         sigmoid/tanh, no peephole, no clipping), in place of some 40 ops per step in the loop and
         60 in its gradient. ``inputs``: ``[T, B, D]``; ``dropout_mask``: ``None`` or one ``[B, D]``
         mask. Returns ``(outputs [T, B, units], [h_T, c_T])``. The gradient kernel has no gradient:
         second derivatives need the loop (``keras_fancyrnn.config``'s ``fused_on_cpu=False``)."""
         from keras_fancyrnn._tf import tf
 
-        if self.native_sequence(inputs.dtype):
-            return super().fused_sequence(inputs, states, dropout_mask)
         if dropout_mask is not None:
             inputs = inputs * dropout_mask  # broadcasts over time, as in project_inputs
         kernel = tf.concat([self.kernel, self.recurrent_kernel], axis=0)

@@ -199,31 +199,12 @@ def _load():
 
 
 def usable(dtype) -> bool:
-    """Whether a cell's step may call the kernels now: enabled, TensorFlow backend, float32 or
-    float64, no GPU, not inside a portable or XLA trace, and the library loads."""
-    if not config.get("native_kernels") or keras.config.backend() != "tensorflow":
-        return False
-    if str(getattr(dtype, "name", dtype)) not in ("float32", "float64"):
-        return False
-    from keras_fancyrnn._tf import tf
+    """Whether a cell's step may call the kernels now (``dispatch.native_blocker``: enabled,
+    TensorFlow backend, float32 or float64, no GPU, not inside a portable or XLA trace, and the
+    library loads)."""
+    from keras_fancyrnn import dispatch
 
-    if tf.config.list_logical_devices("GPU") or portable_or_xla():
-        return False
-    return library() is not None
-
-
-def portable_or_xla() -> bool:
-    """Inside ``keras_fancyrnn.portable()`` / a SavedModel save (graphs that must run without
-    this package's ops) or an XLA cluster (which cannot compile them)."""
-    from keras_fancyrnn._tf import tf
-    from keras_fancyrnn.gpu import in_portable_trace
-
-    try:
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # pragma: no cover - a TensorFlow without the private module
-        return in_portable_trace()
-    graph = tf.compat.v1.get_default_graph()
-    return in_portable_trace() or control_flow_util.GraphOrParentsInXlaContext(graph)
+    return dispatch.native_blocker(dtype) is None
 
 
 def products() -> list[str]:

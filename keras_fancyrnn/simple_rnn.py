@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_fancyrnn import config, native
+from keras_fancyrnn import native
 from keras_fancyrnn.base import RNN, RecurrentCell, build_cell, layer_arguments
 
 
@@ -30,9 +30,10 @@ class SimpleRNNCell(RecurrentCell):
                                                          self.recurrent_kernel))
         return h, [h]
 
-    def native_sequence(self, dtype) -> bool:
-        return (config.get("sequence_kernels") and self._kernel_activation() is not None
-                and native.usable(dtype))
+    def sequence_kernel_blocker(self) -> str | None:
+        if self._kernel_activation() is None:
+            return "the SimpleRNN sequence kernel runs tanh and relu, not this activation"
+        return None
 
     def _kernel_activation(self):
         """The sequence kernel's name for this cell's activation: tanh, or ReLU (Keras's own

@@ -476,7 +476,7 @@ def test_fused_lstm_kernel_only_where_it_applies(monkeypatch):
     graph_def = dynamic.get_concrete_function().graph.as_graph_def()
     assert {"If", "StatelessIf"} & {n.op for n in graph_def.node}
     assert "BlockLSTMV2" in {n.op for f in graph_def.library.function for n in f.node_def}
-    limit = layer.cell.fused_batch_limit(D, "float32")
+    limit = layer.cell.block_lstm_batch_limit(D, "float32")
     big = tf.constant(np.random.default_rng(0).normal(size=(limit + 1, T, D)).astype("float32"))
     np.testing.assert_allclose(dynamic(big).numpy(), layer(big).numpy(), atol=1e-6)
 
@@ -487,7 +487,7 @@ def test_fused_lstm_dynamic_batch_gradients_equal_loop(monkeypatch):
     fr.config.set(sequence_kernels=False)
     layer = fr.LSTM(H)
     layer.build((None, T, D))
-    limit = layer.cell.fused_batch_limit(D, "float32")
+    limit = layer.cell.block_lstm_batch_limit(D, "float32")
 
     def grads(x):
         with tf.GradientTape() as tape:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import keras_fancyrnn as fr
-from keras_fancyrnn import cudnn, gpu
+from keras_fancyrnn import cudnn, dispatch
 from keras_fancyrnn._tf import tf
 
 D, U, B, T = 3, 4, 3, 6
@@ -24,7 +24,7 @@ keras_tf_rnn = importlib.import_module("keras.src.backend.tensorflow.rnn")
 
 @pytest.fixture
 def gpu_visible(monkeypatch):
-    """Makes ``cudnn_eligible`` see a GPU, so every other rule can be tested on CPU."""
+    """Makes ``dispatch`` see a GPU, so every other rule can be tested on CPU."""
     real = tf.config.list_logical_devices
 
     def fake(device_type=None):
@@ -41,15 +41,15 @@ def built(layer, input_dim=D):
 # -- eligibility -------------------------------------------------------------------------------
 @pytest.mark.parametrize("cls", [fr.LSTM, fr.GRU])
 def test_default_lstm_gru_are_eligible_when_a_gpu_is_visible(cls, gpu_visible):
-    assert gpu.cudnn_eligible(built(cls(U))) == (True, "")
-    assert gpu.cudnn_eligible(built(cls(U, dropout=0.3)), training=True) == (True, "")
+    assert dispatch.cudnn_blocker(built(cls(U))) is None
+    assert dispatch.cudnn_blocker(built(cls(U, dropout=0.3)), training=True) is None
 
 
 @pytest.mark.parametrize("cls", [fr.LSTM, fr.GRU])
 def test_not_eligible_without_a_gpu(cls):
     if tf.config.list_logical_devices("GPU"):
         pytest.skip("a GPU is visible")
-    assert gpu.cudnn_eligible(built(cls(U))) == (False, "no GPU is visible")
+    assert dispatch.cudnn_blocker(built(cls(U))) == "no GPU is visible"
 
 
 @pytest.mark.parametrize("cls", [fr.LSTM, fr.GRU])
@@ -65,42 +65,44 @@ def test_not_eligible_without_a_gpu(cls):
     ],
 )
 def test_each_rule_alone_makes_a_layer_ineligible(cls, kwargs, training, why, gpu_visible):
-    assert gpu.cudnn_eligible(built(cls(U, **kwargs)), training=training) == (False, why)
+    assert dispatch.cudnn_blocker(built(cls(U, **kwargs)), training=training) == why
 
 
 def test_recurrent_dropout_only_matters_in_training(gpu_visible):
-    assert gpu.cudnn_eligible(built(fr.LSTM(U, recurrent_dropout=0.2)), training=False)[0]
+    layer = built(fr.LSTM(U, recurrent_dropout=0.2))
+    assert dispatch.cudnn_blocker(layer, training=False) is None
 
 
 def test_gru_reset_before_is_ineligible(gpu_visible):
     layer = built(fr.GRU(U, reset_after=False))
-    assert gpu.cudnn_eligible(layer) == (False, "reset_after=False")
+    assert dispatch.cudnn_blocker(layer) == "reset_after=False"
 
 
 def test_the_monitor_probe_makes_a_layer_ineligible(gpu_visible):
     layer = built(fr.LSTM(U))
     layer._fr_probes = {0: tf.zeros((B, T, U))}
-    assert gpu.cudnn_eligible(layer) == (False, "the gradient monitor's probe is set")
+    assert dispatch.cudnn_blocker(layer) == "the gradient monitor's probes are set"
 
 
 def test_both_directions_of_a_bidirectional_are_judged_alone(gpu_visible):
     bi = fr.Bidirectional(fr.LSTM(U, return_sequences=True))
     bi.build((None, T, D))
-    assert gpu.cudnn_eligible(bi.forward_layer)[0] and gpu.cudnn_eligible(bi.backward_layer)[0]
+    assert dispatch.cudnn_blocker(bi.forward_layer) is None
+    assert dispatch.cudnn_blocker(bi.backward_layer) is None
     bi.backward_layer._fr_probes = {0: tf.zeros((B, T, U))}
-    assert gpu.cudnn_eligible(bi.forward_layer)[0]
-    assert not gpu.cudnn_eligible(bi.backward_layer)[0]
+    assert dispatch.cudnn_blocker(bi.forward_layer) is None
+    assert dispatch.cudnn_blocker(bi.backward_layer) is not None
 
 
 def test_simple_rnn_is_ineligible_not_an_error(gpu_visible):
-    assert gpu.cudnn_eligible(built(fr.SimpleRNN(U)))[0] is False
+    assert dispatch.cudnn_blocker(built(fr.SimpleRNN(U))) is not None
 
 
 def test_per_gate_input_dropout_is_ineligible_in_training(gpu_visible):
     # implementation=1 draws one input mask per gate (as Keras's loop does); cuDNN can only take
     # inputs multiplied by one mask, so the two paths would differ.
     layer = built(fr.LSTM(U, dropout=0.3, implementation=1))
-    assert gpu.cudnn_eligible(layer, training=True)[0] is False
+    assert dispatch.cudnn_blocker(layer, training=True) is not None
 
 
 # -- use_cudnn ---------------------------------------------------------------------------------
