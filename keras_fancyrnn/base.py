@@ -124,7 +124,7 @@ class RecurrentCell(SeedStateSaving, keras.layers.Layer, DropoutRNNCell):
         self.recurrent_dropout = check_rate("recurrent_dropout", recurrent_dropout)
         # 0 is a legacy value that Keras still accepts (old configs) and runs as 2; it is kept as
         # given so that the config round-trips.
-        if isinstance(implementation, bool) or implementation not in (0, 1, 2):
+        if implementation not in (0, 1, 2):
             raise ValueError(
                 f"implementation must be 0, 1 or 2, got {implementation!r} (0 is a legacy value "
                 "that computes as 2)"

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import sys
 import types
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -119,3 +120,27 @@ def scope(**settings: Any) -> Iterator[None]:
         yield
     finally:
         _scoped.reset(token)
+
+
+def guard_removed(module_name: str, removed: dict[str, str]) -> None:
+    """Makes reading or assigning a module global that became a setting an error naming the
+    setting, instead of an assignment that silently does nothing (``removed``: global ->
+    setting)."""
+
+    def message(name):
+        return (f"{module_name}.{name} is now the keras_fancyrnn.config setting "
+                f"{removed[name]!r}: use fr.config.set({removed[name]}=...) or "
+                f"fr.config.scope({removed[name]}=...)")
+
+    class Guarded(types.ModuleType):
+        def __setattr__(self, name, value):
+            if name in removed:
+                raise AttributeError(message(name))
+            super().__setattr__(name, value)
+
+        def __getattr__(self, name):
+            if name in removed:
+                raise AttributeError(message(name))
+            raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+
+    sys.modules[module_name].__class__ = Guarded

@@ -36,7 +36,7 @@ import contextlib
 import functools
 from collections.abc import Sequence
 
-from keras_fancyrnn import cudnn, dispatch
+from keras_fancyrnn import config, cudnn, dispatch
 from keras_fancyrnn._tf import tf
 
 
@@ -313,3 +313,5 @@ def validate_bptt_truncate(bptt_truncate) -> int | None:
 
 
 __all__ = ["run", "validate_bptt_truncate"]
+
+config.guard_removed(__name__, {"FUSED_ON_CPU": "fused_on_cpu", "HOIST_ON_CPU": "hoist_on_cpu"})

@@ -114,17 +114,22 @@ def _extra_flags() -> list[str]:
     return shlex.split(os.environ.get("KERAS_FANCYRNN_CXXFLAGS", ""))
 
 
-@functools.cache
 def _target_flags(command: tuple[str, ...]) -> list[str]:
     """``-march=native``, and ``-mno-avx512fp16`` where that enables AVX512-FP16: TensorFlow's
     copy of Eigen does not compile with it (its half-precision packet code), and the kernels use
-    no half precision. Then ``$KERAS_FANCYRNN_CXXFLAGS``."""
+    no half precision. Then ``$KERAS_FANCYRNN_CXXFLAGS`` (read now: it is in the cache key)."""
     flags = ["-march=native"]
-    probe = subprocess.run([*command, *flags, "-dM", "-E", "-x", "c++", os.devnull],
-                           capture_output=True, text=True, timeout=60)
-    if "__AVX512FP16__" in probe.stdout:
+    if _native_has_fp16(command):
         flags.append("-mno-avx512fp16")
     return flags + _extra_flags()
+
+
+@functools.cache
+def _native_has_fp16(command: tuple[str, ...]) -> bool:
+    """Whether ``-march=native`` enables AVX512-FP16 for this compiler on this CPU."""
+    probe = subprocess.run([*command, "-march=native", "-dM", "-E", "-x", "c++", os.devnull],
+                           capture_output=True, text=True, timeout=60)
+    return "__AVX512FP16__" in probe.stdout
 
 
 def _compile(tf, target: str) -> None:
@@ -652,3 +657,5 @@ def _register_gradients():
 
 if keras.config.backend() == "tensorflow":
     _register_gradients()
+
+config.guard_removed(__name__, {"ENABLED": "native_kernels", "SEQUENCES": "sequence_kernels"})

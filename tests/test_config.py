@@ -131,3 +131,18 @@ def test_switches_choose_the_path(rng):
             assert ops(fr.GRU(5)) == {"KerasFancyrnnGruGates"}
     with fr.config.scope(native_kernels=False):
         assert ops(fr.GRU(5)) == set()
+
+
+def test_the_old_module_globals_say_which_setting_replaced_them():
+    from keras_fancyrnn import engine
+
+    with pytest.raises(AttributeError, match=r"keras_fancyrnn.native.ENABLED is now the "
+                                             r"keras_fancyrnn.config setting 'native_kernels'"):
+        native.ENABLED = False
+    with pytest.raises(AttributeError, match=r"fr.config.set\(fused_on_cpu=...\)"):
+        engine.FUSED_ON_CPU = False
+    with pytest.raises(AttributeError, match=r"'sequence_kernels'"):
+        native.SEQUENCES  # noqa: B018
+    with pytest.raises(AttributeError, match=r"has no attribute 'NO_SUCH'"):
+        engine.NO_SUCH  # noqa: B018
+    assert fr.config.get("native_kernels") is True and fr.config.get("fused_on_cpu") is True

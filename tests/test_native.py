@@ -330,7 +330,7 @@ def test_sequence_kernels_equal_keras(library, kind, go_backwards, product, rng)
     assert SEQUENCE_OPS[kind] in used and SEQUENCE_OPS[kind] + "Grad" in used
     assert _products_in(call(ours), x) == {product}
     (outs, grads), (outs_ref, grads_ref) = tf.function(call(ours))(x), call(theirs)(x)
-    chain = rounding_chain(steps=7, batch=9, dim=8, units=6)  # float32 (tolerance.py)
+    chain = rounding_chain(steps=7, batch=9, dim=8, units=6, gates=GATES[kind])  # float32
     for k, (y, y_ref) in enumerate(zip(outs, outs_ref, strict=True)):
         assert_close(y, y_ref, chain, name=f"output {k}")
     for k, (g, g_ref) in enumerate(zip(grads, grads_ref, strict=True)):
@@ -442,7 +442,7 @@ def test_sequence_kernels_equal_keras_at_a_larger_size(library, kind, product, r
 
     assert SEQUENCE_OPS[kind] + "Grad" in _native_ops(call(ours), x)
     assert _products_in(call(ours), x) == {product}
-    chain = rounding_chain(steps=5, batch=13, dim=8, units=37)  # float32 (tolerance.py)
+    chain = rounding_chain(steps=5, batch=13, dim=8, units=37, gates=GATES[kind])  # float32
     for k, (a, b) in enumerate(zip(tf.function(call(ours))(x), call(theirs)(x), strict=True)):
         assert_close(a, b, chain, name=f"output {k}" if k == 0 else f"gradient {k - 1}")
 

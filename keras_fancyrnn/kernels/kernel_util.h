@@ -5,8 +5,10 @@
 #define KERAS_FANCYRNN_KERNEL_UTIL_H_
 
 #include <algorithm>
+#include <cstdint>
 #include <initializer_list>
 #include <string>
+#include <utility>
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_def.pb.h"

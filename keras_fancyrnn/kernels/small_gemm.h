@@ -13,6 +13,7 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -50,9 +51,22 @@ constexpr Product kWidestProduct =
 // Whether this build can run `product`: Eigen's always, a block where its instructions were
 // compiled in.
 constexpr bool Compiled(Product product) {
-  return product == Product::kEigen ||
-         (product == Product::kAvx2 && kWidestProduct != Product::kEigen) ||
-         (product == Product::kAvx512 && kWidestProduct == Product::kAvx512);
+  switch (product) {
+    case Product::kAvx512:
+#if defined(KERAS_FANCYRNN_AVX512)
+      return true;
+#else
+      return false;
+#endif
+    case Product::kAvx2:
+#if defined(KERAS_FANCYRNN_AVX2)
+      return true;
+#else
+      return false;
+#endif
+    default:
+      return true;  // Eigen's
+  }
 }
 
 // B (K x N) for repeated products: U (transpose = false) or U^T (transpose = true) of a
