@@ -31,6 +31,7 @@ from _timing import emit, time_alternating  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import keras_fancyrnn as fr  # noqa: E402
+from keras_fancyrnn import probes  # noqa: E402
 from keras_fancyrnn._tf import tf  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -85,12 +86,9 @@ class Probed(keras.layers.Layer):
     def call(self, x):
         sizes = self.rnn.cell.state_size
         sizes = sizes if isinstance(sizes, (list, tuple)) else [sizes]
-        self.rnn._fr_probes = {i: tf.zeros(tf.concat([tf.shape(x)[:2], [s]], 0))
-                               for i, s in enumerate(sizes)}
-        try:
+        zeros = {i: tf.zeros(tf.concat([tf.shape(x)[:2], [s]], 0)) for i, s in enumerate(sizes)}
+        with probes.scope({self.rnn: zeros}):
             return self.rnn(x)
-        finally:
-            self.rnn._fr_probes = None
 
 
 def make_model(layer):

@@ -14,7 +14,7 @@ import keras
 from keras import ops
 from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
 
-from keras_fancyrnn import dispatch, engine, native
+from keras_fancyrnn import dispatch, engine, native, probes
 from keras_fancyrnn._tf import tf
 
 _serialize = keras.saving.serialize_keras_object
@@ -401,7 +401,6 @@ class RNN(SequenceMaskFromInput, keras.layers.RNN):
         )
         self.bptt_truncate = engine.validate_bptt_truncate(bptt_truncate)
         self.input_spec = keras.layers.InputSpec(ndim=3)
-        self._fr_probes = None  # {state_index: [B, T, S]} set by the gradient monitor
         # On CPU, XLA's while loop is about 2x slower than TensorFlow's for these recurrences
         # (benchmarks/rnn_speed.py), so `jit_compile="auto"` leaves XLA off; True still forces it.
         if not dispatch.on_gpu():
@@ -432,6 +431,9 @@ class RNN(SequenceMaskFromInput, keras.layers.RNN):
             initial_state = self.states if self.stateful else self.get_initial_state(batch)
         initial_state = self._check_initial_state(initial_state, sequences)
         mask = self._check_mask(mask, sequences)
+        requested = probes.for_call(self, sequences)
+        if "input" in requested:
+            sequences = sequences + ops.cast(requested.pop("input"), sequences.dtype)
 
         last_output, outputs, states = engine.run(
             self.cell,
@@ -444,8 +446,8 @@ class RNN(SequenceMaskFromInput, keras.layers.RNN):
             return_sequences=self.return_sequences,
             zero_output_for_mask=self.zero_output_for_mask,
             bptt_truncate=self.bptt_truncate,
-            probes=self._fr_probes,
-            plan=dispatch.choose(self, sequences, mask, training),
+            probes=requested or None,
+            plan=dispatch.choose(self, sequences, mask, training, probed=bool(requested)),
         )
         if self.stateful:
             for variable, value in zip(self.states, states):

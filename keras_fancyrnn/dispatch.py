@@ -126,7 +126,7 @@ def native_blocker(dtype) -> str | None:
 # -- the choice -----------------------------------------------------------------------------
 
 
-def cudnn_blocker(layer, mask=None, training=False) -> str | None:
+def cudnn_blocker(layer, mask=None, training=False, probed=False) -> str | None:
     """Why cuDNN cannot compute exactly what ``layer`` computes, or ``None`` where it can.
 
     cuDNN's LSTM/GRU kernels hard-code tanh/sigmoid, a bias, GRU's reset-after form, no recurrent
@@ -146,18 +146,14 @@ def cudnn_blocker(layer, mask=None, training=False) -> str | None:
               and getattr(cell, "dropout_mask_count", None) is not None),
          "input dropout draws one mask per gate (implementation=1)"),
         (layer.bptt_truncate is None, "bptt_truncate is set"),
-        (not _probes(layer), "the gradient monitor's probes are set"),
+        (not probed, "the gradient monitor's probes are set"),
         (keras.config.backend() == "tensorflow", "the backend is not TensorFlow"),
         (on_gpu(), "no GPU is visible"),
     ]
     return next((why for ok, why in checks if not ok), None)
 
 
-def _probes(layer):
-    return getattr(layer, "_fr_probes", None)
-
-
-def _loop_only(layer, inputs, mask, training) -> str | None:
+def _loop_only(layer, inputs, mask, training, probed) -> str | None:
     """What in this call only the loop computes, or ``None``."""
     cell = layer.cell
     steps = inputs.shape[1]
@@ -165,7 +161,7 @@ def _loop_only(layer, inputs, mask, training) -> str | None:
         steps is None or layer.bptt_truncate < steps - 1)
     checks = [
         (mask is not None, "a mask is given (the whole-sequence kernels take none)"),
-        (bool(_probes(layer)), "the gradient monitor's probes are set"),
+        (probed, "the gradient monitor's probes are set"),
         (layer.unroll, "unroll=True"),
         (training and 0.0 < getattr(cell, "recurrent_dropout", 0.0) < 1.0,
          "recurrent_dropout is active"),
@@ -204,23 +200,31 @@ def _whole_sequence(layer, inputs) -> tuple[str, int, str] | None:
     return "loop", 0, f"no sequence kernel: {blocker}"
 
 
-def choose(layer, inputs, mask=None, training=False) -> Plan:
-    """The plan for ``layer`` (a ``keras_fancyrnn.RNN``) on ``inputs`` ``[B, T, D]`` now."""
+def choose(layer, inputs, mask=None, training=False, probed=False) -> Plan:
+    """The plan for ``layer`` (a ``keras_fancyrnn.RNN``) on ``inputs`` ``[B, T, D]`` now, with
+    states probed (``keras_fancyrnn.probes``) or not. ``use_cudnn=True`` where cuDNN cannot
+    compute what the layer computes is a ``ValueError`` (probes aside: they take the loop)."""
     name, cell = layer.name, layer.cell
     gpu = on_gpu()
     gates = bool(getattr(cell, "native_gates", lambda dtype: False)(inputs.dtype))
     loop = dict(layer=name, path="loop", gate_kernels=gates,
                 hoist_inputs=gpu or bool(config.get("hoist_on_cpu")))
     use_cudnn = getattr(layer, "use_cudnn", "auto")  # SimpleRNN: cudnn_blocker says why
+    if use_cudnn is True:
+        why = cudnn_blocker(layer, mask, training)
+        if why is not None:
+            raise ValueError(
+                f"{name}: use_cudnn=True was given but cuDNN cannot run this layer here "
+                f"({why}); pass use_cudnn='auto' to fall back to the engine's loop")
     if gpu:
         why = ("use_cudnn=False" if use_cudnn is False else
                "the trace is portable" if in_portable_trace() else
-               cudnn_blocker(layer, mask, training))
+               cudnn_blocker(layer, mask, training, probed))
         if why is None:
             extra = "; a mask runs the loop unless it is right-padded" if mask is not None else ""
             return _record(Plan(name, "cudnn", "NVIDIA's fused kernel" + extra))
         return _record(Plan(reason=f"cuDNN cannot run it: {why}", **loop))
-    only_loop = _loop_only(layer, inputs, mask, training)
+    only_loop = _loop_only(layer, inputs, mask, training, probed)
     if only_loop is not None:
         return _record(Plan(reason=only_loop, **loop))
     path, limit, why = _whole_sequence(layer, inputs)

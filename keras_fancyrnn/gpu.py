@@ -16,15 +16,5 @@ class CudnnMixin:
         if use_cudnn is not False and dispatch.on_gpu():
             self.supports_jit = False  # CudnnRNN has no XLA kernel
 
-    def call(self, sequences, initial_state=None, mask=None, training=False):
-        if self.use_cudnn is True:
-            why = dispatch.cudnn_blocker(self, mask, training)
-            if why is not None:
-                raise ValueError(
-                    f"{self.name}: use_cudnn=True was given but cuDNN cannot run this layer here "
-                    f"({why}); pass use_cudnn='auto' to fall back to the engine's loop"
-                )
-        return super().call(sequences, initial_state=initial_state, mask=mask, training=training)
-
     def get_config(self):
         return {**super().get_config(), "use_cudnn": self.use_cudnn}

@@ -52,7 +52,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_fancyrnn import reporting
+from keras_fancyrnn import probes, reporting
 from keras_fancyrnn._tf import tf
 from keras_fancyrnn.base import RNN
 from keras_fancyrnn.errors import LayerSelectionError, ProbeDataError
@@ -475,11 +475,16 @@ class ProbePass:
 
     @contextlib.contextmanager
     def _patched(self, tape, collected: dict):
-        """Replaces each target layer's ``call`` (instance attribute) by one that adds the zero
-        probes; restores everything on exit."""
+        """Zero probes for every target: keras_fancyrnn layers through a probe request the
+        engine reads (``keras_fancyrnn.probes``); any other layer's input by replacing its
+        ``call`` (instance attribute), restored on exit."""
+        requests = {t.layer: self._request(t, tape, collected)
+                    for t in self.targets if _is_fr_rnn(t.layer)}
         saved = []
         for target in self.targets:
             layer = target.layer
+            if _is_fr_rnn(layer):
+                continue
             had_own = "call" in layer.__dict__
             original = layer.__dict__.get("call", None) if had_own else None
             call = layer.call
@@ -487,17 +492,44 @@ class ProbePass:
             saved.append((layer, had_own, original))
             object.__setattr__(layer, "call", patched)
         try:
-            yield
+            with probes.scope(requests):
+                yield
         finally:
             for layer, had_own, original in reversed(saved):
                 if had_own:
                     object.__setattr__(layer, "call", original)
                 else:
                     object.__delattr__(layer, "call")
-                if _is_fr_rnn(layer):
-                    object.__setattr__(layer, "_fr_probes", None)
+
+    @staticmethod
+    def _request(target: _Target, tape, collected: dict):
+        """The probe request of a keras_fancyrnn layer: zero probes shaped like its input
+        (after its cast to the compute dtype), watched on ``tape`` and recorded in
+        ``collected``; none for the second call of a shared layer."""
+
+        def request(layer, sequences):
+            if target.key in collected or f"{target.key}/input" in collected:
+                return {}  # a shared layer: probe its first call only
+            made = {}
+            if target.inputs:
+                made["input"] = collected[f"{target.key}/input"] = tf.zeros_like(sequences)
+            if target.states:
+                shape = tf.shape(sequences)
+                batch = sequences.shape[0] if sequences.shape[0] is not None else shape[0]
+                steps = sequences.shape[1] if sequences.shape[1] is not None else shape[1]
+                sizes = layer.cell.state_size
+                sizes = list(sizes) if isinstance(sizes, (list, tuple)) else [sizes]
+                for i, (key, size) in enumerate(zip(target.state_keys(), sizes)):
+                    made[i] = collected[key] = tf.zeros([batch, steps, size],
+                                                        dtype=layer.cell.compute_dtype)
+            tape.watch(list(made.values()))
+            return made
+
+        return request
 
     def _make_patched(self, target: _Target, call, tape, collected: dict):
+        """``call`` of a layer that is not a keras_fancyrnn RNN, adding a zero probe to its
+        input sequence (its ``name/input`` series)."""
         layer = target.layer
         errors = self._trace_errors
         first = _first_arg_name(call)
@@ -544,31 +576,7 @@ class ProbePass:
                     args[0] = new_seq
                 else:
                     kwargs[first] = new_seq
-            restore_cudnn = False
-            cell = getattr(layer, "cell", None)
-            if target.states:
-                shape = tf.shape(seq_t)
-                batch = seq_t.shape[0] if seq_t.shape[0] is not None else shape[0]
-                steps = seq_t.shape[1] if seq_t.shape[1] is not None else shape[1]
-                sizes = cell.state_size
-                sizes = list(sizes) if isinstance(sizes, (list, tuple)) else [sizes]
-                probes = {}
-                for i, (key, size) in enumerate(zip(target.state_keys(), sizes)):
-                    p = tf.zeros([batch, steps, size], dtype=cell.compute_dtype)
-                    tape.watch(p)
-                    collected[key] = p
-                    probes[i] = p
-                object.__setattr__(layer, "_fr_probes", probes)
-                if getattr(layer, "use_cudnn", None) is True:  # the probe needs the loop
-                    object.__setattr__(layer, "use_cudnn", "auto")
-                    restore_cudnn = True
-            try:
-                return call(*args, **kwargs)
-            finally:
-                if target.states:
-                    object.__setattr__(layer, "_fr_probes", None)
-                if restore_cudnn:
-                    object.__setattr__(layer, "use_cudnn", True)
+            return call(*args, **kwargs)
 
         return patched
 

@@ -11,6 +11,7 @@ from gradcheck import assert_gradients_match_finite_differences
 
 import keras_fancyrnn as fr
 from keras_fancyrnn import native
+from keras_fancyrnn import probes as fr_probes
 
 B, T, D, H = 2, 8, 3, 4
 
@@ -71,11 +72,8 @@ def probed_gradients(layer, x, coef):
     probe = tf.zeros((B, T, H), x.dtype)
     with tf.GradientTape() as tape:
         tape.watch([x, probe])
-        layer._fr_probes = {0: probe}
-        try:
+        with fr_probes.scope({layer: {0: probe}}):
             out = layer(x)
-        finally:
-            layer._fr_probes = None
         loss = tf.reduce_sum(out * coef)
     grads = tape.gradient(loss, layer.trainable_weights + [x, probe])
     return out.numpy(), [g.numpy() for g in grads]
@@ -162,9 +160,8 @@ def test_probe_at_masked_steps_is_zero_and_probe_free_when_unset():
     probe = tf.zeros((B, T, H))
     with tf.GradientTape() as tape:
         tape.watch(probe)
-        layer._fr_probes = {0: probe}
-        out = layer(x, mask=mask)
-        layer._fr_probes = None
+        with fr_probes.scope({layer: {0: probe}}):
+            out = layer(x, mask=mask)
         loss = tf.reduce_sum(out * coef)
     dh = tape.gradient(loss, probe).numpy()
     np.testing.assert_array_equal(dh[0, 5:], 0.0)
@@ -301,11 +298,8 @@ def test_unused_probe_and_truncation_add_no_ops(kind, monkeypatch):
     assert len(ours) == 2  # the forward loop and its gradient loop
     assert ours == _loop_body_sizes(trained(bare), x)
     # and the probe does add ops where it is used
-    layer._fr_probes = {0: tf.zeros((B, T, H))}
-    try:
+    with fr_probes.scope({layer: {0: tf.zeros((B, T, H))}}):
         assert _loop_body_sizes(trained(layer), x)[0] > ours[0]
-    finally:
-        layer._fr_probes = None
 
 
 def _ops(fn, *args):
@@ -406,8 +400,8 @@ def test_sequence_kernels_only_where_they_apply(path, monkeypatch):
     assert not uses(layer_class(H, activation="sigmoid"))
     assert not uses(layer_class(H, unroll=True))
     probed = layer_class(H)
-    probed._fr_probes = {0: tf.zeros((B, T, H))}
-    assert not uses(probed)
+    with fr_probes.scope({probed: {0: tf.zeros((B, T, H))}}):
+        assert not uses(probed)
     with fr.portable():
         assert not uses(layer_class(H))
     fr.config.set(native_kernels=False)
@@ -464,8 +458,8 @@ def test_fused_lstm_kernel_only_where_it_applies(monkeypatch):
     assert not uses(fr.LSTM(H, dtype="float64"), x=tf.zeros((B, T, D), tf.float64))
     assert not uses(fr.LSTM(128))  # measured slower than the loop at this size
     probed = fr.LSTM(H)
-    probed._fr_probes = {0: tf.zeros((B, T, H))}
-    assert not uses(probed)
+    with fr_probes.scope({probed: {0: tf.zeros((B, T, H))}}):
+        assert not uses(probed)
     with fr.portable():
         assert not uses(fr.LSTM(H))
     layer = fr.LSTM(H)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import keras_fancyrnn as fr
-from keras_fancyrnn import cudnn, dispatch
+from keras_fancyrnn import cudnn, dispatch, probes
 from keras_fancyrnn._tf import tf
 
 D, U, B, T = 3, 4, 3, 6
@@ -80,8 +80,11 @@ def test_gru_reset_before_is_ineligible(gpu_visible):
 
 def test_the_monitor_probe_makes_a_layer_ineligible(gpu_visible):
     layer = built(fr.LSTM(U))
-    layer._fr_probes = {0: tf.zeros((B, T, U))}
-    assert dispatch.cudnn_blocker(layer) == "the gradient monitor's probes are set"
+    assert dispatch.cudnn_blocker(layer, probed=True) == "the gradient monitor's probes are set"
+    with probes.scope({layer: {0: tf.zeros((B, T, U))}}), dispatch.recording() as plans:
+        layer(tf.zeros((B, T, D)))  # the loop (cuDNN would fail on this CPU)
+    assert [(p.path, p.reason) for p in plans] == [
+        ("loop", "cuDNN cannot run it: the gradient monitor's probes are set")]
 
 
 def test_both_directions_of_a_bidirectional_are_judged_alone(gpu_visible):
@@ -89,9 +92,10 @@ def test_both_directions_of_a_bidirectional_are_judged_alone(gpu_visible):
     bi.build((None, T, D))
     assert dispatch.cudnn_blocker(bi.forward_layer) is None
     assert dispatch.cudnn_blocker(bi.backward_layer) is None
-    bi.backward_layer._fr_probes = {0: tf.zeros((B, T, U))}
-    assert dispatch.cudnn_blocker(bi.forward_layer) is None
-    assert dispatch.cudnn_blocker(bi.backward_layer) is not None
+    x = tf.zeros((B, T, D))
+    with probes.scope({bi.backward_layer: {0: tf.zeros((B, T, U))}}):
+        assert probes.for_call(bi.forward_layer, x) == {}
+        assert set(probes.for_call(bi.backward_layer, x)) == {0}
 
 
 def test_simple_rnn_is_ineligible_not_an_error(gpu_visible):

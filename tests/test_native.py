@@ -13,6 +13,7 @@ from tolerance import assert_close, rounding_chain
 
 import keras_fancyrnn as fr
 from keras_fancyrnn import native
+from keras_fancyrnn import probes as fr_probes
 
 pytestmark = pytest.mark.skipif(
     native.compiler() is None or shutil.which(native.compiler()[0]) is None,
@@ -264,11 +265,8 @@ def test_lstm_with_both_probes_fed_equals_the_plain_ops(library, rng, monkeypatc
     def gradients(x):
         with tf.GradientTape() as tape:
             tape.watch(probes)
-            layer._fr_probes = dict(enumerate(probes))
-            try:
+            with fr_probes.scope({layer: dict(enumerate(probes))}):
                 loss = tf.reduce_sum(tf.tanh(layer(x)) * weights)
-            finally:
-                layer._fr_probes = None
         return tape.gradient(loss, [*probes, *layer.trainable_weights])
 
     _assert_kernels_equal_plain_ops(gradients, x, "KerasFancyrnnLstmGatesProbed", monkeypatch,

@@ -9,6 +9,7 @@ import pytest
 from keras.src.backend import get_keras_mask
 
 import keras_fancyrnn as fr
+from keras_fancyrnn import probes as fr_probes
 from keras_fancyrnn._tf import tf
 
 B, T, D, U = 4, 5, 3, 4
@@ -202,11 +203,9 @@ def test_bidirectional_directions_are_separate_fr_layers_the_monitor_can_probe()
     probes = [tf.zeros((B, T, U)) for _ in range(2)]
     with tf.GradientTape() as tape:
         tape.watch(probes)
-        bi.forward_layer._fr_probes, bi.backward_layer._fr_probes = {0: probes[0]}, {0: probes[1]}
-        try:
+        with fr_probes.scope({bi.forward_layer: {0: probes[0]},
+                              bi.backward_layer: {0: probes[1]}}):
             out = bi(x)
-        finally:
-            bi.forward_layer._fr_probes = bi.backward_layer._fr_probes = None
         loss = tf.reduce_sum(out[:, -1])
     np.testing.assert_allclose(out, plain, atol=1e-7)
     g_fwd, g_bwd = (g.numpy() for g in tape.gradient(loss, probes))
