@@ -239,9 +239,8 @@ class RecurrentCell(SeedStateSaving, keras.layers.Layer, DropoutRNNCell):
     def weights_read_once(self):
         """Inside, ``kernel``, ``recurrent_kernel`` and ``bias`` are tensors read from the
         variables once, here: a loop built inside captures them as constants instead of reading
-        each variable at every step, and its gradient keeps no per-step copies of them (on the
-        2-core test machine LSTM training ran 17 % faster, GRU and SimpleRNN 2-4 %). The
-        variables are back after.
+        each variable at every step, and its gradient keeps no per-step copies of them (faster
+        training: benchmarks/unused_features.py). The variables are back after.
 
         The swap is on the cell object, so the context holds the cell's lock: another thread
         building or running this cell's loop waits instead of seeing the tensors. Variables

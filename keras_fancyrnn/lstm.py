@@ -73,12 +73,13 @@ class LSTMCell(RecurrentCell):
         h = o * self.activation(c)
         return h, [h, c]
 
-    #: Where TensorFlow's fused kernel beat the loop on the 2-core test machine (training and
-    #: inference, benchmarks/fused_kernel.py): small layers, whose loop is per-op overhead, with
-    #: ``units <= 96``, ``input_dim <= units`` and ``batch · (input_dim + units) · 4 · units``
-    #: multiply-adds per step up to this many. Bigger layers run faster in the loop (the
-    #: kernel's Eigen products are slower than oneDNN's). The first limit is against the loop
-    #: with the fused gate kernels (``keras_fancyrnn.native``), the second without them.
+    #: Where TensorFlow's fused kernel beat the loop (training and inference,
+    #: benchmarks/fused_kernel.py, benchmarks/results/fused_kernel_d128.md): small layers, whose
+    #: loop is per-op overhead, with ``units <= 96``, ``input_dim <= units`` and
+    #: ``batch · (input_dim + units) · 4 · units`` multiply-adds per step up to this many.
+    #: Bigger layers run faster in the loop (the kernel's Eigen products are slower than
+    #: oneDNN's). The first limit is against the loop with the fused gate kernels
+    #: (``keras_fancyrnn.native``), the second without them.
     fused_max_macs = 450_000
     fused_max_macs_plain_loop = 1_300_000
 

@@ -1,6 +1,6 @@
 r"""``GradientNormMonitor``: the per-timestep gradient-norm curve ‖∂ℓ/∂h_t‖, recorded during fit.
 
-Definition (issue 5). For a monitored recurrent layer and each timestep ``t`` (index in input
+Definition. For a monitored recurrent layer and each timestep ``t`` (index in input
 order, also for a backward direction), the recorded value is
 
 .. math::  g_t = \frac{1}{B} \sum_{i=1}^{B} \left\lVert \frac{\partial \ell_i}{\partial h_t^{(i)}}
@@ -893,8 +893,9 @@ class GradientNormMonitor(keras.callbacks.Callback):
 
     Put the monitor before callbacks that should see its logs (``CSVLogger``, ``TensorBoard``,
     ``EarlyStopping``); Keras's ``History`` and progress bar come after user callbacks anyway.
-    Cost: one forward + backward pass on the probe batch per record (about two training steps for
-    a probe batch twice the training batch), so about 2 % at the default frequency.
+    Cost: one forward + backward pass on the probe batch per record (about two training steps
+    for a probe batch twice the training batch) every ``every_n_batches``
+    (benchmarks/monitor_overhead.py measures it).
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""Smoke tests of the examples (issue 7): each runs end to end with tiny flags and writes its
+"""Smoke tests of the examples: each runs end to end with tiny flags and writes its
 outputs; the main job's report has one row per model (SimpleRNN, LSTM, GRU).
 
 Each example runs once as a program (``python examples/<name>.py --flags``) in a subprocess, the

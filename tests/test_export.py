@@ -1,4 +1,4 @@
-"""Export, serving and exact save/restore (issue 6).
+"""Export, serving and exact save/restore.
 
 * ``model.export`` SavedModels of models with every fr layer (and the wrappers), variable batch
   and time and masking, served by ``tf.saved_model.load(path).serve(x)`` in a real subprocess in

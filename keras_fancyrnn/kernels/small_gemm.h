@@ -74,8 +74,7 @@ constexpr bool Compiled(Product product) {
 // matrix; more for a block of columns of a wider one, such as the GRU's U_h in [U_z U_r U_h]).
 // `product` must be Compiled(); for double it is Eigen's whatever is asked.
 // For Eigen's product U^T is copied once, row-major: Eigen packs B at every product anyway, and
-// packs a row-major B faster (at 8 rows x 1024 x 256, the LSTM gradient's dz U^T at B=16,
-// H=256 on two threads, about twice as fast; benchmarks/small_gemm.py).
+// packs a row-major B faster (benchmarks/small_gemm.py).
 template <typename T>
 class RecurrentKernel {
  public:
