@@ -339,6 +339,107 @@ _BASE_ARGS = (
     "gradient_accumulation_steps",
 )
 
+# -- ClippingOptimizer's argument checks (each raises a ValueError that names the argument) ----
+
+
+def _check_no_base_args(kwargs: dict) -> None:
+    """The base optimizer's clipping arguments belong to the inner optimizer; nothing else."""
+    for arg in _BASE_ARGS:
+        if arg in kwargs:
+            raise ValueError(
+                f"ClippingOptimizer does not take `{arg}`: choose the clipping with `method` "
+                f"and `threshold`, and set `{arg}` on the inner optimizer, got {arg}="
+                f"{kwargs[arg]!r}"
+            )
+    if kwargs:
+        raise ValueError(f"ClippingOptimizer got unknown arguments: {sorted(kwargs)}")
+
+
+def _checked_inner(inner_optimizer):
+    """The inner optimizer (from a name or config too), which must not clip or scale itself."""
+    if isinstance(inner_optimizer, (str, dict)):
+        inner_optimizer = keras.optimizers.get(inner_optimizer)
+    if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
+        raise ValueError(
+            "inner_optimizer must be a keras.optimizers.Optimizer instance, got "
+            f"{inner_optimizer!r}"
+        )
+    if isinstance(inner_optimizer, keras.optimizers.LossScaleOptimizer):
+        raise ValueError(
+            "inner_optimizer must not be a LossScaleOptimizer, which would make this wrapper "
+            "clip the scaled gradient: wrap the other way round, "
+            "LossScaleOptimizer(ClippingOptimizer(...)) (model.compile does so under the "
+            "'mixed_float16' policy)"
+        )
+    for arg in ("clipnorm", "clipvalue", "global_clipnorm"):
+        if getattr(inner_optimizer, arg, None) is not None:
+            raise ValueError(
+                f"inner_optimizer must not clip, got {arg}={getattr(inner_optimizer, arg)}: "
+                "choose the clipping with ClippingOptimizer's `method` and `threshold`"
+            )
+    if getattr(inner_optimizer, "loss_scale_factor", None) is not None:
+        raise ValueError(
+            "inner_optimizer must not have a loss_scale_factor (the gradient must be unscaled "
+            "before it is clipped): pass loss_scale_factor to ClippingOptimizer, got "
+            f"{inner_optimizer.loss_scale_factor}"
+        )
+    return inner_optimizer
+
+
+def _checked_method_args(method, threshold, percentile, history_size, eps) -> tuple:
+    """``(threshold, percentile, history_size, eps)`` with the method's defaults, each given
+    only to the method it applies to."""
+    if method not in METHODS:
+        raise ValueError(
+            f"method must be one of {', '.join(repr(m) for m in METHODS)}, got {method!r}"
+        )
+    if method == "auto":
+        if threshold is not None:
+            raise ValueError(
+                "threshold does not apply to method='auto' (AutoClip takes its threshold from "
+                f"the percentile of past gradient norms), got threshold={threshold!r}"
+            )
+        percentile = DEFAULT_PERCENTILE if percentile is None else percentile
+        ok = isinstance(percentile, numbers.Real) and not isinstance(percentile, bool)
+        if not ok or not 0 < percentile <= 100:
+            raise ValueError(f"percentile must be a number in (0, 100], got {percentile!r}")
+        percentile = float(percentile)
+        history_size = DEFAULT_HISTORY_SIZE if history_size is None else history_size
+        history_size = _check_positive_int("history_size", history_size)
+    else:
+        threshold = _DEFAULT_THRESHOLD[method] if threshold is None else threshold
+        threshold = _check_positive("threshold", threshold)
+        for arg, value in (("percentile", percentile), ("history_size", history_size)):
+            if value is not None:
+                raise ValueError(
+                    f"{arg} applies only to method='auto', got {arg}={value!r} with "
+                    f"method={method!r}"
+                )
+    if method == "adaptive":
+        eps = _check_positive("eps", DEFAULT_EPS if eps is None else eps)
+    elif eps is not None:
+        raise ValueError(
+            f"eps applies only to method='adaptive', got eps={eps!r} with method={method!r}"
+        )
+    return threshold, percentile, history_size, eps
+
+
+def _checked_skips(skip_nonfinite, max_consecutive_skips):
+    """``max_consecutive_skips`` (a positive int or ``None``), which needs ``skip_nonfinite``."""
+    if not isinstance(skip_nonfinite, bool):
+        raise ValueError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
+    if max_consecutive_skips is not None:
+        max_consecutive_skips = _check_positive_int(
+            "max_consecutive_skips", max_consecutive_skips
+        )
+        if not skip_nonfinite:
+            raise ValueError(
+                "max_consecutive_skips needs skip_nonfinite=True (no step is skipped "
+                f"otherwise), got max_consecutive_skips={max_consecutive_skips}"
+            )
+    return max_consecutive_skips
+
+
 
 @keras.saving.register_keras_serializable(package="keras_fancyrnn")
 class ClippingOptimizer(keras.optimizers.Optimizer):
@@ -437,86 +538,11 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
         name: str | None = None,
         **kwargs: Any,
     ):
-        for arg in _BASE_ARGS:
-            if arg in kwargs:
-                raise ValueError(
-                    f"ClippingOptimizer does not take `{arg}`: choose the clipping with `method` "
-                    f"and `threshold`, and set `{arg}` on the inner optimizer, got {arg}="
-                    f"{kwargs[arg]!r}"
-                )
-        if kwargs:
-            raise ValueError(f"ClippingOptimizer got unknown arguments: {sorted(kwargs)}")
-
-        if isinstance(inner_optimizer, (str, dict)):
-            inner_optimizer = keras.optimizers.get(inner_optimizer)
-        if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
-            raise ValueError(
-                "inner_optimizer must be a keras.optimizers.Optimizer instance, got "
-                f"{inner_optimizer!r}"
-            )
-        if isinstance(inner_optimizer, keras.optimizers.LossScaleOptimizer):
-            raise ValueError(
-                "inner_optimizer must not be a LossScaleOptimizer, which would make this wrapper "
-                "clip the scaled gradient: wrap the other way round, "
-                "LossScaleOptimizer(ClippingOptimizer(...)) (model.compile does so under the "
-                "'mixed_float16' policy)"
-            )
-        for arg in ("clipnorm", "clipvalue", "global_clipnorm"):
-            if getattr(inner_optimizer, arg, None) is not None:
-                raise ValueError(
-                    f"inner_optimizer must not clip, got {arg}={getattr(inner_optimizer, arg)}: "
-                    "choose the clipping with ClippingOptimizer's `method` and `threshold`"
-                )
-        if getattr(inner_optimizer, "loss_scale_factor", None) is not None:
-            raise ValueError(
-                "inner_optimizer must not have a loss_scale_factor (the gradient must be unscaled "
-                "before it is clipped): pass loss_scale_factor to ClippingOptimizer, got "
-                f"{inner_optimizer.loss_scale_factor}"
-            )
-
-        if method not in METHODS:
-            raise ValueError(
-                f"method must be one of {', '.join(repr(m) for m in METHODS)}, got {method!r}"
-            )
-        if method == "auto":
-            if threshold is not None:
-                raise ValueError(
-                    "threshold does not apply to method='auto' (AutoClip takes its threshold from "
-                    f"the percentile of past gradient norms), got threshold={threshold!r}"
-                )
-            percentile = DEFAULT_PERCENTILE if percentile is None else percentile
-            ok = isinstance(percentile, numbers.Real) and not isinstance(percentile, bool)
-            if not ok or not 0 < percentile <= 100:
-                raise ValueError(f"percentile must be a number in (0, 100], got {percentile!r}")
-            percentile = float(percentile)
-            history_size = DEFAULT_HISTORY_SIZE if history_size is None else history_size
-            history_size = _check_positive_int("history_size", history_size)
-        else:
-            threshold = _DEFAULT_THRESHOLD[method] if threshold is None else threshold
-            threshold = _check_positive("threshold", threshold)
-            for arg, value in (("percentile", percentile), ("history_size", history_size)):
-                if value is not None:
-                    raise ValueError(
-                        f"{arg} applies only to method='auto', got {arg}={value!r} with "
-                        f"method={method!r}"
-                    )
-        if method == "adaptive":
-            eps = _check_positive("eps", DEFAULT_EPS if eps is None else eps)
-        elif eps is not None:
-            raise ValueError(
-                f"eps applies only to method='adaptive', got eps={eps!r} with method={method!r}"
-            )
-        if not isinstance(skip_nonfinite, bool):
-            raise ValueError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
-        if max_consecutive_skips is not None:
-            max_consecutive_skips = _check_positive_int(
-                "max_consecutive_skips", max_consecutive_skips
-            )
-            if not skip_nonfinite:
-                raise ValueError(
-                    "max_consecutive_skips needs skip_nonfinite=True (no step is skipped "
-                    f"otherwise), got max_consecutive_skips={max_consecutive_skips}"
-                )
+        _check_no_base_args(kwargs)
+        inner_optimizer = _checked_inner(inner_optimizer)
+        threshold, percentile, history_size, eps = _checked_method_args(
+            method, threshold, percentile, history_size, eps)
+        max_consecutive_skips = _checked_skips(skip_nonfinite, max_consecutive_skips)
         if loss_scale_factor is not None:
             loss_scale_factor = _check_positive("loss_scale_factor", loss_scale_factor)
 
