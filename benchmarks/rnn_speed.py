@@ -45,8 +45,6 @@ flags.DEFINE_float("round_seconds", 0.0, "If > 0, fewer steps per round where on
                    "take longer than this (keeps the big grid points affordable).")
 flags.DEFINE_bool("torch", True, "Include torch.nn when torch is installed.")
 flags.DEFINE_string("out", None, "Write the Markdown table here too.")
-flags.DEFINE_bool("hoist", False, "Hoist fr's input projection on a CPU too (the engine's "
-                  "default projects per step there; see engine.run).")
 
 GATES = {"simple_rnn": 1, "lstm": 4, "gru": 3, "irnn": 1, "gru_before": 3}
 
@@ -75,9 +73,6 @@ def matmul_roofline(n=1024, repeats=20):
 
 def main(argv):
     del argv
-    import keras_fancyrnn as fr
-
-    fr.config.set(hoist_on_cpu=FLAGS.hoist)
     have_torch = FLAGS.torch and torch_available()
     roof = matmul_roofline()
     header = ("| cell | mode | B | T | H | jit | fr steps/s | keras steps/s | torch steps/s | "

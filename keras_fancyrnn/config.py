@@ -31,9 +31,6 @@ run in one C++ kernel; ``False`` keeps the step loop (with the per-step gate ker
 path (the sequence kernels, or the LSTM's ``BlockLSTMV2``) may replace the step loop on a CPU at
 all; ``False`` runs the loop (e.g. for second derivatives through ``BlockLSTMV2``).
 
-``hoist_on_cpu`` (``KERAS_FANCYRNN_HOIST_ON_CPU``, ``False``): whether the step loop computes the
-input projection ``x W`` for all steps before it on a CPU, as it does on a GPU.
-
 Boolean variables read ``0``, ``false`` or ``no`` (any case) as ``False`` and ``1``, ``true`` or
 ``yes`` as ``True``.
 """
@@ -58,7 +55,6 @@ _SETTINGS: dict[str, tuple[str, Any, tuple]] = {
     "native_kernels": ("KERAS_FANCYRNN_NATIVE", True, _BOOL),
     "sequence_kernels": ("KERAS_FANCYRNN_SEQUENCE_KERNELS", True, _BOOL),
     "fused_on_cpu": ("KERAS_FANCYRNN_FUSED_ON_CPU", True, _BOOL),
-    "hoist_on_cpu": ("KERAS_FANCYRNN_HOIST_ON_CPU", False, _BOOL),
 }
 _WORDS = {"0": False, "false": False, "no": False, "1": True, "true": True, "yes": True}
 
@@ -122,24 +118,28 @@ def scope(**settings: Any) -> Iterator[None]:
         _scoped.reset(token)
 
 
-def guard_removed(module_name: str, removed: dict[str, str]) -> None:
-    """Makes reading or assigning a module global that became a setting an error naming the
-    setting, instead of an assignment that silently does nothing (``removed``: global ->
-    setting)."""
+def guard_removed(module_name: str, removed: dict[str, str],
+                  gone: dict[str, str] | None = None) -> None:
+    """Makes reading or assigning a module global that became a setting (``removed``: global ->
+    setting) or was removed (``gone``: global -> why) an error that says so, instead of an
+    assignment that silently does nothing."""
+    gone = gone or {}
 
     def message(name):
+        if name in gone:
+            return f"{module_name}.{name} was removed: {gone[name]}"
         return (f"{module_name}.{name} is now the keras_fancyrnn.config setting "
                 f"{removed[name]!r}: use fr.config.set({removed[name]}=...) or "
                 f"fr.config.scope({removed[name]}=...)")
 
     class Guarded(types.ModuleType):
         def __setattr__(self, name, value):
-            if name in removed:
+            if name in removed or name in gone:
                 raise AttributeError(message(name))
             super().__setattr__(name, value)
 
         def __getattr__(self, name):
-            if name in removed:
+            if name in removed or name in gone:
                 raise AttributeError(message(name))
             raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
 

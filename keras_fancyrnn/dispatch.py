@@ -43,7 +43,8 @@ class Plan:
         batch_limit: ``block_lstm``: the largest batch it runs (the loop above it, checked at
             run time where the batch size is unknown when traced); ``ANY_BATCH`` otherwise.
         gate_kernels: the loop's steps compute their gates with the C++ gate kernels.
-        hoist_inputs: the loop computes ``x W + b`` for all steps before it.
+        hoist_inputs: the loop computes ``x W + b`` for all steps before it (on a GPU; on a
+            CPU the projection inside each step measured faster, benchmarks/results/).
     """
 
     layer: str
@@ -208,7 +209,7 @@ def choose(layer, inputs, mask=None, training=False, probed=False) -> Plan:
     gpu = on_gpu()
     gates = bool(getattr(cell, "native_gates", lambda dtype: False)(inputs.dtype))
     loop = dict(layer=name, path="loop", gate_kernels=gates,
-                hoist_inputs=gpu or bool(config.get("hoist_on_cpu")))
+                hoist_inputs=gpu)  # on a CPU the per-step projection measured faster
     use_cudnn = getattr(layer, "use_cudnn", "auto")  # SimpleRNN: cudnn_blocker says why
     if use_cudnn is True:
         why = cudnn_blocker(layer, mask, training)

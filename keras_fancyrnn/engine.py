@@ -108,7 +108,7 @@ def run(
             ``"block_lstm"`` the cell's whole-sequence kernel (``cell.fused_sequence`` or
             ``cell.block_lstm_sequence``; the loop above ``plan.batch_limit``); ``"loop"`` the
             step loop, with the input projection hoisted before it where ``plan.hoist_inputs``
-            (on a CPU the per-step form measured faster: benchmarks/rnn_speed.py ``--hoist``).
+            (on a GPU; on a CPU the per-step form measured faster).
             ``None``: the loop, projection per step.
 
     Returns:
@@ -314,4 +314,5 @@ def validate_bptt_truncate(bptt_truncate) -> int | None:
 
 __all__ = ["run", "validate_bptt_truncate"]
 
-config.guard_removed(__name__, {"FUSED_ON_CPU": "fused_on_cpu", "HOIST_ON_CPU": "hoist_on_cpu"})
+config.guard_removed(__name__, {"FUSED_ON_CPU": "fused_on_cpu"}, gone={
+    "HOIST_ON_CPU": "the loop hoists x W before it on a GPU only (on a CPU it measured slower)"})

@@ -102,7 +102,7 @@ def test_the_environment_variable_reaches_the_kernels():
 
 def test_switches_are_booleans_from_the_environment_too(monkeypatch):
     assert fr.config.get("native_kernels") is True
-    assert fr.config.get("hoist_on_cpu") is False
+    assert fr.config.get("fused_on_cpu") is True
     for word, value in [("0", False), ("False", False), ("no", False), ("1", True),
                         ("TRUE", True), ("yes", True)]:
         monkeypatch.setenv("KERAS_FANCYRNN_NATIVE", word)
@@ -143,6 +143,8 @@ def test_the_old_module_globals_say_which_setting_replaced_them():
         engine.FUSED_ON_CPU = False
     with pytest.raises(AttributeError, match=r"'sequence_kernels'"):
         native.SEQUENCES  # noqa: B018
+    with pytest.raises(AttributeError, match=r"engine.HOIST_ON_CPU was removed: the loop hoists"):
+        engine.HOIST_ON_CPU = True
     with pytest.raises(AttributeError, match=r"has no attribute 'NO_SUCH'"):
         engine.NO_SUCH  # noqa: B018
     assert fr.config.get("native_kernels") is True and fr.config.get("fused_on_cpu") is True
