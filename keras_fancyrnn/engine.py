@@ -180,7 +180,27 @@ def _loop(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, un
           return_sequences, zero_output_for_mask, bptt_truncate, probes, hoist_inputs):
     """The engine's own time loop (``tf.while_loop``, or Python when ``unroll``)."""
     batch = tf.shape(inputs)[0]
-    steps_static = inputs.shape[1]
+    xp, project, mask, probes = _time_major(cell, inputs, mask, probes, dp_mask, go_backwards,
+                                            hoist_inputs)
+    copies = _copies(bptt_truncate, inputs.shape[1])
+    step = _step_function(cell, project, _tile_batch(rec_mask, copies), copies, batch,
+                          zero_output_for_mask, initial_state[0].shape)
+    states = _tile_batch(initial_state, copies)
+    out0 = tf.zeros_like(initial_state[0])
+    if unroll:
+        output, outputs, states = _unrolled(step, xp, mask, probes, states, out0,
+                                            return_sequences, inputs.shape)
+    else:
+        output, outputs, states = _while(step, xp, mask, probes, states, out0, return_sequences)
+        if output is None:  # not carried: the top copy of the hidden state
+            output = states[0][-batch:] if copies > 1 else states[0]
+    return output, outputs, _untile(states, copies, batch)
+
+
+def _time_major(cell, inputs, mask, probes, dp_mask, go_backwards, hoist_inputs):
+    """``(xp, project, mask, probes)`` in processing order, time-major: ``xp`` is ``x W + b``
+    ``[T, B, P]`` where hoisted (``project`` None), else ``x`` ``[T, B, D]`` and ``project``
+    computes each step's ``x_t W + b``."""
     # Transposing x (D wide) rather than x W (gates x units wide) to time-major moves the least
     # memory. Hoisted, x W + b for all t is one matmul; otherwise each step projects its x_t.
     xp = tf.transpose(inputs, [1, 0, 2])  # [T, B, D]
@@ -197,10 +217,12 @@ def _loop(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, un
         xp = tf.reverse(xp, [0])
         mask = None if mask is None else tf.reverse(mask, [0])
         probes = {i: tf.reverse(p, [0]) for i, p in (probes or {}).items()}
+    return xp, project, mask, probes
 
-    copies = _copies(bptt_truncate, steps_static)
-    states = _tile_batch(initial_state, copies)
-    rec_mask = _tile_batch(rec_mask, copies)
+
+def _step_function(cell, project, rec_mask, copies, batch, zero_output_for_mask, state_shape):
+    """``step(xp_t, mask_t, probe_t, states, prev_output) -> (output, new_states)``: one step of
+    the cell with the projection, the truncation copies, the probes and the mask around it."""
 
     def step(xp_t, mask_t, probe_t, states, prev_output):
         if project is not None:
@@ -233,25 +255,33 @@ def _loop(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, un
             fallback = tf.zeros_like(output) if zero_output_for_mask else prev_output
             output = _where(mask_t, output, _tile_batch(fallback, copies))
         if copies > 1:
-            output = tf.ensure_shape(output[-batch:], initial_state[0].shape)
+            output = tf.ensure_shape(output[-batch:], state_shape)
         return output, new_states
 
-    out0 = tf.zeros_like(initial_state[0])
-    if unroll:
-        if steps_static is None:
-            raise ValueError(
-                "unroll=True needs a static number of timesteps; the input has shape "
-                f"{tuple(inputs.shape)}. Pass keras.Input(shape=(T, D)) with a fixed T."
-            )
-        output, outputs = out0, []
-        for t in range(steps_static):
-            mask_t = None if mask is None else mask[t]
-            probe_t = {i: p[t] for i, p in (probes or {}).items()}
-            output, states = step(xp[t], mask_t, probe_t, states, output)
-            outputs.append(output)
-        stacked = tf.stack(outputs, axis=1) if return_sequences else None
-        return output, stacked, _untile(states, copies, batch)
+    return step
 
+
+def _unrolled(step, xp, mask, probes, states, out0, return_sequences, input_shape):
+    """The steps as a Python loop (``unroll=True``; needs a static T)."""
+    steps_static = input_shape[1]
+    if steps_static is None:
+        raise ValueError(
+            "unroll=True needs a static number of timesteps; the input has shape "
+            f"{tuple(input_shape)}. Pass keras.Input(shape=(T, D)) with a fixed T."
+        )
+    output, outputs = out0, []
+    for t in range(steps_static):
+        mask_t = None if mask is None else mask[t]
+        probe_t = {i: p[t] for i, p in (probes or {}).items()}
+        output, states = step(xp[t], mask_t, probe_t, states, output)
+        outputs.append(output)
+    stacked = tf.stack(outputs, axis=1) if return_sequences else None
+    return output, stacked, states
+
+
+def _while(step, xp, mask, probes, states, out0, return_sequences):
+    """The steps as a ``tf.while_loop``; the output is ``None`` where it is not carried (no
+    mask: it is the hidden state)."""
     n_steps = tf.shape(xp)[0]
     xp_ta = tf.TensorArray(xp.dtype, size=n_steps, element_shape=xp.shape[1:]).unstack(xp)
     mask_ta = None
@@ -289,11 +319,8 @@ def _loop(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, un
     carry = list(loop[1:])
     out_ta = carry.pop(0) if return_sequences else None
     output = carry.pop() if carry_output else None
-    states = carry
-    if output is None:
-        output = states[0][-batch:] if copies > 1 else states[0]
     outputs = tf.transpose(out_ta.stack(), [1, 0, 2]) if return_sequences else None
-    return output, outputs, _untile(states, copies, batch)
+    return output, outputs, carry
 
 
 def _untile(states, copies: int, batch):
