@@ -52,9 +52,10 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_fancyrnn import probes, reporting
+from keras_fancyrnn import probes
 from keras_fancyrnn._tf import tf
 from keras_fancyrnn.base import RNN
+from keras_fancyrnn.diagnostics import reporting
 from keras_fancyrnn.errors import LayerSelectionError, ProbeDataError
 
 #: Records per ``every_n_batches`` when neither ``every_n_batches`` nor ``every_n_epochs`` is given.
