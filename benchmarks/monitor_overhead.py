@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import keras_fancyrnn as fr  # noqa: E402
-from keras_fancyrnn.monitor import DEFAULT_EVERY_N_BATCHES  # noqa: E402
+from keras_fancyrnn.diagnostics import DEFAULT_EVERY_N_BATCHES  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("cell", "lstm", ["simple_rnn", "lstm", "gru"], "Recurrent layer.")

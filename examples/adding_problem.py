@@ -47,8 +47,7 @@ from absl import app, flags  # noqa: E402
 import keras_fancyrnn as fr  # noqa: E402
 from keras_fancyrnn import datasets as frd  # noqa: E402
 from keras_fancyrnn._tf import tf  # noqa: E402
-from keras_fancyrnn.monitor import gradient_norms, ratio_first_last  # noqa: E402
-from keras_fancyrnn.reporting import json_safe  # noqa: E402
+from keras_fancyrnn.diagnostics import gradient_norms, json_safe, ratio_first_last  # noqa: E402
 
 CELLS = ("simple_rnn", "lstm", "gru", "chrono_lstm", "irnn")
 CLIPPING = ("on", "off")

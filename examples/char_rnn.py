@@ -49,8 +49,7 @@ from absl import app, flags  # noqa: E402
 import keras_fancyrnn as fr  # noqa: E402
 from keras_fancyrnn import datasets as frd  # noqa: E402
 from keras_fancyrnn._tf import tf  # noqa: E402
-from keras_fancyrnn.monitor import ratio_first_last  # noqa: E402
-from keras_fancyrnn.reporting import json_safe  # noqa: E402
+from keras_fancyrnn.diagnostics import json_safe, ratio_first_last  # noqa: E402
 
 CELLS = {"lstm": fr.LSTM, "gru": fr.GRU, "simple_rnn": fr.SimpleRNN}
 

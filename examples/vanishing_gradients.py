@@ -59,8 +59,7 @@ from absl import app, flags  # noqa: E402
 import keras_fancyrnn as fr  # noqa: E402
 from keras_fancyrnn import datasets as frd  # noqa: E402
 from keras_fancyrnn._tf import tf  # noqa: E402
-from keras_fancyrnn.monitor import decay_rate, ratio_first_last  # noqa: E402
-from keras_fancyrnn.reporting import json_safe  # noqa: E402
+from keras_fancyrnn.diagnostics import decay_rate, json_safe, ratio_first_last  # noqa: E402
 
 #: flag value -> (display name, layer class)
 CELLS: dict[str, tuple[str, type]] = {

@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 
 import keras_fancyrnn as fr
-from keras_fancyrnn import monitor as mon
-from keras_fancyrnn.monitor import GradientNormMonitor, gradient_norms
+from keras_fancyrnn import diagnostics as mon
+from keras_fancyrnn.diagnostics import GradientNormMonitor, gradient_norms
 
 B, T, D, H, OUT = 4, 7, 3, 5, 2
 RTOL = 1e-5

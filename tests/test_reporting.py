@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
-from keras_fancyrnn import reporting
+from keras_fancyrnn.diagnostics import reporting
 
 CURVES = [
     {"lstm": np.array([1e-6, 1e-3, 0.5], "float32"), "lstm/cell": np.array([0.1, 0.2, 0.3])},
@@ -102,7 +102,7 @@ def test_bad_paths_name_the_argument():
 def test_json_safe_writes_strict_json():
     import json
 
-    from keras_fancyrnn.reporting import json_safe
+    from keras_fancyrnn.diagnostics.reporting import json_safe
 
     obj = {"a": float("nan"), "b": [np.float32(1.5), np.int64(3), np.bool_(True)],
            "c": (float("inf"), -float("inf")), "d": np.array([[1, 2]]), "e": "x"}

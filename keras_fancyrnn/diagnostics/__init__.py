@@ -1,0 +1,32 @@
+"""Diagnostics: the gradient-norm curve ‖∂ℓ/∂h_t‖ of recurrent layers, measured and reported.
+
+One concept a module, data flowing down the list (each imports only those above it):
+
+* ``targets``: which layers are probed, under which series keys;
+* ``losses``: per-example losses ℓ_i under the compiled loss;
+* ``probe_pass``: ``ProbePass`` (one forward + backward pass with zero probes), its data checks,
+  ``gradient_norms``;
+* ``series``: scalars derived from the curves, a clipping optimizer's stats;
+* ``reporting``: CSV/NPZ files, TensorBoard summaries, plots;
+* ``monitor``: the Keras callback ``GradientNormMonitor``.
+
+Diagnostics import the layers and the engine, never the other way round.
+"""
+
+from keras_fancyrnn.diagnostics.monitor import DEFAULT_EVERY_N_BATCHES, GradientNormMonitor
+from keras_fancyrnn.diagnostics.probe_pass import ProbePass, gradient_norms
+from keras_fancyrnn.diagnostics.reporting import json_safe
+from keras_fancyrnn.diagnostics.series import decay_rate, derived_scalars, ratio_first_last
+from keras_fancyrnn.diagnostics.targets import discover
+
+__all__ = [
+    "DEFAULT_EVERY_N_BATCHES",
+    "GradientNormMonitor",
+    "ProbePass",
+    "decay_rate",
+    "derived_scalars",
+    "discover",
+    "gradient_norms",
+    "json_safe",
+    "ratio_first_last",
+]

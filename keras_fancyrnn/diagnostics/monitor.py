@@ -1,0 +1,371 @@
+r"""``GradientNormMonitor``: the per-timestep gradient-norm curve ‖∂ℓ/∂h_t‖, recorded during fit.
+
+Definition. For a monitored recurrent layer and each timestep ``t`` (index in input
+order, also for a backward direction), the recorded value is
+
+.. math::  g_t = \frac{1}{B} \sum_{i=1}^{B} \left\lVert \frac{\partial \ell_i}{\partial h_t^{(i)}}
+           \right\rVert_2
+
+where :math:`\ell_i` is example ``i``'s loss under the model's compiled loss (the loss of a batch
+holding only example ``i``, sample weights and masks included) and :math:`h_t` is the hidden state
+the step outputs. It is the *total* derivative through the recurrence (BPTT,
+:math:`\partial\ell/\partial h_t = \text{direct}_t + J_{t+1}^\top \partial\ell/\partial h_{t+1}`),
+read off a zero probe :math:`p_t` that the engine adds to :math:`h_t` after each step:
+:math:`\partial\ell/\partial p_t = \partial\ell/\partial h_t`. Because every :math:`\ell_i` depends
+only on example ``i``, one backward pass of :math:`\sum_i \ell_i` gives all of them, and the mean
+over examples does not depend on the probe batch size. At masked steps the probe is not added, so
+a masked timestep contributes 0.
+
+Series keys (``name``, ``name/cell``, ``name/forward``, ``name/input`` …): ``targets``; how the
+probe pass measures them and what it leaves untouched: ``probe_pass``; ``ℓ_i``: ``losses``; the
+derived scalars: ``series``; files, TensorBoard and plots: ``reporting``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable
+
+import keras
+import numpy as np
+
+from keras_fancyrnn._tf import tf
+from keras_fancyrnn.diagnostics import reporting
+from keras_fancyrnn.diagnostics.probe_pass import (
+    ProbePass,
+    _check_loss,
+    _check_stateful_batch,
+    _leading_size,
+    _shapes,
+)
+from keras_fancyrnn.diagnostics.series import _clipping_stats, derived_scalars
+from keras_fancyrnn.diagnostics.targets import _as_selection, discover
+from keras_fancyrnn.errors import LayerSelectionError, ProbeDataError
+
+#: Records per ``every_n_batches`` when neither ``every_n_batches`` nor ``every_n_epochs`` is given.
+DEFAULT_EVERY_N_BATCHES = 100
+
+
+def _unpack(element, where: str):
+    if isinstance(element, dict) or not isinstance(element, (tuple, list)) or not 2 <= len(
+        element
+    ) <= 3:
+        raise ProbeDataError(
+            f"data: {where} must give (x, y) or (x, y, sample_weight), got "
+            f"{type(element).__name__}"
+            + (f" of length {len(element)}" if isinstance(element, (tuple, list)) else "")
+        )
+    x, y = element[0], element[1]
+    return x, y, (element[2] if len(element) == 3 else None)
+
+
+def _model_input_ranks(model) -> list[int] | None:
+    try:
+        return [len(spec.shape) for spec in model.inputs]
+    except (AttributeError, TypeError, ValueError):  # a subclassed model has no declared inputs
+        return None
+
+
+def _check_batched(x, y, sample_weight, model=None) -> None:
+    """Raises ``ProbeDataError`` when a dataset element (or its spec) is not a batch: a component
+    without a leading axis, components whose leading sizes differ, or an ``x`` with one axis fewer
+    than every input of ``model``. A dataset of single examples gives such elements; without this
+    check the first record would fail on mismatched shapes, far from the cause."""
+    parts = {"x": _shapes(x), "y": _shapes(y), "sample_weight": _shapes(sample_weight)}
+    flat = [shape for shapes in parts.values() for shape in shapes]
+    leading = {shape[0] for shape in flat if shape and shape[0] is not None}
+    single = any(not shape for shape in flat) or len(leading) > 1
+    ranks = None if model is None else _model_input_ranks(model)
+    if not single and ranks and len(ranks) == len(parts["x"]):
+        single = all(len(shape) == rank - 1 for shape, rank in zip(parts["x"], ranks))
+    if single:
+        got = ", ".join(f"{name} {shapes[0] if len(shapes) == 1 else shapes}"
+                        for name, shapes in parts.items() if shapes)
+        raise ProbeDataError(
+            "data: a tf.data.Dataset must yield batches (x of shape [batch, time, ...] and y, "
+            f"sample_weight with the same leading batch axis), but its elements look like single "
+            f"examples ({got}); call .batch(n) on it, e.g. data=dataset.batch(32)"
+        )
+
+
+def _positive_int_or_none(name, value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be None or a positive integer, got {value!r}")
+    return value
+
+
+class GradientNormMonitor(keras.callbacks.Callback):
+    r"""Records the per-timestep gradient-norm curve ‖∂ℓ/∂h_t‖ of recurrent layers during fit.
+
+    .. math::  g_t = \tfrac{1}{B}\textstyle\sum_i \lVert \partial\ell_i/\partial h_t^{(i)}\rVert_2
+
+    the total derivative through the recurrence (the engine's zero probe), mean over the examples
+    of the probe batch, so independent of its size; masked timesteps report 0 (see the
+    ``targets`` module's docstring for the keys: ``name``, ``name/cell``, ``name/forward``,
+    ``name/input`` …).
+
+    Args:
+        data: the probe batch: ``(x, y)`` or ``(x, y, sample_weight)`` arrays (used whole, every
+            record), a ``tf.data.Dataset`` of such batches (one batch per record, cycled), or a
+            callable returning one.
+        layers: ``None`` (every recurrent layer, nested models and wrappers included), or layer
+            names / layer objects; a non-recurrent layer taking a sequence gets its ``/input``.
+        every_n_batches: record every ``n`` training steps (counted across epochs and fits).
+        every_n_epochs: record at the end of every ``n``-th epoch. With neither given,
+            ``every_n_batches=100`` (``DEFAULT_EVERY_N_BATCHES``).
+        record_at_train_begin: also record at the start of ``fit`` (the curve at initialisation).
+        input_norms: also record ``name/input`` for every monitored layer.
+        log_dir: write TensorBoard summaries under ``log_dir/gradient_norms``.
+        csv_path / npz_path: write every record to disk as it is taken.
+        log_scalars: add ``key/grad_ratio`` and ``key/grad_decay`` (and an fr
+            ``ClippingOptimizer``'s ``clip/…`` stats) to the batch logs of a recording step and to
+            every epoch's logs (so they reach ``History`` and the progress bar).
+        loss: optional ``fn(y_true, y_pred) -> [batch]`` per-example losses, instead of the
+            model's compiled loss.
+
+    Attributes: ``history`` (``{key: [n_records, T]}``), ``steps``, ``epochs``, ``scalars``
+    (``{name: [n_records]}``); ``plot()`` draws them; ``record()`` takes one now (also outside
+    ``fit``, after ``set_model(model)``); ``compute(x, y)`` returns curves without recording.
+
+    Put the monitor before callbacks that should see its logs (``CSVLogger``, ``TensorBoard``,
+    ``EarlyStopping``); Keras's ``History`` and progress bar come after user callbacks anyway.
+    Cost: one forward + backward pass on the probe batch per record (about two training steps
+    for a probe batch twice the training batch) every ``every_n_batches``
+    (benchmarks/monitor_overhead.py measures it).
+    """
+
+    def __init__(
+        self,
+        data,
+        layers=None,
+        every_n_batches: int | None = None,
+        every_n_epochs: int | None = None,
+        record_at_train_begin: bool = True,
+        input_norms: bool = True,
+        log_dir: str | None = None,
+        csv_path: str | None = None,
+        npz_path: str | None = None,
+        log_scalars: bool = True,
+        loss: Callable | None = None,
+    ):
+        super().__init__()
+        self.every_n_batches = _positive_int_or_none("every_n_batches", every_n_batches)
+        self.every_n_epochs = _positive_int_or_none("every_n_epochs", every_n_epochs)
+        if self.every_n_batches is None and self.every_n_epochs is None:
+            self.every_n_batches = DEFAULT_EVERY_N_BATCHES
+        if layers is not None:
+            _as_selection(layers)
+        self.layers = layers
+        self.record_at_train_begin = bool(record_at_train_begin)
+        self.input_norms = bool(input_norms)
+        self.log_scalars = bool(log_scalars)
+        self.loss = loss
+        self._dataset_spec = None  # (x, y, sample_weight) element specs of a dataset
+        self._static_batch = None  # the probe batch size, where known before drawing a batch
+        self._data_source = self._make_source(data)
+        self._csv = reporting.CSVWriter(csv_path) if csv_path else None
+        self._npz = reporting.NPZWriter(npz_path) if npz_path else None
+        self._tb = reporting.TensorBoardWriter(log_dir) if log_dir else None
+        self._probe: ProbePass | None = None
+        self._probe_model = None
+        self._curves: dict[str, list[np.ndarray]] = {}
+        self._scalars: dict[str, list[float]] = {}
+        self._steps: list[int] = []
+        self._epochs: list[int] = []
+        self._latest_scalars: dict[str, float] = {}
+        self._global_step = 0
+        self._batches_in_epoch = 0
+        self._epoch = 0
+        self._last_record_step: int | None = None
+
+    # -- data ------------------------------------------------------------------------------
+    def _make_source(self, data):
+        if isinstance(data, tf.data.Dataset):
+            self._dataset_spec = _unpack(data.element_spec, "the dataset")
+            _check_batched(*self._dataset_spec)
+            self._static_batch = _leading_size(self._dataset_spec[0])
+            state = {"it": None}
+
+            def from_dataset():
+                for _ in range(2):
+                    if state["it"] is None:
+                        state["it"] = iter(data)
+                    try:
+                        element = _unpack(next(state["it"]), "the dataset")
+                    except StopIteration:
+                        state["it"] = None
+                        continue
+                    _check_batched(*element)  # sizes the spec left unknown
+                    return element
+                raise ProbeDataError("data: the dataset is empty; it must yield at least one batch")
+
+            return from_dataset
+        if callable(data) and not isinstance(data, (tuple, list)):
+            return lambda: _unpack(data(), "the callable")
+        if isinstance(data, (tuple, list)):
+            x, y, sw = _unpack(data, "data")
+            from keras import tree
+
+            def to_tensor(a):
+                return a if a is None else tf.convert_to_tensor(a)
+
+            fixed = (tree.map_structure(to_tensor, x), tree.map_structure(to_tensor, y),
+                     None if sw is None else tree.map_structure(to_tensor, sw))
+            self._static_batch = _leading_size(fixed[0])
+            return lambda: fixed
+        raise ProbeDataError(
+            "data must be a tuple (x, y) or (x, y, sample_weight), a tf.data.Dataset of such "
+            f"batches, or a callable returning one, got {type(data).__name__}"
+        )
+
+    # -- recording -------------------------------------------------------------------------
+    def _ensure_probe(self):
+        model = self.model
+        if model is None:
+            raise ValueError("GradientNormMonitor has no model: pass it to fit() or set_model()")
+        if self._probe is None or self._probe_model is not model:
+            _check_loss(model, self.loss)
+            targets = discover(model, self.layers, self.input_norms)
+            if not targets:
+                raise LayerSelectionError(
+                    f"layers: the model {model.name!r} has no recurrent layer to monitor; pass "
+                    "layers=[...] to name layers that take a sequence"
+                )
+            if self._dataset_spec is not None:  # now the model's input ranks can tell
+                _check_batched(*self._dataset_spec, model=model)
+            # before the first record, which may be many steps into fit
+            _check_stateful_batch(model, self._static_batch)
+            self._probe = ProbePass(model, targets, self.loss)
+            self._probe_model = model
+        return self._probe
+
+    def _loss_scale(self) -> float:
+        optimizer = getattr(self.model, "optimizer", None)
+        scale = getattr(optimizer, "dynamic_scale", None)
+        if scale is None or not any(
+            getattr(t.layer, "compute_dtype", "float32") == "float16" for t in self._probe.targets
+        ):
+            return 1.0
+        return float(np.asarray(scale))
+
+    def compute(self, x, y, sample_weight=None) -> dict[str, np.ndarray]:
+        """The curves for one batch, without recording them."""
+        probe = self._ensure_probe()
+        return probe(x, y, sample_weight, self._loss_scale())
+
+    def record(self, step: int | None = None) -> dict[str, np.ndarray]:
+        """Takes one record now (next probe batch) and writes it; returns ``{key: [T]}``."""
+        probe = self._ensure_probe()
+        x, y, sw = self._data_source()
+        curves = probe(x, y, sw, self._loss_scale())
+        step = self._global_step if step is None else int(step)
+        scalars = derived_scalars(curves)
+        scalars.update(_clipping_stats(getattr(self.model, "optimizer", None)))
+        n = len(self._steps)
+        for k, c in curves.items():
+            self._curves.setdefault(k, [None] * n).append(c)
+        for k in self._curves:
+            if len(self._curves[k]) == n:  # a series missing from this record
+                self._curves[k].append(None)
+        for k, v in scalars.items():
+            self._scalars.setdefault(k, [math.nan] * n).append(v)
+        for k in self._scalars:
+            if len(self._scalars[k]) == n:
+                self._scalars[k].append(math.nan)
+        self._steps.append(step)
+        self._epochs.append(self._epoch)
+        self._latest_scalars = scalars
+        self._last_record_step = step
+        if self._csv is not None:
+            self._csv.write(step, self._epoch, curves)
+        if self._npz is not None:
+            self._npz.write(self.steps, self.epochs, self.history)
+        if self._tb is not None:
+            self._tb.write(step, curves, scalars)
+        return curves
+
+    # -- results ---------------------------------------------------------------------------
+    @property
+    def history(self) -> dict[str, np.ndarray]:
+        """``{key: float32 [n_records, T]}``; NaN where a record lacks a timestep or series."""
+        out = {}
+        for k, rows in self._curves.items():
+            width = max((len(r) for r in rows if r is not None), default=0)
+            arr = np.full((len(rows), width), np.nan, dtype=np.float32)
+            for i, r in enumerate(rows):
+                if r is not None:
+                    arr[i, : len(r)] = r
+            out[k] = arr
+        return out
+
+    @property
+    def steps(self) -> np.ndarray:
+        """The training step (optimizer updates so far) of each record."""
+        return np.asarray(self._steps, dtype=np.int64)
+
+    @property
+    def epochs(self) -> np.ndarray:
+        """The (0-based) epoch during which each record was taken."""
+        return np.asarray(self._epochs, dtype=np.int64)
+
+    @property
+    def scalars(self) -> dict[str, np.ndarray]:
+        """Derived scalars per record: ``{key/grad_ratio, key/grad_decay, clip/…: [n_records]}``."""
+        return {k: np.asarray(v, dtype=np.float64) for k, v in self._scalars.items()}
+
+    def plot(self, path: str | None = None, keys: Iterable[str] | None = None):
+        """Heatmap (record × timestep, log colour scale) and the first and latest curves, one row
+        per series. Saves to ``path`` if given; returns the matplotlib ``Figure``."""
+        history = self.history
+        if not history:
+            raise ValueError("plot: nothing recorded yet")
+        if keys is not None:
+            keys = list(keys)
+            unknown = [k for k in keys if k not in history]
+            if unknown:
+                raise ValueError(f"keys: {unknown} not recorded; recorded: {sorted(history)}")
+            history = {k: history[k] for k in keys}
+        return reporting.plot_history(self.steps, history, path)
+
+    # -- callback hooks --------------------------------------------------------------------
+    def on_train_begin(self, logs=None):
+        self._ensure_probe()
+        optimizer = getattr(self.model, "optimizer", None)
+        iterations = getattr(optimizer, "iterations", None)
+        if iterations is not None:
+            with contextlib.suppress(TypeError, ValueError):
+                self._global_step = int(np.asarray(iterations))
+        self._batches_in_epoch = 0
+        if self.record_at_train_begin:
+            self.record()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = int(epoch)
+        self._batches_in_epoch = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        done = int(batch) + 1
+        before = self._global_step
+        self._global_step += max(done - self._batches_in_epoch, 0)
+        self._batches_in_epoch = done
+        n = self.every_n_batches
+        if n and self._global_step // n > before // n and self._last_record_step != (
+            self._global_step
+        ):
+            self.record()
+            if self.log_scalars and logs is not None:
+                logs.update(self._latest_scalars)
+
+    def on_epoch_end(self, epoch, logs=None):
+        n = self.every_n_epochs
+        if n and (int(epoch) + 1) % n == 0 and self._last_record_step != self._global_step:
+            self.record()
+        if self.log_scalars and logs is not None:
+            logs.update(self._latest_scalars)
+            logs.update(_clipping_stats(getattr(self.model, "optimizer", None)))
+
+
+__all__ = ["DEFAULT_EVERY_N_BATCHES", "GradientNormMonitor"]

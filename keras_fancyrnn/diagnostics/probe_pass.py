@@ -1,0 +1,396 @@
+"""The probe pass: one forward + backward pass on a probe batch that returns ``{key: [T]}``.
+
+``ProbePass`` adds zero probes ``p_t`` (through ``keras_fancyrnn.probes`` for fr layers, by
+patching ``call`` for any other layer's input) and reads ``∂ℓ/∂p_t = ∂ℓ/∂h_t`` off one tape;
+``gradient_norms`` is one such pass without a monitor. Also here: the checks of the probe data
+(batch shapes, stateful layers' batch size, a compiled loss) and the model state a pass restores.
+
+The probe pass runs the model with ``training=False`` inside its own ``tf.function`` (no XLA,
+whatever the model was compiled with); it does not touch the optimizer or the metrics and restores
+every non-trainable model variable (BatchNorm statistics, dropout ``SeedGenerator`` states) and
+the states of stateful layers afterwards, so training is bit-identical with and without the
+monitor. It is traced once per input signature with the batch size left unknown.
+
+Under ``mixed_float16`` the per-example losses are multiplied by the ``LossScaleOptimizer``'s
+current scale before the backward pass (and the norms divided by it), so norms down to about
+``6e-8 / scale`` survive float16; ``mixed_bfloat16`` needs no scaling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_fancyrnn import probes
+from keras_fancyrnn._tf import tf
+from keras_fancyrnn.diagnostics.losses import (
+    _COMPILE_LOSS_ATTR,
+    _compiled_per_example_losses,
+    _get_mask,
+)
+from keras_fancyrnn.diagnostics.targets import _is_fr_rnn, _is_recurrent, _Target, discover
+from keras_fancyrnn.errors import LayerSelectionError, ProbeDataError
+
+
+def _as_tensor(a):
+    return a if a is None or isinstance(a, tf.Tensor) else tf.convert_to_tensor(a)
+
+
+def _first_arg_name(fn) -> str | None:
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    return params[0].name if params else None
+
+
+class ProbePass:
+    """One forward + backward pass of a model on a batch that returns ``{key: [T] curve}``.
+
+    Built once per model and target list; traced once per input signature (shapes without the
+    batch dimension, dtypes). Used by ``GradientNormMonitor`` and ``gradient_norms``.
+    """
+
+    def __init__(self, model, targets: list[_Target], loss: Callable | None = None):
+        self.model = model
+        self.targets = targets
+        self.loss = loss
+        self._fn = tf.function(self._pass, jit_compile=False)
+        self._concrete: dict = {}  # one trace per input signature, batch size left unknown
+        self._checked = False
+        self._trace_errors: list[str] = []  # found while tracing; raised eagerly, every call
+
+    # -- public ----------------------------------------------------------------------------
+    def __call__(self, x, y, sample_weight=None, loss_scale: float = 1.0) -> dict[str, np.ndarray]:
+        _check_stateful_batch(self.model, _leading_size(x))  # every call: dataset batches vary
+        if not self._checked:
+            self._prepare(x, y, sample_weight)
+        try:
+            args = tf.nest.map_structure(_as_tensor, (x, y, sample_weight))
+            out = self._concrete_for(args)(*args, tf.constant(loss_scale, tf.float32))
+        except (ValueError, TypeError, KeyError, IndexError, tf.errors.InvalidArgumentError) as e:
+            if self._checked:
+                raise
+            raise ProbeDataError(
+                f"data: the probe batch does not fit the model {self.model.name!r} and its "
+                f"compiled loss ({type(e).__name__}: {e})"
+            ) from e
+        if self._trace_errors:
+            raise LayerSelectionError(self._trace_errors[0])
+        order = [k for t in self.targets for k in t.series_keys()]
+        missing = [k for k in order if k not in out]
+        if missing:
+            raise LayerSelectionError(
+                f"layers: {missing} were not computed: the layer is not called in the model's "
+                "forward pass"
+            )
+        self._checked = True
+        return {k: out[k].numpy() for k in order}
+
+    # -- internals -------------------------------------------------------------------------
+    def _concrete_for(self, args):
+        """The traced pass for these argument shapes with the batch dimension unknown: one trace
+        serves every probe batch size (and a batch of unknown size is what Keras's own training
+        step sees, so the layers run the code path they run in fit)."""
+        specs = tf.nest.map_structure(
+            lambda t: None if t is None else tf.TensorSpec((None, *t.shape[1:]), t.dtype), args
+        )
+        key = repr(specs)
+        if key not in self._concrete:
+            self._concrete[key] = self._fn.get_concrete_function(
+                *specs, tf.TensorSpec((), tf.float32)
+            )
+        return self._concrete[key]
+
+    def _prepare(self, x, y, sample_weight):
+        """Eager checks and builds before the first trace (so nothing is built inside it)."""
+        _check_batch(self.model, x, y, sample_weight)
+        compile_loss = getattr(self.model, _COMPILE_LOSS_ATTR, None)
+        need_loss_build = self.loss is None and compile_loss is not None and not getattr(
+            compile_loss, "built", True
+        )
+        if not self.model.built or need_loss_build:
+            state = _mutable_state(self.model) if self.model.built else []
+            snapshot = [tf.identity(v.value) for v in state]
+            try:
+                y_pred = self.model(x, training=False)
+                for v, value in zip(state, snapshot):
+                    v.assign(value)
+            except Exception as e:
+                raise ProbeDataError(
+                    f"data: the model {self.model.name!r} cannot run on the probe batch "
+                    f"({type(e).__name__}: {e})"
+                ) from e
+            if need_loss_build:
+                compile_loss.build(y, y_pred)
+
+    def _losses(self, y, y_pred, sample_weight):
+        if self.loss is not None:
+            losses = self.loss(y, y_pred)
+            if sample_weight is not None:
+                losses = losses * ops.cast(ops.reshape(sample_weight, (-1,)), losses.dtype)
+            return ops.cast(losses, "float32")
+        return _compiled_per_example_losses(self.model, y, y_pred, sample_weight)
+
+    @contextlib.contextmanager
+    def _patched(self, tape, collected: dict):
+        """Zero probes for every target: keras_fancyrnn layers through a probe request the
+        engine reads (``keras_fancyrnn.probes``); any other layer's input by replacing its
+        ``call`` (instance attribute), restored on exit."""
+        requests = {t.layer: self._request(t, tape, collected)
+                    for t in self.targets if _is_fr_rnn(t.layer)}
+        saved = []
+        for target in self.targets:
+            layer = target.layer
+            if _is_fr_rnn(layer):
+                continue
+            had_own = "call" in layer.__dict__
+            original = layer.__dict__.get("call", None) if had_own else None
+            call = layer.call
+            patched = self._make_patched(target, call, tape, collected)
+            saved.append((layer, had_own, original))
+            object.__setattr__(layer, "call", patched)
+        try:
+            with probes.scope(requests):
+                yield
+        finally:
+            for layer, had_own, original in reversed(saved):
+                if had_own:
+                    object.__setattr__(layer, "call", original)
+                else:
+                    object.__delattr__(layer, "call")
+
+    @staticmethod
+    def _request(target: _Target, tape, collected: dict):
+        """The probe request of a keras_fancyrnn layer: zero probes shaped like its input
+        (after its cast to the compute dtype), watched on ``tape`` and recorded in
+        ``collected``; none for the second call of a shared layer."""
+
+        def request(layer, sequences):
+            if target.key in collected or f"{target.key}/input" in collected:
+                return {}  # a shared layer: probe its first call only
+            made = {}
+            if target.inputs:
+                made["input"] = collected[f"{target.key}/input"] = tf.zeros_like(sequences)
+            if target.states:
+                shape = tf.shape(sequences)
+                batch = sequences.shape[0] if sequences.shape[0] is not None else shape[0]
+                steps = sequences.shape[1] if sequences.shape[1] is not None else shape[1]
+                sizes = layer.cell.state_size
+                sizes = list(sizes) if isinstance(sizes, (list, tuple)) else [sizes]
+                for i, (key, size) in enumerate(zip(target.state_keys(), sizes)):
+                    made[i] = collected[key] = tf.zeros([batch, steps, size],
+                                                        dtype=layer.cell.compute_dtype)
+            tape.watch(list(made.values()))
+            return made
+
+        return request
+
+    def _make_patched(self, target: _Target, call, tape, collected: dict):
+        """``call`` of a layer that is not a keras_fancyrnn RNN, adding a zero probe to its
+        input sequence (its ``name/input`` series)."""
+        layer = target.layer
+        errors = self._trace_errors
+        first = _first_arg_name(call)
+
+        def patched(*args, **kwargs):
+            if target.key in collected or f"{target.key}/input" in collected:
+                return call(*args, **kwargs)  # a shared layer: probe its first call only
+            args = list(args)
+            in_args = bool(args)
+            if in_args:
+                seq = args[0]
+            elif first in kwargs:
+                seq = kwargs[first]
+            else:
+                errors.append(f"layers: cannot find the input sequence of {layer.name!r}")
+                return call(*args, **kwargs)
+            seq_t = tf.convert_to_tensor(seq)
+            if seq_t.shape.rank is not None and seq_t.shape.rank < 3:
+                errors.append(
+                    f"layers: {layer.name!r} does not take a sequence [batch, time, ...]: its "
+                    f"input has shape {tuple(seq_t.shape)}"
+                )
+                return call(*args, **kwargs)
+            if target.inputs and _is_recurrent(layer) and (
+                seq_t.dtype.is_integer or seq_t.dtype == tf.bool
+            ):  # the layer computes it in its compute dtype: the gradient is w.r.t. that
+                seq_t = tf.cast(seq_t, layer.compute_dtype)
+            if target.inputs and not seq_t.dtype.is_floating:
+                errors.append(
+                    f"layers: the input of {layer.name!r} is {seq_t.dtype.name}, not a float "
+                    "sequence, so it has no gradient; select a later layer"
+                )
+                return call(*args, **kwargs)
+            if target.inputs:
+                p_in = tf.zeros_like(seq_t)
+                tape.watch(p_in)
+                new_seq = seq_t + p_in
+                mask = _get_mask(seq)
+                if mask is not None:
+                    with contextlib.suppress(AttributeError):
+                        new_seq._keras_mask = mask
+                collected[f"{target.key}/input"] = p_in
+                if in_args:
+                    args[0] = new_seq
+                else:
+                    kwargs[first] = new_seq
+            return call(*args, **kwargs)
+
+        return patched
+
+    def _pass(self, x, y, sample_weight, loss_scale):
+        model = self.model
+        state = _mutable_state(model)
+        snapshot = [tf.identity(v.value) for v in state]
+        collected: dict = {}
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            with self._patched(tape, collected):
+                y_pred = model(x, training=False)
+            losses = self._losses(y, y_pred, sample_weight)
+            total = tf.reduce_sum(tf.cast(losses, tf.float32)) * loss_scale
+        for v, s in zip(state, snapshot):  # BatchNorm stats, RNN states, seed generators
+            v.assign(s)
+        keys = list(collected)
+        grads = tape.gradient(total, [collected[k] for k in keys],
+                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        curves = {}
+        for k, g in zip(keys, grads):
+            g = tf.cast(g, tf.float32) / loss_scale
+            axes = list(range(2, g.shape.rank))
+            if axes:  # scaled by the max, so that norms below ~1e-19 do not underflow to 0
+                m = tf.reduce_max(tf.abs(g), axis=axes, keepdims=True)
+                safe = tf.where(m > 0, m, tf.ones_like(m))
+                norms = tf.squeeze(m, axes) * tf.sqrt(
+                    tf.reduce_sum(tf.square(g / safe), axis=axes))
+            else:
+                norms = tf.abs(g)
+            curves[k] = tf.reduce_mean(norms, axis=0)
+        return curves
+
+
+def _mutable_state(model) -> list:
+    """Every variable a forward pass may write: the non-trainable variables (BatchNorm
+    statistics, ``SeedGenerator`` states, frozen weights) and the states of stateful RNN layers
+    (Keras does not list those among the layer's variables)."""
+    out, seen = [], set()
+    layers = model._flatten_layers(include_self=True, recursive=True)
+    candidates = list(model.non_trainable_variables)
+    for layer in layers:
+        if getattr(layer, "stateful", False):
+            candidates += [v for v in (getattr(layer, "states", None) or [])
+                           if isinstance(v, keras.Variable)]
+    for v in candidates:
+        if id(v) not in seen:
+            seen.add(id(v))
+            out.append(v)
+    return out
+
+
+def _check_batch(model, x, y, sample_weight):
+    """Shape checks against the model's declared inputs, with messages naming ``data``."""
+    from keras import tree
+
+    if y is None:
+        raise ProbeDataError(
+            "data: the probe batch needs targets y (data=(x, y)) to compute the loss"
+        )
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        inputs = None
+    flat_x = tree.flatten(x)
+    batches = {int(np.shape(a)[0]) for a in flat_x + tree.flatten(y) if np.ndim(a) > 0}
+    if len(batches) > 1:
+        raise ProbeDataError(f"data: x and y have different batch sizes {sorted(batches)}")
+    if not inputs or len(inputs) != len(flat_x):
+        return
+    for a, spec in zip(flat_x, inputs):
+        want, got = tuple(spec.shape), tuple(np.shape(a))
+        if len(want) != len(got) or any(
+            w is not None and w != g for w, g in zip(want[1:], got[1:])
+        ):
+            raise ProbeDataError(
+                f"data: x has shape {got} but the model {model.name!r} expects {want}"
+            )
+
+
+def _shapes(structure) -> list[tuple]:
+    """The shapes (``None``: unknown size) of the arrays, tensors or specs in ``structure``; those
+    of unknown rank are left out."""
+    from keras import tree
+
+    out = []
+    for a in tree.flatten(structure):
+        if a is None:
+            continue
+        shape = a.shape if hasattr(a, "shape") else np.shape(a)
+        if isinstance(shape, tf.TensorShape):
+            if shape.rank is None:
+                continue
+            shape = shape.as_list()
+        out.append(tuple(shape))
+    return out
+
+
+def _leading_size(x) -> int | None:
+    """The static size of the first axis of ``x``'s first array, tensor or spec (``None``:
+    unknown)."""
+    shapes = _shapes(x)
+    return shapes[0][0] if shapes and shapes[0] else None
+
+
+def _stateful_batch_size(layer) -> int | None:
+    """The batch size a built stateful recurrent layer keeps its states for; ``None`` for any other
+    layer."""
+    from keras import tree
+
+    if not (isinstance(layer, keras.layers.RNN) and layer.stateful):
+        return None
+    states = [v for v in tree.flatten(getattr(layer, "states", None) or [])
+              if isinstance(v, keras.Variable)]
+    return int(states[0].shape[0]) if states and states[0].shape[0] is not None else None
+
+
+def _check_stateful_batch(model, batch: int | None) -> None:
+    """Raises ``ProbeDataError`` when the probe batch size differs from the one a stateful layer of
+    ``model`` keeps its states for (the pass adds those states to the batch's, shape by shape)."""
+    if batch is None:
+        return
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        expected = _stateful_batch_size(layer)
+        if expected is not None and expected != batch:
+            raise ProbeDataError(
+                f"data: the stateful layer {layer.name!r} keeps its states for batch size "
+                f"{expected}, but the probe batch has {batch} examples; pass a probe batch of "
+                f"exactly {expected} examples (e.g. data=(x[:{expected}], y[:{expected}]))"
+            )
+
+
+def gradient_norms(model, x, y, sample_weight=None, layers=None, input_norms: bool = True,
+                   loss: Callable | None = None) -> dict[str, np.ndarray]:
+    """One probe pass: ``{series key: [T] curve}`` for a batch ``(x, y)``, without recording.
+
+    Same definition as ``GradientNormMonitor`` (the ``monitor`` module's docstring) and keys
+    (the ``targets`` module's). ``model`` must be compiled with a loss unless
+    ``loss(y_true, y_pred) -> [batch]`` is given. Builds a new ``tf.function`` each call; for
+    repeated use keep a ``ProbePass`` or use the monitor.
+    """
+    _check_loss(model, loss)
+    return ProbePass(model, discover(model, layers, input_norms), loss)(x, y, sample_weight)
+
+
+def _check_loss(model, loss):
+    if loss is None and getattr(model, _COMPILE_LOSS_ATTR, None) is None:
+        raise ValueError(
+            f"the model {model.name!r} has no compiled loss: call model.compile(loss=...) or pass "
+            "loss=fn(y_true, y_pred) -> per-example losses [batch]"
+        )
+
+
+__all__ = ["ProbePass", "gradient_norms"]
