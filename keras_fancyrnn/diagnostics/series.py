@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from keras_fancyrnn.optimizers import ClippingOptimizer
+
 
 def _positive(curve) -> np.ndarray:
     c = np.asarray(curve, dtype=np.float64)
@@ -52,40 +54,15 @@ def derived_scalars(curves: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def _clipping_stats(optimizer) -> dict[str, float]:
-    """The stats of an ``fr.ClippingOptimizer`` (``clip/<name>``), ``{}`` for other optimizers.
-    Imported lazily: the optimizer module is optional here."""
-    try:
-        from keras_fancyrnn import optimizers as fr_optimizers
-    except ImportError:
-        return {}
-    cls = getattr(fr_optimizers, "ClippingOptimizer", None)
+    """``ClippingOptimizer.stats()`` as ``clip/<name>``, found through wrappers such as Keras's
+    ``LossScaleOptimizer`` (``inner_optimizer``); ``{}`` for other optimizers and before the
+    optimizer is built (it has no statistics then)."""
     inner = optimizer
-    while inner is not None and cls is not None and not isinstance(inner, cls):
-        inner = getattr(inner, "inner_optimizer", None)  # e.g. under a LossScaleOptimizer
-    if cls is None or inner is None:
+    while inner is not None and not isinstance(inner, ClippingOptimizer):
+        inner = getattr(inner, "inner_optimizer", None)
+    if inner is None or not inner.built:
         return {}
-    stats = None
-    for attr in ("stats", "get_stats", "clipping_stats"):
-        if hasattr(inner, attr):
-            try:
-                stats = getattr(inner, attr)
-                stats = stats() if callable(stats) else stats
-            except (ValueError, RuntimeError, AttributeError):  # e.g. not built yet
-                return {}
-            break
-    if stats is None:  # fall back to its non-trainable stat variables
-        stats = {v.name: v for v in getattr(inner, "variables", [])
-                 if getattr(v, "name", "") and "iteration" not in v.name
-                 and np.size(np.asarray(v)) == 1}
-    out = {}
-    for k, v in dict(stats).items():
-        try:
-            value = np.asarray(v.numpy() if hasattr(v, "numpy") else v, dtype=np.float64)
-        except (TypeError, ValueError):
-            continue
-        if value.size == 1:
-            out[f"clip/{k}"] = float(value.reshape(()))
-    return out
+    return {f"clip/{name}": float(value) for name, value in inner.stats().items()}
 
 
 __all__ = ["decay_rate", "derived_scalars", "ratio_first_last"]
