@@ -195,22 +195,7 @@ def export_saved_model(
     Returns:
         The state names, in the order of ``state_layers`` (empty without state layers).
     """
-    if isinstance(state_layers, str):
-        if state_layers not in ("stateful", "all"):
-            raise ValueError(
-                f"state_layers must be 'stateful', 'all' or a list of recurrent layers of the "
-                f"model, got {state_layers!r}"
-            )
-        layers = recurrent_layers(model, stateful_only=state_layers == "stateful")
-    else:
-        layers = list(state_layers)
-        inside = {id(layer) for layer in recurrent_layers(model, stateful_only=False)}
-        for layer in layers:
-            if id(layer) not in inside:
-                raise ValueError(
-                    "state_layers must be recurrent layers (keras.layers.RNN, e.g. fr.LSTM) of "
-                    f"the model, got {getattr(layer, 'name', layer)!r}"
-                )
+    layers = _checked_state_layers(model, state_layers)
     signature = _input_signature(model, input_signature)
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -230,9 +215,45 @@ def export_saved_model(
     }
 
     specs = [_tensor_specs(spec) for spec in signature]
+    serve = _serve_with_states(model, layers, names, state_specs, len(specs))
+
+    with dispatch.portable():
+        # Two traces of one endpoint: with the states (first, so that the archive also makes it
+        # the serving signatures) and without them (zero states).
+        endpoint = tf.function(serve, autograph=False)
+        endpoint.get_concrete_function(*specs, state_specs)
+        endpoint.get_concrete_function(*specs)
+        archive.add_endpoint("serve", endpoint)
+        archive.write_out(filepath, verbose=verbose)
+    return flat_names
+
+
+def _checked_state_layers(model, state_layers) -> list:
+    """The recurrent layers of ``model`` that ``state_layers`` names (``export_saved_model``)."""
+    if isinstance(state_layers, str):
+        if state_layers not in ("stateful", "all"):
+            raise ValueError(
+                f"state_layers must be 'stateful', 'all' or a list of recurrent layers of the "
+                f"model, got {state_layers!r}"
+            )
+        return recurrent_layers(model, stateful_only=state_layers == "stateful")
+    layers = list(state_layers)
+    inside = {id(layer) for layer in recurrent_layers(model, stateful_only=False)}
+    for layer in layers:
+        if id(layer) not in inside:
+            raise ValueError(
+                "state_layers must be recurrent layers (keras.layers.RNN, e.g. fr.LSTM) of "
+                f"the model, got {getattr(layer, 'name', layer)!r}"
+            )
+    return layers
+
+
+def _serve_with_states(model, layers, names, state_specs, n_inputs):
+    """``serve(*inputs[, states])``: ``model`` with the states of ``layers`` as inputs (zeros
+    where they are left out) and their final states as outputs."""
 
     def serve(*args):
-        if len(args) == len(specs) + 1:
+        if len(args) == n_inputs + 1:
             *inputs, states = args
         else:  # the states left out: every state layer starts from zeros, as model(x) does
             inputs = list(args)
@@ -252,12 +273,4 @@ def export_saved_model(
             result.update(zip(layer_names, scope.final[id(layer)]))
         return result
 
-    with dispatch.portable():
-        # Two traces of one endpoint: with the states (first, so that the archive also makes it
-        # the serving signatures) and without them (zero states).
-        endpoint = tf.function(serve, autograph=False)
-        endpoint.get_concrete_function(*specs, state_specs)
-        endpoint.get_concrete_function(*specs)
-        archive.add_endpoint("serve", endpoint)
-        archive.write_out(filepath, verbose=verbose)
-    return flat_names
+    return serve

@@ -559,7 +559,8 @@ def _attr(op, name: str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _register_gradients():
+def _register_gate_gradients():
+    """The gradients of the step kernels (gates.cc), and theirs."""
     from keras_fancyrnn._tf import tf
 
     @tf.RegisterGradient("KerasFancyrnnLstmGates")
@@ -583,6 +584,11 @@ def _register_gradients():
     @tf.RegisterGradient("KerasFancyrnnGruGatesGrad")
     def _gru_second(op, *grads):
         return _vjp(gru_backward, op.inputs, grads)
+
+
+def _register_sequence_gradients():
+    """The gradients of the sequence kernels (sequence.cc), and theirs."""
+    from keras_fancyrnn._tf import tf
 
     # The sequence kernels. Their gradient kernels run the step-by-step part of backpropagation
     # through time and sum the bias gradients; the recurrent kernel's gradient is one large
@@ -656,6 +662,7 @@ def _register_gradients():
 
 
 if keras.config.backend() == "tensorflow":
-    _register_gradients()
+    _register_gate_gradients()
+    _register_sequence_gradients()
 
 config.guard_removed(__name__, {"ENABLED": "native_kernels", "SEQUENCES": "sequence_kernels"})
