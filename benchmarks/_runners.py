@@ -115,7 +115,7 @@ def run_on_off(on: str, off: str, name: str, flags) -> None:
 
     from _timing import emit
 
-    from keras_fancyrnn import native
+    from keras_fancyrnn.ops import native
 
     if native.library() is None:
         raise SystemExit(f"the kernels are unavailable here: {native.load_error()}")

@@ -33,7 +33,7 @@ from absl import app, flags  # noqa: E402
 
 import keras_fancyrnn as fr  # noqa: E402
 from keras_fancyrnn._tf import tf  # noqa: E402
-from keras_fancyrnn.lstm import _block_lstm  # noqa: E402
+from keras_fancyrnn.layers.lstm import _block_lstm  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("modes", ["train", "predict"], "train and/or predict.")

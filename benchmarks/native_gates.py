@@ -1,4 +1,4 @@
-"""What the fused gate kernels (``keras_fancyrnn.native``) buy: fr.LSTM / fr.GRU with the
+"""What the fused gate kernels (``keras_fancyrnn.ops.native``) buy: fr.LSTM / fr.GRU with the
 kernels vs the same layers with their plain TensorFlow gate ops vs keras.layers (vs torch.nn),
 training and inference, side by side in one process, alternating, medians.
 

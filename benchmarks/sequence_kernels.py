@@ -1,4 +1,4 @@
-"""What the whole-sequence kernels (``keras_fancyrnn.native.*_sequence``) buy: fr.X running all
+"""What the whole-sequence kernels (``keras_fancyrnn.ops.native.*_sequence``) buy: fr.X running all
 timesteps in one C++ op vs the same layer in TensorFlow's while loop with the per-step gate
 kernels (the previous default) vs keras.layers (vs torch.nn), training and inference, side by
 side in one process, alternating, medians.

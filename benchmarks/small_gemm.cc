@@ -1,4 +1,4 @@
-// The recurrent product of the sequence kernels (keras_fancyrnn/kernels/small_gemm.h,
+// The recurrent product of the sequence kernels (keras_fancyrnn/ops/kernels/small_gemm.h,
 // RecurrentKernel::Multiply: c = a U or a U^T for a shard's few rows) two ways in one process:
 // Eigen's product and the register blocks this CPU can run (AVX2/FMA, AVX-512), alternating,
 // median GFLOP/s per shape on one core. Each result is first checked against a plain

@@ -1,4 +1,4 @@
-"""The recurrent product of the sequence kernels (``keras_fancyrnn/kernels/small_gemm.h``) every
+"""The recurrent product of the sequence kernels (``keras_fancyrnn/ops/kernels/small_gemm.h``) every
 way this CPU can run it, in one process, alternating: Eigen's product, the AVX2/FMA register
 block (6 x 16) and the AVX-512 one (8 x 32), median GFLOP/s on one core for a shard's shapes
 (``n`` batch rows, ``K`` x ``N`` recurrent kernel), each result first checked against a
@@ -31,13 +31,13 @@ flags.DEFINE_integer("rounds", 9, "Timed rounds per variant (median reported).")
 flags.DEFINE_string("out", None, "Write the Markdown table here too.")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KERNELS = os.path.join(HERE, os.pardir, "keras_fancyrnn", "kernels")
+KERNELS = os.path.join(HERE, os.pardir, "keras_fancyrnn", "ops", "kernels")
 
 
 def build(directory: str) -> str:
     import tensorflow as tf
 
-    from keras_fancyrnn import native
+    from keras_fancyrnn.ops import native
 
     command = native.compiler()
     if not command:

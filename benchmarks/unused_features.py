@@ -31,8 +31,8 @@ from _timing import emit, time_alternating  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import keras_fancyrnn as fr  # noqa: E402
-from keras_fancyrnn import probes  # noqa: E402
 from keras_fancyrnn._tf import tf  # noqa: E402
+from keras_fancyrnn.engine import probes  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("cells", ["lstm"], "Cells: simple_rnn, lstm, gru.")

@@ -18,11 +18,11 @@ compute the recurrent products ``h_{t-1} U`` and ``dz_t U^T`` for float32:
 ``"auto"`` (default: the widest of the following this CPU runs), ``"avx512"`` (an 8 x 32
 register block, CPUs with AVX-512F), ``"avx2"`` (a 6 x 16 register block, CPUs with AVX2 and
 FMA), ``"eigen"`` (Eigen's matrix product, any CPU). float64 always uses Eigen's. They differ
-only in the order of float32 additions; ``keras_fancyrnn.native.products()`` lists what this
+only in the order of float32 additions; ``keras_fancyrnn.ops.native.products()`` lists what this
 CPU runs, and asking for one it cannot is an error when the layers are traced.
 
 ``native_kernels`` (``KERAS_FANCYRNN_NATIVE``, ``True``): whether the layers may run the C++
-kernels (``keras_fancyrnn.native``) at all; ``False`` runs the same equations as TensorFlow ops.
+kernels (``keras_fancyrnn.ops.native``) at all; ``False`` runs the same equations as TensorFlow ops.
 
 ``sequence_kernels`` (``KERAS_FANCYRNN_SEQUENCE_KERNELS``, ``True``): whether a whole sequence may
 run in one C++ kernel; ``False`` keeps the step loop (with the per-step gate kernels).

@@ -38,8 +38,8 @@ from collections.abc import Sequence
 
 import keras
 
-from keras_fancyrnn import dispatch
 from keras_fancyrnn._tf import tf
+from keras_fancyrnn.engine import dispatch
 
 __all__ = ["export_saved_model", "recurrent_layers", "state_names"]
 

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import keras_fancyrnn as fr
-from keras_fancyrnn import native
+from keras_fancyrnn.ops import native
 
 
 @pytest.fixture(autouse=True)
@@ -136,7 +136,7 @@ def test_switches_choose_the_path(rng):
 def test_the_old_module_globals_say_which_setting_replaced_them():
     from keras_fancyrnn import engine
 
-    with pytest.raises(AttributeError, match=r"keras_fancyrnn.native.ENABLED is now the "
+    with pytest.raises(AttributeError, match=r"keras_fancyrnn.ops.native.ENABLED is now the "
                                              r"keras_fancyrnn.config setting 'native_kernels'"):
         native.ENABLED = False
     with pytest.raises(AttributeError, match=r"fr.config.set\(fused_on_cpu=...\)"):

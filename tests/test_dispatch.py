@@ -1,6 +1,6 @@
-"""keras_fancyrnn.dispatch: the one choice of path, and fr.explain. Each explained path is checked
-against the ops of the traced graph (what really runs), so an explanation cannot drift from the
-choice."""
+"""keras_fancyrnn.engine.dispatch: the one choice of path, and fr.explain. Each explained path is
+checked against the ops of the traced graph (what really runs), so an explanation cannot drift
+from the choice."""
 
 import keras
 import numpy as np
@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 
 import keras_fancyrnn as fr
-from keras_fancyrnn import dispatch, native
+from keras_fancyrnn.engine import dispatch
+from keras_fancyrnn.ops import native
 
 B, T, D = 4, 10, 3
 KERNELS = native.library() is not None

@@ -10,8 +10,10 @@ import tensorflow as tf
 from gradcheck import assert_gradients_match_finite_differences
 
 import keras_fancyrnn as fr
-from keras_fancyrnn import dispatch, engine, native
-from keras_fancyrnn import probes as fr_probes
+from keras_fancyrnn import engine
+from keras_fancyrnn.engine import dispatch
+from keras_fancyrnn.engine import probes as fr_probes
+from keras_fancyrnn.ops import native
 
 B, T, D, H = 2, 8, 3, 4
 
@@ -309,8 +311,8 @@ def _ops(fn, *args):
 
 
 #: The engine's whole-sequence paths: layer, the op that marks the path in the graph, and whether
-#: it is keras_fancyrnn.native's sequence kernel (else TensorFlow's BlockLSTMV2, which runs where
-#: the native kernels are switched off or cannot be built).
+#: it is keras_fancyrnn.ops.native's sequence kernel (else TensorFlow's BlockLSTMV2, which runs
+#: where the native kernels are switched off or cannot be built).
 FUSED_PATHS = {
     "lstm_block": ("LSTM", "BlockLSTMV2", False),
     "lstm_sequence": ("LSTM", "KerasFancyrnnLstmSequence", True),

@@ -28,9 +28,9 @@ import numpy as np
 import pytest
 
 import keras_fancyrnn as fr
-from keras_fancyrnn import dispatch
 from keras_fancyrnn import export as fr_export
 from keras_fancyrnn._tf import tf
+from keras_fancyrnn.engine import dispatch
 
 HAS_WRAPPERS = hasattr(fr, "Bidirectional") and hasattr(fr, "StackedRNN")
 HAS_CLIPPING = hasattr(fr, "ClippingOptimizer")

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import keras_fancyrnn as fr
-from keras_fancyrnn import cudnn, dispatch, probes
 from keras_fancyrnn._tf import tf
+from keras_fancyrnn.engine import cudnn, dispatch, probes
 
 D, U, B, T = 3, 4, 3, 6
 # The module (the package re-exports a function of the same name).
@@ -205,9 +205,9 @@ def _sigmoid(x):
 
 
 def cudnn_reference(mode, params, x, lengths, h0, c0=None):
-    """cuDNN's equations (module docstring of keras_fancyrnn.cudnn) in float64 numpy, reading the
-    flat ``params`` vector directly; right-padded sequences of ``lengths`` (outputs past a
-    sequence's end are 0, its final state is the state at its end)."""
+    """cuDNN's equations (module docstring of keras_fancyrnn.engine.cudnn) in float64 numpy,
+    reading the flat ``params`` vector directly; right-padded sequences of ``lengths`` (outputs
+    past a sequence's end are 0, its final state is the state at its end)."""
     gates = {"lstm": 4, "gru": 3}[mode]
     d, u = x.shape[-1], h0.shape[-1]
     sizes = [u * d] * gates + [u * u] * gates + [u] * (2 * gates)

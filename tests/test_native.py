@@ -1,4 +1,4 @@
-"""The fused gate kernels (keras_fancyrnn.native) against references written here: numpy
+"""The fused gate kernels (keras_fancyrnn.ops.native) against references written here: numpy
 versions of the LSTM / GRU equations, float64 finite differences, keras.layers with copied
 weights, and the cells' plain TensorFlow ops (second derivatives)."""
 
@@ -12,8 +12,8 @@ from gradcheck import assert_gradients_match_finite_differences
 from tolerance import assert_close, rounding_chain
 
 import keras_fancyrnn as fr
-from keras_fancyrnn import native
-from keras_fancyrnn import probes as fr_probes
+from keras_fancyrnn.engine import probes as fr_probes
+from keras_fancyrnn.ops import native
 
 pytestmark = pytest.mark.skipif(
     native.compiler() is None or shutil.which(native.compiler()[0]) is None,

@@ -1,4 +1,4 @@
-"""Tests for keras_fancyrnn.optimizers: clip functions, ClippingOptimizer, ClippingStats.
+"""Tests for keras_fancyrnn.optim.clipping: clip functions, ClippingOptimizer, ClippingStats.
 
 Every expected value comes from an independent reference: numpy code written here (float64), or a
 hand computation (the linear-regression gradient 2/N X^T r). Nothing is compared with itself.
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import keras_fancyrnn as fr
-from keras_fancyrnn import optimizers as fo
+from keras_fancyrnn.optim import clipping as fo
 
 PROPERTY = settings(max_examples=25, deadline=None, derandomize=True)
 

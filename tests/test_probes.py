@@ -1,6 +1,6 @@
-"""keras_fancyrnn.probes: scoped probe requests that the engine reads. References: the tape's own
-gradient with respect to the input, and the values without probes (within float32 rounding,
-tests/tolerance.py)."""
+"""keras_fancyrnn.engine.probes: scoped probe requests that the engine reads. References: the
+tape's own gradient with respect to the input, and the values without probes (within float32
+rounding, tests/tolerance.py)."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ import tensorflow as tf
 from tolerance import assert_close, rounding_chain
 
 import keras_fancyrnn as fr
-from keras_fancyrnn import probes
+from keras_fancyrnn.engine import probes
 
 B, T, D, H = 3, 5, 4, 6
 

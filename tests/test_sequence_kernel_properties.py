@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tolerance import assert_close, measured_rounding, rounding_chain
 
 import keras_fancyrnn as fr
-from keras_fancyrnn import native
+from keras_fancyrnn.ops import native
 
 pytestmark = pytest.mark.skipif(native.library() is None,
                                 reason=f"the kernels cannot be had here: {native.load_error()}")

@@ -9,8 +9,8 @@ import pytest
 from keras.src.backend import get_keras_mask
 
 import keras_fancyrnn as fr
-from keras_fancyrnn import probes as fr_probes
 from keras_fancyrnn._tf import tf
+from keras_fancyrnn.engine import probes as fr_probes
 
 B, T, D, U = 4, 5, 3, 4
 CELLS = {

@@ -1,6 +1,6 @@
 """The probe pass: one forward + backward pass on a probe batch that returns ``{key: [T]}``.
 
-``ProbePass`` adds zero probes ``p_t`` (through ``keras_fancyrnn.probes`` for fr layers, by
+``ProbePass`` adds zero probes ``p_t`` (through ``keras_fancyrnn.engine.probes`` for fr layers, by
 patching ``call`` for any other layer's input) and reads ``∂ℓ/∂p_t = ∂ℓ/∂h_t`` off one tape;
 ``gradient_norms`` is one such pass without a monitor. Also here: the checks of the probe data
 (batch shapes, stateful layers' batch size, a compiled loss) and the model state a pass restores.
@@ -26,7 +26,6 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_fancyrnn import probes
 from keras_fancyrnn._tf import tf
 from keras_fancyrnn.diagnostics.losses import (
     _COMPILE_LOSS_ATTR,
@@ -34,6 +33,7 @@ from keras_fancyrnn.diagnostics.losses import (
     _get_mask,
 )
 from keras_fancyrnn.diagnostics.targets import _is_fr_rnn, _is_recurrent, _Target, discover
+from keras_fancyrnn.engine import probes
 from keras_fancyrnn.errors import LayerSelectionError, ProbeDataError
 
 
@@ -140,7 +140,7 @@ class ProbePass:
     @contextlib.contextmanager
     def _patched(self, tape, collected: dict):
         """Zero probes for every target: keras_fancyrnn layers through a probe request the
-        engine reads (``keras_fancyrnn.probes``); any other layer's input by replacing its
+        engine reads (``keras_fancyrnn.engine.probes``); any other layer's input by replacing its
         ``call`` (instance attribute), restored on exit."""
         requests = {t.layer: self._request(t, tape, collected)
                     for t in self.targets if _is_fr_rnn(t.layer)}

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from keras_fancyrnn.optimizers import ClippingOptimizer
+from keras_fancyrnn.optim.clipping import ClippingOptimizer
 
 
 def _positive(curve) -> np.ndarray:

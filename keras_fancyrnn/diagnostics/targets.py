@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import keras
 
-from keras_fancyrnn.base import RNN
 from keras_fancyrnn.errors import LayerSelectionError
+from keras_fancyrnn.layers.base import RNN
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_fancyrnn import native
-from keras_fancyrnn.base import RNN, RecurrentCell, build_cell, layer_arguments
+from keras_fancyrnn.layers.base import RNN, RecurrentCell, build_cell, layer_arguments
+from keras_fancyrnn.ops import native
 
 
 @keras.saving.register_keras_serializable(package="keras_fancyrnn")

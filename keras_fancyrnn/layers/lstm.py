@@ -5,9 +5,15 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_fancyrnn import native
-from keras_fancyrnn.base import RNN, RecurrentCell, build_cell, get_activation, layer_arguments
-from keras_fancyrnn.gpu import CudnnMixin
+from keras_fancyrnn.layers.base import (
+    RNN,
+    RecurrentCell,
+    build_cell,
+    get_activation,
+    layer_arguments,
+)
+from keras_fancyrnn.layers.gpu import CudnnMixin
+from keras_fancyrnn.ops import native
 
 
 @keras.saving.register_keras_serializable(package="keras_fancyrnn")
@@ -79,7 +85,7 @@ class LSTMCell(RecurrentCell):
     #: ``batch · (input_dim + units) · 4 · units`` multiply-adds per step up to this many.
     #: Bigger layers run faster in the loop (the kernel's Eigen products are slower than
     #: oneDNN's). The first limit is against the loop with the fused gate kernels
-    #: (``keras_fancyrnn.native``), the second without them.
+    #: (``keras_fancyrnn.ops.native``), the second without them.
     fused_max_macs = 450_000
     fused_max_macs_plain_loop = 1_300_000
 
@@ -91,7 +97,7 @@ class LSTMCell(RecurrentCell):
 
     def block_lstm_batch_limit(self, input_dim, dtype):
         """The largest batch for which ``block_lstm_sequence`` runs instead of the loop (where
-        the sequence kernel cannot; keras_fancyrnn.dispatch), 0 where it never does:
+        the sequence kernel cannot; keras_fancyrnn.engine.dispatch), 0 where it never does:
         ``BlockLSTMV2``'s size rule, which needs tanh/sigmoid (its hard-coded activations),
         float32 and the TensorFlow backend."""
         if (self.activation is not keras.activations.tanh

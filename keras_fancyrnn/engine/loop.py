@@ -36,8 +36,8 @@ import contextlib
 import functools
 from collections.abc import Sequence
 
-from keras_fancyrnn import config, cudnn, dispatch
 from keras_fancyrnn._tf import tf
+from keras_fancyrnn.engine import cudnn, dispatch
 
 
 def _as_list(x):
@@ -87,7 +87,7 @@ def run(
     plan: dispatch.Plan | None = None,
 ):
     """Runs ``cell`` over the time axis of ``inputs`` on the path ``plan`` names
-    (``keras_fancyrnn.dispatch``, which the layer asks).
+    (``keras_fancyrnn.engine.dispatch``, which the layer asks).
 
     Args:
         cell: a cell with the engine contract (module docstring).
@@ -340,6 +340,3 @@ def validate_bptt_truncate(bptt_truncate) -> int | None:
 
 
 __all__ = ["run", "validate_bptt_truncate"]
-
-config.guard_removed(__name__, {"FUSED_ON_CPU": "fused_on_cpu"}, gone={
-    "HOIST_ON_CPU": "the loop hoists x W before it on a GPU only (on a CPU it measured slower)"})

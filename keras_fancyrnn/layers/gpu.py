@@ -1,8 +1,9 @@
-"""The ``use_cudnn`` argument of LSTM and GRU (keras_fancyrnn.dispatch decides when cuDNN runs)."""
+"""The ``use_cudnn`` argument of LSTM and GRU (``keras_fancyrnn.engine.dispatch`` decides when
+cuDNN runs)."""
 
 from __future__ import annotations
 
-from keras_fancyrnn import dispatch
+from keras_fancyrnn.engine import dispatch
 
 
 class CudnnMixin:

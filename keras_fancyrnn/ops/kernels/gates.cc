@@ -1,10 +1,10 @@
-// Fused gate arithmetic of one LSTM / GRU step, forward and backward (keras_fancyrnn.native).
+// Fused gate arithmetic of one LSTM / GRU step, forward and backward (keras_fancyrnn.ops.native).
 //
 // The recurrent matmul h_{t-1} U stays a TensorFlow MatMul (oneDNN); these kernels replace the
 // ten to twenty small element-wise ops that follow it in every step, whose cost on a CPU is
 // per-op overhead rather than arithmetic. The activations are Eigen's logistic and tanh, the
 // functors TensorFlow's own Sigmoid and Tanh ops use. Equations: gate_math.h, from
-// keras_fancyrnn/lstm.py and keras_fancyrnn/gru.py (LSTMCell.step, GRUCell.step with
+// keras_fancyrnn/layers/lstm.py and keras_fancyrnn/layers/gru.py (LSTMCell.step, GRUCell.step with
 // reset_after=True).
 #include <vector>
 
@@ -45,7 +45,7 @@ class GateKernel : public OpKernel {
 // LSTM, gates i, f, c, o of z = x W + b + h_{t-1} U:
 //   c = σ(z_f) c_prev + σ(z_i) tanh(z_c) [+ p],   h = σ(z_o) tanh(c).
 // kProbed: input 2 is the diagnostics probe p of c_t, added before c_t feeds h_t (its gradient is
-// then the total ∂ℓ/∂c_t; keras_fancyrnn/engine.py).
+// then the total ∂ℓ/∂c_t; keras_fancyrnn/engine/loop.py).
 
 using Widths = std::initializer_list<std::pair<int, int>>;
 

@@ -207,7 +207,7 @@ def usable(dtype) -> bool:
     """Whether a cell's step may call the kernels now (``dispatch.native_blocker``: enabled,
     TensorFlow backend, float32 or float64, no GPU, not inside a portable or XLA trace, and the
     library loads)."""
-    from keras_fancyrnn import dispatch
+    from keras_fancyrnn.engine import dispatch
 
     return dispatch.native_blocker(dtype) is None
 

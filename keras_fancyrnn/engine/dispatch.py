@@ -3,9 +3,9 @@
 A layer's call asks ``choose`` for a ``Plan``; the engine (``keras_fancyrnn.engine``) runs it.
 The paths, each where it computes exactly what the loop computes:
 
-- ``"cudnn"``: NVIDIA's fused LSTM/GRU kernel, on a GPU (``keras_fancyrnn.cudnn``);
+- ``"cudnn"``: NVIDIA's fused LSTM/GRU kernel, on a GPU (``keras_fancyrnn.engine.cudnn``);
 - ``"sequence_kernel"``: every timestep in one C++ op and the gradient in another, on a CPU
-  (``keras_fancyrnn.native``);
+  (``keras_fancyrnn.ops.native``);
 - ``"block_lstm"``: TensorFlow's ``BlockLSTMV2`` for small LSTMs on a CPU where the C++ kernels
   are unavailable;
 - ``"loop"``: the engine's step loop, the reference, which runs everything (masks, the
@@ -106,7 +106,7 @@ def in_xla() -> bool:
 
 def native_blocker(dtype) -> str | None:
     """Why the C++ kernels cannot run now for ``dtype``, or ``None`` where they can."""
-    from keras_fancyrnn import native
+    from keras_fancyrnn.ops import native
 
     name = str(getattr(dtype, "name", dtype))
     blockers = [
@@ -203,7 +203,7 @@ def _whole_sequence(layer, inputs) -> tuple[str, int, str] | None:
 
 def choose(layer, inputs, mask=None, training=False, probed=False) -> Plan:
     """The plan for ``layer`` (a ``keras_fancyrnn.RNN``) on ``inputs`` ``[B, T, D]`` now, with
-    states probed (``keras_fancyrnn.probes``) or not. ``use_cudnn=True`` where cuDNN cannot
+    states probed (``keras_fancyrnn.engine.probes``) or not. ``use_cudnn=True`` where cuDNN cannot
     compute what the layer computes is a ``ValueError`` (probes aside: they take the loop)."""
     name, cell = layer.name, layer.cell
     gpu = on_gpu()

@@ -5,9 +5,15 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_fancyrnn import native
-from keras_fancyrnn.base import RNN, RecurrentCell, build_cell, get_activation, layer_arguments
-from keras_fancyrnn.gpu import CudnnMixin
+from keras_fancyrnn.layers.base import (
+    RNN,
+    RecurrentCell,
+    build_cell,
+    get_activation,
+    layer_arguments,
+)
+from keras_fancyrnn.layers.gpu import CudnnMixin
+from keras_fancyrnn.ops import native
 
 
 @keras.saving.register_keras_serializable(package="keras_fancyrnn")

@@ -1,4 +1,4 @@
-// Whole-sequence recurrences (keras_fancyrnn.native): every timestep of an LSTM, GRU or
+// Whole-sequence recurrences (keras_fancyrnn.ops.native): every timestep of an LSTM, GRU or
 // SimpleRNN layer in one op, and its gradient in another.
 //
 // The input projection x W is not here: the caller computes it for all timesteps as one large
@@ -662,7 +662,7 @@ REGISTER_OP("KerasFancyrnnRnnSequenceGrad")
       return SequenceShapes(c, 1, 2, {}, {{0, 1}, {1, 2}}, {{2, 1}});
     });
 
-// The recurrent products this build can run, widest first (keras_fancyrnn.native.products).
+// The recurrent products this build can run, widest first (keras_fancyrnn.ops.native.products).
 REGISTER_OP("KerasFancyrnnProducts").Output("names: string").SetShapeFn([](InferenceContext* c) {
   c->set_output(0, c->Scalar());
   return absl::OkStatus();

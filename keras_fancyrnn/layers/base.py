@@ -14,8 +14,10 @@ import keras
 from keras import ops
 from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
 
-from keras_fancyrnn import dispatch, engine, native, probes
+from keras_fancyrnn import engine
 from keras_fancyrnn._tf import tf
+from keras_fancyrnn.engine import dispatch, probes
+from keras_fancyrnn.ops import native
 
 _serialize = keras.saving.serialize_keras_object
 
@@ -269,7 +271,7 @@ class RecurrentCell(SeedStateSaving, keras.layers.Layer, DropoutRNNCell):
 
     def native_gates(self, dtype) -> bool:
         """Whether ``step`` computes its gate equations with the fused kernel of
-        ``keras_fancyrnn.native`` (same values; LSTM and GRU with their default activations)."""
+        ``keras_fancyrnn.ops.native`` (same values; LSTM and GRU with their default activations)."""
         return (self.activation is keras.activations.tanh
                 and getattr(self, "recurrent_activation", None) is keras.activations.sigmoid
                 and native.usable(dtype))

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
-from keras_fancyrnn.base import SeedStateSaving, SequenceMaskFromInput, check_rate
+from keras_fancyrnn.layers.base import SeedStateSaving, SequenceMaskFromInput, check_rate
 
 _serialize = keras.saving.serialize_keras_object
 _deserialize = keras.saving.deserialize_keras_object

@@ -1,6 +1,6 @@
 // The gate equations of one row (one batch element) of an LSTM / GRU / SimpleRNN step, forward
 // and backward, shared by the per-step kernels (gates.cc) and the whole-sequence kernels
-// (sequence.cc). Equations: keras_fancyrnn/lstm.py, gru.py, simple_rnn.py (the cells' `step`).
+// (sequence.cc). Equations: keras_fancyrnn/layers/lstm.py, gru.py, simple_rnn.py (the cells' `step`).
 // The activations are Eigen's logistic and tanh, the functors TensorFlow's Sigmoid and Tanh use.
 #ifndef KERAS_FANCYRNN_GATE_MATH_H_
 #define KERAS_FANCYRNN_GATE_MATH_H_
