@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 import tensorflow as tf
+from graphs import traced_ops
 
 import keras_fancyrnn as fr
 from keras_fancyrnn.ops import native
@@ -121,9 +122,7 @@ def test_switches_choose_the_path(rng):
     x = tf.constant(rng.normal(size=(3, 6, 4)).astype("float32"))
 
     def ops(layer):
-        graph = tf.function(layer).get_concrete_function(x).graph.as_graph_def()
-        nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
-        return {n.op for n in nodes if n.op.startswith("KerasFancyrnn")}
+        return {op for op in traced_ops(layer, x) if op.startswith("KerasFancyrnn")}
 
     if native.library() is not None:
         assert ops(fr.GRU(5)) == {"KerasFancyrnnGruSequence"}

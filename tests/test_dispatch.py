@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from graphs import traced_ops
 
 import keras_fancyrnn as fr
 from keras_fancyrnn.engine import dispatch
@@ -17,10 +18,7 @@ needs_kernels = pytest.mark.skipif(not KERNELS, reason="the C++ kernels cannot b
 
 
 def _ops(model, x, training=False):
-    fn = tf.function(lambda x: model(x, training=training))
-    graph_def = fn.get_concrete_function(tf.constant(x)).graph.as_graph_def()
-    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
-    return {n.op for n in nodes}
+    return traced_ops(lambda x: model(x, training=training), tf.constant(x))
 
 
 def _runs(plan_path, ops):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from gradcheck import assert_gradients_match_finite_differences
+from graphs import traced_nodes, traced_ops
 from tolerance import assert_close, rounding_chain
 
 import keras_fancyrnn as fr
@@ -97,9 +98,7 @@ def test_bad_shapes_name_the_input(library):
 
 def _native_ops(fn, *args):
     """The kernel ops in ``fn``'s graph, its loops' bodies included."""
-    graph_def = tf.function(fn).get_concrete_function(*args).graph.as_graph_def()
-    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
-    return sorted({n.op for n in nodes if n.op.startswith("KerasFancyrnn")})
+    return sorted(op for op in traced_ops(fn, *args) if op.startswith("KerasFancyrnn"))
 
 
 def _assert_kernels_equal_plain_ops(fn, x, op, monkeypatch, rtol, atol):
@@ -298,10 +297,8 @@ def product(request, library):
 
 def _products_in(fn, *args):
     """The ``product`` attrs of the sequence ops in ``fn``'s graph."""
-    graph_def = tf.function(fn).get_concrete_function(*args).graph.as_graph_def()
-    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
-    return {n.attr["product"].s.decode() for n in nodes if n.op.endswith(("Sequence",
-                                                                          "SequenceGrad"))}
+    return {n.attr["product"].s.decode() for n in traced_nodes(fn, *args)
+            if n.op.endswith(("Sequence", "SequenceGrad"))}
 
 
 @pytest.mark.parametrize("kind", SEQUENCE_OPS)

@@ -8,6 +8,7 @@ agree within the rounding bound of tests/tolerance.py."""
 import numpy as np
 import pytest
 import tensorflow as tf
+from graphs import graph_nodes
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from tolerance import assert_close, measured_rounding, rounding_chain
@@ -47,9 +48,7 @@ def _path(kernels):
 
 
 def _ops(concrete):
-    graph_def = concrete.graph.as_graph_def()
-    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
-    return {n.op for n in nodes}
+    return {n.op for n in graph_nodes(concrete)}
 
 
 def _layer(case, weights, dtype):

@@ -1,5 +1,8 @@
 """What the three cells and the three layers share: argument checks, weights, dropout, the layer.
 
+Long (over 400 lines): ``RecurrentCell`` and ``RNN`` implement the whole Keras cell and layer
+contracts (arguments, weights, dropout masks, states, masks, serialization) once for all cells.
+
 A cell (``RecurrentCell``) holds one step of math; the layer (``RNN``) hands it to the engine.
 Both follow the Keras contracts, so an fr cell runs inside ``keras.layers.RNN`` and an fr layer
 inside ``keras.layers.Bidirectional``.

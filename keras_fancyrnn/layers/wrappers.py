@@ -1,5 +1,8 @@
 """Composite recurrent layers: ``Bidirectional`` and ``StackedRNN``. Composition only, no loop code.
 
+Long (over 400 lines): two wrappers, each mirroring Keras's API (merge modes, states, masks,
+configs) so that it is a drop-in.
+
 Both wrappers only *call* recurrent layers (fr.SimpleRNN/LSTM/GRU, or any Keras RNN layer) and
 combine what they return; every time loop runs inside those layers, on the engine. Each inner layer
 stays a separate, tracked sublayer (``Bidirectional.forward_layer`` / ``.backward_layer``,

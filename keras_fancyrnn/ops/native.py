@@ -1,5 +1,9 @@
 """C++ ops for the recurrences on a CPU: whole sequences, and the gate part of single steps.
 
+Long (over 400 lines): the build and load of the library, the Python wrappers of its ops, and
+the same equations in TensorFlow ops that serve as the ops' second derivatives, all keyed to one
+list of ops; the build and load are the part that can leave for a module of their own.
+
 On a CPU a recurrent step is a small matmul and 10–20 small element-wise ops, and at the sizes
 people train (batch 64, 128 units) each op costs more in TensorFlow's per-op overhead than in
 arithmetic. Two kinds of kernels remove that:

@@ -1,5 +1,9 @@
 """Gradient clipping for recurrent networks: pure clip functions and a Keras optimizer wrapper.
 
+Long (over 400 lines): the clip functions, their validators and defaults, ``ClippingOptimizer`` and
+``ClippingStats`` all serve the one ``METHODS`` table; the pure functions are the part that can
+leave for a module of their own.
+
 Exploding gradients (Pascanu, Mikolov & Bengio 2013) are fixed by clipping: "if the norm of the
 gradient is greater than some threshold, scale it down before applying the SGD update". This module
 follows optax's layout:
