@@ -14,7 +14,7 @@ last 5 values. Predicting the mean scores the baseline MSE, Var(y) = 5/3.
 Both runs log the global gradient norm of every step through keras_fancyrnn.ClippingStats. For
 the plain-SGD run the wrapper is only a monitor: threshold=1e38 never fires and
 skip_nonfinite=False lets nan through, and an update under the threshold is bit-identical to the
-inner optimizer's (tests/test_optimizers.py checks this), so that run is plain SGD.
+inner optimizer's (tests/optim/test_clipping.py checks this), so that run is plain SGD.
 
     python examples/exploding_gradients.py --out /tmp/exploding
 

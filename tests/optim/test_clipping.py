@@ -552,7 +552,7 @@ _MIRRORED_SCRIPT = textwrap.dedent(
 
 
 def test_mirrored_strategy_clips_the_summed_gradient():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
     proc = subprocess.run(
