@@ -8,9 +8,12 @@ The paths, each where it computes exactly what the loop computes:
   (``keras_fancyrnn.ops.native``);
 - ``"block_lstm"``: TensorFlow's ``BlockLSTMV2`` for small LSTMs on a CPU where the C++ kernels
   are unavailable;
-- ``"loop"``: the engine's step loop, the reference, which runs everything (masks, the
-  monitor's probes, truncation, recurrent dropout, ``unroll``), with the C++ gate kernels in
-  each step where they run.
+- ``"loop"``: the engine's step loop, the reference, which runs everything (also truncation,
+  recurrent dropout and ``unroll``, which only it runs), with the C++ gate kernels in each step
+  where they run.
+
+Masks and the gradient monitor's probes run in the sequence kernels and the loop; cuDNN takes
+right-padded masks only (checked at run time) and no probes.
 
 Every question about the device, XLA, export traces and ``keras_fancyrnn.config`` that bears on
 the choice is asked here. ``fr.explain(model, x)`` reports the plans a model's layers take.
@@ -161,8 +164,6 @@ def _loop_only(layer, inputs, mask, training, probed) -> str | None:
     truncates = layer.bptt_truncate is not None and (
         steps is None or layer.bptt_truncate < steps - 1)
     checks = [
-        (mask is not None, "a mask is given (the whole-sequence kernels take none)"),
-        (probed, "the gradient monitor's probes are set"),
         (layer.unroll, "unroll=True"),
         (training and 0.0 < getattr(cell, "recurrent_dropout", 0.0) < 1.0,
          "recurrent_dropout is active"),
@@ -174,9 +175,9 @@ def _loop_only(layer, inputs, mask, training, probed) -> str | None:
     return next((why for applies, why in checks if applies), None)
 
 
-def _whole_sequence(layer, inputs) -> tuple[str, int, str] | None:
-    """``(path, batch limit, reason)`` of the CPU whole-sequence path this cell has, or ``None``
-    and the reason it has none (as the third item of a ``("loop", 0, why)``)."""
+def _whole_sequence(layer, inputs, mask, probed) -> tuple[str, int, str]:
+    """``(path, batch limit, reason)`` of the CPU whole-sequence path this cell has, or
+    ``("loop", 0, why)`` where it has none."""
     cell = layer.cell
     dtype = inputs.dtype
     if not config.get("fused_on_cpu"):
@@ -195,6 +196,9 @@ def _whole_sequence(layer, inputs) -> tuple[str, int, str] | None:
         blocker = unsupported
     limit_of = getattr(cell, "block_lstm_batch_limit", None)
     limit = limit_of(inputs.shape[-1], dtype) if limit_of else 0
+    if limit and (mask is not None or probed):
+        what = "mask" if mask is not None else "probes (the gradient monitor's)"
+        return "loop", 0, f"no sequence kernel ({blocker}), and BlockLSTMV2 takes no {what}"
     if limit:
         return "block_lstm", limit, (f"TensorFlow's BlockLSTMV2 (batch <= {limit}; the loop "
                                      f"above): no sequence kernel, {blocker}")
@@ -228,7 +232,7 @@ def choose(layer, inputs, mask=None, training=False, probed=False) -> Plan:
     only_loop = _loop_only(layer, inputs, mask, training, probed)
     if only_loop is not None:
         return _record(Plan(reason=only_loop, **loop))
-    path, limit, why = _whole_sequence(layer, inputs)
+    path, limit, why = _whole_sequence(layer, inputs, mask, probed)
     if path == "loop":
         return _record(Plan(reason=why, **loop))
     return _record(Plan(name, path, why, batch_limit=limit))

@@ -126,7 +126,8 @@ def run(
         sequence = (cell.fused_sequence if plan.path == "sequence_kernel"
                     else cell.block_lstm_sequence)
         whole = functools.partial(_fused, sequence, cell, inputs, initial_state, dp_mask,
-                                  go_backwards, return_sequences)
+                                  go_backwards, return_sequences, mask, probes,
+                                  zero_output_for_mask)
         limit = plan.batch_limit
         if limit >= dispatch.ANY_BATCH:
             return whole()
@@ -144,17 +145,24 @@ def run(
                    loop)
 
 
-def _fused(sequence, cell, inputs, initial_state, dp_mask, go_backwards, return_sequences):
+def _fused(sequence, cell, inputs, initial_state, dp_mask, go_backwards, return_sequences,
+           mask=None, probes=None, zero_output_for_mask=False):
     """The cell's whole-sequence kernel ``sequence`` in place of the loop (same results as
     ``_loop``). It reads the cell's weights, so it waits while another thread has them swapped
     for tensors (``weights_read_once``)."""
-    xs = tf.transpose(inputs, [1, 0, 2])  # [T, B, D]
-    if go_backwards:
-        xs = tf.reverse(xs, [0])
+    xs, _, mask, probes = _time_major(cell, inputs, mask, probes, None, go_backwards, False)
+    kwargs = {} if mask is None and not probes else {"mask": mask, "probes": probes}
     with getattr(cell, "_weights_lock", None) or contextlib.nullcontext():
-        outputs, states = sequence(xs, list(initial_state), dp_mask)
-    sequence = tf.transpose(outputs, [1, 0, 2]) if return_sequences else None
-    return states[0], sequence, list(states)  # the last output is h_T (all fused cells)
+        hidden, states = sequence(xs, list(initial_state), dp_mask, **kwargs)
+    if mask is None:  # the outputs are the hidden states
+        last = states[0]
+    else:  # the state, once a step has been unmasked (Keras's outputs start at zeros)
+        shown = mask if zero_output_for_mask else tf.cumsum(tf.cast(mask, tf.int32), axis=0) > 0
+        last = tf.where(shown[-1][:, None], states[0], tf.zeros_like(states[0]))
+        if return_sequences:
+            hidden = tf.where(shown[..., None], hidden, tf.zeros_like(hidden))
+    outputs = tf.transpose(hidden, [1, 0, 2]) if return_sequences else None
+    return last, outputs, list(states)
 
 
 def _copies(bptt_truncate, steps_static) -> int:

@@ -298,39 +298,60 @@ def _bias(bias, xp):
     return tf.convert_to_tensor(bias, xp.dtype)
 
 
-def lstm_sequence(xp, h0, c0, u, b=None):
+def _extras(xp, mask, probes, states: int):
+    """The mask and probe inputs every sequence kernel takes after its own: ``mask`` ``[T, B]``
+    (bool) and ``probes[i]`` ``[T, B, H]`` for each of the first ``states`` states, each the empty
+    marker where absent."""
+    from keras_fancyrnn._tf import tf
+
+    probes = probes or {}
+    unknown = set(probes) - set(range(states))
+    if unknown:
+        raise ValueError(f"probes: state indices {sorted(unknown)} do not exist; this kernel "
+                         f"has {states} state(s)")
+    mask = tf.zeros([0], tf.bool) if mask is None else tf.cast(mask, tf.bool)
+    return [mask] + [tf.zeros([0], xp.dtype) if probes.get(i) is None
+                     else tf.convert_to_tensor(probes[i], xp.dtype) for i in range(states)]
+
+
+def lstm_sequence(xp, h0, c0, u, b=None, mask=None, probes=None):
     """All steps of an LSTM: ``(h [T, B, H], [h_T, c_T])`` from ``xp = x W`` ``[T, B, 4H]``
     (time-major), the initial states ``h0``, ``c0``, the recurrent kernel ``u`` and the bias
-    ``b`` (``None``: none)."""
+    ``b`` (``None``: none). ``mask`` ``[T, B]``: at a false step a row keeps its states (the
+    returned ``h`` is the state sequence; the layer makes the outputs). ``probes``:
+    ``{0: [T, B, H], 1: [T, B, H]}`` added to ``h_t`` / ``c_t`` (before ``c_t`` feeds ``h_t``)
+    at unmasked steps: their gradients are ``∂ℓ/∂h_t`` and ``∂ℓ/∂c_t``."""
     _, h, _, h_last, c_last = library().keras_fancyrnn_lstm_sequence(
-        xp, h0, c0, u, _bias(b, xp), product=product())
+        xp, h0, c0, u, _bias(b, xp), *_extras(xp, mask, probes, 2), product=product())
     return h, [h_last, c_last]
 
 
-def gru_sequence(xp, h0, u, b_rec=None, b_in=None):
+def gru_sequence(xp, h0, u, b_rec=None, b_in=None, mask=None, probes=None):
     """All steps of a GRU (``reset_after=True``): ``(h [T, B, H], [h_T])`` from
     ``xp = x W`` ``[T, B, 3H]``, ``h0``, the recurrent kernel ``u``, the recurrent bias ``b_rec``
-    and the input bias ``b_in`` (``None``: none)."""
-    h, _, h_last = library().keras_fancyrnn_gru_sequence(xp, h0, u, _bias(b_rec, xp),
-                                                         _bias(b_in, xp), product=product())
+    and the input bias ``b_in`` (``None``: none); ``mask`` and ``probes`` as ``lstm_sequence``."""
+    h, _, h_last = library().keras_fancyrnn_gru_sequence(
+        xp, h0, u, _bias(b_rec, xp), _bias(b_in, xp), *_extras(xp, mask, probes, 1),
+        product=product())
     return h, [h_last]
 
 
-def gru_before_sequence(xp, h0, u, b=None):
+def gru_before_sequence(xp, h0, u, b=None, mask=None, probes=None):
     """All steps of a GRU with ``reset_after=False`` (the reset gate before the product):
     ``(h [T, B, H], [h_T])`` from ``xp = x W`` ``[T, B, 3H]``, ``h0``, ``u`` and the bias ``b``
-    (``None``: none)."""
-    h, _, _, h_last = library().keras_fancyrnn_gru_before_sequence(xp, h0, u, _bias(b, xp),
-                                                                   product=product())
+    (``None``: none); ``mask`` and ``probes`` as ``lstm_sequence``."""
+    h, _, _, h_last = library().keras_fancyrnn_gru_before_sequence(
+        xp, h0, u, _bias(b, xp), *_extras(xp, mask, probes, 1), product=product())
     return h, [h_last]
 
 
-def rnn_sequence(xp, h0, u, activation="tanh", b=None):
+def rnn_sequence(xp, h0, u, activation="tanh", b=None, mask=None, probes=None):
     """All steps of a SimpleRNN with ``activation`` ``"tanh"`` or ``"relu"``:
     ``(h [T, B, H], [h_T])`` from ``xp = x W`` ``[T, B, H]`` and the bias ``b`` (``None``:
-    none)."""
-    h, h_last = library().keras_fancyrnn_rnn_sequence(xp, h0, u, _bias(b, xp),
-                                                      activation=activation, product=product())
+    none); ``mask`` and ``probes`` as ``lstm_sequence``."""
+    h, h_last = library().keras_fancyrnn_rnn_sequence(
+        xp, h0, u, _bias(b, xp), *_extras(xp, mask, probes, 1), activation=activation,
+        product=product())
     return h, [h_last]
 
 
@@ -401,43 +422,73 @@ def _column_sums(grad):
     return tf.reduce_sum(grad, axis=[0, 1])
 
 
-def lstm_sequence_backward(dh, dc, dz_in, z, c, c0, u, dh_last, dc_last):
-    """``(dz, dh0, dc0, db)`` of ``KerasFancyrnnLstmSequenceGrad`` with TensorFlow ops."""
+def _unmasked(mask, like):
+    """``[T, B, 1]`` in ``like``'s dtype: 1 at unmasked steps, 0 at masked ones (all 1 where the
+    mask is the empty marker)."""
     from keras_fancyrnn._tf import tf
 
-    dh, dc, dz_in = _present(dh, c), _present(dc, c), _present(dz_in, z)
+    if _absent(mask):
+        return tf.ones(tf.concat([tf.shape(like)[:2], [1]], axis=0), like.dtype)
+    return tf.cast(mask, like.dtype)[..., None]
+
+
+def _probe_output(grads, probe):
+    """A probe's gradient output of a backward kernel: the stacked ``grads``, or the empty
+    marker where there is no probe."""
+    from keras_fancyrnn._tf import tf
+
+    return tf.zeros([0], grads.dtype) if _absent(probe) else grads
+
+
+def lstm_sequence_backward(dh, dc, dz_in, z, c, c0, u, dh_last, dc_last, mask, probe_h, probe_c):
+    """``(dz, dh0, dc0, db, dprobe_h, dprobe_c)`` of ``KerasFancyrnnLstmSequenceGrad`` with
+    TensorFlow ops. At a masked step a row's gradients pass to the step before unchanged."""
+    from keras_fancyrnn._tf import tf
+
+    dh, dc, dz_in, p_c = _present(dh, c), _present(dc, c), _present(dz_in, z), _present(probe_c, c)
 
     def step(carry, xs):
-        dh_t, dc_t, dz_in_t, z_t, c_prev = xs
-        dz_t, dc_prev = lstm_backward(dh_t + carry[0], dc_t + carry[1], z_t, c_prev)
+        dh_t, dc_t, dz_in_t, z_t, c_prev, m, p_t = xs
+        dh_t, dc_t = dh_t + carry[0], dc_t + carry[1]
+        dz_t, dc_prev, dc_total = lstm_backward(dh_t * m, dc_t * m, z_t, c_prev, probe=p_t)
         dz_t = dz_t + dz_in_t
-        return tf.matmul(dz_t, u, transpose_b=True), dc_prev, dz_t
+        return (tf.matmul(dz_t, u, transpose_b=True) + (1 - m) * dh_t,
+                dc_prev + (1 - m) * dc_t, dz_t, dh_t * m, dc_total)
 
-    dh_back, dc_back, dz = _scan_back(step, (dh, dc, dz_in, z, _previous(c0, c)),
-                                      (dh_last, dc_last, _step_zeros(z)))
-    return dz, _first(dh_back, dh_last), _first(dc_back, dc_last), _column_sums(dz)
+    zeros = _step_zeros(c)
+    dh_back, dc_back, dz, dp_h, dp_c = _scan_back(
+        step, (dh, dc, dz_in, z, _previous(c0, c), _unmasked(mask, c), p_c),
+        (dh_last, dc_last, _step_zeros(z), zeros, zeros))
+    return (dz, _first(dh_back, dh_last), _first(dc_back, dc_last), _column_sums(dz),
+            _probe_output(dp_h, probe_h), _probe_output(dp_c, probe_c))
 
 
-def gru_sequence_backward(dh, drec_in, xp, rec, h, h0, u, dh_last, b_in):
-    """``(dxp, drec, dh0, db_in, db_rec)`` of ``KerasFancyrnnGruSequenceGrad`` with TensorFlow
-    ops."""
+def gru_sequence_backward(dh, drec_in, xp, rec, h, h0, u, dh_last, b_in, mask, probe_h):
+    """``(dxp, drec, dh0, db_in, db_rec, dprobe_h)`` of ``KerasFancyrnnGruSequenceGrad`` with
+    TensorFlow ops."""
     from keras_fancyrnn._tf import tf
 
     dh, drec_in, xp = _present(dh, h), _present(drec_in, rec), xp + b_in
 
     def step(carry, xs):
-        dh_t, drec_in_t, xp_t, rec_t, h_prev = xs
-        dxp_t, drec_t, direct = gru_backward(dh_t + carry[0], xp_t, rec_t, h_prev)
+        dh_t, drec_in_t, xp_t, rec_t, h_prev, m = xs
+        dh_t = dh_t + carry[0]
+        dxp_t, drec_t, direct = gru_backward(dh_t * m, xp_t, rec_t, h_prev)
         drec_t = drec_t + drec_in_t
-        return tf.matmul(drec_t, u, transpose_b=True) + direct, dxp_t, drec_t
+        return (tf.matmul(drec_t, u, transpose_b=True) + direct + (1 - m) * dh_t, dxp_t, drec_t,
+                dh_t * m)
 
-    dh_back, dxp, drec = _scan_back(step, (dh, drec_in, xp, rec, _previous(h0, h)),
-                                    (dh_last, _step_zeros(xp), _step_zeros(rec)))
-    return dxp, drec, _first(dh_back, dh_last), _column_sums(dxp), _column_sums(drec)
+    dh_back, dxp, drec, dp_h = _scan_back(
+        step, (dh, drec_in, xp, rec, _previous(h0, h), _unmasked(mask, h)),
+        (dh_last, _step_zeros(xp), _step_zeros(rec), _step_zeros(h)))
+    return (dxp, drec, _first(dh_back, dh_last), _column_sums(dxp), _column_sums(drec),
+            _probe_output(dp_h, probe_h))
 
 
-def gru_before_sequence_backward(dh, drec_in, drh_in, xp, rec, h, h0, u, dh_last, b):
-    """``(dxp, drec, dh0, db)`` of ``KerasFancyrnnGruBeforeSequenceGrad`` with TensorFlow ops."""
+def gru_before_sequence_backward(dh, drec_in, drh_in, xp, rec, h, h0, u, dh_last, b, mask,
+                                 probe_h):
+    """``(dxp, drec, dh0, db, dprobe_h)`` of ``KerasFancyrnnGruBeforeSequenceGrad`` with
+    TensorFlow ops."""
     from keras_fancyrnn._tf import tf
 
     dh, drec_in, drh_in = _present(dh, h), _present(drec_in, rec), _present(drh_in, h)
@@ -446,44 +497,49 @@ def gru_before_sequence_backward(dh, drec_in, drh_in, xp, rec, h, h0, u, dh_last
     u_zr, u_h = u[:, :2 * units], u[:, 2 * units:]
 
     def step(carry, xs):
-        dh_t, drec_in_t, drh_in_t, xp_t, rec_t, h_prev = xs
+        dh_t, drec_in_t, drh_in_t, xp_t, rec_t, h_prev, m = xs
         dh_t = dh_t + carry[0]
+        dh_new = dh_t * m
         x_z, x_r, x_h = tf.split(xp_t, 3, axis=-1)
         r_z, r_r, r_h = tf.split(rec_t, 3, axis=-1)
         z, r, hh = tf.sigmoid(x_z + r_z), tf.sigmoid(x_r + r_r), tf.tanh(x_h + r_h)
-        da = dh_t * (1 - z) * (1 - hh * hh)
-        dz = dh_t * (h_prev - hh) * z * (1 - z)
+        da = dh_new * (1 - z) * (1 - hh * hh)
+        dz = dh_new * (h_prev - hh) * z * (1 - z)
         d_rh = tf.matmul(da + drec_in_t[:, 2 * units:], u_h, transpose_b=True) + drh_in_t
         dr = d_rh * h_prev * r * (1 - r)
         dxp_t = tf.concat([dz, dr, da], axis=-1)
         drec_t = dxp_t + drec_in_t
-        dh_prev = (dh_t * z + d_rh * r
+        dh_prev = (dh_new * z + d_rh * r + (1 - m) * dh_t
                    + tf.matmul(drec_t[:, :2 * units], u_zr, transpose_b=True))
-        return dh_prev, dxp_t, drec_t
+        return dh_prev, dxp_t, drec_t, dh_new
 
-    dh_back, dxp, drec = _scan_back(step, (dh, drec_in, drh_in, xp, rec, _previous(h0, h)),
-                                    (dh_last, _step_zeros(xp), _step_zeros(rec)))
-    return dxp, drec, _first(dh_back, dh_last), _column_sums(dxp)
+    dh_back, dxp, drec, dp_h = _scan_back(
+        step, (dh, drec_in, drh_in, xp, rec, _previous(h0, h), _unmasked(mask, h)),
+        (dh_last, _step_zeros(xp), _step_zeros(rec), _step_zeros(h)))
+    return (dxp, drec, _first(dh_back, dh_last), _column_sums(dxp),
+            _probe_output(dp_h, probe_h))
 
 
-def rnn_sequence_backward(dh, h, h0, u, dh_last, activation="tanh"):
-    """``(dz, dh0, db)`` of ``KerasFancyrnnRnnSequenceGrad`` with TensorFlow ops."""
+def rnn_sequence_backward(dh, h, h0, u, dh_last, mask, probe_h, activation="tanh"):
+    """``(dz, dh0, db, dprobe_h)`` of ``KerasFancyrnnRnnSequenceGrad`` with TensorFlow ops."""
     from keras_fancyrnn._tf import tf
 
-    dh = _present(dh, h)
+    dh, p_h = _present(dh, h), _present(probe_h, h)
 
-    def derivative(h_t):  # σ'(z_t) from h_t = σ(z_t)
+    def derivative(act):  # σ'(z_t) from σ(z_t)
         if activation == "relu":
-            return tf.cast(h_t > 0, h_t.dtype)
-        return 1 - h_t * h_t
+            return tf.cast(act > 0, act.dtype)
+        return 1 - act * act
 
     def step(carry, xs):
-        dh_t, h_t = xs
-        dz_t = (dh_t + carry[0]) * derivative(h_t)
-        return tf.matmul(dz_t, u, transpose_b=True), dz_t
+        dh_t, h_t, p_t, m = xs
+        dh_t = dh_t + carry[0]
+        dz_t = dh_t * m * derivative(h_t - p_t)
+        return tf.matmul(dz_t, u, transpose_b=True) + (1 - m) * dh_t, dz_t, dh_t * m
 
-    dh_back, dz = _scan_back(step, (dh, h), (dh_last, _step_zeros(h)))
-    return dz, _first(dh_back, dh_last), _column_sums(dz)
+    dh_back, dz, dp_h = _scan_back(step, (dh, h, p_h, _unmasked(mask, h)),
+                                   (dh_last, _step_zeros(h), _step_zeros(h)))
+    return dz, _first(dh_back, dh_last), _column_sums(dz), _probe_output(dp_h, probe_h)
 
 
 def _step_zeros(sequence):
@@ -551,10 +607,13 @@ def _vjp(function, inputs, grads):
     # Copies in the graph being built: a gradient function can run in another graph than its op
     # (a loop's gradient body), where the op's own inputs are captures the tape would not see.
     inputs = [tf.identity(x) for x in inputs]
+    watched = [x for x in inputs if x.dtype.is_floating]  # not the masks
     with tf.GradientTape() as tape:
-        tape.watch(inputs)
+        tape.watch(watched)
         outputs = function(*inputs)
-    return tape.gradient(outputs, inputs, output_gradients=_zeros_for_none(grads, outputs))
+    found = iter(tape.gradient(outputs, watched,
+                               output_gradients=_zeros_for_none(grads, outputs)))
+    return [next(found) if x.dtype.is_floating else None for x in inputs]
 
 
 def _attr(op, name: str) -> str:
@@ -602,50 +661,53 @@ def _register_sequence_gradients():
     # markers, not as [T, B, ...] zeros: a layer that returns only its final state then sends no
     # sequence-sized gradient back.
 
+    # Each forward kernel's last inputs are its mask (no gradient) and probes, whose gradients
+    # are the backward kernel's last outputs.
+
     @tf.RegisterGradient("KerasFancyrnnLstmSequence")
     def _lstm_sequence(op, dz, dh, dc, dh_last, dc_last):
-        _, h0, c0, u, _ = op.inputs
+        _, h0, c0, u, _, *extras = op.inputs
         z, h, c, *last = op.outputs
         dh_last, dc_last = _zeros_for_none((dh_last, dc_last), last)
-        dz, dh0, dc0, db = library().keras_fancyrnn_lstm_sequence_grad(
+        dz, dh0, dc0, db, *dprobes = library().keras_fancyrnn_lstm_sequence_grad(
             _optional(dh, h), _optional(dc, c), _optional(dz, z), z, c, c0, u, dh_last, dc_last,
-            product=_attr(op, "product"))
-        return dz, dh0, dc0, _recurrent_kernel_gradient(h0, h, dz), db
+            *extras, product=_attr(op, "product"))
+        return dz, dh0, dc0, _recurrent_kernel_gradient(h0, h, dz), db, None, *dprobes
 
     @tf.RegisterGradient("KerasFancyrnnGruSequence")
     def _gru_sequence(op, dh, drec, dh_last):
-        xp, h0, u, _, b_in = op.inputs
+        xp, h0, u, _, b_in, *extras = op.inputs
         h, rec, last = op.outputs
         (dh_last,) = _zeros_for_none((dh_last,), (last,))
-        dxp, drec, dh0, db_in, db_rec = library().keras_fancyrnn_gru_sequence_grad(
-            _optional(dh, h), _optional(drec, rec), xp, rec, h, h0, u, dh_last, b_in,
+        dxp, drec, dh0, db_in, db_rec, dprobe = library().keras_fancyrnn_gru_sequence_grad(
+            _optional(dh, h), _optional(drec, rec), xp, rec, h, h0, u, dh_last, b_in, *extras,
             product=_attr(op, "product"))
-        return dxp, dh0, _recurrent_kernel_gradient(h0, h, drec), db_rec, db_in
+        return dxp, dh0, _recurrent_kernel_gradient(h0, h, drec), db_rec, db_in, None, dprobe
 
     @tf.RegisterGradient("KerasFancyrnnGruBeforeSequence")
     def _gru_before_sequence(op, dh, drec, drh, dh_last):
-        xp, h0, u, b = op.inputs
+        xp, h0, u, b, *extras = op.inputs
         h, rec, rh, last = op.outputs
         (dh_last,) = _zeros_for_none((dh_last,), (last,))
-        dxp, drec, dh0, db = library().keras_fancyrnn_gru_before_sequence_grad(
+        dxp, drec, dh0, db, dprobe = library().keras_fancyrnn_gru_before_sequence_grad(
             _optional(dh, h), _optional(drec, rec), _optional(drh, rh), xp, rec, h, h0, u,
-            dh_last, b, product=_attr(op, "product"))
+            dh_last, b, *extras, product=_attr(op, "product"))
         # rec = [h_{t-1} U_z, h_{t-1} U_r, rh_t U_h]
         units = h.shape[-1]
         du_h = tf.matmul(tf.reshape(rh, [-1, units]), tf.reshape(drec[..., 2 * units:],
                                                                  [-1, units]), transpose_a=True)
         du_zr = _recurrent_kernel_gradient(h0, h, drec[..., :2 * units])
-        return dxp, dh0, tf.concat([du_zr, du_h], axis=1), db
+        return dxp, dh0, tf.concat([du_zr, du_h], axis=1), db, None, dprobe
 
     @tf.RegisterGradient("KerasFancyrnnRnnSequence")
     def _rnn_sequence(op, dh, dh_last):
-        _, h0, u, _ = op.inputs
+        _, h0, u, _, *extras = op.inputs
         h, last = op.outputs
         (dh_last,) = _zeros_for_none((dh_last,), (last,))
-        dz, dh0, db = library().keras_fancyrnn_rnn_sequence_grad(
-            _optional(dh, h), h, h0, u, dh_last, activation=_attr(op, "activation"),
+        dz, dh0, db, dprobe = library().keras_fancyrnn_rnn_sequence_grad(
+            _optional(dh, h), h, h0, u, dh_last, *extras, activation=_attr(op, "activation"),
             product=_attr(op, "product"))
-        return dz, dh0, _recurrent_kernel_gradient(h0, h, dz), db
+        return dz, dh0, _recurrent_kernel_gradient(h0, h, dz), db, None, dprobe
 
     @tf.RegisterGradient("KerasFancyrnnLstmSequenceGrad")
     def _lstm_sequence_second(op, *grads):

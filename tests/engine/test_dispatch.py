@@ -54,14 +54,39 @@ def test_unmasked_layers_run_the_sequence_kernel_and_say_so():
     assert _runs("sequence_kernel", _ops(model, x))
 
 
-def test_a_mask_runs_the_loop_and_the_explanation_names_the_mask():
+@needs_kernels
+def test_a_mask_runs_the_sequence_kernel():
     model = _model(fr.LSTM(8, name="lstm"), masking=True)
     x = _data(masked=True)
     (plan,) = fr.explain(model, x)
-    assert plan.path == "loop" and "a mask is given" in plan.reason
+    assert plan.path == "sequence_kernel"
+    assert _runs("sequence_kernel", _ops(model, x))
+
+
+def test_with_sequence_kernels_off_a_masked_layer_loops_and_says_why():
+    fr.config.set(sequence_kernels=False)
+    model = _model(fr.LSTM(8, name="lstm"), masking=True)
+    x = _data(masked=True)
+    (plan,) = fr.explain(model, x)
+    assert plan.path == "loop"
     assert plan.gate_kernels == KERNELS
     assert str(plan).startswith("lstm: loop (gate kernels): " if KERNELS else "lstm: loop: ")
+    assert ("sequence_kernels setting is off" if KERNELS else "no sequence kernel") in plan.reason
     assert _runs("loop", _ops(model, x))
+
+
+def test_a_mask_or_probes_rule_out_block_lstm():
+    """A small LSTM without the C++ kernels runs BlockLSTMV2, which takes no mask."""
+    fr.config.set(native_kernels=False)
+    lstm = fr.LSTM(8, name="lstm")
+    inputs = tf.zeros((B, T, 4))
+    lstm.build(inputs.shape)
+    assert dispatch.choose(lstm, inputs).path == "block_lstm"
+    masked = dispatch.choose(lstm, inputs, mask=tf.ones((B, T), bool))
+    probed = dispatch.choose(lstm, inputs, probed=True)
+    assert masked.path == probed.path == "loop"
+    assert "BlockLSTMV2 takes no mask" in masked.reason
+    assert "BlockLSTMV2 takes no probes" in probed.reason
 
 
 @pytest.mark.parametrize("layer, training, why", [

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 from gradcheck import assert_gradients_match_finite_differences
 from graphs import traced_nodes, traced_ops
+from kernel_kinds import GATES, SEQUENCE_OPS, layer_kind
 from tolerance import assert_close, rounding_chain
 
 import keras_fancyrnn as fr
@@ -38,13 +39,6 @@ def gru_numpy(xp, rec, h_prev):
     r_z, r_r, r_h = np.split(rec, 3, axis=-1)
     z, r = sigmoid(x_z + r_z), sigmoid(x_r + r_r)
     return z * h_prev + (1 - z) * np.tanh(x_h + r * r_h)
-
-
-@pytest.fixture(scope="module")
-def library():
-    lib = native.library()
-    assert lib is not None, native.load_error()
-    return lib
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -114,18 +108,8 @@ def _assert_kernels_equal_plain_ops(fn, x, op, monkeypatch, rtol, atol):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=rtol, atol=atol)
 
 
-#: Test kinds beyond the layer names: the IRNN's activation (the SimpleRNN's sequence kernel) and
-#: the GRU with the reset gate before the product (a sequence kernel of its own).
-VARIANTS = {"SimpleRNN-relu": {"activation": "relu"}, "GRU-before": {"reset_after": False}}
-
-
-def _layer_kind(kind):
-    """``(layer name, arguments)`` for a test kind."""
-    return kind.partition("-")[0], VARIANTS.get(kind, {})
-
-
 def _copied(kind, rng, **kwargs):
-    kind, extra = _layer_kind(kind)
+    kind, extra = layer_kind(kind)
     kwargs = {**extra, **kwargs}
     ours = getattr(fr, kind)(6, return_sequences=True, **kwargs)
     theirs = getattr(keras.layers, kind)(6, return_sequences=True, **kwargs)
@@ -142,11 +126,11 @@ def _copied(kind, rng, **kwargs):
 @pytest.mark.parametrize("kernels", [True, False])
 def test_layers_on_the_kernels_equal_keras(library, kind, go_backwards, kernels, rng,
                                            monkeypatch):
-    """Masked, both directions: outputs and all gradients equal keras.layers with copied
-    weights, and the graph really runs the kernels (input_dim 8 > units 6, so not the LSTM's
-    BlockLSTMV2 path either); and the same for the plain ops, which the kernels being on by
-    default would otherwise leave to fewer tests."""
-    fr.config.set(native_kernels=kernels)
+    """The loop (sequence kernels off), masked, both directions: outputs and all gradients
+    equal keras.layers with copied weights, and the graph really runs the gate kernels
+    (input_dim 8 > units 6, so not the LSTM's BlockLSTMV2 path either); and the same for the
+    plain ops, which the kernels being on by default would otherwise leave to fewer tests."""
+    fr.config.set(native_kernels=kernels, sequence_kernels=False)
     ours, theirs = _copied(kind, rng, go_backwards=go_backwards)
     x = tf.constant(rng.normal(size=(4, 9, 8)).astype("float32"))
     mask = tf.constant(np.arange(9)[None, :] < np.array([9, 7, 3, 1])[:, None])
@@ -173,7 +157,7 @@ def test_layers_on_the_kernels_equal_keras(library, kind, go_backwards, kernels,
 def _gradient_penalty(kind, rng, batch):
     """``(fn, x)``: ``fn(x)`` is the gradient of a penalty ‖∂ℓ/∂x‖² with respect to the weights
     of a float64 layer with perturbed weights."""
-    kind, extra = _layer_kind(kind)
+    kind, extra = layer_kind(kind)
     layer = getattr(fr, kind)(5, dtype="float64", **extra)
     x = tf.constant(rng.normal(size=(batch, 6, 4)))
     layer.build(x.shape)
@@ -275,26 +259,6 @@ def test_lstm_with_both_probes_fed_equals_the_plain_ops(library, rng, monkeypatc
 # ---------------------------------------------------------------------------------------------
 # Whole-sequence kernels.
 
-SEQUENCE_OPS = {"SimpleRNN": "KerasFancyrnnRnnSequence", "LSTM": "KerasFancyrnnLstmSequence",
-                "GRU": "KerasFancyrnnGruSequence", "SimpleRNN-relu": "KerasFancyrnnRnnSequence",
-                "GRU-before": "KerasFancyrnnGruBeforeSequence"}
-GATES = {"LSTM": 4, "GRU": 3, "SimpleRNN": 1, "SimpleRNN-relu": 1, "GRU-before": 3}
-
-
-#: Every way the sequence kernels compute their float32 recurrent products
-#: (``keras_fancyrnn.config``'s ``recurrent_product``); each test runs those this CPU can.
-PRODUCTS = ["avx512", "avx2", "eigen"]
-
-
-@pytest.fixture(params=PRODUCTS)
-def product(request, library):
-    """A recurrent product this CPU runs, set for the test (skipped where the CPU lacks it)."""
-    if request.param not in native.products():
-        pytest.skip(f"this CPU runs {native.products()}, not {request.param}")
-    with fr.config.scope(recurrent_product=request.param):
-        yield request.param
-
-
 def _products_in(fn, *args):
     """The ``product`` attrs of the sequence ops in ``fn``'s graph."""
     return {n.attr["product"].s.decode() for n in traced_nodes(fn, *args)
@@ -332,29 +296,33 @@ def test_sequence_kernels_equal_keras(library, kind, go_backwards, product, rng)
         assert_close(g, g_ref, chain, name=f"gradient {k}")
 
 
-def _sequence_loss(library, kind, weights):
+def _sequence_loss(library, kind, weights, mask=None):
     """A float64 loss of the raw sequence op that uses every output (also ``z`` / ``rec`` and the
     final states, so every gradient input of the gradient kernels is exercised), as a function
-    of ``xp`` and the rest."""
+    of ``xp``, the rest and the probes; ``mask`` ``[T, B]`` or ``None``."""
+    mask = tf.zeros([0], tf.bool) if mask is None else tf.constant(mask)
+
     def last(*states):
         return sum(tf.reduce_sum(tf.sin((k + 2) * s)) for k, s in enumerate(states))
 
-    def lstm(xp, h0, c0, u, b):
-        z, h, c, h_last, c_last = library.keras_fancyrnn_lstm_sequence(xp, h0, c0, u, b)
+    def lstm(xp, h0, c0, u, b, p_h, p_c):
+        z, h, c, h_last, c_last = library.keras_fancyrnn_lstm_sequence(xp, h0, c0, u, b, mask,
+                                                                       p_h, p_c)
         return tf.reduce_sum(h * weights[0] + c * c * weights[1]) + tf.reduce_sum(
             tf.sin(z)[..., :1]) + last(h_last, c_last)
 
-    def gru(xp, h0, u, b_rec, b_in):
-        h, rec, h_last = library.keras_fancyrnn_gru_sequence(xp, h0, u, b_rec, b_in)
+    def gru(xp, h0, u, b_rec, b_in, p_h):
+        h, rec, h_last = library.keras_fancyrnn_gru_sequence(xp, h0, u, b_rec, b_in, mask, p_h)
         return tf.reduce_sum(h ** 3 * weights[0]) + tf.reduce_sum(tf.sin(rec)[..., :1]) + last(
             h_last)
 
-    def rnn(xp, h0, u, b, activation="tanh"):
-        h, h_last = library.keras_fancyrnn_rnn_sequence(xp, h0, u, b, activation=activation)
+    def rnn(xp, h0, u, b, p_h, activation="tanh"):
+        h, h_last = library.keras_fancyrnn_rnn_sequence(xp, h0, u, b, mask, p_h,
+                                                        activation=activation)
         return tf.reduce_sum(h ** 3 * weights[0]) + last(h_last)
 
-    def gru_before(xp, h0, u, b):
-        h, rec, rh, h_last = library.keras_fancyrnn_gru_before_sequence(xp, h0, u, b)
+    def gru_before(xp, h0, u, b, p_h):
+        h, rec, rh, h_last = library.keras_fancyrnn_gru_before_sequence(xp, h0, u, b, mask, p_h)
         return (tf.reduce_sum(h ** 3 * weights[0]) + tf.reduce_sum(tf.sin(rec)[..., :1])
                 + tf.reduce_sum(rh * weights[1]) + last(h_last))
 
@@ -362,12 +330,25 @@ def _sequence_loss(library, kind, weights):
             "SimpleRNN-relu": lambda *a: rnn(*a, activation="relu"), "GRU-before": gru_before}[kind]
 
 
+def _mask_patterns(steps, batch, rng):
+    """``[T, B]``: unmasked, all masked, left- and right-padded rows and holes, then random."""
+    mask = rng.random((steps, batch)) > 0.4
+    mask[:, 0], mask[:, 1] = True, False
+    mask[:, 2], mask[:, 3] = np.arange(steps) >= steps // 2, np.arange(steps) < steps // 2
+    mask[:, 4] = np.arange(steps) % 2 == 0
+    return mask
+
+
+@pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("kind", SEQUENCE_OPS)
-def test_sequence_kernel_gradients_equal_finite_differences(library, kind, rng):
+def test_sequence_kernel_gradients_equal_finite_differences(library, kind, masked, rng):
+    """Every input's gradient, the (nonzero) probes' included, against float64 finite
+    differences; with a mask of every pattern."""
     steps, batch, units = 4, 8, 3  # batch 8: two shards of four rows on two threads
     gates = GATES[kind]
     weights = rng.normal(size=(2, steps, batch, units))
-    loss = _sequence_loss(library, kind, weights)
+    mask = _mask_patterns(steps, batch, rng) if masked else None
+    loss = _sequence_loss(library, kind, weights, mask)
     rest = [tf.Variable(0.5 * rng.normal(size=(batch, units)))]
     if kind == "LSTM":
         rest.append(tf.Variable(rng.normal(size=(batch, units))))
@@ -375,6 +356,9 @@ def test_sequence_kernel_gradients_equal_finite_differences(library, kind, rng):
     # the biases: b (b_rec and b_in for the GRU), whose gradients the kernels sum
     rest.extend(tf.Variable(rng.normal(size=(gates * units,)))
                 for _ in range(2 if kind == "GRU" else 1))
+    # the probes of h (and c), added after each step
+    rest.extend(tf.Variable(0.3 * rng.normal(size=(steps, batch, units)))
+                for _ in range(2 if kind == "LSTM" else 1))
     xp = rng.normal(size=(steps, batch, gates * units))
     assert_gradients_match_finite_differences(lambda xp: loss(xp, *rest), xp, rest, rng)
 
@@ -398,13 +382,25 @@ def test_sequence_kernels_reject_bad_shapes_naming_the_input(library):
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"KerasFancyrnnLstmSequence: input u must have shape \[3, 12\]"):
         library.keras_fancyrnn_lstm_sequence(tf.zeros((5, 2, 12)), tf.zeros((2, 3)),
-                                             tf.zeros((2, 3)), tf.zeros((3, 9)), tf.zeros((12,)))
+                                             tf.zeros((2, 3)), tf.zeros((3, 9)), tf.zeros((12,)),
+                                             tf.zeros([0], tf.bool), tf.zeros([0]), tf.zeros([0]))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"KerasFancyrnnGruSequence: input mask must have shape \[5, 2\]"):
+        native.gru_sequence(tf.zeros((5, 2, 9)), tf.zeros((2, 3)), tf.zeros((3, 9)),
+                            mask=tf.ones((2, 5), tf.bool))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"input probe_h must have shape \[5, 2, 3\]"):
+        native.rnn_sequence(tf.zeros((5, 2, 3)), tf.zeros((2, 3)), tf.zeros((3, 3)),
+                            probes={0: tf.zeros((5, 2, 4))})
+    with pytest.raises(ValueError, match=r"probes: state indices \[1\] do not exist"):
+        native.rnn_sequence(tf.zeros((5, 2, 3)), tf.zeros((2, 3)), tf.zeros((3, 3)),
+                            probes={1: tf.zeros((5, 2, 3))})
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"KerasFancyrnnRnnSequence: input b must have shape \[3\]"):
         native.rnn_sequence(tf.zeros((5, 2, 3)), tf.zeros((2, 3)), tf.zeros((3, 3)),
                             b=tf.zeros((4,)))
     with pytest.raises(tf.errors.InvalidArgumentError,
-                       match=r"input xp must have shape \[\?, 2, 9\]"):
+                       match=r"input xp must have shape \[5, 2, 9\]"):
         native.gru_sequence(tf.zeros((5, 3, 9)), tf.zeros((2, 3)), tf.zeros((3, 9)),
                             tf.zeros((9,)))
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"input h0 must have shape"):
@@ -416,7 +412,7 @@ def test_sequence_kernels_equal_keras_at_a_larger_size(library, kind, product, r
     """37 units: whole and partial 16- and 32-column panels of the float32 product (forward,
     4·37 or 3·37 columns; backward, 37); batch 13: shards of 6 and 7 rows, so full six-row blocks
     and a padded remainder (and a short eight-row block)."""
-    name, extra = _layer_kind(kind)
+    name, extra = layer_kind(kind)
     ours = getattr(fr, name)(37, return_sequences=True, **extra)
     theirs = getattr(keras.layers, name)(37, return_sequences=True, **extra)
     for layer in (ours, theirs):

@@ -11,7 +11,10 @@
 // intra-op pool and each thread runs its rows through all timesteps without waiting for the
 // others.
 //
-// Layouts are time-major: xp [T, B, k H], states [B, H], U [H, k H], sequences [T, B, H].
+// Masks and the gradient monitor's probes run here too (see EndStep and CarriedGrad below).
+//
+// Layouts are time-major: xp [T, B, k H], states [B, H], U [H, k H], sequences [T, B, H],
+// mask [T, B].
 #include <algorithm>
 #include <string>
 #include <vector>
@@ -127,12 +130,117 @@ void AddStep(const T* grad, int64_t t, int64_t B, int64_t H, int64_t lo, int64_t
   Out<T>(carry, (hi - lo) * H) += In<T>(At(grad, t, B, lo, H), (hi - lo) * H);
 }
 
+// Masks and probes. Every sequence op takes, after its own inputs, a mask [T, B] (bool) and a
+// probe [T, B, H] of each state, each empty where there is none. At a masked step (false) a row
+// keeps its states (Keras's masking; the layer makes the outputs from the states). A probe is
+// added to its state after the step, before the mask, so that its gradient is the total
+// ∂ℓ/∂s_t at unmasked steps and 0 at masked ones (keras_fancyrnn.engine.probes).
+
+// The end of forward step t for rows [lo, hi) of state sequence `seq`: the probe added (where
+// not null) and, at masked rows, the state before the step put back.
+template <typename T>
+void EndStep(const bool* mask, const T* probe, T* seq, const T* initial, int64_t t, int64_t B,
+             int64_t H, int64_t lo, int64_t hi) {
+  if (probe != nullptr) {
+    Out<T>(At(seq, t, B, lo, H), (hi - lo) * H) += In<T>(At(probe, t, B, lo, H), (hi - lo) * H);
+  }
+  if (mask == nullptr) return;
+  for (int64_t b = lo; b < hi; ++b) {
+    if (!mask[t * B + b]) std::copy_n(Prev<T>(seq, initial, t, B, b, H), H, At(seq, t, B, b, H));
+  }
+}
+
+// One shard's gradient with respect to a state (rows [lo, hi)), carried back through time in
+// `carry`, which starts as the gradient of the final state. Begin(t) makes it the total ∂ℓ/∂s_t
+// (adding the gradient of the state sequence output at t), copies it to the probe's gradient,
+// and takes the masked rows out: their state was carried over, so their gradient passes to
+// s_{t-1} unchanged, and the step's backward sees zeros there. After the step's backward has
+// written ∂ℓ/∂s_{t-1} of the other rows into `carry`, End() adds the masked rows back.
+template <typename T>
+class CarriedGrad {
+ public:
+  CarriedGrad(T* carry, const T* last, const T* seq_grad, const bool* mask, T* dprobe, int64_t B,
+              int64_t H, int64_t lo, int64_t hi)
+      : carry_(carry + lo * H), seq_grad_(seq_grad), mask_(mask), dprobe_(dprobe), B_(B), H_(H),
+        lo_(lo), hi_(hi), pass_(mask == nullptr ? 0 : (hi - lo) * H) {
+    std::copy_n(last + lo * H, (hi - lo) * H, carry_);
+  }
+
+  T* data() { return carry_; }
+  T* row(int64_t b) { return carry_ + (b - lo_) * H_; }
+
+  void Begin(int64_t t) {
+    AddStep(seq_grad_, t, B_, H_, lo_, hi_, carry_);
+    if (dprobe_ != nullptr) std::copy_n(carry_, (hi_ - lo_) * H_, At(dprobe_, t, B_, lo_, H_));
+    if (mask_ == nullptr) return;
+    for (int64_t b = lo_; b < hi_; ++b) {
+      T* pass = pass_.data() + (b - lo_) * H_;
+      if (mask_[t * B_ + b]) {
+        std::fill_n(pass, H_, T(0));
+        continue;
+      }
+      std::copy_n(row(b), H_, pass);
+      std::fill_n(row(b), H_, T(0));
+      if (dprobe_ != nullptr) std::fill_n(At(dprobe_, t, B_, b, H_), H_, T(0));
+    }
+  }
+
+  void End() {
+    if (mask_ != nullptr) Out<T>(carry_, (hi_ - lo_) * H_) += In<T>(pass_.data(), pass_.size());
+  }
+
+ private:
+  T* const carry_;
+  const T* const seq_grad_;
+  const bool* const mask_;
+  T* const dprobe_;
+  const int64_t B_, H_, lo_, hi_;
+  std::vector<T> pass_;
+};
+
+// The sizes of a sequence op: S steps (input `seq`'s first dimension) and the state's B and H
+// (input `state`, [B, H]); and its mask and probes, optional inputs checked against them.
+struct Dims {
+  int64_t S = 0, B = 0, H = 0;
+};
+
+inline bool ReadDims(Shapes& shapes, OpKernelContext* ctx, int state, int seq, Dims* d) {
+  if (!shapes.Check(state, {-1, -1}) || !shapes.Check(seq, {-1, -1, -1})) return false;
+  d->B = ctx->input(state).dim_size(0);
+  d->H = ctx->input(state).dim_size(1);
+  d->S = ctx->input(seq).dim_size(0);
+  return true;
+}
+
+inline bool CheckMaskAndProbes(Shapes& shapes, const Dims& d, int mask,
+                               std::initializer_list<int> probes) {
+  if (!shapes.CheckOptional(mask, {d.S, d.B})) return false;
+  for (int i : probes) {
+    if (!shapes.CheckOptional(i, {d.S, d.B, d.H})) return false;
+  }
+  return true;
+}
+
+// The gradient of an optional probe input: [T, B, H] where the probe is given, else empty.
+template <typename T>
+T* ProbeGrad(OpKernelContext* ctx, int output, int probe) {
+  T* out = Output<T>(ctx, output, ctx->input(probe).shape());
+  return ctx->input(probe).NumElements() == 0 ? nullptr : out;
+}
+
+// A row pointer into an optional sequence: null where the sequence is.
+template <typename T>
+inline T* OptionalAt(T* p, int64_t t, int64_t B, int64_t b, int64_t w) {
+  return p == nullptr ? nullptr : At(p, t, B, b, w);
+}
+
 // ---------------------------------------------------------------------------------------------
-// LSTM. Inputs xp [T, B, 4H] (x W), h0, c0 [B, H], u [H, 4H], b [4H]. Outputs
-// z = xp + b + h_{t-1} U [T, B, 4H] (in xp's buffer where TensorFlow allows), h, c [T, B, H], and
-// the final h_T, c_T [B, H] (their own outputs, so that a layer that returns only them sends no
-// [T, B, H] gradient back). The bias is added here, not to x W, so that the gradient kernel can
-// sum its gradient while each step's dz is in cache.
+// LSTM. Inputs xp [T, B, 4H] (x W), h0, c0 [B, H], u [H, 4H], b [4H], mask, probe_h, probe_c.
+// Outputs z = xp + b + h_{t-1} U [T, B, 4H] (in xp's buffer where TensorFlow allows), h, c
+// [T, B, H], and the final h_T, c_T [B, H] (their own outputs, so that a layer that returns only
+// them sends no [T, B, H] gradient back). The bias is added here, not to x W, so that the
+// gradient kernel can sum its gradient while each step's dz is in cache. The probe of c is added
+// before c_t feeds h_t.
 
 template <typename T>
 class LstmSequence : public SequenceOp {
@@ -140,23 +248,25 @@ class LstmSequence : public SequenceOp {
   using SequenceOp::SequenceOp;
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& h0 = ctx->input(1);
     Shapes shapes(ctx);
-    if (!shapes.Check(1, {-1, -1})) return;
-    const int64_t B = h0.dim_size(0), H = h0.dim_size(1);
-    if (!shapes.Check(0, {-1, B, 4 * H}) || !shapes.Check(2, {B, H}) ||
-        !shapes.Check(3, {H, 4 * H}) || !shapes.Check(4, {4 * H}))
+    Dims d;
+    if (!ReadDims(shapes, ctx, 1, 0, &d)) return;
+    const int64_t S = d.S, B = d.B, H = d.H;
+    if (!shapes.Check(0, {S, B, 4 * H}) || !shapes.Check(2, {B, H}) ||
+        !shapes.Check(3, {H, 4 * H}) || !shapes.Check(4, {4 * H}) ||
+        !CheckMaskAndProbes(shapes, d, 5, {6, 7}))
       return;
     const Tensor& xp = ctx->input(0);
-    const int64_t S = xp.dim_size(0);
     T* z = Output<T>(ctx, 0, xp.shape(), 0);
     T* h = Output<T>(ctx, 1, TensorShape({S, B, H}));
     T* c = Output<T>(ctx, 2, TensorShape({S, B, H}));
-    T* h_last = Output<T>(ctx, 3, h0.shape());
-    T* c_last = Output<T>(ctx, 4, h0.shape());
+    T* h_last = Output<T>(ctx, 3, ctx->input(1).shape());
+    T* c_last = Output<T>(ctx, 4, ctx->input(1).shape());
     if (!ctx->status().ok()) return;
     if (z != Ptr<T>(ctx, 0)) std::copy_n(Ptr<T>(ctx, 0), xp.NumElements(), z);
-    const T *h_0 = Ptr<T>(ctx, 1), *c_0 = Ptr<T>(ctx, 2);
+    const T *h_0 = Ptr<T>(ctx, 1), *c_0 = Ptr<T>(ctx, 2), *probe_h = OptionalPtr<T>(ctx, 6),
+            *probe_c = OptionalPtr<T>(ctx, 7);
+    const bool* mask = OptionalPtr<bool>(ctx, 5);
     const RecurrentKernel<T> u(Ptr<T>(ctx, 3), H, 4 * H, false, -1, product_);
     const RowIn<T> b(Ptr<T>(ctx, 4), 4 * H);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
@@ -164,9 +274,11 @@ class LstmSequence : public SequenceOp {
         MatOut<T>(At(z, t, B, lo, 4 * H), hi - lo, 4 * H).rowwise() += b;
         u.Multiply(Prev<T>(h, h_0, t, B, lo, H), hi - lo, At(z, t, B, lo, 4 * H), true);
         for (int64_t b = lo; b < hi; ++b) {
-          LstmRow<T>(At(z, t, B, b, 4 * H), Prev<T>(c, c_0, t, B, b, H), nullptr,
-                     At(h, t, B, b, H), At(c, t, B, b, H), H);
+          LstmRow<T>(At(z, t, B, b, 4 * H), Prev<T>(c, c_0, t, B, b, H),
+                     OptionalAt(probe_c, t, B, b, H), At(h, t, B, b, H), At(c, t, B, b, H), H);
         }
+        EndStep<T>(mask, probe_h, h, h_0, t, B, H, lo, hi);
+        EndStep<T>(mask, nullptr, c, c_0, t, B, H, lo, hi);
       }
       CopyLast<T>(h, h_0, S, B, H, lo, hi, h_last);
       CopyLast<T>(c, c_0, S, B, H, lo, hi, c_last);
@@ -175,53 +287,58 @@ class LstmSequence : public SequenceOp {
 };
 
 // Inputs dh, dc (gradients of the h and c sequences), dz_in (of the z output; each empty where
-// there is none, else [T, B, H] or [T, B, 4H]), z, c, c0, u, dh_last, dc_last [B, H]. Outputs
-// dz [T, B, 4H] (= d xp; in z's buffer where TensorFlow allows), dh0, dc0 and db [4H], the sum
-// of dz over T and B.
+// there is none, else [T, B, H] or [T, B, 4H]), z, c, c0, u, dh_last, dc_last [B, H], mask,
+// probe_h, probe_c. Outputs dz [T, B, 4H] (= d xp; in z's buffer where TensorFlow allows), dh0,
+// dc0, db [4H] (the sum of dz over T and B), and the probes' gradients (empty where absent).
 template <typename T>
 class LstmSequenceGrad : public SequenceOp {
  public:
   using SequenceOp::SequenceOp;
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& c0 = ctx->input(5);
     Shapes shapes(ctx);
-    if (!shapes.Check(5, {-1, -1})) return;
-    const int64_t B = c0.dim_size(0), H = c0.dim_size(1), S = ctx->input(3).dim_size(0);
-    if (!shapes.Check(3, {-1, B, 4 * H}) || !shapes.CheckOptional(0, {S, B, H}) ||
+    Dims d;
+    if (!ReadDims(shapes, ctx, 5, 3, &d)) return;
+    const int64_t S = d.S, B = d.B, H = d.H;
+    if (!shapes.Check(3, {S, B, 4 * H}) || !shapes.CheckOptional(0, {S, B, H}) ||
         !shapes.CheckOptional(1, {S, B, H}) || !shapes.CheckOptional(2, {S, B, 4 * H}) ||
         !shapes.Check(4, {S, B, H}) || !shapes.Check(6, {H, 4 * H}) ||
-        !shapes.Check(7, {B, H}) || !shapes.Check(8, {B, H}))
+        !shapes.Check(7, {B, H}) || !shapes.Check(8, {B, H}) ||
+        !CheckMaskAndProbes(shapes, d, 9, {10, 11}))
       return;
     const T *z = Ptr<T>(ctx, 3), *dz_in = OptionalPtr<T>(ctx, 2);
     T* dz = Output<T>(ctx, 0, ctx->input(3).shape(), 3);
-    T* dh0 = Output<T>(ctx, 1, c0.shape());
-    T* dc0 = Output<T>(ctx, 2, c0.shape());
+    T* dh0 = Output<T>(ctx, 1, ctx->input(5).shape());
+    T* dc0 = Output<T>(ctx, 2, ctx->input(5).shape());
     T* db = Output<T>(ctx, 3, TensorShape({4 * H}));
+    T* dprobe_h = ProbeGrad<T>(ctx, 4, 10);
+    T* dprobe_c = ProbeGrad<T>(ctx, 5, 11);
     if (!ctx->status().ok()) return;
     const T *dh = OptionalPtr<T>(ctx, 0), *dc = OptionalPtr<T>(ctx, 1), *c = Ptr<T>(ctx, 4),
-            *c_0 = Ptr<T>(ctx, 5), *dh_last = Ptr<T>(ctx, 7), *dc_last = Ptr<T>(ctx, 8);
+            *c_0 = Ptr<T>(ctx, 5), *dh_last = Ptr<T>(ctx, 7), *dc_last = Ptr<T>(ctx, 8),
+            *probe_c = OptionalPtr<T>(ctx, 11);
+    const bool* mask = OptionalPtr<bool>(ctx, 9);
     const RecurrentKernel<T> u_t(Ptr<T>(ctx, 6), 4 * H, H, true, -1, product_);
     ColumnSums<T> db_sums(ctx, B, 4 * H);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t s) {
-      const int64_t n = hi - lo;
-      // dh_carry = dz_{t+1} U^T and dc_carry = ∂ℓ/∂c_t through c_{t+1}, for this shard's rows.
-      T *dh_carry = dh0 + lo * H, *dc_carry = dc0 + lo * H;
-      std::copy_n(dh_last + lo * H, n * H, dh_carry);
-      std::copy_n(dc_last + lo * H, n * H, dc_carry);
+      // ∂ℓ/∂h_t through dz_{t+1} U^T, and ∂ℓ/∂c_t through c_{t+1}, for this shard's rows.
+      CarriedGrad<T> dh_carry(dh0, dh_last, dh, mask, dprobe_h, B, H, lo, hi);
+      CarriedGrad<T> dc_carry(dc0, dc_last, dc, mask, nullptr, B, H, lo, hi);
       LstmScratch<T> scratch(H);
       for (int64_t t = S - 1; t >= 0; --t) {
-        AddStep(dh, t, B, H, lo, hi, dh_carry);  // now the total ∂ℓ/∂h_t
-        AddStep(dc, t, B, H, lo, hi, dc_carry);
+        dh_carry.Begin(t);
+        dc_carry.Begin(t);
         for (int64_t b = lo; b < hi; ++b) {
-          T* dcb = dc_carry + (b - lo) * H;
           T* dzb = At(dz, t, B, b, 4 * H);
-          LstmRowGrad<T>(dh_carry + (b - lo) * H, dcb, At(z, t, B, b, 4 * H),
-                         Prev<T>(c, c_0, t, B, b, H), nullptr, dzb, dcb, nullptr, H, scratch);
+          LstmRowGrad<T>(dh_carry.row(b), dc_carry.row(b), At(z, t, B, b, 4 * H),
+                         Prev<T>(c, c_0, t, B, b, H), OptionalAt(probe_c, t, B, b, H), dzb,
+                         dc_carry.row(b), OptionalAt(dprobe_c, t, B, b, H), H, scratch);
           if (dz_in != nullptr) Out<T>(dzb, 4 * H) += In<T>(At(dz_in, t, B, b, 4 * H), 4 * H);
         }
-        db_sums.Add(s, dz, t, B, lo, n);
-        u_t.Multiply(At(dz, t, B, lo, 4 * H), n, dh_carry, false);
+        db_sums.Add(s, dz, t, B, lo, hi - lo);
+        u_t.Multiply(At(dz, t, B, lo, 4 * H), hi - lo, dh_carry.data(), false);
+        dh_carry.End();
+        dc_carry.End();
       }
     });
     db_sums.Write(db);
@@ -230,7 +347,7 @@ class LstmSequenceGrad : public SequenceOp {
 
 // ---------------------------------------------------------------------------------------------
 // GRU (reset_after=True). Inputs xp [T, B, 3H] (x W), h0 [B, H], u [H, 3H], b_rec [3H],
-// b_in [3H] (the input bias: the gates see xp + b_in). Outputs h [T, B, H],
+// b_in [3H] (the input bias: the gates see xp + b_in), mask, probe_h. Outputs h [T, B, H],
 // rec = h_{t-1} U + b_rec [T, B, 3H] (kept for the gradient), h_T [B, H].
 
 // Rows [lo, lo + n) of step t of xp [T, B, w] plus the bias b, into `out` [n, w].
@@ -245,19 +362,20 @@ class GruSequence : public SequenceOp {
   using SequenceOp::SequenceOp;
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& h0 = ctx->input(1);
     Shapes shapes(ctx);
-    if (!shapes.Check(1, {-1, -1})) return;
-    const int64_t B = h0.dim_size(0), H = h0.dim_size(1);
-    if (!shapes.Check(0, {-1, B, 3 * H}) || !shapes.Check(2, {H, 3 * H}) ||
-        !shapes.Check(3, {3 * H}) || !shapes.Check(4, {3 * H}))
+    Dims d;
+    if (!ReadDims(shapes, ctx, 1, 0, &d)) return;
+    const int64_t S = d.S, B = d.B, H = d.H;
+    if (!shapes.Check(0, {S, B, 3 * H}) || !shapes.Check(2, {H, 3 * H}) ||
+        !shapes.Check(3, {3 * H}) || !shapes.Check(4, {3 * H}) ||
+        !CheckMaskAndProbes(shapes, d, 5, {6}))
       return;
-    const int64_t S = ctx->input(0).dim_size(0);
     T* h = Output<T>(ctx, 0, TensorShape({S, B, H}));
     T* rec = Output<T>(ctx, 1, ctx->input(0).shape());
-    T* h_last = Output<T>(ctx, 2, h0.shape());
+    T* h_last = Output<T>(ctx, 2, ctx->input(1).shape());
     if (!ctx->status().ok()) return;
-    const T *xp = Ptr<T>(ctx, 0), *h_0 = Ptr<T>(ctx, 1);
+    const T *xp = Ptr<T>(ctx, 0), *h_0 = Ptr<T>(ctx, 1), *probe_h = OptionalPtr<T>(ctx, 6);
+    const bool* mask = OptionalPtr<bool>(ctx, 5);
     const RecurrentKernel<T> u(Ptr<T>(ctx, 2), H, 3 * H, false, -1, product_);
     const RowIn<T> b_rec(Ptr<T>(ctx, 3), 3 * H), b_in(Ptr<T>(ctx, 4), 3 * H);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
@@ -272,6 +390,7 @@ class GruSequence : public SequenceOp {
           GruRow<T>(xb.row(b - lo).data(), At(rec, t, B, b, 3 * H), Prev<T>(h, h_0, t, B, b, H),
                     At(h, t, B, b, H), H, scratch);
         }
+        EndStep<T>(mask, probe_h, h, h_0, t, B, H, lo, hi);
       }
       CopyLast<T>(h, h_0, S, B, H, lo, hi, h_last);
     });
@@ -279,52 +398,53 @@ class GruSequence : public SequenceOp {
 };
 
 // Inputs dh, drec_in (gradients of the h and rec outputs: each empty where there is none, else
-// [T, B, H] or [T, B, 3H]), xp, rec, h, h0, u, dh_last [B, H], b_in [3H]. Outputs d xp, d rec
-// [T, B, 3H] (in the buffers of xp and rec where TensorFlow allows), dh0, and the bias gradients
-// db_in, db_rec [3H] (the sums of d xp and d rec over T and B).
+// [T, B, H] or [T, B, 3H]), xp, rec, h, h0, u, dh_last [B, H], b_in [3H], mask, probe_h. Outputs
+// d xp, d rec [T, B, 3H] (in the buffers of xp and rec where TensorFlow allows), dh0, the bias
+// gradients db_in, db_rec [3H] (the sums of d xp and d rec over T and B), and the probe's.
 template <typename T>
 class GruSequenceGrad : public SequenceOp {
  public:
   using SequenceOp::SequenceOp;
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& h0 = ctx->input(5);
     Shapes shapes(ctx);
-    if (!shapes.Check(5, {-1, -1})) return;
-    const int64_t B = h0.dim_size(0), H = h0.dim_size(1), S = ctx->input(2).dim_size(0);
-    if (!shapes.Check(2, {-1, B, 3 * H}) || !shapes.CheckOptional(0, {S, B, H}) ||
+    Dims d;
+    if (!ReadDims(shapes, ctx, 5, 2, &d)) return;
+    const int64_t S = d.S, B = d.B, H = d.H;
+    if (!shapes.Check(2, {S, B, 3 * H}) || !shapes.CheckOptional(0, {S, B, H}) ||
         !shapes.CheckOptional(1, {S, B, 3 * H}) || !shapes.Check(3, {S, B, 3 * H}) ||
         !shapes.Check(4, {S, B, H}) || !shapes.Check(6, {H, 3 * H}) ||
-        !shapes.Check(7, {B, H}) || !shapes.Check(8, {3 * H}))
+        !shapes.Check(7, {B, H}) || !shapes.Check(8, {3 * H}) ||
+        !CheckMaskAndProbes(shapes, d, 9, {10}))
       return;
     // d xp and d rec in the buffers of xp and rec where TensorFlow allows (a step's rows of xp
     // are copied before they are written; GruRowGrad reads a row of rec before it writes it).
     T* dxp = Output<T>(ctx, 0, ctx->input(2).shape(), 2);
     T* drec = Output<T>(ctx, 1, ctx->input(3).shape(), 3);
-    T* dh0 = Output<T>(ctx, 2, h0.shape());
+    T* dh0 = Output<T>(ctx, 2, ctx->input(5).shape());
     T* db_in = Output<T>(ctx, 3, TensorShape({3 * H}));
     T* db_rec = Output<T>(ctx, 4, TensorShape({3 * H}));
+    T* dprobe_h = ProbeGrad<T>(ctx, 5, 10);
     if (!ctx->status().ok()) return;
     const T *dh = OptionalPtr<T>(ctx, 0), *drec_in = OptionalPtr<T>(ctx, 1), *xp = Ptr<T>(ctx, 2),
             *rec = Ptr<T>(ctx, 3), *h = Ptr<T>(ctx, 4), *h_0 = Ptr<T>(ctx, 5),
             *dh_last = Ptr<T>(ctx, 7);
+    const bool* mask = OptionalPtr<bool>(ctx, 9);
     const RecurrentKernel<T> u_t(Ptr<T>(ctx, 6), 3 * H, H, true, -1, product_);
     const RowIn<T> b_in(Ptr<T>(ctx, 8), 3 * H);
     ColumnSums<T> dxp_sums(ctx, B, 3 * H), drec_sums(ctx, B, 3 * H);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t s) {
       const int64_t n = hi - lo;
-      MatOut<T> dh_carry(dh0 + lo * H, n, H);  // ∂ℓ/∂h_t through step t + 1
-      std::copy_n(dh_last + lo * H, n * H, dh_carry.data());
+      CarriedGrad<T> dh_carry(dh0, dh_last, dh, mask, dprobe_h, B, H, lo, hi);
       RowMat<T> direct(n, H);  // the part of ∂ℓ/∂h_{t-1} that does not pass through rec
       RowMat<T> xb(n, 3 * H);  // xp + b_in, this step's rows
       GruScratch<T> scratch(H);
       for (int64_t t = S - 1; t >= 0; --t) {
-        AddStep(dh, t, B, H, lo, hi, dh_carry.data());  // now the total ∂ℓ/∂h_t
+        dh_carry.Begin(t);
         AddBias(xp, b_in, t, B, lo, xb);
         for (int64_t b = lo; b < hi; ++b) {
           T* drb = At(drec, t, B, b, 3 * H);
-          GruRowGrad<T>(dh_carry.data() + (b - lo) * H, xb.row(b - lo).data(),
-                        At(rec, t, B, b, 3 * H),
+          GruRowGrad<T>(dh_carry.row(b), xb.row(b - lo).data(), At(rec, t, B, b, 3 * H),
                         Prev<T>(h, h_0, t, B, b, H), At(dxp, t, B, b, 3 * H), drb,
                         direct.data() + (b - lo) * H, H, scratch);
           if (drec_in != nullptr) Out<T>(drb, 3 * H) += In<T>(At(drec_in, t, B, b, 3 * H), 3 * H);
@@ -332,7 +452,8 @@ class GruSequenceGrad : public SequenceOp {
         dxp_sums.Add(s, dxp, t, B, lo, n);
         drec_sums.Add(s, drec, t, B, lo, n);
         u_t.Multiply(At(drec, t, B, lo, 3 * H), n, dh_carry.data(), false);
-        dh_carry += direct;
+        MatOut<T>(dh_carry.data(), n, H) += direct;
+        dh_carry.End();
       }
     });
     dxp_sums.Write(db_in);
@@ -342,9 +463,10 @@ class GruSequenceGrad : public SequenceOp {
 
 // ---------------------------------------------------------------------------------------------
 // GRU (reset_after=False: the reset gate before the product). Inputs xp [T, B, 3H] (x W),
-// h0 [B, H], u [H, 3H], b [3H] (the gates see xp + b). Outputs h [T, B, H]; rec [T, B, 3H] = [h_{t-1} U_z, h_{t-1} U_r,
-// (r h_{t-1}) U_h] and rh = r h_{t-1} [T, B, H] (kept for the gradient); h_T [B, H]. Two
-// dependent products a step: [U_z U_r] and U_h, blocks of u (rows 3H apart).
+// h0 [B, H], u [H, 3H], b [3H] (the gates see xp + b), mask, probe_h. Outputs h [T, B, H]; rec
+// [T, B, 3H] = [h_{t-1} U_z, h_{t-1} U_r, (r h_{t-1}) U_h] and rh = r h_{t-1} [T, B, H] (kept for
+// the gradient); h_T [B, H]. Two dependent products a step: [U_z U_r] and U_h, blocks of u (rows
+// 3H apart).
 
 template <typename T>
 class GruBeforeSequence : public SequenceOp {
@@ -352,20 +474,21 @@ class GruBeforeSequence : public SequenceOp {
   using SequenceOp::SequenceOp;
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& h0 = ctx->input(1);
     Shapes shapes(ctx);
-    if (!shapes.Check(1, {-1, -1})) return;
-    const int64_t B = h0.dim_size(0), H = h0.dim_size(1);
-    if (!shapes.Check(0, {-1, B, 3 * H}) || !shapes.Check(2, {H, 3 * H}) ||
-        !shapes.Check(3, {3 * H}))
+    Dims d;
+    if (!ReadDims(shapes, ctx, 1, 0, &d)) return;
+    const int64_t S = d.S, B = d.B, H = d.H;
+    if (!shapes.Check(0, {S, B, 3 * H}) || !shapes.Check(2, {H, 3 * H}) ||
+        !shapes.Check(3, {3 * H}) || !CheckMaskAndProbes(shapes, d, 4, {5}))
       return;
-    const int64_t S = ctx->input(0).dim_size(0);
     T* h = Output<T>(ctx, 0, TensorShape({S, B, H}));
     T* rec = Output<T>(ctx, 1, ctx->input(0).shape());
     T* rh = Output<T>(ctx, 2, TensorShape({S, B, H}));
-    T* h_last = Output<T>(ctx, 3, h0.shape());
+    T* h_last = Output<T>(ctx, 3, ctx->input(1).shape());
     if (!ctx->status().ok()) return;
-    const T *xp = Ptr<T>(ctx, 0), *h_0 = Ptr<T>(ctx, 1), *u = Ptr<T>(ctx, 2);
+    const T *xp = Ptr<T>(ctx, 0), *h_0 = Ptr<T>(ctx, 1), *u = Ptr<T>(ctx, 2),
+            *probe_h = OptionalPtr<T>(ctx, 5);
+    const bool* mask = OptionalPtr<bool>(ctx, 4);
     const RecurrentKernel<T> u_zr(u, H, 2 * H, false, 3 * H, product_),
         u_h(u + 2 * H, H, H, false, 3 * H, product_);
     const RowIn<T> bias(Ptr<T>(ctx, 3), 3 * H);
@@ -389,6 +512,7 @@ class GruBeforeSequence : public SequenceOp {
                           Prev<T>(h, h_0, t, B, b, H), z.data() + (b - lo) * H,
                           At(h, t, B, b, H), H, scratch);
         }
+        EndStep<T>(mask, probe_h, h, h_0, t, B, H, lo, hi);
       }
       CopyLast<T>(h, h_0, S, B, H, lo, hi, h_last);
     });
@@ -396,33 +520,36 @@ class GruBeforeSequence : public SequenceOp {
 };
 
 // Inputs dh, drec_in, drh_in (gradients of the h, rec and rh outputs: each empty where there is
-// none, else [T, B, H], [T, B, 3H], [T, B, H]), xp, rec, h, h0, u, dh_last [B, H], b [3H].
-// Outputs d xp, d rec [T, B, 3H] (in the buffers of xp and rec where TensorFlow allows), dh0 and
-// db [3H], the sum of d xp over T and B.
+// none, else [T, B, H], [T, B, 3H], [T, B, H]), xp, rec, h, h0, u, dh_last [B, H], b [3H], mask,
+// probe_h. Outputs d xp, d rec [T, B, 3H] (in the buffers of xp and rec where TensorFlow allows),
+// dh0, db [3H] (the sum of d xp over T and B), and the probe's gradient.
 template <typename T>
 class GruBeforeSequenceGrad : public SequenceOp {
  public:
   using SequenceOp::SequenceOp;
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& h0 = ctx->input(6);
     Shapes shapes(ctx);
-    if (!shapes.Check(6, {-1, -1})) return;
-    const int64_t B = h0.dim_size(0), H = h0.dim_size(1), S = ctx->input(3).dim_size(0);
-    if (!shapes.Check(3, {-1, B, 3 * H}) || !shapes.CheckOptional(0, {S, B, H}) ||
+    Dims d;
+    if (!ReadDims(shapes, ctx, 6, 3, &d)) return;
+    const int64_t S = d.S, B = d.B, H = d.H;
+    if (!shapes.Check(3, {S, B, 3 * H}) || !shapes.CheckOptional(0, {S, B, H}) ||
         !shapes.CheckOptional(1, {S, B, 3 * H}) || !shapes.CheckOptional(2, {S, B, H}) ||
         !shapes.Check(4, {S, B, 3 * H}) || !shapes.Check(5, {S, B, H}) ||
-        !shapes.Check(7, {H, 3 * H}) || !shapes.Check(8, {B, H}) || !shapes.Check(9, {3 * H}))
+        !shapes.Check(7, {H, 3 * H}) || !shapes.Check(8, {B, H}) || !shapes.Check(9, {3 * H}) ||
+        !CheckMaskAndProbes(shapes, d, 10, {11}))
       return;
     T* dxp = Output<T>(ctx, 0, ctx->input(3).shape(), 3);
     T* drec = Output<T>(ctx, 1, ctx->input(4).shape(), 4);
-    T* dh0 = Output<T>(ctx, 2, h0.shape());
+    T* dh0 = Output<T>(ctx, 2, ctx->input(6).shape());
     T* db = Output<T>(ctx, 3, TensorShape({3 * H}));
+    T* dprobe_h = ProbeGrad<T>(ctx, 4, 11);
     if (!ctx->status().ok()) return;
     const T *dh = OptionalPtr<T>(ctx, 0), *drec_in = OptionalPtr<T>(ctx, 1),
             *drh_in = OptionalPtr<T>(ctx, 2), *xp = Ptr<T>(ctx, 3), *rec = Ptr<T>(ctx, 4),
             *h = Ptr<T>(ctx, 5), *h_0 = Ptr<T>(ctx, 6), *u = Ptr<T>(ctx, 7),
             *dh_last = Ptr<T>(ctx, 8);
+    const bool* mask = OptionalPtr<bool>(ctx, 10);
     // U_h^T and [U_z U_r]^T
     const RecurrentKernel<T> u_h_t(u + 2 * H, H, H, true, 3 * H, product_),
         u_zr_t(u, 2 * H, H, true, 3 * H, product_);
@@ -430,18 +557,16 @@ class GruBeforeSequenceGrad : public SequenceOp {
     ColumnSums<T> db_sums(ctx, B, 3 * H);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t s) {
       const int64_t n = hi - lo;
-      T* dh_carry = dh0 + lo * H;  // ∂ℓ/∂h_t through step t + 1
-      std::copy_n(dh_last + lo * H, n * H, dh_carry);
+      CarriedGrad<T> dh_carry(dh0, dh_last, dh, mask, dprobe_h, B, H, lo, hi);
       RowMat<T> direct(n, H), d_rh(n, H);
       RowMat<T> xb(n, 3 * H);  // xp + b, this step's rows (copied before d xp overwrites xp)
       GruScratch<T> scratch(H);
       for (int64_t t = S - 1; t >= 0; --t) {
-        AddStep(dh, t, B, H, lo, hi, dh_carry);  // now the total ∂ℓ/∂h_t
+        dh_carry.Begin(t);
         AddBias(xp, bias, t, B, lo, xb);
         for (int64_t b = lo; b < hi; ++b) {
-          GruBeforeRowGrad<T>(dh_carry + (b - lo) * H, xb.row(b - lo).data(),
-                              At(rec, t, B, b, 3 * H), Prev<T>(h, h_0, t, B, b, H),
-                              drec_in == nullptr ? nullptr : At(drec_in, t, B, b, 3 * H),
+          GruBeforeRowGrad<T>(dh_carry.row(b), xb.row(b - lo).data(), At(rec, t, B, b, 3 * H),
+                              Prev<T>(h, h_0, t, B, b, H), OptionalAt(drec_in, t, B, b, 3 * H),
                               At(dxp, t, B, b, 3 * H), At(drec, t, B, b, 3 * H),
                               direct.data() + (b - lo) * H, H, scratch);
         }
@@ -450,13 +575,14 @@ class GruBeforeSequenceGrad : public SequenceOp {
         for (int64_t b = lo; b < hi; ++b) {
           GruBeforeRowGradReset<T>(d_rh.data() + (b - lo) * H, xb.row(b - lo).data(),
                                    At(rec, t, B, b, 3 * H), Prev<T>(h, h_0, t, B, b, H),
-                                   drec_in == nullptr ? nullptr : At(drec_in, t, B, b, 3 * H),
-                                   At(dxp, t, B, b, 3 * H), At(drec, t, B, b, 3 * H),
-                                   direct.data() + (b - lo) * H, H, scratch);
+                                   OptionalAt(drec_in, t, B, b, 3 * H), At(dxp, t, B, b, 3 * H),
+                                   At(drec, t, B, b, 3 * H), direct.data() + (b - lo) * H, H,
+                                   scratch);
         }
         db_sums.Add(s, dxp, t, B, lo, n);
-        u_zr_t.Multiply(At(drec, t, B, lo, 3 * H), n, dh_carry, false, 3 * H, H);
-        MatOut<T>(dh_carry, n, H) += direct;
+        u_zr_t.Multiply(At(drec, t, B, lo, 3 * H), n, dh_carry.data(), false, 3 * H, H);
+        MatOut<T>(dh_carry.data(), n, H) += direct;
+        dh_carry.End();
       }
     });
     db_sums.Write(db);
@@ -465,8 +591,8 @@ class GruBeforeSequenceGrad : public SequenceOp {
 
 // ---------------------------------------------------------------------------------------------
 // SimpleRNN: h_t = σ(xp_t + h_{t-1} U), σ = tanh or ReLU (attr `activation`; ReLU for the IRNN
-// of Le, Jaitly & Hinton 2015). Inputs xp [T, B, H] (x W), h0 [B, H], u [H, H], b [H]. Outputs
-// h [T, B, H] (in xp's buffer where TensorFlow allows) and h_T [B, H].
+// of Le, Jaitly & Hinton 2015). Inputs xp [T, B, H] (x W), h0 [B, H], u [H, H], b [H], mask,
+// probe_h. Outputs h [T, B, H] (in xp's buffer where TensorFlow allows) and h_T [B, H].
 
 // Whether the op's `activation` attr says ReLU (else tanh, the only other value it allows).
 bool IsRelu(OpKernelConstruction* ctx) {
@@ -482,18 +608,20 @@ class RnnSequence : public SequenceOp {
   explicit RnnSequence(OpKernelConstruction* ctx) : SequenceOp(ctx), relu_(IsRelu(ctx)) {}
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& h0 = ctx->input(1);
     Shapes shapes(ctx);
-    if (!shapes.Check(1, {-1, -1})) return;
-    const int64_t B = h0.dim_size(0), H = h0.dim_size(1);
-    if (!shapes.Check(0, {-1, B, H}) || !shapes.Check(2, {H, H}) || !shapes.Check(3, {H})) return;
+    Dims d;
+    if (!ReadDims(shapes, ctx, 1, 0, &d)) return;
+    const int64_t S = d.S, B = d.B, H = d.H;
+    if (!shapes.Check(0, {S, B, H}) || !shapes.Check(2, {H, H}) || !shapes.Check(3, {H}) ||
+        !CheckMaskAndProbes(shapes, d, 4, {5}))
+      return;
     const Tensor& xp = ctx->input(0);
-    const int64_t S = xp.dim_size(0);
     T* h = Output<T>(ctx, 0, xp.shape(), 0);
-    T* h_last = Output<T>(ctx, 1, h0.shape());
+    T* h_last = Output<T>(ctx, 1, ctx->input(1).shape());
     if (!ctx->status().ok()) return;
     if (h != Ptr<T>(ctx, 0)) std::copy_n(Ptr<T>(ctx, 0), xp.NumElements(), h);
-    const T* h_0 = Ptr<T>(ctx, 1);
+    const T *h_0 = Ptr<T>(ctx, 1), *probe_h = OptionalPtr<T>(ctx, 5);
+    const bool* mask = OptionalPtr<bool>(ctx, 4);
     const RecurrentKernel<T> u(Ptr<T>(ctx, 2), H, H, false, -1, product_);
     const RowIn<T> b(Ptr<T>(ctx, 3), H);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
@@ -506,6 +634,7 @@ class RnnSequence : public SequenceOp {
         } else {
           h_t = h_t.array().tanh().matrix();
         }
+        EndStep<T>(mask, probe_h, h, h_0, t, B, H, lo, hi);
       }
       CopyLast<T>(h, h_0, S, B, H, lo, hi, h_last);
     });
@@ -516,8 +645,9 @@ class RnnSequence : public SequenceOp {
 };
 
 // Inputs dh (gradient of the h sequence: empty where there is none, else [T, B, H]), h, h0, u,
-// dh_last [B, H]. Outputs dz [T, B, H] (= d xp; in dh's buffer where TensorFlow allows), dh0 and
-// db [H], the sum of dz over T and B.
+// dh_last [B, H], mask, probe_h. Outputs dz [T, B, H] (= d xp; in dh's buffer where TensorFlow
+// allows), dh0, db [H] (the sum of dz over T and B), and the probe's gradient. σ'(z_t) is read
+// off σ(z_t) = h_t - probe_t.
 template <typename T>
 class RnnSequenceGrad : public SequenceOp {
  public:
@@ -525,35 +655,42 @@ class RnnSequenceGrad : public SequenceOp {
       : SequenceOp(ctx), relu_(IsRelu(ctx)) {}
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& h0 = ctx->input(2);
     Shapes shapes(ctx);
-    if (!shapes.Check(2, {-1, -1})) return;
-    const int64_t B = h0.dim_size(0), H = h0.dim_size(1), S = ctx->input(1).dim_size(0);
-    if (!shapes.Check(1, {-1, B, H}) || !shapes.CheckOptional(0, {S, B, H}) ||
-        !shapes.Check(3, {H, H}) || !shapes.Check(4, {B, H}))
+    Dims d;
+    if (!ReadDims(shapes, ctx, 2, 1, &d)) return;
+    const int64_t S = d.S, B = d.B, H = d.H;
+    if (!shapes.Check(1, {S, B, H}) || !shapes.CheckOptional(0, {S, B, H}) ||
+        !shapes.Check(3, {H, H}) || !shapes.Check(4, {B, H}) ||
+        !CheckMaskAndProbes(shapes, d, 5, {6}))
       return;
-    const T *dh = OptionalPtr<T>(ctx, 0), *h = Ptr<T>(ctx, 1), *dh_last = Ptr<T>(ctx, 4);
+    const T *dh = OptionalPtr<T>(ctx, 0), *h = Ptr<T>(ctx, 1), *dh_last = Ptr<T>(ctx, 4),
+            *probe_h = OptionalPtr<T>(ctx, 6);
     T* dz = Output<T>(ctx, 0, ctx->input(1).shape(), dh == nullptr ? -1 : 0);
-    T* dh0 = Output<T>(ctx, 1, h0.shape());
+    T* dh0 = Output<T>(ctx, 1, ctx->input(2).shape());
     T* db = Output<T>(ctx, 2, TensorShape({H}));
+    T* dprobe_h = ProbeGrad<T>(ctx, 3, 6);
     if (!ctx->status().ok()) return;
+    const bool* mask = OptionalPtr<bool>(ctx, 5);
     const RecurrentKernel<T> u_t(Ptr<T>(ctx, 3), H, H, true, -1, product_);
     ColumnSums<T> db_sums(ctx, B, H);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t s) {
       const int64_t n = hi - lo;
-      T* dh_carry = dh0 + lo * H;
-      std::copy_n(dh_last + lo * H, n * H, dh_carry);
+      CarriedGrad<T> dh_carry(dh0, dh_last, dh, mask, dprobe_h, B, H, lo, hi);
+      Vec<T> act(n * H);  // σ(z_t)
       for (int64_t t = S - 1; t >= 0; --t) {
-        AddStep(dh, t, B, H, lo, hi, dh_carry);  // now the total ∂ℓ/∂h_t
-        In<T> h_t(At(h, t, B, lo, H), n * H);
+        dh_carry.Begin(t);  // now the total ∂ℓ/∂h_t (0 at masked rows)
+        act = In<T>(At(h, t, B, lo, H), n * H);
+        if (probe_h != nullptr) act -= In<T>(At(probe_h, t, B, lo, H), n * H);
+        In<T> carry(dh_carry.data(), n * H);
         Out<T> dz_t(At(dz, t, B, lo, H), n * H);
-        if (relu_) {  // σ'(z) = 1 where z > 0, that is where h > 0 (TensorFlow's ReluGrad too)
-          dz_t = (h_t > T(0)).select(In<T>(dh_carry, n * H), T(0));
+        if (relu_) {  // σ'(z) = 1 where z > 0, that is where σ(z) > 0 (TensorFlow's ReluGrad too)
+          dz_t = (act > T(0)).select(carry, T(0));
         } else {
-          dz_t = In<T>(dh_carry, n * H) * (T(1) - h_t * h_t);
+          dz_t = carry * (T(1) - act * act);
         }
         db_sums.Add(s, dz, t, B, lo, n);
-        u_t.Multiply(At(dz, t, B, lo, H), n, dh_carry, false);
+        u_t.Multiply(At(dz, t, B, lo, H), n, dh_carry.data(), false);
+        dh_carry.End();
       }
     });
     db_sums.Write(db);
@@ -589,6 +726,7 @@ absl::Status SequenceShapes(InferenceContext* ctx, int sequence, int state,
 
 REGISTER_OP("KerasFancyrnnLstmSequence")
     .Input("xp: T").Input("h0: T").Input("c0: T").Input("u: T").Input("b: T")
+    .Input("mask: bool").Input("probe_h: T").Input("probe_c: T")
     .Output("z: T").Output("h: T").Output("c: T").Output("h_last: T").Output("c_last: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
@@ -599,15 +737,18 @@ REGISTER_OP("KerasFancyrnnLstmSequence")
 REGISTER_OP("KerasFancyrnnLstmSequenceGrad")
     .Input("dh: T").Input("dc: T").Input("dz_in: T").Input("z: T").Input("c: T").Input("c0: T")
     .Input("u: T").Input("dh_last: T").Input("dc_last: T")
+    .Input("mask: bool").Input("probe_h: T").Input("probe_c: T")
     .Output("dz: T").Output("dh0: T").Output("dc0: T").Output("db: T")
+    .Output("dprobe_h: T").Output("dprobe_c: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
     .SetShapeFn([](InferenceContext* c) {
-      return SequenceShapes(c, 3, 5, {}, {{0, 3}, {1, 5}, {2, 5}}, {{3, 3}});
+      return SequenceShapes(c, 3, 5, {}, {{0, 3}, {1, 5}, {2, 5}, {4, 10}, {5, 11}}, {{3, 3}});
     });
 
 REGISTER_OP("KerasFancyrnnGruSequence")
     .Input("xp: T").Input("h0: T").Input("u: T").Input("b_rec: T").Input("b_in: T")
+    .Input("mask: bool").Input("probe_h: T")
     .Output("h: T").Output("rec: T").Output("h_last: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
@@ -618,15 +759,18 @@ REGISTER_OP("KerasFancyrnnGruSequence")
 REGISTER_OP("KerasFancyrnnGruSequenceGrad")
     .Input("dh: T").Input("drec_in: T").Input("xp: T").Input("rec: T").Input("h: T")
     .Input("h0: T").Input("u: T").Input("dh_last: T").Input("b_in: T")
+    .Input("mask: bool").Input("probe_h: T")
     .Output("dxp: T").Output("drec: T").Output("dh0: T").Output("db_in: T").Output("db_rec: T")
+    .Output("dprobe_h: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
     .SetShapeFn([](InferenceContext* c) {
-      return SequenceShapes(c, 2, 5, {}, {{0, 2}, {1, 3}, {2, 5}}, {{3, 2}, {4, 3}});
+      return SequenceShapes(c, 2, 5, {}, {{0, 2}, {1, 3}, {2, 5}, {5, 10}}, {{3, 2}, {4, 3}});
     });
 
 REGISTER_OP("KerasFancyrnnGruBeforeSequence")
     .Input("xp: T").Input("h0: T").Input("u: T").Input("b: T")
+    .Input("mask: bool").Input("probe_h: T")
     .Output("h: T").Output("rec: T").Output("rh: T").Output("h_last: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
@@ -637,15 +781,17 @@ REGISTER_OP("KerasFancyrnnGruBeforeSequence")
 REGISTER_OP("KerasFancyrnnGruBeforeSequenceGrad")
     .Input("dh: T").Input("drec_in: T").Input("drh_in: T").Input("xp: T").Input("rec: T")
     .Input("h: T").Input("h0: T").Input("u: T").Input("dh_last: T").Input("b: T")
-    .Output("dxp: T").Output("drec: T").Output("dh0: T").Output("db: T")
+    .Input("mask: bool").Input("probe_h: T")
+    .Output("dxp: T").Output("drec: T").Output("dh0: T").Output("db: T").Output("dprobe_h: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
     .SetShapeFn([](InferenceContext* c) {
-      return SequenceShapes(c, 3, 6, {}, {{0, 3}, {1, 4}, {2, 6}}, {{3, 3}});
+      return SequenceShapes(c, 3, 6, {}, {{0, 3}, {1, 4}, {2, 6}, {4, 11}}, {{3, 3}});
     });
 
 REGISTER_OP("KerasFancyrnnRnnSequence")
     .Input("xp: T").Input("h0: T").Input("u: T").Input("b: T")
+    .Input("mask: bool").Input("probe_h: T")
     .Output("h: T").Output("h_last: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
@@ -654,12 +800,13 @@ REGISTER_OP("KerasFancyrnnRnnSequence")
 
 REGISTER_OP("KerasFancyrnnRnnSequenceGrad")
     .Input("dh: T").Input("h: T").Input("h0: T").Input("u: T").Input("dh_last: T")
-    .Output("dz: T").Output("dh0: T").Output("db: T")
+    .Input("mask: bool").Input("probe_h: T")
+    .Output("dz: T").Output("dh0: T").Output("db: T").Output("dprobe_h: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
     .Attr("activation: {'tanh', 'relu'} = 'tanh'")
     .SetShapeFn([](InferenceContext* c) {
-      return SequenceShapes(c, 1, 2, {}, {{0, 1}, {1, 2}}, {{2, 1}});
+      return SequenceShapes(c, 1, 2, {}, {{0, 1}, {1, 2}, {3, 6}}, {{2, 1}});
     });
 
 // The recurrent products this build can run, widest first (keras_fancyrnn.ops.native.products).

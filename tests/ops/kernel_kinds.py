@@ -1,0 +1,22 @@
+"""The kinds of recurrence the C++ kernels run, as the kernel tests name them."""
+
+#: Test kinds beyond the layer names: the IRNN's activation (the SimpleRNN's sequence kernel) and
+#: the GRU with the reset gate before the product (a sequence kernel of its own).
+VARIANTS = {"SimpleRNN-relu": {"activation": "relu"}, "GRU-before": {"reset_after": False}}
+
+#: Each kind's whole-sequence op.
+SEQUENCE_OPS = {"SimpleRNN": "KerasFancyrnnRnnSequence", "LSTM": "KerasFancyrnnLstmSequence",
+                "GRU": "KerasFancyrnnGruSequence", "SimpleRNN-relu": "KerasFancyrnnRnnSequence",
+                "GRU-before": "KerasFancyrnnGruBeforeSequence"}
+
+#: Gates per unit (the width of ``x W`` over the units).
+GATES = {"LSTM": 4, "GRU": 3, "SimpleRNN": 1, "SimpleRNN-relu": 1, "GRU-before": 3}
+
+#: Every way the sequence kernels compute their float32 recurrent products
+#: (``keras_fancyrnn.config``'s ``recurrent_product``); each test runs those this CPU can.
+PRODUCTS = ["avx512", "avx2", "eigen"]
+
+
+def layer_kind(kind):
+    """``(layer name, arguments)`` for a test kind."""
+    return kind.partition("-")[0], VARIANTS.get(kind, {})
