@@ -13,7 +13,7 @@ from keras_fancyrnn.layers.gru import GRU, GRUCell
 from keras_fancyrnn.layers.lstm import LSTM, LSTMCell
 from keras_fancyrnn.layers.simple_rnn import SimpleRNN, SimpleRNNCell
 from keras_fancyrnn.layers.wrappers import Bidirectional, StackedRNN
-from keras_fancyrnn.optim.clipping import ClippingOptimizer, ClippingStats
+from keras_fancyrnn.optim import ClippingOptimizer, ClippingStats
 
 __all__ = [
     "GRU",
