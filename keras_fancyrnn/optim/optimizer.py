@@ -18,16 +18,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_fancyrnn.optim import arguments, replicas
-from keras_fancyrnn.optim.clipping import (
-    adaptive_clip,
-    all_finite,
-    autoclip_threshold,
-    clip_by_global_norm,
-    clip_by_norm,
-    clip_by_value,
-    global_norm,
-)
+from keras_fancyrnn.optim import arguments, clipping, replicas
 
 __all__ = ["ClippingOptimizer", "find_clipping_optimizer"]
 
@@ -331,7 +322,7 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
         )
 
     def _proceed(self, grads: list[Any], variables: list[Any]) -> Any:
-        proceed = all_finite(_select(grads, self._clippable(grads, variables)))
+        proceed = clipping.all_finite(_select(grads, self._clippable(grads, variables)))
         if self.max_consecutive_skips is not None:
             proceed = ops.logical_and(proceed, self._consecutive_skips < self.max_consecutive_skips)
         return proceed
@@ -340,30 +331,30 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
         """Dispatch to the pure function of ``method``; "auto" also pushes ``norm`` into the
         history."""
         if self.method == "global_norm":
-            return clip_by_global_norm(sub, self.threshold, norm=norm)
+            return clipping.clip_by_global_norm(sub, self.threshold, norm=norm)
         if self.method == "norm":
-            return clip_by_norm(sub, self.threshold)
+            return clipping.clip_by_norm(sub, self.threshold)
         if self.method == "value":
-            return clip_by_value(sub, self.threshold)
+            return clipping.clip_by_value(sub, self.threshold)
         if self.method == "adaptive":
-            return adaptive_clip(sub, params, self.threshold, self.eps)
-        threshold, history, _ = autoclip_threshold(
+            return clipping.adaptive_clip(sub, params, self.threshold, self.eps)
+        threshold, history, _ = clipping.autoclip_threshold(
             self._norm_history, self._applied_steps, norm, self.percentile
         )
         self._norm_history.assign(history)
-        return clip_by_global_norm(sub, threshold, norm=norm)
+        return clipping.clip_by_global_norm(sub, threshold, norm=norm)
 
     def _finite_step(self, grads: list[Any], variables: list[Any]) -> None:
         mask = self._clippable(grads, variables)
         sub = _select(grads, mask)
         params = _select(variables, mask)
-        norm = global_norm(sub)
+        norm = clipping.global_norm(sub)
         clipped, fired = self._clip(sub, params, norm)
 
         applied = self._applied_steps + 1
         clipped_steps = self._clipped_steps + ops.cast(fired, self._clipped_steps.dtype)
         self._grad_norm.assign(ops.cast(norm, "float32"))
-        self._clipped_grad_norm.assign(ops.cast(global_norm(clipped), "float32"))
+        self._clipped_grad_norm.assign(ops.cast(clipping.global_norm(clipped), "float32"))
         self._applied_steps.assign(applied)
         self._clipped_steps.assign(clipped_steps)
         self._clip_rate.assign(ops.cast(clipped_steps, "float32") / ops.cast(applied, "float32"))
@@ -375,7 +366,7 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
     def _skip_step(self, grads: list[Any], variables: list[Any]) -> None:
         sub = _select(grads, self._clippable(grads, variables))
         consecutive = self._consecutive_skips + 1
-        self._grad_norm.assign(ops.cast(global_norm(sub), "float32"))
+        self._grad_norm.assign(ops.cast(clipping.global_norm(sub), "float32"))
         self._clipped_grad_norm.assign(ops.zeros((), "float32"))
         self._skipped_steps.assign(self._skipped_steps + 1)
         self._consecutive_skips.assign(consecutive)
