@@ -209,14 +209,18 @@ def export_saved_model(
             archive.write_out(filepath, verbose=verbose)
         return []
 
+    return _write_with_states(archive, filepath, model, layers, signature, verbose)
+
+
+def _write_with_states(archive, filepath, model, layers, signature, verbose) -> list[str]:
+    """Write ``serve(inputs[, states])`` (``export_saved_model`` with state layers); returns the
+    state names."""
     names = state_names(layers)
-    flat_names = [n for layer_names in names for n in layer_names]
     state_specs = {
         name: tf.TensorSpec((None, size), layer.cell.compute_dtype, name=name)
         for layer, layer_names in zip(layers, names)
         for name, size in zip(layer_names, _state_sizes(layer))
     }
-
     specs = [_tensor_specs(spec) for spec in signature]
     serve = _serve_with_states(model, layers, names, state_specs, len(specs))
 
@@ -228,7 +232,7 @@ def export_saved_model(
         endpoint.get_concrete_function(*specs)
         archive.add_endpoint("serve", endpoint)
         archive.write_out(filepath, verbose=verbose)
-    return flat_names
+    return [n for layer_names in names for n in layer_names]
 
 
 def _checked_state_layers(model, state_layers) -> list:
