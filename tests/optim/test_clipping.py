@@ -1,4 +1,4 @@
-"""Tests for keras_fancyrnn.optim.clipping: clip functions, ClippingOptimizer, ClippingStats.
+"""Tests for keras_fancyrnn.optim: clip functions, ClippingOptimizer, ClippingStats.
 
 Every expected value comes from an independent reference: numpy code written here (float64), or a
 hand computation (the linear-regression gradient 2/N X^T r). Nothing is compared with itself.
