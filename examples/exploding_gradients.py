@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from keras_fancyrnn.diagnostics import json_safe  # noqa: E402
-from keras_fancyrnn.optim.clipping import METHODS, ClippingOptimizer, ClippingStats  # noqa: E402
+from keras_fancyrnn.optim import METHODS, ClippingOptimizer, ClippingStats  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("length", 30, "Sequence length T.")

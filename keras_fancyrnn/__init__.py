@@ -8,12 +8,14 @@ from keras_fancyrnn.engine.dispatch import explain, portable
 from keras_fancyrnn.errors import ConfigError, LayerSelectionError, ProbeDataError
 from keras_fancyrnn.export import export_saved_model
 from keras_fancyrnn.layers import initializers
-from keras_fancyrnn.layers.base import RNN, RecurrentCell
+from keras_fancyrnn.layers.base import RNN
+from keras_fancyrnn.layers.bidirectional import Bidirectional
+from keras_fancyrnn.layers.cell import RecurrentCell
 from keras_fancyrnn.layers.gru import GRU, GRUCell
 from keras_fancyrnn.layers.lstm import LSTM, LSTMCell
 from keras_fancyrnn.layers.simple_rnn import SimpleRNN, SimpleRNNCell
-from keras_fancyrnn.layers.wrappers import Bidirectional, StackedRNN
-from keras_fancyrnn.optim.clipping import ClippingOptimizer, ClippingStats
+from keras_fancyrnn.layers.stacked import StackedRNN
+from keras_fancyrnn.optim import ClippingOptimizer, ClippingStats
 
 __all__ = [
     "GRU",

@@ -57,11 +57,6 @@ def recurrent_layers(model: keras.layers.Layer, stateful_only: bool = True) -> l
     return found
 
 
-def _num_states(layer) -> int:
-    size = layer.cell.state_size
-    return len(size) if isinstance(size, (list, tuple)) else 1
-
-
 def _state_sizes(layer) -> list[int]:
     size = layer.cell.state_size
     return list(size) if isinstance(size, (list, tuple)) else [size]
@@ -73,7 +68,7 @@ def state_names(layers: Sequence) -> list[list[str]]:
     used: set[str] = set()
     names = []
     for layer in layers:
-        n = _num_states(layer)
+        n = len(_state_sizes(layer))
         suffixes = _STATE_SUFFIXES.get(n, tuple(f"state_{i}" for i in range(n)))
         base = re.sub(r"[^A-Za-z0-9_]", "_", layer.name)
         layer_names = []
@@ -93,6 +88,14 @@ class _ExplicitStates:
     The layer's ``call`` is shadowed on the instance (and restored on exit): the layer runs as a
     non-stateful layer with ``initial_state`` = the given tensors and ``return_state=True``, hands
     its usual output on, and leaves its state variables untouched.
+
+    Why shadowing rather than a scope that the layer reads (as probes are requested,
+    ``engine/probes.py``): the state layers may be Keras's own RNN layers, which read no scope of
+    this package; they take an initial state only as a ``call`` argument and, when stateful, read
+    and write their state variables. The model calls its layers itself (functional, Sequential,
+    subclassed, or inside a wrapper), so a layer's ``call`` is the one place where the states can
+    go in and come out. A scope read by fr's ``RNN.call`` would serve only the fr layers, a second
+    mechanism beside this one rather than a replacement.
     """
 
     def __init__(self, layers, given):
@@ -206,14 +209,18 @@ def export_saved_model(
             archive.write_out(filepath, verbose=verbose)
         return []
 
+    return _write_with_states(archive, filepath, model, layers, signature, verbose)
+
+
+def _write_with_states(archive, filepath, model, layers, signature, verbose) -> list[str]:
+    """Write ``serve(inputs[, states])`` (``export_saved_model`` with state layers); returns the
+    state names."""
     names = state_names(layers)
-    flat_names = [n for layer_names in names for n in layer_names]
     state_specs = {
         name: tf.TensorSpec((None, size), layer.cell.compute_dtype, name=name)
         for layer, layer_names in zip(layers, names)
         for name, size in zip(layer_names, _state_sizes(layer))
     }
-
     specs = [_tensor_specs(spec) for spec in signature]
     serve = _serve_with_states(model, layers, names, state_specs, len(specs))
 
@@ -225,7 +232,7 @@ def export_saved_model(
         endpoint.get_concrete_function(*specs)
         archive.add_endpoint("serve", endpoint)
         archive.write_out(filepath, verbose=verbose)
-    return flat_names
+    return [n for layer_names in names for n in layer_names]
 
 
 def _checked_state_layers(model, state_layers) -> list:

@@ -26,14 +26,12 @@ import warnings
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_fancyrnn as fr
 from keras_fancyrnn import export as fr_export
-from keras_fancyrnn._tf import tf
 from keras_fancyrnn.engine import dispatch
 
-HAS_WRAPPERS = hasattr(fr, "Bidirectional") and hasattr(fr, "StackedRNN")
-HAS_CLIPPING = hasattr(fr, "ClippingOptimizer")
 D, U = 3, 4
 ATOL = 1e-6  # served vs Keras: the same ops on the same CPU; the observed difference is 0
 
@@ -141,14 +139,11 @@ def zoo_model():
         U, return_sequences=True, return_state=True, unit_forget_bias=False,
         bias_initializer=fr.initializers.ChronoBias(8, seed=3),
     )(x)
-    if HAS_WRAPPERS:
-        seq = fr.Bidirectional(fr.GRU(3, return_sequences=True))(seq)
-        last = fr.StackedRNN(
-            [fr.LSTM(U, return_sequences=True), fr.Bidirectional(fr.SimpleRNN(3), "sum")],
-            dropout=0.2, seed=4,
-        )(seq)
-    else:
-        last = fr.GRU(U)(seq)
+    seq = fr.Bidirectional(fr.GRU(3, return_sequences=True))(seq)
+    last = fr.StackedRNN(
+        [fr.LSTM(U, return_sequences=True), fr.Bidirectional(fr.SimpleRNN(3), "sum")],
+        dropout=0.2, seed=4,
+    )(seq)
     y = keras.layers.Dense(2)(last)
     return keras.Model(inp, [y, seq, h, c])
 
@@ -160,11 +155,8 @@ def cudnn_model():
     x = keras.layers.Masking(0.0)(inp)
     x = fr.LSTM(U, return_sequences=True, use_cudnn=True)(x)
     x = fr.GRU(U, return_sequences=True)(x)
-    if HAS_WRAPPERS:
-        x = fr.Bidirectional(fr.LSTM(3, return_sequences=True))(x)
-        x = fr.StackedRNN([fr.GRU(3, return_sequences=True), fr.LSTM(3)])(x)
-    else:
-        x = fr.LSTM(3)(x)
+    x = fr.Bidirectional(fr.LSTM(3, return_sequences=True))(x)
+    x = fr.StackedRNN([fr.GRU(3, return_sequences=True), fr.LSTM(3)])(x)
     return keras.Model(inp, keras.layers.Dense(2)(x))
 
 
@@ -172,8 +164,7 @@ def stateful_model(batch=2):
     keras.utils.set_random_seed(3)
     inp = keras.Input((None, D), batch_size=batch)
     x = fr.LSTM(U, stateful=True, return_sequences=True)(inp)
-    if HAS_WRAPPERS:
-        x = fr.Bidirectional(fr.SimpleRNN(3, stateful=True, return_sequences=True))(x)
+    x = fr.Bidirectional(fr.SimpleRNN(3, stateful=True, return_sequences=True))(x)
     x = fr.GRU(3, stateful=True)(x)
     return keras.Model(inp, keras.layers.Dense(2)(x))
 
@@ -303,9 +294,7 @@ def test_export_with_a_fixed_batch_signature(tmp_path):
 
 
 def test_wrappers_are_exported():
-    if not HAS_WRAPPERS:
-        pytest.skip("fr.Bidirectional / fr.StackedRNN are not in this build")
-    layers = zoo_model()._flatten_layers(include_self=False)
+    layers = zoo_model().layers
     assert {"Bidirectional", "StackedRNN"} <= {type(layer).__name__ for layer in layers}
 
 
@@ -376,8 +365,8 @@ def test_stateful_export_carries_state_explicitly(served):
 
 def test_stateful_export_names_every_state_and_holds_none(served):
     names = served["info"]["stateful_names"]
-    expected = {"lstm", "gru"} | ({"forward", "backward"} if HAS_WRAPPERS else set())
-    assert len(names) == 3 + 2 * HAS_WRAPPERS and len(set(names)) == len(names)
+    expected = {"lstm", "gru", "forward", "backward"}
+    assert len(names) == 5 and len(set(names)) == len(names)
     assert all(any(key in n for n in names) for key in expected), names
     assert not [v for v in served["report"]["variables"]["stateful"] if "rnn_state" in v]
     # exporting neither read nor reset the Keras model's own state
@@ -421,6 +410,27 @@ def test_stateful_export_starts_from_zero_states_when_they_are_omitted(tmp_path)
     keras_model.set_weights(model.get_weights())
     np.testing.assert_allclose(out["output_0"].numpy(), np.asarray(keras_model(x)), rtol=0,
                                atol=ATOL)
+
+
+def test_stateful_export_of_keras_own_layers(tmp_path):
+    """Keras's own stateful LSTM and GRU get explicit states too: serving chunk after chunk,
+    feeding back the returned states, equals the stateful Keras model run on the same chunks
+    (from zero states: the export neither reads nor writes the model's state variables)."""
+    keras.utils.set_random_seed(11)
+    inp = keras.Input((None, D), batch_size=2)
+    x = keras.layers.LSTM(U, stateful=True, return_sequences=True)(inp)
+    model = keras.Model(inp, keras.layers.GRU(3, stateful=True)(x))
+    names = fr_export.export_saved_model(model, str(tmp_path / "sm"))
+    assert len(names) == 3
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    specs = loaded.signatures["serving_default"].structured_input_signature[1]
+    state = {n: tf.zeros((2, specs[n].shape[1])) for n in names}
+    x = np.random.default_rng(11).normal(size=(2, 7, D)).astype("float32")
+    for chunk in (x[:, :3], x[:, 3:]):
+        out = loaded.serve(chunk, state)
+        state = {n: out[n] for n in names}
+        np.testing.assert_allclose(out["output_0"].numpy(), np.asarray(model(chunk)), rtol=0,
+                                   atol=ATOL)
 
 
 def test_streaming_export_of_a_stateless_model(tmp_path):
@@ -480,17 +490,12 @@ def trainable_model(dropout=0.0, lean=False):
     x = fr.LSTM(U, return_sequences=True, unit_forget_bias=False, dropout=dropout,
                 recurrent_dropout=dropout, seed=2,
                 bias_initializer=fr.initializers.ChronoBias(6, seed=3))(x)
-    if HAS_WRAPPERS:
-        if not lean:
-            x = fr.Bidirectional(fr.GRU(3, return_sequences=True, dropout=dropout, seed=4))(x)
-        x = fr.StackedRNN([fr.LSTM(3, return_sequences=True, seed=5), fr.GRU(3, seed=6)],
-                          dropout=dropout, seed=7)(x)
-    else:
-        x = fr.GRU(3, dropout=dropout, seed=4)(x)
+    if not lean:
+        x = fr.Bidirectional(fr.GRU(3, return_sequences=True, dropout=dropout, seed=4))(x)
+    x = fr.StackedRNN([fr.LSTM(3, return_sequences=True, seed=5), fr.GRU(3, seed=6)],
+                      dropout=dropout, seed=7)(x)
     model = keras.Model(inp, keras.layers.Dense(1)(x))
-    optimizer = keras.optimizers.Adam(1e-2)
-    if HAS_CLIPPING:
-        optimizer = fr.ClippingOptimizer(optimizer, method="auto", history_size=8)
+    optimizer = fr.ClippingOptimizer(keras.optimizers.Adam(1e-2), method="auto", history_size=8)
     model.compile(optimizer, "mse")
     return model
 

@@ -1,4 +1,5 @@
-"""The layers and their cells: ``base`` (RecurrentCell, RNN), ``simple_rnn``, ``lstm``, ``gru``
-(step equations and Keras layers), ``wrappers`` (Bidirectional, StackedRNN), ``initializers``
+"""The layers and their cells: ``cell`` (RecurrentCell, the cell contract), ``base`` (RNN, the
+layer), ``simple_rnn``, ``lstm``, ``gru`` (step equations and Keras layers), ``bidirectional`` and
+``stacked`` (the composite layers, with what they share in ``wrappers``), ``initializers``
 (ChronoBias) and ``gpu`` (the ``use_cudnn`` argument). Public names are exported by
 ``keras_fancyrnn``."""

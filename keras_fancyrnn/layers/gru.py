@@ -5,13 +5,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_fancyrnn.layers.base import (
-    RNN,
-    RecurrentCell,
-    build_cell,
-    get_activation,
-    layer_arguments,
-)
+from keras_fancyrnn.layers.base import RNN, build_cell, layer_arguments
+from keras_fancyrnn.layers.cell import RecurrentCell, get_activation
 from keras_fancyrnn.layers.gpu import CudnnMixin
 from keras_fancyrnn.ops import native
 

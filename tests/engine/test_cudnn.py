@@ -12,9 +12,9 @@ import importlib
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_fancyrnn as fr
-from keras_fancyrnn._tf import tf
 from keras_fancyrnn.engine import cudnn, dispatch, probes
 
 D, U, B, T = 3, 4, 3, 6

@@ -1,4 +1,4 @@
-"""Tests for keras_fancyrnn.optim.clipping: clip functions, ClippingOptimizer, ClippingStats.
+"""Tests for keras_fancyrnn.optim: clip functions, ClippingOptimizer, ClippingStats.
 
 Every expected value comes from an independent reference: numpy code written here (float64), or a
 hand computation (the linear-regression gradient 2/N X^T r). Nothing is compared with itself.
@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import keras
 import numpy as np
@@ -485,6 +486,49 @@ def test_max_consecutive_skips_under_xla_without_callback_warns_and_freezes():
         model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
     assert opt.stats()["skipped_steps"] == 4 and opt.stats()["consecutive_skips"] == 4
     assert int(opt.iterations) == 1
+
+
+def test_check_skip_limit_enforces_the_limit_in_a_custom_xla_loop():
+    """A custom loop under XLA (no in-graph assertion) that calls check_skip_limit after each step
+    raises at the N-th skip in a row, and skip_limit_checked_outside silences the warning."""
+    var = keras.Variable(np.array([1.0, 2.0], np.float32))
+    opt = fr.ClippingOptimizer(keras.optimizers.SGD(0.1), max_consecutive_skips=2)
+    opt.skip_limit_checked_outside = True
+    opt.build([var])
+    step = tf.function(lambda g: opt.apply([g], [var]), jit_compile=True)
+    finite, bad = tf.constant([0.3, 0.4]), tf.constant([np.nan, 1.0])  # |finite| < 1: unclipped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the XLA warning would fail here
+        for g in (bad, finite, bad):  # the finite step ends the first run of skips
+            step(g)
+            opt.check_skip_limit()
+        step(bad)
+    with pytest.raises(RuntimeError, match=r"2 consecutive steps had a non-finite gradient"):
+        opt.check_skip_limit()
+    np.testing.assert_allclose(var.numpy(), [0.97, 1.96], rtol=1e-6)  # the finite step alone
+    assert opt.stats()["skipped_steps"] == 3 and int(opt.iterations) == 1
+
+
+@PROPERTY
+@given(
+    hnp.arrays(np.float32, hnp.array_shapes(max_dims=3, max_side=4),
+               elements=st.floats(width=32, allow_nan=True, allow_infinity=True)),
+    hnp.arrays(np.float32, (3,), elements=st.floats(-10, 10, width=32)),
+)
+def test_all_finite_equals_numpy(a, b):
+    grads = [a, None, b]
+    expected = bool(np.all(np.isfinite(a)) and np.all(np.isfinite(b)))
+    assert bool(fo.all_finite(grads)) is expected
+
+
+def test_find_clipping_optimizer_looks_inside_wrappers():
+    from keras_fancyrnn.optim import find_clipping_optimizer
+
+    clipping = fr.ClippingOptimizer(keras.optimizers.SGD(0.1))
+    assert find_clipping_optimizer(clipping) is clipping
+    assert find_clipping_optimizer(keras.optimizers.LossScaleOptimizer(clipping)) is clipping
+    assert find_clipping_optimizer(keras.optimizers.SGD(0.1)) is None
+    assert find_clipping_optimizer(None) is None
 
 
 # --------------------------------------------------------------------------------------------------
