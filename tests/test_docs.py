@@ -61,12 +61,15 @@ def python_blocks(page: Path) -> list[tuple[int, str]]:
 # Python blocks
 # ------------------------------------------------------------------------------------------------
 _RUNNER = textwrap.dedent("""
-    import json, sys, traceback
+    import json, pathlib, re, sys, traceback
     page, blocks = json.load(open(sys.argv[1], encoding="utf-8"))
+    sources = pathlib.Path(sys.argv[2])  # each block as a file: tracebacks and AutoGraph read it
     namespace = {"__name__": "__main__"}
     for line, code in blocks:
+        path = sources / (re.sub(r"\\W", "_", page) + f"_line{line}.py")
+        path.write_text(code, encoding="utf-8")
         try:
-            exec(compile(code, f"{page}, block at line {line}", "exec"), namespace)
+            exec(compile(code, str(path), "exec"), namespace)
         except BaseException:
             traceback.print_exc()
             print(f"FAILED: {page}, the block at line {line}", file=sys.stderr)
@@ -101,8 +104,8 @@ def test_python_blocks_run(page, tmp_path):
         p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
         "MPLBACKEND": "Agg", "TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "tensorflow",
         "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(runner), str(spec)], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(runner), str(spec), str(tmp_path)], cwd=work,
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (
         f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
 
