@@ -16,11 +16,13 @@ The convention, for whoever writes a page:
   package's extras (they must exist in setup.cfg), ``python -m ruff check .``, ``python -m pytest``
   as the test command runs it (optionally after ``NAME=value`` settings the package reads),
   ``python examples/<name>.py`` (each example runs at tiny flags in tests/test_examples.py; the
-  flags used here must exist) and ``python benchmarks/<name>.py`` (each such script runs at tiny
+  flags used here must exist), ``python tests/test_docs.py DIR`` (the API reference, built below)
+  and ``python benchmarks/<name>.py`` (each such script runs at tiny
   sizes in tests/test_benchmarks.py; the flags used here must exist). Commands quoted inline
   (```` `python examples/...` ````) are checked the same way.
 
-The API reference (pdoc) is built here too, with every warning an error.
+The API reference (pdoc) is built here too, with every warning an error; run as a program,
+``python tests/test_docs.py DIR`` writes it to ``DIR``.
 """
 
 from __future__ import annotations
@@ -194,8 +196,9 @@ def _check_command(command: str, where: str) -> None:
             for spec in (w for w in words if w.startswith(".[")):
                 extras = set(spec[2:-1].split(","))
                 assert extras <= _extras(), f"{where}: no extra {extras - _extras()} in setup.cfg"
-        elif line == "python -m ruff check .":
-            pass
+        elif line == "python -m ruff check ." or (
+                words[:2] == ["python", "tests/test_docs.py"] and len(words) == 3):
+            pass  # ruff: the test command; test_docs.py DIR: test_api_reference_builds...
         elif words[:3] == ["python", "-m", "pytest"]:
             assert line == _pytest_part(ci_command()), (
                 f"{where}: {line!r} is not the test command's {_pytest_part(ci_command())!r}")
@@ -258,39 +261,54 @@ def test_links_to_files_exist():
 THIRD_PARTY = r"^Error parsing type annotation (list\[)?utils\.VersionOrStr\]?( \| None)? for "
 
 
+def build_api_reference(out_dir: Path) -> list[str]:
+    """Renders every public module of keras_fancyrnn to HTML under ``out_dir`` with pdoc and
+    returns the warnings it gave (the allowed third-party one left out)."""
+    import importlib
+    import pkgutil
+    import warnings
+
+    import pdoc
+    import pdoc.extract
+    import pdoc.render
+
+    import keras_fancyrnn
+
+    # every public module, imported first: warnings of TensorFlow's own imports are not ours
+    modules = [info.name for info in pkgutil.walk_packages(keras_fancyrnn.__path__,
+                                                           "keras_fancyrnn.")
+               if not any(part.startswith("_") for part in info.name.split("."))]
+    for name in modules:
+        importlib.import_module(name)
+    specs = ["keras_fancyrnn"]  # a spec brings its submodules, except those __all__ hides
+    for name in modules:
+        if name not in pdoc.extract.walk_specs(specs):
+            specs.append(name)
+    pdoc.render.configure(docformat="restructuredtext")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pdoc.pdoc(*specs, output_directory=Path(out_dir))
+    return [f"{w.category.__name__}: {w.message}" for w in caught
+            if not re.search(THIRD_PARTY, str(w.message))]
+
+
 def test_api_reference_builds_without_warnings(tmp_path):
-    """pdoc renders the package's docstrings to HTML; any warning (a docstring or annotation it
-    cannot read, a broken cross-reference) fails the build. Runs in a subprocess so that the
-    package imported is this checkout's."""
-    code = textwrap.dedent(f"""
-        import importlib, pathlib, pkgutil, re, sys, warnings
-        import pdoc, pdoc.extract, pdoc.render
-        import keras_fancyrnn
-        # every public module (the package's __all__ would hide the subpackages), imported
-        # first: warnings of TensorFlow's own imports are not the reference's
-        modules = ["keras_fancyrnn"] + [
-            info.name for info in pkgutil.walk_packages(keras_fancyrnn.__path__, "keras_fancyrnn.")
-            if not any(part.startswith("_") for part in info.name.split("."))]
-        for name in modules:
-            importlib.import_module(name)
-        specs = ["keras_fancyrnn"]  # a spec brings its submodules, except those __all__ hides
-        for name in modules:
-            if name not in pdoc.extract.walk_specs(specs):
-                specs.append(name)
-        pdoc.render.configure(docformat="restructuredtext")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pdoc.pdoc(*specs, output_directory=pathlib.Path({str(tmp_path / 'api')!r}))
-        ours = [w for w in caught if not re.search({THIRD_PARTY!r}, str(w.message))]
-        for w in ours:
-            print(f"{{w.category.__name__}}: {{w.message}}", file=sys.stderr)
-        sys.exit(1 if ours else 0)
-    """)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PDOC_ALLOW_EXEC": "1",
-           "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    """``python tests/test_docs.py <dir>`` (the README's command) builds the reference; any
+    warning (a docstring or annotation pdoc cannot read) fails. A subprocess, so that the package
+    documented is this checkout's."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2",
+           "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path / "api")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert (tmp_path / "api" / "keras_fancyrnn.html").exists()
     assert (tmp_path / "api" / "keras_fancyrnn" / "diagnostics" / "monitor.html").exists()
 
+
+if __name__ == "__main__":  # python tests/test_docs.py OUT_DIR: the API reference into OUT_DIR
+    os.environ.setdefault("PDOC_ALLOW_EXEC", "1")  # TensorFlow's import runs `uname -p`
+    sys.path.insert(0, str(ROOT))
+    problems = build_api_reference(Path(sys.argv[1]))
+    print("\n".join(problems) or f"API reference written to {sys.argv[1]}/index.html",
+          file=sys.stderr if problems else sys.stdout)
+    sys.exit(1 if problems else 0)
