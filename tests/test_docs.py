@@ -284,7 +284,7 @@ def build_api_reference(out_dir: Path) -> list[str]:
     for name in modules:
         if name not in pdoc.extract.walk_specs(specs):
             specs.append(name)
-    pdoc.render.configure(docformat="restructuredtext")
+    pdoc.render.configure(docformat="restructuredtext", math=True)  # the docstrings use :math:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pdoc.pdoc(*specs, output_directory=Path(out_dir))
