@@ -1,6 +1,7 @@
 """One-call access to the task data sets: NumPy arrays from TFDS, and the baselines."""
 
-from __future__ import annotations
+# Annotations are evaluated (no ``from __future__ import annotations``): the API reference reads
+# ``Task``'s fields from the class, where names of this module cannot be resolved later.
 
 import os
 from collections.abc import Callable
