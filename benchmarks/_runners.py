@@ -24,11 +24,20 @@ FR = {"simple_rnn": fr.SimpleRNN, "lstm": fr.LSTM, "gru": fr.GRU,
       "gru_before": functools.partial(fr.GRU, reset_after=False)}
 
 
-def keras_runner(layer_cls, cell, batch, steps, dim, units, train, jit):
+def keras_runner(layer_cls, cell, batch, steps, dim, units, train, jit, masked=False):
+    """``run(n)``: ``n`` steps of the model. ``masked``: each sequence of length uniform in
+    ``[steps // 2, steps]``, zero-padded at the end, behind ``keras.layers.Masking(0.0)``."""
     pool = 2  # distinct batches, cycled (the big grid points would not fit ten in memory)
-    x = np.random.default_rng(0).normal(size=(batch * pool, steps, dim)).astype("float32")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch * pool, steps, dim)).astype("float32")
     y = np.zeros((batch * pool, 1), "float32")
-    model = keras.Sequential([keras.Input((steps, dim)), layer_cls(units), keras.layers.Dense(1)])
+    head = []
+    if masked:
+        lengths = rng.integers(steps // 2, steps + 1, size=batch * pool)
+        x[np.arange(steps)[None, :] >= lengths[:, None]] = 0.0
+        head = [keras.layers.Masking(0.0)]
+    model = keras.Sequential([keras.Input((steps, dim)), *head, layer_cls(units),
+                              keras.layers.Dense(1)])
     model.compile(keras.optimizers.Adam(1e-3), "mse", jit_compile={"on": True, "off": False}.get(
         jit, "auto"))
     xs = [tf.constant(x[i * batch:(i + 1) * batch]) for i in range(pool)]
