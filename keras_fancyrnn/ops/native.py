@@ -349,7 +349,7 @@ def rnn_sequence(xp, h0, u, activation="tanh", b=None, mask=None, probes=None):
     """All steps of a SimpleRNN with ``activation`` ``"tanh"`` or ``"relu"``:
     ``(h [T, B, H], [h_T])`` from ``xp = x W`` ``[T, B, H]`` and the bias ``b`` (``None``:
     none); ``mask`` and ``probes`` as ``lstm_sequence``."""
-    h, h_last = library().keras_fancyrnn_rnn_sequence(
+    h, h_last, _ = library().keras_fancyrnn_rnn_sequence(
         xp, h0, u, _bias(b, xp), *_extras(xp, mask, probes, 1), activation=activation,
         product=product())
     return h, [h_last]
@@ -520,26 +520,27 @@ def gru_before_sequence_backward(dh, drec_in, drh_in, xp, rec, h, h0, u, dh_last
             _probe_output(dp_h, probe_h))
 
 
-def rnn_sequence_backward(dh, h, h0, u, dh_last, mask, probe_h, activation="tanh"):
-    """``(dz, dh0, db, dprobe_h)`` of ``KerasFancyrnnRnnSequenceGrad`` with TensorFlow ops."""
+def rnn_sequence_backward(dh, h, h0, u, dh_last, mask, act, activation="tanh"):
+    """``(dz, dh0, db, dprobe_h)`` of ``KerasFancyrnnRnnSequenceGrad`` with TensorFlow ops
+    (``act``: σ(z_t) where the forward had a probe, else the empty marker and σ(z_t) = h_t)."""
     from keras_fancyrnn._tf import tf
 
-    dh, p_h = _present(dh, h), _present(probe_h, h)
+    dh, sigma = _present(dh, h), h if _absent(act) else act
 
-    def derivative(act):  # σ'(z_t) from σ(z_t)
+    def derivative(sigma_t):  # σ'(z_t) from σ(z_t)
         if activation == "relu":
-            return tf.cast(act > 0, act.dtype)
-        return 1 - act * act
+            return tf.cast(sigma_t > 0, sigma_t.dtype)
+        return 1 - sigma_t * sigma_t
 
     def step(carry, xs):
-        dh_t, h_t, p_t, m = xs
+        dh_t, sigma_t, m = xs
         dh_t = dh_t + carry[0]
-        dz_t = dh_t * m * derivative(h_t - p_t)
+        dz_t = dh_t * m * derivative(sigma_t)
         return tf.matmul(dz_t, u, transpose_b=True) + (1 - m) * dh_t, dz_t, dh_t * m
 
-    dh_back, dz, dp_h = _scan_back(step, (dh, h, p_h, _unmasked(mask, h)),
+    dh_back, dz, dp_h = _scan_back(step, (dh, sigma, _unmasked(mask, h)),
                                    (dh_last, _step_zeros(h), _step_zeros(h)))
-    return dz, _first(dh_back, dh_last), _column_sums(dz), _probe_output(dp_h, probe_h)
+    return dz, _first(dh_back, dh_last), _column_sums(dz), _probe_output(dp_h, act)
 
 
 def _step_zeros(sequence):
@@ -700,12 +701,12 @@ def _register_sequence_gradients():
         return dxp, dh0, tf.concat([du_zr, du_h], axis=1), db, None, dprobe
 
     @tf.RegisterGradient("KerasFancyrnnRnnSequence")
-    def _rnn_sequence(op, dh, dh_last):
-        _, h0, u, _, *extras = op.inputs
-        h, last = op.outputs
+    def _rnn_sequence(op, dh, dh_last, _):
+        _, h0, u, _, mask, _ = op.inputs
+        h, last, act = op.outputs
         (dh_last,) = _zeros_for_none((dh_last,), (last,))
         dz, dh0, db, dprobe = library().keras_fancyrnn_rnn_sequence_grad(
-            _optional(dh, h), h, h0, u, dh_last, *extras, activation=_attr(op, "activation"),
+            _optional(dh, h), h, h0, u, dh_last, mask, act, activation=_attr(op, "activation"),
             product=_attr(op, "product"))
         return dz, dh0, _recurrent_kernel_gradient(h0, h, dz), db, None, dprobe
 

@@ -93,27 +93,33 @@ def _probed(layer, x, mask, probe_values):
 def test_probes_in_the_kernels_equal_the_loops(library, kind, go_backwards, masked, rng):
     """The probe gradients (∂ℓ/∂h_t, and ∂ℓ/∂c_t of the LSTM) and every other gradient through
     the kernels equal the loop's, zero probes (the monitor's) and nonzero ones alike; masked
-    steps have a zero probe gradient in both."""
+    steps have a zero probe gradient in both. In float64: in float32 the two paths' rounding can
+    put a ReLU pre-activation on either side of 0, and then no gradient agrees (the float32
+    kernels are tested against Keras above and in test_sequence_kernel_properties.py)."""
     name, extra = layer_kind(kind)
-    layer = getattr(fr, name)(H, return_sequences=True, go_backwards=go_backwards, **extra)
+    layer = getattr(fr, name)(H, return_sequences=True, go_backwards=go_backwards,
+                              dtype="float64", **extra)
     layer.build((B, T, D))
-    layer.set_weights([w + 0.3 * rng.normal(size=w.shape) for w in layer.get_weights()])
-    x = tf.constant(rng.normal(size=(B, T, D)).astype("float32"))
+    weights = [w + 0.3 * rng.normal(size=w.shape) for w in layer.get_weights()]
+    # a contracting recurrence (U halved): where gradients grow step by step, rounding grows with
+    # them, beyond what the bound of tests/tolerance.py assumes (the ReLU RNN's did here)
+    weights[1] *= 0.5
+    layer.set_weights(weights)
+    x = tf.constant(rng.normal(size=(B, T, D)))
     mask = tf.constant(_mask(rng)) if masked else None
     n_states = 2 if kind == "LSTM" else 1
     chain = rounding_chain(steps=T, batch=B, dim=D, units=H, gates=GATES[kind])
     for scale in (0.0, 0.2):
-        values = [(scale * rng.normal(size=(B, T, H))).astype("float32")
-                  for _ in range(n_states)]
+        values = [scale * rng.normal(size=(B, T, H)) for _ in range(n_states)]
         fn = _probed(layer, x, mask, values)
         assert SEQUENCE_OPS[kind] + "Grad" in _kernel_ops(fn, x)
         out, grads = tf.function(fn)(x)
         with fr.config.scope(sequence_kernels=False, native_kernels=False):
             assert not _kernel_ops(fn, x)
             out_ref, grads_ref = tf.function(fn)(x)
-        assert_close(out, out_ref, chain, name=f"output (probes x {scale})")
+        assert_close(out, out_ref, chain, "float64", name=f"output (probes x {scale})")
         for k, (g, g_ref) in enumerate(zip(grads, grads_ref, strict=True)):
-            assert_close(g, g_ref, chain, name=f"gradient {k} (probes x {scale})")
+            assert_close(g, g_ref, chain, "float64", name=f"gradient {k} (probes x {scale})")
         if masked:
             off = ~mask.numpy()
             for k in range(n_states):

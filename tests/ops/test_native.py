@@ -317,8 +317,8 @@ def _sequence_loss(library, kind, weights, mask=None):
             h_last)
 
     def rnn(xp, h0, u, b, p_h, activation="tanh"):
-        h, h_last = library.keras_fancyrnn_rnn_sequence(xp, h0, u, b, mask, p_h,
-                                                        activation=activation)
+        h, h_last, _ = library.keras_fancyrnn_rnn_sequence(xp, h0, u, b, mask, p_h,
+                                                           activation=activation)
         return tf.reduce_sum(h ** 3 * weights[0]) + last(h_last)
 
     def gru_before(xp, h0, u, b, p_h):

@@ -212,11 +212,31 @@ inline bool ReadDims(Shapes& shapes, OpKernelContext* ctx, int state, int seq, D
   return true;
 }
 
-inline bool CheckMaskAndProbes(Shapes& shapes, const Dims& d, int mask,
-                               std::initializer_list<int> probes) {
-  if (!shapes.CheckOptional(mask, {d.S, d.B})) return false;
-  for (int i : probes) {
-    if (!shapes.CheckOptional(i, {d.S, d.B, d.H})) return false;
+// What an input of a sequence op is, in units of its S steps, B rows and H units (k: gates per
+// unit): a sequence [S, B, kH], a state [B, H], a recurrent kernel [H, kH], a bias [kH], the mask
+// [S, B]; optional ones (a gradient that may be absent, the mask, a probe [S, B, H]) may be empty.
+enum class Is { kSequence, kOptionalSequence, kState, kKernel, kBias, kMask, kProbe };
+
+struct Input {
+  int index;
+  Is is;
+  int64_t k = 1;
+};
+
+inline bool CheckInputs(Shapes& shapes, const Dims& d, std::initializer_list<Input> inputs) {
+  for (const Input& in : inputs) {
+    const int64_t S = d.S, B = d.B, H = d.H, kH = in.k * d.H;
+    bool ok = true;
+    switch (in.is) {
+      case Is::kSequence: ok = shapes.Check(in.index, {S, B, kH}); break;
+      case Is::kOptionalSequence: ok = shapes.CheckOptional(in.index, {S, B, kH}); break;
+      case Is::kState: ok = shapes.Check(in.index, {B, H}); break;
+      case Is::kKernel: ok = shapes.Check(in.index, {H, kH}); break;
+      case Is::kBias: ok = shapes.Check(in.index, {kH}); break;
+      case Is::kMask: ok = shapes.CheckOptional(in.index, {S, B}); break;
+      case Is::kProbe: ok = shapes.CheckOptional(in.index, {S, B, H}); break;
+    }
+    if (!ok) return false;
   }
   return true;
 }
@@ -252,10 +272,9 @@ class LstmSequence : public SequenceOp {
     Dims d;
     if (!ReadDims(shapes, ctx, 1, 0, &d)) return;
     const int64_t S = d.S, B = d.B, H = d.H;
-    if (!shapes.Check(0, {S, B, 4 * H}) || !shapes.Check(2, {B, H}) ||
-        !shapes.Check(3, {H, 4 * H}) || !shapes.Check(4, {4 * H}) ||
-        !CheckMaskAndProbes(shapes, d, 5, {6, 7}))
-      return;
+    if (!CheckInputs(shapes, d, {{0, Is::kSequence, 4}, {2, Is::kState}, {3, Is::kKernel, 4},
+                                 {4, Is::kBias, 4}, {5, Is::kMask}, {6, Is::kProbe},
+                                 {7, Is::kProbe}})) return;
     const Tensor& xp = ctx->input(0);
     T* z = Output<T>(ctx, 0, xp.shape(), 0);
     T* h = Output<T>(ctx, 1, TensorShape({S, B, H}));
@@ -300,12 +319,11 @@ class LstmSequenceGrad : public SequenceOp {
     Dims d;
     if (!ReadDims(shapes, ctx, 5, 3, &d)) return;
     const int64_t S = d.S, B = d.B, H = d.H;
-    if (!shapes.Check(3, {S, B, 4 * H}) || !shapes.CheckOptional(0, {S, B, H}) ||
-        !shapes.CheckOptional(1, {S, B, H}) || !shapes.CheckOptional(2, {S, B, 4 * H}) ||
-        !shapes.Check(4, {S, B, H}) || !shapes.Check(6, {H, 4 * H}) ||
-        !shapes.Check(7, {B, H}) || !shapes.Check(8, {B, H}) ||
-        !CheckMaskAndProbes(shapes, d, 9, {10, 11}))
-      return;
+    if (!CheckInputs(shapes, d, {{0, Is::kOptionalSequence}, {1, Is::kOptionalSequence},
+                                 {2, Is::kOptionalSequence, 4}, {3, Is::kSequence, 4},
+                                 {4, Is::kSequence}, {6, Is::kKernel, 4}, {7, Is::kState},
+                                 {8, Is::kState}, {9, Is::kMask}, {10, Is::kProbe},
+                                 {11, Is::kProbe}})) return;
     const T *z = Ptr<T>(ctx, 3), *dz_in = OptionalPtr<T>(ctx, 2);
     T* dz = Output<T>(ctx, 0, ctx->input(3).shape(), 3);
     T* dh0 = Output<T>(ctx, 1, ctx->input(5).shape());
@@ -366,10 +384,8 @@ class GruSequence : public SequenceOp {
     Dims d;
     if (!ReadDims(shapes, ctx, 1, 0, &d)) return;
     const int64_t S = d.S, B = d.B, H = d.H;
-    if (!shapes.Check(0, {S, B, 3 * H}) || !shapes.Check(2, {H, 3 * H}) ||
-        !shapes.Check(3, {3 * H}) || !shapes.Check(4, {3 * H}) ||
-        !CheckMaskAndProbes(shapes, d, 5, {6}))
-      return;
+    if (!CheckInputs(shapes, d, {{0, Is::kSequence, 3}, {2, Is::kKernel, 3}, {3, Is::kBias, 3},
+                                 {4, Is::kBias, 3}, {5, Is::kMask}, {6, Is::kProbe}})) return;
     T* h = Output<T>(ctx, 0, TensorShape({S, B, H}));
     T* rec = Output<T>(ctx, 1, ctx->input(0).shape());
     T* h_last = Output<T>(ctx, 2, ctx->input(1).shape());
@@ -411,12 +427,10 @@ class GruSequenceGrad : public SequenceOp {
     Dims d;
     if (!ReadDims(shapes, ctx, 5, 2, &d)) return;
     const int64_t S = d.S, B = d.B, H = d.H;
-    if (!shapes.Check(2, {S, B, 3 * H}) || !shapes.CheckOptional(0, {S, B, H}) ||
-        !shapes.CheckOptional(1, {S, B, 3 * H}) || !shapes.Check(3, {S, B, 3 * H}) ||
-        !shapes.Check(4, {S, B, H}) || !shapes.Check(6, {H, 3 * H}) ||
-        !shapes.Check(7, {B, H}) || !shapes.Check(8, {3 * H}) ||
-        !CheckMaskAndProbes(shapes, d, 9, {10}))
-      return;
+    if (!CheckInputs(shapes, d, {{0, Is::kOptionalSequence}, {1, Is::kOptionalSequence, 3},
+                                 {2, Is::kSequence, 3}, {3, Is::kSequence, 3}, {4, Is::kSequence},
+                                 {6, Is::kKernel, 3}, {7, Is::kState}, {8, Is::kBias, 3},
+                                 {9, Is::kMask}, {10, Is::kProbe}})) return;
     // d xp and d rec in the buffers of xp and rec where TensorFlow allows (a step's rows of xp
     // are copied before they are written; GruRowGrad reads a row of rec before it writes it).
     T* dxp = Output<T>(ctx, 0, ctx->input(2).shape(), 2);
@@ -478,9 +492,8 @@ class GruBeforeSequence : public SequenceOp {
     Dims d;
     if (!ReadDims(shapes, ctx, 1, 0, &d)) return;
     const int64_t S = d.S, B = d.B, H = d.H;
-    if (!shapes.Check(0, {S, B, 3 * H}) || !shapes.Check(2, {H, 3 * H}) ||
-        !shapes.Check(3, {3 * H}) || !CheckMaskAndProbes(shapes, d, 4, {5}))
-      return;
+    if (!CheckInputs(shapes, d, {{0, Is::kSequence, 3}, {2, Is::kKernel, 3}, {3, Is::kBias, 3},
+                                 {4, Is::kMask}, {5, Is::kProbe}})) return;
     T* h = Output<T>(ctx, 0, TensorShape({S, B, H}));
     T* rec = Output<T>(ctx, 1, ctx->input(0).shape());
     T* rh = Output<T>(ctx, 2, TensorShape({S, B, H}));
@@ -533,12 +546,11 @@ class GruBeforeSequenceGrad : public SequenceOp {
     Dims d;
     if (!ReadDims(shapes, ctx, 6, 3, &d)) return;
     const int64_t S = d.S, B = d.B, H = d.H;
-    if (!shapes.Check(3, {S, B, 3 * H}) || !shapes.CheckOptional(0, {S, B, H}) ||
-        !shapes.CheckOptional(1, {S, B, 3 * H}) || !shapes.CheckOptional(2, {S, B, H}) ||
-        !shapes.Check(4, {S, B, 3 * H}) || !shapes.Check(5, {S, B, H}) ||
-        !shapes.Check(7, {H, 3 * H}) || !shapes.Check(8, {B, H}) || !shapes.Check(9, {3 * H}) ||
-        !CheckMaskAndProbes(shapes, d, 10, {11}))
-      return;
+    if (!CheckInputs(shapes, d, {{0, Is::kOptionalSequence}, {1, Is::kOptionalSequence, 3},
+                                 {2, Is::kOptionalSequence}, {3, Is::kSequence, 3},
+                                 {4, Is::kSequence, 3}, {5, Is::kSequence}, {7, Is::kKernel, 3},
+                                 {8, Is::kState}, {9, Is::kBias, 3}, {10, Is::kMask},
+                                 {11, Is::kProbe}})) return;
     T* dxp = Output<T>(ctx, 0, ctx->input(3).shape(), 3);
     T* drec = Output<T>(ctx, 1, ctx->input(4).shape(), 4);
     T* dh0 = Output<T>(ctx, 2, ctx->input(6).shape());
@@ -592,7 +604,9 @@ class GruBeforeSequenceGrad : public SequenceOp {
 // ---------------------------------------------------------------------------------------------
 // SimpleRNN: h_t = σ(xp_t + h_{t-1} U), σ = tanh or ReLU (attr `activation`; ReLU for the IRNN
 // of Le, Jaitly & Hinton 2015). Inputs xp [T, B, H] (x W), h0 [B, H], u [H, H], b [H], mask,
-// probe_h. Outputs h [T, B, H] (in xp's buffer where TensorFlow allows) and h_T [B, H].
+// probe_h. Outputs h [T, B, H] (in xp's buffer where TensorFlow allows), h_T [B, H] and, with a
+// probe, act = σ(z_t) [T, B, H] before the probe is added (empty without one): the gradient reads
+// σ'(z_t) off it, where h_t - probe_t could round a small ReLU activation to 0.
 
 // Whether the op's `activation` attr says ReLU (else tanh, the only other value it allows).
 bool IsRelu(OpKernelConstruction* ctx) {
@@ -612,12 +626,12 @@ class RnnSequence : public SequenceOp {
     Dims d;
     if (!ReadDims(shapes, ctx, 1, 0, &d)) return;
     const int64_t S = d.S, B = d.B, H = d.H;
-    if (!shapes.Check(0, {S, B, H}) || !shapes.Check(2, {H, H}) || !shapes.Check(3, {H}) ||
-        !CheckMaskAndProbes(shapes, d, 4, {5}))
-      return;
+    if (!CheckInputs(shapes, d, {{0, Is::kSequence}, {2, Is::kKernel}, {3, Is::kBias},
+                                 {4, Is::kMask}, {5, Is::kProbe}})) return;
     const Tensor& xp = ctx->input(0);
     T* h = Output<T>(ctx, 0, xp.shape(), 0);
     T* h_last = Output<T>(ctx, 1, ctx->input(1).shape());
+    T* act = ProbeGrad<T>(ctx, 2, 5);
     if (!ctx->status().ok()) return;
     if (h != Ptr<T>(ctx, 0)) std::copy_n(Ptr<T>(ctx, 0), xp.NumElements(), h);
     const T *h_0 = Ptr<T>(ctx, 1), *probe_h = OptionalPtr<T>(ctx, 5);
@@ -634,6 +648,7 @@ class RnnSequence : public SequenceOp {
         } else {
           h_t = h_t.array().tanh().matrix();
         }
+        if (act != nullptr) std::copy_n(h_t.data(), h_t.size(), At(act, t, B, lo, H));
         EndStep<T>(mask, probe_h, h, h_0, t, B, H, lo, hi);
       }
       CopyLast<T>(h, h_0, S, B, H, lo, hi, h_last);
@@ -645,9 +660,10 @@ class RnnSequence : public SequenceOp {
 };
 
 // Inputs dh (gradient of the h sequence: empty where there is none, else [T, B, H]), h, h0, u,
-// dh_last [B, H], mask, probe_h. Outputs dz [T, B, H] (= d xp; in dh's buffer where TensorFlow
-// allows), dh0, db [H] (the sum of dz over T and B), and the probe's gradient. σ'(z_t) is read
-// off σ(z_t) = h_t - probe_t.
+// dh_last [B, H], mask, act (the forward's: empty where there is no probe). Outputs dz [T, B, H]
+// (= d xp; in dh's buffer where TensorFlow allows), dh0, db [H] (the sum of dz over T and B),
+// and the probe's gradient (shaped as act). σ'(z_t) is read off σ(z_t): act where there is a
+// probe, else h.
 template <typename T>
 class RnnSequenceGrad : public SequenceOp {
  public:
@@ -659,12 +675,10 @@ class RnnSequenceGrad : public SequenceOp {
     Dims d;
     if (!ReadDims(shapes, ctx, 2, 1, &d)) return;
     const int64_t S = d.S, B = d.B, H = d.H;
-    if (!shapes.Check(1, {S, B, H}) || !shapes.CheckOptional(0, {S, B, H}) ||
-        !shapes.Check(3, {H, H}) || !shapes.Check(4, {B, H}) ||
-        !CheckMaskAndProbes(shapes, d, 5, {6}))
-      return;
+    if (!CheckInputs(shapes, d, {{0, Is::kOptionalSequence}, {1, Is::kSequence}, {3, Is::kKernel},
+                                 {4, Is::kState}, {5, Is::kMask}, {6, Is::kProbe}})) return;
     const T *dh = OptionalPtr<T>(ctx, 0), *h = Ptr<T>(ctx, 1), *dh_last = Ptr<T>(ctx, 4),
-            *probe_h = OptionalPtr<T>(ctx, 6);
+            *act = OptionalPtr<T>(ctx, 6);
     T* dz = Output<T>(ctx, 0, ctx->input(1).shape(), dh == nullptr ? -1 : 0);
     T* dh0 = Output<T>(ctx, 1, ctx->input(2).shape());
     T* db = Output<T>(ctx, 2, TensorShape({H}));
@@ -676,17 +690,15 @@ class RnnSequenceGrad : public SequenceOp {
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t s) {
       const int64_t n = hi - lo;
       CarriedGrad<T> dh_carry(dh0, dh_last, dh, mask, dprobe_h, B, H, lo, hi);
-      Vec<T> act(n * H);  // σ(z_t)
       for (int64_t t = S - 1; t >= 0; --t) {
         dh_carry.Begin(t);  // now the total ∂ℓ/∂h_t (0 at masked rows)
-        act = In<T>(At(h, t, B, lo, H), n * H);
-        if (probe_h != nullptr) act -= In<T>(At(probe_h, t, B, lo, H), n * H);
+        In<T> sigma(At(act == nullptr ? h : act, t, B, lo, H), n * H);
         In<T> carry(dh_carry.data(), n * H);
         Out<T> dz_t(At(dz, t, B, lo, H), n * H);
         if (relu_) {  // σ'(z) = 1 where z > 0, that is where σ(z) > 0 (TensorFlow's ReluGrad too)
-          dz_t = (act > T(0)).select(carry, T(0));
+          dz_t = (sigma > T(0)).select(carry, T(0));
         } else {
-          dz_t = carry * (T(1) - act * act);
+          dz_t = carry * (T(1) - sigma * sigma);
         }
         db_sums.Add(s, dz, t, B, lo, n);
         u_t.Multiply(At(dz, t, B, lo, H), n, dh_carry.data(), false);
@@ -792,15 +804,17 @@ REGISTER_OP("KerasFancyrnnGruBeforeSequenceGrad")
 REGISTER_OP("KerasFancyrnnRnnSequence")
     .Input("xp: T").Input("h0: T").Input("u: T").Input("b: T")
     .Input("mask: bool").Input("probe_h: T")
-    .Output("h: T").Output("h_last: T")
+    .Output("h: T").Output("h_last: T").Output("act: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
     .Attr("activation: {'tanh', 'relu'} = 'tanh'")
-    .SetShapeFn([](InferenceContext* c) { return SequenceShapes(c, 0, 1, {}, {{0, 0}, {1, 1}}); });
+    .SetShapeFn([](InferenceContext* c) {
+      return SequenceShapes(c, 0, 1, {}, {{0, 0}, {1, 1}, {2, 5}});
+    });
 
 REGISTER_OP("KerasFancyrnnRnnSequenceGrad")
     .Input("dh: T").Input("h: T").Input("h0: T").Input("u: T").Input("dh_last: T")
-    .Input("mask: bool").Input("probe_h: T")
+    .Input("mask: bool").Input("act: T")
     .Output("dz: T").Output("dh0: T").Output("db: T").Output("dprobe_h: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
