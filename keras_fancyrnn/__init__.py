@@ -3,9 +3,9 @@
 __version__ = "0.1.0"
 
 from keras_fancyrnn import config, datasets
+from keras_fancyrnn.convert import from_keras
 from keras_fancyrnn.diagnostics import GradientNormMonitor
 from keras_fancyrnn.engine.dispatch import explain, portable
-from keras_fancyrnn.convert import from_keras
 from keras_fancyrnn.errors import (
     ConfigError,
     ConversionError,

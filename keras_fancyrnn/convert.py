@@ -229,22 +229,27 @@ class Rebuild:
     ``share_weights``: layers that need no conversion are the original objects and converted
     cells use the original variables; otherwise every layer is new, its weights copied.
     ``dtype``: every layer in that dtype (implies copies; ``sync()`` copies the weights again,
-    cast). ``input_probe``: ids of layers that get an ``InputProbe`` before their first call.
+    cast). ``input_probe(layer)``: whether ``layer`` gets an ``InputProbe`` before its first call.
+    ``lenient``: a layer that does not convert is kept as it is, the reason in ``failed``.
     After construction: ``model``, ``layers`` (``id`` of original layer -> its counterpart, the
     sides of wrappers included), ``probes`` (``id`` of original layer -> its ``InputProbe``).
     """
 
     def __init__(self, model, share_weights: bool = False, dtype: str | None = None,
-                 input_probe: Callable | None = None):
+                 input_probe: Callable | None = None, lenient: bool = False):
         self.share = share_weights and dtype is None
         self.dtype = dtype
         self.input_probe = input_probe or (lambda layer: False)
+        self.lenient = lenient
+        self.failed: dict = {}  # lenient: id(layer) -> why it was not converted
         self.layers: dict = {}
         self.probes: dict = {}
         self._origin: dict = {}
         self._pairs: list = []  # (fr cell, original cell)
         self._copies: list = []  # (new layer, original layer): the same class and weights
         self.model = self._model(model)
+        if self.share:
+            self._share_states(model)
         self.sync()
 
     def sync(self) -> None:
@@ -262,7 +267,7 @@ class Rebuild:
             return self.layers[id(layer)]
         if isinstance(layer, keras.Model):
             new = self._model(layer)
-        elif needs_conversion(layer):
+        elif needs_conversion(layer) and not self._refused(layer):
             pairs: list = []
             new = convert_layer(layer, pairs)
             if self.dtype is not None:
@@ -280,6 +285,29 @@ class Rebuild:
         self.layers[id(layer)] = new
         self._origin[id(new)] = layer
         return new
+
+    def _share_states(self, model) -> None:
+        """A converted stateful layer reads and writes its original's state variables."""
+        for old in model._flatten_layers(include_self=False, recursive=True):
+            new = self.layers.get(id(old))
+            if new is not None and new is not old and getattr(old, "stateful", False) and (
+                getattr(old, "states", None) is not None and isinstance(new, RNN)
+            ):  # object.__setattr__: the built layer's tracker must not adopt them
+                object.__setattr__(new, "states", old.states)
+
+    def _refused(self, layer) -> bool:
+        """Lenient: records why ``layer`` does not convert (then kept as it is)."""
+        if not self.lenient:
+            return False
+        try:
+            convert_layer(layer)
+        except ConversionError as e:
+            self.failed[id(layer)] = str(e)
+            for side in ("forward_layer", "backward_layer"):
+                if hasattr(layer, side):
+                    self.failed[id(getattr(layer, side))] = str(e)
+            return True
+        return False
 
     def _probe_for(self, original, dtype_policy):
         if id(original) in self.probes or not self.input_probe(original):
@@ -319,7 +347,10 @@ class Rebuild:
             layers.insert(0, keras.Input(batch_shape=spec.shape, dtype=spec.dtype))
         except (AttributeError, IndexError, TypeError, ValueError):
             pass  # not built: the layers are built on first call
-        return keras.Sequential(layers, name=model.name, trainable=model.trainable)
+        new = keras.Sequential(layers, name=model.name, trainable=model.trainable)
+        if model.compiled and not self.share:  # as clone_model does for a functional model
+            new.compile_from_config(model.get_compile_config())
+        return new
 
 
 def _deserialize_as(layer, dtype: str | None):
