@@ -345,16 +345,19 @@ def _check_stateful_batch(model, batch: int | None) -> None:
 
 
 def gradient_norms(model, x, y, sample_weight=None, layers=None, input_norms: bool = True,
-                   loss: Callable | None = None) -> dict[str, np.ndarray]:
+                   loss: Callable | None = None,
+                   probe_dtype: str | None = None) -> dict[str, np.ndarray]:
     """One probe pass: ``{series key: [T] curve}`` for a batch ``(x, y)``, without recording.
 
     Same definition as ``GradientNormMonitor`` (the ``monitor`` module's docstring) and keys
     (the ``targets`` module's). ``model`` must be compiled with a loss unless
-    ``loss(y_true, y_pred) -> [batch]`` is given. Builds a new ``tf.function`` each call; for
-    repeated use keep a ``ProbePass`` or use the monitor.
+    ``loss(y_true, y_pred) -> [batch]`` is given. ``probe_dtype="float64"``: the pass runs a
+    float64 copy of the model (``GradientNormMonitor``'s argument of that name). Builds a new
+    ``tf.function`` each call; for repeated use keep a ``ProbePass`` or use the monitor.
     """
     _check_loss(model, loss)
-    return ProbePass(model, discover(model, layers, input_norms), loss)(x, y, sample_weight)
+    return ProbePass(model, discover(model, layers, input_norms), loss, probe_dtype)(
+        x, y, sample_weight)
 
 
 def _check_loss(model, loss):
