@@ -112,7 +112,11 @@ class GradientNormMonitor(keras.callbacks.Callback):
             record), a ``tf.data.Dataset`` of such batches (one batch per record, cycled), or a
             callable returning one.
         layers: ``None`` (every recurrent layer, nested models and wrappers included), or layer
-            names / layer objects; a non-recurrent layer taking a sequence gets its ``/input``.
+            names / layer objects / any key the monitor reports (``"branch_a/top"``,
+            ``"bi/forward"``); a non-recurrent layer taking a sequence gets its ``/input``.
+            Keras's own recurrent layers (``keras.layers.LSTM`` …) are measured like fr layers,
+            with no conversion by the user: the pass runs them as fr layers on their own
+            variables (``probe_model``); one it cannot reach is named in one warning.
         every_n_batches: record every ``n`` training steps (counted across epochs and fits).
         every_n_epochs: record at the end of every ``n``-th epoch. With neither given,
             ``every_n_batches=100`` (``DEFAULT_EVERY_N_BATCHES``).
