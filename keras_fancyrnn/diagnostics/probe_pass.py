@@ -60,8 +60,9 @@ def _input_error(name: str, sequences, errors: list) -> bool:
 
 
 #: Under float16, how many times the loss scale may be halved until the pass overflows no more
-#: (2**-40 of the optimizer's scale: far past any gradient a finite float32 pass gives).
-_MAX_HALVINGS = 40
+#: (down to 2**-24 of the first factor; a pass whose forward values are not finite is not finite
+#: in float32 either, and costs this many passes at most).
+_MAX_HALVINGS = 24
 
 
 class ProbePass:

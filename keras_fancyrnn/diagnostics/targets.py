@@ -33,7 +33,7 @@ from keras_fancyrnn.layers.base import RNN
 
 @dataclass
 class _Target:
-    """One monitored layer: which probes its patched call adds and under which keys."""
+    """One monitored layer: which of its series are probed and under which keys."""
 
     layer: keras.layers.Layer
     key: str
