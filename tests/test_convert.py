@@ -26,6 +26,11 @@ LAYERS = {
     "stacked_cells": lambda: K.RNN(K.StackedRNNCells([K.GRUCell(H), K.LSTMCell(3)])),
     "bidirectional": lambda: K.Bidirectional(K.LSTM(H, return_sequences=True), merge_mode="sum"),
     "bidirectional_gru": lambda: K.Bidirectional(K.GRU(H)),
+    "rnn_of_fr_cell": lambda: K.RNN(fr.GRUCell(H), return_sequences=True),
+    "fr_stack_of_keras": lambda: fr.StackedRNN([K.LSTM(H, return_sequences=True),
+                                                K.GRU(H, return_sequences=True)],
+                                               residual=[False, True]),
+    "fr_bidirectional_of_keras": lambda: fr.Bidirectional(K.SimpleRNN(H), merge_mode="mul"),
 }
 
 
