@@ -132,6 +132,8 @@ class Subclassed(keras.Model):
     (lambda: K.RNN(MyCell(H), name="rc"), r"'rc' \(RNN\): its cell MyCell"),
     (lambda: K.RNN(K.StackedRNNCells([K.GRUCell(H)]), go_backwards=True, name="st"),
      r"'st' \(RNN\): go_backwards=True with StackedRNNCells"),
+    (lambda: K.RNN(K.StackedRNNCells([K.GRUCell(H)]), return_state=True, name="st"),
+     r"'st' \(RNN\): return_state=True with StackedRNNCells"),
 ])
 def test_what_cannot_convert_raises_naming_layer_and_option(make, message):
     inp = keras.Input((T, D))
@@ -161,3 +163,13 @@ def test_bidirectional_from_a_keras_config_converts_the_keras_layer(rng):
     assert_close(ours(x).numpy(), theirs(x).numpy(), CHAIN, name="outputs")
     with pytest.raises(fr.ConversionError, match="MyLSTM"):
         fr.Bidirectional.from_config(K.Bidirectional(MyLSTM(H)).get_config())
+
+
+def test_an_option_without_counterpart_is_named():
+    """A Keras layer whose config holds an option the fr layer does not take (a future Keras
+    option, say) is refused by name rather than dropped."""
+    from keras_fancyrnn import convert
+
+    layer = K.LSTM(H, name="future")
+    with pytest.raises(fr.ConversionError, match=r"'future' \(LSTM\).*\['peephole'\]"):
+        convert._make(fr.LSTM, layer, {**layer.get_config(), "peephole": True})
