@@ -17,6 +17,7 @@ chosen layers.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 
 import keras
@@ -327,9 +328,13 @@ class Rebuild:
     def _model(self, model):
         if isinstance(model, keras.Sequential):
             return self._sequential(model)
-        if isinstance(model, Functional):
-            return keras.models.clone_model(model, clone_function=self._layer,
-                                            call_function=self._call)
+        if isinstance(model, Functional):  # as clone_model, which would also compile it
+            inputs = keras.tree.map_structure(
+                lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name),
+                model.input)
+            outputs = model._run_through_graph(inputs, operation_fn=self._layer,
+                                               call_fn=self._call)
+            return self._compiled_like(Functional(inputs, outputs, name=model.name), model)
         raise ConversionError(
             f"cannot rebuild the model {model.name!r} ({type(model).__name__}): only Sequential "
             "and functional models can be rebuilt layer by layer (a subclassed model's call is "
@@ -348,8 +353,18 @@ class Rebuild:
         except (AttributeError, IndexError, TypeError, ValueError):
             pass  # not built: the layers are built on first call
         new = keras.Sequential(layers, name=model.name, trainable=model.trainable)
-        if model.compiled and not self.share:  # as clone_model does for a functional model
-            new.compile_from_config(model.get_compile_config())
+        return self._compiled_like(new, model)
+
+    def _compiled_like(self, new, model):
+        """A copy is compiled as ``model`` was (a fresh optimizer), where its compile config
+        deserializes; a shared probe model is never compiled."""
+        if model.compiled and not self.share:
+            try:
+                new.compile_from_config(model.get_compile_config())
+            except (TypeError, ValueError) as e:
+                warnings.warn(f"from_keras: the converted model {model.name!r} is not compiled, "
+                              f"its compile config does not deserialize ({e}); compile it",
+                              RuntimeWarning, stacklevel=4)
         return new
 
 
@@ -373,7 +388,8 @@ def from_keras(model, share_weights: bool = False):
     Args:
         model: a Sequential or functional Keras model (nested models are converted too).
         share_weights: ``False`` (default): a new model with its own copy of every weight, compiled
-            like the original if it was (a fresh optimizer of the same configuration).
+            like the original if it was (a fresh optimizer of the same configuration; a warning
+            where that configuration holds an unregistered function and does not deserialize).
             ``True``: the new model uses the original's layers and variables (training one
             trains the other); what the gradient monitor uses to probe Keras layers.
 

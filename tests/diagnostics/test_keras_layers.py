@@ -217,3 +217,20 @@ def test_selection_accepts_every_reported_key(rng):
     monitor.set_model(model)
     assert list(monitor.record()) == ["branch_a/top", "branch_a/top/cell", "branch_a/top/input",
                                       "bi/backward"]
+
+
+def test_probe_model_is_not_compiled_so_any_loss_and_optimizer_work(rng):
+    """The probe model needs no compile config: an unregistered loss function and an fr
+    ClippingOptimizer (which do not round-trip through a config) leave the monitor working."""
+    def own_mse(y_true, y_pred):
+        return keras.ops.mean((y_true - y_pred) ** 2, axis=-1)
+
+    x, y = data(rng)
+    inp = keras.Input((T, D))
+    model = keras.Model(inp, K.Dense(OUT)(K.LSTM(H, name="k")(inp)))
+    model.compile(optimizer=fr.ClippingOptimizer(keras.optimizers.Adam(1e-2)), loss=own_mse)
+    monitor = GradientNormMonitor((x, y), every_n_batches=1)
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[monitor])
+    assert list(monitor.history) == ["k", "k/cell", "k/input"]
+    assert monitor.history["k"].shape == (3, T) and np.all(monitor.history["k"] > 0)
+    assert not monitor._probe._plan.model.compiled
