@@ -234,3 +234,13 @@ def test_probe_model_is_not_compiled_so_any_loss_and_optimizer_work(rng):
     assert list(monitor.history) == ["k", "k/cell", "k/input"]
     assert monitor.history["k"].shape == (3, T) and np.all(monitor.history["k"] > 0)
     assert not monitor._probe._plan.model.compiled
+
+
+def test_input_probe_refuses_an_integer_sequence_by_name(rng):
+    ints = rng.integers(-2, 3, size=(B, T, D)).astype("int32")
+    _, y = data(rng)
+    inp = keras.Input((T, D), dtype="int32")
+    model = compiled(inp, K.Dense(OUT)(fr.LSTM(H)(K.Identity(name="ident")(inp))))
+    with pytest.raises(fr.LayerSelectionError,
+                       match="the input of 'ident' is int32, not a float sequence"):
+        gradient_norms(model, ints, y, layers="ident")
