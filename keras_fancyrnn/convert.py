@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable
 
 import keras
-from keras.src.models.functional import Functional  # clone_model's own test
+from keras.src.models.functional import Functional  # not exported by keras
 
 from keras_fancyrnn.engine import probes
 from keras_fancyrnn.errors import ConversionError
@@ -212,16 +212,20 @@ class InputProbe(keras.layers.Layer):
 def _retyped(config, dtype: str):
     """A serialized layer's config with every dtype (policy) replaced by ``dtype``."""
     if isinstance(config, dict):
-        return {k: (dtype if k == "dtype" and v is not None and not _is_int_dtype(v)
-                    else _retyped(v, dtype)) for k, v in config.items()}
+        return {k: (dtype if k == "dtype" and _is_float_dtype(v) else _retyped(v, dtype))
+                for k, v in config.items()}
     if isinstance(config, list):
         return [_retyped(v, dtype) for v in config]
     return config
 
 
-def _is_int_dtype(value) -> bool:
+def _is_float_dtype(value) -> bool:
+    """A float dtype or dtype policy (``"float32"``, ``"mixed_float16"`` or its config); integer
+    inputs (an ``Embedding``'s) keep theirs."""
+    if value is None:
+        return False
     name = value.get("config", {}).get("name", "") if isinstance(value, dict) else str(value)
-    return not any(kind in name for kind in ("float", "bfloat"))
+    return "float" in name
 
 
 class Rebuild:
@@ -383,7 +387,8 @@ def from_keras(model, share_weights: bool = False):
     ``keras.layers.RNN`` of Keras's cells the fr layer of that cell, of ``StackedRNNCells`` an
     ``fr.StackedRNN`` (one layer per cell, named after it); ``keras.layers.Bidirectional`` an
     ``fr.Bidirectional``. Names, options and weights carry over, so the outputs (and gradients)
-    equal the original's up to float rounding; fr layers and other layers are kept as they are.
+    equal the original's up to float rounding; fr layers and all other layers stay what they are
+    (copies, or the same objects with ``share_weights``).
 
     Args:
         model: a Sequential or functional Keras model (nested models are converted too).
