@@ -311,8 +311,13 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
 def underflow_note() -> str:
     return (
         "Timesteps with ‖∂ℓ/∂h_t‖ exactly 0 (gaps in the curves, white in the heatmap, counted as "
-        "“t at 0” in the table) are below what the monitor can represent: it computes "
-        "sqrt(Σ g²) in float32, whose squares underflow for norms below about 1e-20. There the "
+        "“t at 0” in the table) are where the float32 backward pass itself underflowed: each "
+        "step multiplies ∂ℓ/∂h_t by a Jacobian of norm below 1, and once the components fall "
+        "below float32's smallest normal number (about 1.2e-38) TensorFlow flushes them to 0 "
+        "(no denormals), so every earlier gradient is exactly 0. (The norm itself is computed "
+        "scaled, sqrt(Σ (g/m)²)·m with m = max |g|, so it does not underflow before the "
+        "gradient does.) GradientNormMonitor(probe_dtype='float64') follows the curve further "
+        "down, in a float64 copy of the model. Where the curve reaches 0 the "
         "ratio is taken from the first timestep with a positive norm, so the true ratio is "
         "smaller still (an upper bound, written “<”)."
     )

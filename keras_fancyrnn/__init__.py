@@ -3,9 +3,15 @@
 __version__ = "0.1.0"
 
 from keras_fancyrnn import config, datasets
+from keras_fancyrnn.convert import from_keras
 from keras_fancyrnn.diagnostics import GradientNormMonitor
 from keras_fancyrnn.engine.dispatch import explain, portable
-from keras_fancyrnn.errors import ConfigError, LayerSelectionError, ProbeDataError
+from keras_fancyrnn.errors import (
+    ConfigError,
+    ConversionError,
+    LayerSelectionError,
+    ProbeDataError,
+)
 from keras_fancyrnn.export import export_saved_model
 from keras_fancyrnn.layers import initializers
 from keras_fancyrnn.layers.base import RNN
@@ -25,6 +31,7 @@ __all__ = [
     "ClippingOptimizer",
     "ClippingStats",
     "ConfigError",
+    "ConversionError",
     "GRUCell",
     "GradientNormMonitor",
     "LayerSelectionError",
@@ -38,6 +45,7 @@ __all__ = [
     "datasets",
     "explain",
     "export_saved_model",
+    "from_keras",
     "initializers",
     "portable",
 ]

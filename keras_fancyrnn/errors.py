@@ -24,4 +24,10 @@ class ProbeDataError(ValueError):
     size other than the one a stateful layer was built for."""
 
 
-__all__ = ["ConfigError", "LayerSelectionError", "ProbeDataError"]
+class ConversionError(ValueError):
+    """``fr.from_keras`` (or the gradient monitor's probe model) cannot convert a layer: a Keras
+    recurrent layer with an option or a cell that keras_fancyrnn layers cannot represent, or a
+    model that cannot be rebuilt layer by layer (a subclassed model)."""
+
+
+__all__ = ["ConfigError", "ConversionError", "LayerSelectionError", "ProbeDataError"]

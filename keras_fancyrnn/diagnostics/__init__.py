@@ -4,6 +4,8 @@ One concept a module, data flowing down the list (each imports only those above 
 
 * ``targets``: which layers are probed, under which series keys;
 * ``losses``: per-example losses ℓ_i under the compiled loss;
+* ``probe_model``: the model a pass runs (the user's, or one running Keras's recurrent layers as fr
+  layers on the same variables, or a float64 copy) and which of its layers give which series;
 * ``probe_pass``: ``ProbePass`` (one forward + backward pass with zero probes), its data checks,
   ``gradient_norms``;
 * ``series``: scalars derived from the curves, a clipping optimizer's stats;

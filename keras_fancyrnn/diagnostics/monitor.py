@@ -112,7 +112,11 @@ class GradientNormMonitor(keras.callbacks.Callback):
             record), a ``tf.data.Dataset`` of such batches (one batch per record, cycled), or a
             callable returning one.
         layers: ``None`` (every recurrent layer, nested models and wrappers included), or layer
-            names / layer objects; a non-recurrent layer taking a sequence gets its ``/input``.
+            names / layer objects / any key the monitor reports (``"branch_a/top"``,
+            ``"bi/forward"``); a non-recurrent layer taking a sequence gets its ``/input``.
+            Keras's own recurrent layers (``keras.layers.LSTM`` …) are measured like fr layers,
+            with no conversion by the user: the pass runs them as fr layers on their own
+            variables (``probe_model``); one it cannot reach is named in one warning.
         every_n_batches: record every ``n`` training steps (counted across epochs and fits).
         every_n_epochs: record at the end of every ``n``-th epoch. With neither given,
             ``every_n_batches=100`` (``DEFAULT_EVERY_N_BATCHES``).
@@ -125,6 +129,11 @@ class GradientNormMonitor(keras.callbacks.Callback):
             every epoch's logs (so they reach ``History`` and the progress bar).
         loss: optional ``fn(y_true, y_pred) -> [batch]`` per-example losses, instead of the
             model's compiled loss.
+        probe_dtype: ``None`` (the model's own precision) or ``"float64"``: each record runs a
+            float64 copy of the model (weights copied, cast, before every record; the training
+            model is untouched), whose backward pass follows a vanishing gradient below float32's
+            range. In float32 the backward pass itself underflows: TensorFlow flushes denormals to
+            zero, so a curve stops at exact zeros near 1.2e-38. ``history`` is then float64.
 
     Attributes: ``history`` (``{key: [n_records, T]}``), ``steps``, ``epochs``, ``scalars``
     (``{name: [n_records]}``); ``plot()`` draws them; ``record()`` takes one now (also outside
@@ -150,6 +159,7 @@ class GradientNormMonitor(keras.callbacks.Callback):
         npz_path: str | None = None,
         log_scalars: bool = True,
         loss: Callable | None = None,
+        probe_dtype: str | None = None,
     ):
         super().__init__()
         self.every_n_batches = _positive_int_or_none("every_n_batches", every_n_batches)
@@ -163,6 +173,10 @@ class GradientNormMonitor(keras.callbacks.Callback):
         self.input_norms = bool(input_norms)
         self.log_scalars = bool(log_scalars)
         self.loss = loss
+        if probe_dtype not in (None, "float32", "float64"):
+            raise ValueError(
+                f"probe_dtype must be None, 'float32' or 'float64', got {probe_dtype!r}")
+        self.probe_dtype = probe_dtype
         self._dataset_spec = None  # (x, y, sample_weight) element specs of a dataset
         self._static_batch = None  # the probe batch size, where known before drawing a batch
         self._data_source = self._make_source(data)
@@ -238,7 +252,7 @@ class GradientNormMonitor(keras.callbacks.Callback):
                 _check_batched(*self._dataset_spec, model=model)
             # before the first record, which may be many steps into fit
             _check_stateful_batch(model, self._static_batch)
-            self._probe = ProbePass(model, targets, self.loss)
+            self._probe = ProbePass(model, targets, self.loss, dtype=self.probe_dtype)
             self._probe_model = model
         return self._probe
 
@@ -290,11 +304,13 @@ class GradientNormMonitor(keras.callbacks.Callback):
     # -- results ---------------------------------------------------------------------------
     @property
     def history(self) -> dict[str, np.ndarray]:
-        """``{key: float32 [n_records, T]}``; NaN where a record lacks a timestep or series."""
+        """``{key: float32 [n_records, T]}`` (float64 with ``probe_dtype="float64"``); NaN where a
+        record lacks a timestep or series."""
         out = {}
         for k, rows in self._curves.items():
             width = max((len(r) for r in rows if r is not None), default=0)
-            arr = np.full((len(rows), width), np.nan, dtype=np.float32)
+            arr = np.full((len(rows), width), np.nan,
+                          dtype=np.float64 if self.probe_dtype == "float64" else np.float32)
             for i, r in enumerate(rows):
                 if r is not None:
                     arr[i, : len(r)] = r

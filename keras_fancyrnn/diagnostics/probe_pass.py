@@ -1,7 +1,8 @@
 """The probe pass: one forward + backward pass on a probe batch that returns ``{key: [T]}``.
 
-``ProbePass`` adds zero probes ``p_t`` (through ``keras_fancyrnn.engine.probes`` for fr layers, by
-patching ``call`` for any other layer's input) and reads ``∂ℓ/∂p_t = ∂ℓ/∂h_t`` off one tape;
+``ProbePass`` adds zero probes ``p_t`` through ``keras_fancyrnn.engine.probes`` (to the layers of
+the model that ``probe_model`` chooses: the user's own, or a probe model running Keras's recurrent
+layers as fr layers on the same variables) and reads ``∂ℓ/∂p_t = ∂ℓ/∂h_t`` off one tape;
 ``gradient_norms`` is one such pass without a monitor. Also here: the checks of the probe data
 (batch shapes, stateful layers' batch size, a compiled loss) and the model state a pass restores.
 
@@ -11,15 +12,18 @@ every non-trainable model variable (BatchNorm statistics, dropout ``SeedGenerato
 the states of stateful layers afterwards, so training is bit-identical with and without the
 monitor. It is traced once per input signature with the batch size left unknown.
 
-Under ``mixed_float16`` the per-example losses are multiplied by the ``LossScaleOptimizer``'s
-current scale before the backward pass (and the norms divided by it), so norms down to about
-``6e-8 / scale`` survive float16; ``mixed_bfloat16`` needs no scaling.
+Under ``mixed_float16`` each ∂ℓ_i/∂h is scaled, before the backward pass, by the
+``LossScaleOptimizer``'s current scale over the batch size (the factor of Keras's own scaled mean
+loss), halved again while anything overflows float16, and the norms divided by it; so every record
+is finite where a float32 pass's is, and norms down to about ``6e-8 / factor`` survive float16.
+``mixed_bfloat16`` needs no scaling. ``dtype="float64"`` (``probe_dtype`` of the monitor) runs a
+float64 copy of the model (``probe_model``), whose backward pass follows a vanishing gradient far
+below float32's smallest normal number (about 1.2e-38, where float32's stops: TensorFlow flushes
+denormals to zero, so float32's backward pass itself yields exact zeros).
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 from collections.abc import Callable
 
 import keras
@@ -27,12 +31,12 @@ import numpy as np
 from keras import ops
 
 from keras_fancyrnn._tf import tf
+from keras_fancyrnn.diagnostics import probe_model
 from keras_fancyrnn.diagnostics.losses import (
     _COMPILE_LOSS_ATTR,
     _compiled_per_example_losses,
-    _get_mask,
 )
-from keras_fancyrnn.diagnostics.targets import _is_fr_rnn, _is_recurrent, _Target, discover
+from keras_fancyrnn.diagnostics.targets import _Target, discover
 from keras_fancyrnn.engine import probes
 from keras_fancyrnn.errors import LayerSelectionError, ProbeDataError
 
@@ -41,12 +45,24 @@ def _as_tensor(a):
     return a if a is None or isinstance(a, tf.Tensor) else tf.convert_to_tensor(a)
 
 
-def _first_arg_name(fn) -> str | None:
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    return params[0].name if params else None
+def _input_error(name: str, sequences, errors: list) -> bool:
+    """Records (in ``errors``) why the input of the layer ``name`` has no input series, if it has
+    none."""
+    if sequences.shape.rank is not None and sequences.shape.rank < 3:
+        errors.append(f"layers: {name!r} does not take a sequence [batch, time, ...]: its "
+                      f"input has shape {tuple(sequences.shape)}")
+    elif not sequences.dtype.is_floating:
+        errors.append(f"layers: the input of {name!r} is {sequences.dtype.name}, not a "
+                      "float sequence, so it has no gradient; select a later layer")
+    else:
+        return False
+    return True
+
+
+#: Under float16, how many times the loss scale may be halved until the pass overflows no more
+#: (down to 2**-24 of the first factor; a pass whose forward values are not finite is not finite
+#: in float32 either, and costs this many passes at most).
+_MAX_HALVINGS = 24
 
 
 class ProbePass:
@@ -56,10 +72,16 @@ class ProbePass:
     batch dimension, dtypes). Used by ``GradientNormMonitor`` and ``gradient_norms``.
     """
 
-    def __init__(self, model, targets: list[_Target], loss: Callable | None = None):
+    def __init__(self, model, targets: list[_Target], loss: Callable | None = None,
+                 dtype: str | None = None):
         self.model = model
         self.targets = targets
         self.loss = loss
+        if dtype not in (None, "float32", "float64"):
+            raise ValueError(f"probe_dtype must be None, 'float32' or 'float64', got {dtype!r}")
+        self._dtype = tf.float64 if dtype == "float64" else tf.float32
+        self._probe_dtype = dtype if dtype == "float64" else None
+        self._plan: probe_model.Plan | None = None  # made once the model is built
         self._fn = tf.function(self._pass, jit_compile=False)
         self._concrete: dict = {}  # one trace per input signature, batch size left unknown
         self._checked = False
@@ -72,7 +94,8 @@ class ProbePass:
             self._prepare(x, y, sample_weight)
         try:
             args = tf.nest.map_structure(_as_tensor, (x, y, sample_weight))
-            out = self._concrete_for(args)(*args, tf.constant(loss_scale, tf.float32))
+            self._plan.sync()
+            out = self._scaled(self._concrete_for(args), args, loss_scale)
         except (ValueError, TypeError, KeyError, IndexError, tf.errors.InvalidArgumentError) as e:
             if self._checked:
                 raise
@@ -82,7 +105,7 @@ class ProbePass:
             ) from e
         if self._trace_errors:
             raise LayerSelectionError(self._trace_errors[0])
-        order = [k for t in self.targets for k in t.series_keys()]
+        order = self._plan.order
         missing = [k for k in order if k not in out]
         if missing:
             raise LayerSelectionError(
@@ -91,6 +114,21 @@ class ProbePass:
             )
         self._checked = True
         return {k: out[k].numpy() for k in order}
+
+    def _scaled(self, fn, args, loss_scale: float) -> dict:
+        """The pass under a float16 loss scale (``loss_scale`` != 1): each ∂ℓ_i/∂h is scaled by
+        ``loss_scale / B``, the factor of Keras's scaled *mean* loss in training, and by half as
+        much again while any value overflows float16 (the scale of an overflowing training step
+        is halved too), so every record is finite where a float32 pass's is."""
+        if loss_scale == 1.0 or self._probe_dtype is not None:
+            return fn(*args, tf.constant(1.0, tf.float32))
+        factor = float(loss_scale) / max(_leading_size(args[0]) or 1, 1)
+        for _ in range(_MAX_HALVINGS):
+            out = fn(*args, tf.constant(factor, tf.float32))
+            if all(np.all(np.isfinite(v.numpy())) for v in out.values()):
+                break
+            factor /= 2.0
+        return out
 
     # -- internals -------------------------------------------------------------------------
     def _concrete_for(self, args):
@@ -109,6 +147,11 @@ class ProbePass:
 
     def _prepare(self, x, y, sample_weight):
         """Eager checks and builds before the first trace (so nothing is built inside it)."""
+        self._build(x, y, sample_weight)
+        if self._plan is None:  # the probe model reads the built model's variables
+            self._plan = probe_model.plan(self.model, self.targets, self._probe_dtype)
+
+    def _build(self, x, y, sample_weight):
         _check_batch(self.model, x, y, sample_weight)
         compile_loss = getattr(self.model, _COMPILE_LOSS_ATTR, None)
         need_loss_build = self.loss is None and compile_loss is not None and not getattr(
@@ -137,131 +180,61 @@ class ProbePass:
             return ops.cast(losses, "float32")
         return _compiled_per_example_losses(self.model, y, y_pred, sample_weight)
 
-    @contextlib.contextmanager
-    def _patched(self, tape, collected: dict):
-        """Zero probes for every target: keras_fancyrnn layers through a probe request the
-        engine reads (``keras_fancyrnn.engine.probes``); any other layer's input by replacing its
-        ``call`` (instance attribute), restored on exit."""
-        requests = {t.layer: self._request(t, tape, collected)
-                    for t in self.targets if _is_fr_rnn(t.layer)}
-        saved = []
-        for target in self.targets:
-            layer = target.layer
-            if _is_fr_rnn(layer):
-                continue
-            had_own = "call" in layer.__dict__
-            original = layer.__dict__.get("call", None) if had_own else None
-            call = layer.call
-            patched = self._make_patched(target, call, tape, collected)
-            saved.append((layer, had_own, original))
-            object.__setattr__(layer, "call", patched)
-        try:
-            with probes.scope(requests):
-                yield
-        finally:
-            for layer, had_own, original in reversed(saved):
-                if had_own:
-                    object.__setattr__(layer, "call", original)
-                else:
-                    object.__delattr__(layer, "call")
-
-    @staticmethod
-    def _request(target: _Target, tape, collected: dict):
-        """The probe request of a keras_fancyrnn layer: zero probes shaped like its input
-        (after its cast to the compute dtype), watched on ``tape`` and recorded in
-        ``collected``; none for the second call of a shared layer."""
+    def _requests(self, tape, collected: dict) -> dict:
+        """A probe request (``keras_fancyrnn.engine.probes``) for every layer of the plan: zero
+        probes shaped like its input (after its cast to the compute dtype), watched on ``tape``
+        and recorded in ``collected`` (``key -> [probe tensors]``); none for the second call of a
+        shared layer."""
+        plan, errors = self._plan, self._trace_errors
+        done: set = set()
 
         def request(layer, sequences):
-            if target.key in collected or f"{target.key}/input" in collected:
+            if id(layer) in done:
                 return {}  # a shared layer: probe its first call only
+            done.add(id(layer))
             made = {}
-            if target.inputs:
-                made["input"] = collected[f"{target.key}/input"] = tf.zeros_like(sequences)
-            if target.states:
+            input_keys = plan.inputs.get(id(layer), (None, []))[1]
+            if input_keys and _input_error(input_keys[0][: -len("/input")], sequences, errors):
+                input_keys = []
+            if input_keys:
+                made["input"] = tf.zeros_like(sequences)
+                for key in input_keys:
+                    collected.setdefault(key, []).append(made["input"])
+            state_keys = plan.states.get(id(layer), (None, []))[1]
+            if state_keys:
                 shape = tf.shape(sequences)
                 batch = sequences.shape[0] if sequences.shape[0] is not None else shape[0]
                 steps = sequences.shape[1] if sequences.shape[1] is not None else shape[1]
                 sizes = layer.cell.state_size
                 sizes = list(sizes) if isinstance(sizes, (list, tuple)) else [sizes]
-                for i, (key, size) in enumerate(zip(target.state_keys(), sizes)):
-                    made[i] = collected[key] = tf.zeros([batch, steps, size],
-                                                        dtype=layer.cell.compute_dtype)
+                for i, (key, size) in enumerate(zip(state_keys, sizes)):
+                    made[i] = tf.zeros([batch, steps, size], dtype=layer.cell.compute_dtype)
+                    collected[key] = [made[i]]
             tape.watch(list(made.values()))
             return made
 
-        return request
-
-    def _make_patched(self, target: _Target, call, tape, collected: dict):
-        """``call`` of a layer that is not a keras_fancyrnn RNN, adding a zero probe to its
-        input sequence (its ``name/input`` series)."""
-        layer = target.layer
-        errors = self._trace_errors
-        first = _first_arg_name(call)
-
-        def patched(*args, **kwargs):
-            if target.key in collected or f"{target.key}/input" in collected:
-                return call(*args, **kwargs)  # a shared layer: probe its first call only
-            args = list(args)
-            in_args = bool(args)
-            if in_args:
-                seq = args[0]
-            elif first in kwargs:
-                seq = kwargs[first]
-            else:
-                errors.append(f"layers: cannot find the input sequence of {layer.name!r}")
-                return call(*args, **kwargs)
-            seq_t = tf.convert_to_tensor(seq)
-            if seq_t.shape.rank is not None and seq_t.shape.rank < 3:
-                errors.append(
-                    f"layers: {layer.name!r} does not take a sequence [batch, time, ...]: its "
-                    f"input has shape {tuple(seq_t.shape)}"
-                )
-                return call(*args, **kwargs)
-            if target.inputs and _is_recurrent(layer) and (
-                seq_t.dtype.is_integer or seq_t.dtype == tf.bool
-            ):  # the layer computes it in its compute dtype: the gradient is w.r.t. that
-                seq_t = tf.cast(seq_t, layer.compute_dtype)
-            if target.inputs and not seq_t.dtype.is_floating:
-                errors.append(
-                    f"layers: the input of {layer.name!r} is {seq_t.dtype.name}, not a float "
-                    "sequence, so it has no gradient; select a later layer"
-                )
-                return call(*args, **kwargs)
-            if target.inputs:
-                p_in = tf.zeros_like(seq_t)
-                tape.watch(p_in)
-                new_seq = seq_t + p_in
-                mask = _get_mask(seq)
-                if mask is not None:
-                    with contextlib.suppress(AttributeError):
-                        new_seq._keras_mask = mask
-                collected[f"{target.key}/input"] = p_in
-                if in_args:
-                    args[0] = new_seq
-                else:
-                    kwargs[first] = new_seq
-            return call(*args, **kwargs)
-
-        return patched
+        layers = {id(a): a for a, _ in (*plan.inputs.values(), *plan.states.values())}
+        return {layer: request for layer in layers.values()}
 
     def _pass(self, x, y, sample_weight, loss_scale):
-        model = self.model
-        state = _mutable_state(model)
+        state = _mutable_state(self.model, self._plan.model)
         snapshot = [tf.identity(v.value) for v in state]
         collected: dict = {}
         with tf.GradientTape(watch_accessed_variables=False) as tape:
-            with self._patched(tape, collected):
-                y_pred = model(x, training=False)
-            losses = self._losses(y, y_pred, sample_weight)
-            total = tf.reduce_sum(tf.cast(losses, tf.float32)) * loss_scale
+            with probes.scope(self._requests(tape, collected)):
+                y_pred = self._plan.model(x, training=False)
+            losses = tf.cast(self._losses(y, y_pred, sample_weight), self._dtype)
+            # ∂ℓ_i/∂h scaled by `loss_scale` (float16: kept inside its range; see __call__)
+            total = tf.reduce_sum(losses) * tf.cast(loss_scale, self._dtype)
         for v, s in zip(state, snapshot):  # BatchNorm stats, RNN states, seed generators
             v.assign(s)
         keys = list(collected)
         grads = tape.gradient(total, [collected[k] for k in keys],
                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
         curves = {}
-        for k, g in zip(keys, grads):
-            g = tf.cast(g, tf.float32) / loss_scale
+        for k, parts in zip(keys, grads):
+            g = tf.add_n([tf.cast(p, self._dtype) for p in parts])  # a wrapper's two directions
+            g = g / tf.cast(loss_scale, self._dtype)
             axes = list(range(2, g.shape.rank))
             if axes:  # scaled by the max, so that norms below ~1e-19 do not underflow to 0
                 m = tf.reduce_max(tf.abs(g), axis=axes, keepdims=True)
@@ -274,13 +247,13 @@ class ProbePass:
         return curves
 
 
-def _mutable_state(model) -> list:
-    """Every variable a forward pass may write: the non-trainable variables (BatchNorm
-    statistics, ``SeedGenerator`` states, frozen weights) and the states of stateful RNN layers
-    (Keras does not list those among the layer's variables)."""
+def _mutable_state(*models) -> list:
+    """Every variable a forward pass of ``models`` may write: the non-trainable variables
+    (BatchNorm statistics, ``SeedGenerator`` states, frozen weights) and the states of stateful RNN
+    layers (Keras does not list those among the layer's variables)."""
     out, seen = [], set()
-    layers = model._flatten_layers(include_self=True, recursive=True)
-    candidates = list(model.non_trainable_variables)
+    layers = [la for m in models for la in m._flatten_layers(include_self=True, recursive=True)]
+    candidates = [v for m in models for v in m.non_trainable_variables]
     for layer in layers:
         if getattr(layer, "stateful", False):
             candidates += [v for v in (getattr(layer, "states", None) or [])
@@ -373,16 +346,19 @@ def _check_stateful_batch(model, batch: int | None) -> None:
 
 
 def gradient_norms(model, x, y, sample_weight=None, layers=None, input_norms: bool = True,
-                   loss: Callable | None = None) -> dict[str, np.ndarray]:
+                   loss: Callable | None = None,
+                   probe_dtype: str | None = None) -> dict[str, np.ndarray]:
     """One probe pass: ``{series key: [T] curve}`` for a batch ``(x, y)``, without recording.
 
     Same definition as ``GradientNormMonitor`` (the ``monitor`` module's docstring) and keys
     (the ``targets`` module's). ``model`` must be compiled with a loss unless
-    ``loss(y_true, y_pred) -> [batch]`` is given. Builds a new ``tf.function`` each call; for
-    repeated use keep a ``ProbePass`` or use the monitor.
+    ``loss(y_true, y_pred) -> [batch]`` is given. ``probe_dtype="float64"``: the pass runs a
+    float64 copy of the model (``GradientNormMonitor``'s argument of that name). Builds a new
+    ``tf.function`` each call; for repeated use keep a ``ProbePass`` or use the monitor.
     """
     _check_loss(model, loss)
-    return ProbePass(model, discover(model, layers, input_norms), loss)(x, y, sample_weight)
+    return ProbePass(model, discover(model, layers, input_norms), loss, probe_dtype)(
+        x, y, sample_weight)
 
 
 def _check_loss(model, loss):

@@ -5,7 +5,10 @@ models, containers and Bidirectional wrappers.
 
 Series (keys of ``GradientNormMonitor.history``):
 
-* ``name``: ‖∂ℓ/∂h_t‖ of an fr recurrent layer (``keras_fancyrnn.RNN``);
+* ``name``: ‖∂ℓ/∂h_t‖ of a recurrent layer: an fr layer (``keras_fancyrnn.RNN``), or a Keras one
+  (``keras.layers.LSTM`` …), which the probe pass runs as its fr counterpart on the same
+  variables (``diagnostics.probe_model``); a Keras ``RNN`` of ``StackedRNNCells`` gives one series
+  per cell, named by the cell;
 * ``name/cell``: ‖∂ℓ/∂c_t‖ of an LSTM's cell state, also the total derivative (its probe is
   added to ``c_t`` before ``h_t = o ⊙ tanh(c_t)`` is computed, see ``_lstm_cell_hook``); other
   cells' extra states are probed after the step as ``name/state{i}``;
@@ -13,8 +16,9 @@ Series (keys of ``GradientNormMonitor.history``):
   Bidirectional wrapper (any layer with ``forward_layer``/``backward_layer``); the inner layers of
   a ``StackedRNN`` (or any container) by their own names;
 * ``name/input``: ‖∂ℓ/∂x_t‖ of the layer's input sequence (norm over all feature axes). It works
-  for any layer whose first call argument is a float sequence ``[B, T, ...]``, so Keras's own
-  ``keras.layers.LSTM`` gets a curve too. For a Bidirectional wrapper it is the wrapper's input.
+  for any layer whose first call argument is a float sequence ``[B, T, ...]`` in a Sequential or
+  functional model (the probe model puts a probe before it). For a Bidirectional wrapper it is
+  the wrapper's input.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from keras_fancyrnn.layers.base import RNN
 
 @dataclass
 class _Target:
-    """One monitored layer: which probes its patched call adds and under which keys."""
+    """One monitored layer: which of its series are probed and under which keys."""
 
     layer: keras.layers.Layer
     key: str
@@ -38,17 +42,24 @@ class _Target:
     path: tuple = field(default=())  # container names from the model down, for unique keys
 
     def state_keys(self) -> list[str]:
-        sizes = self.layer.cell.state_size
-        n = len(sizes) if isinstance(sizes, (list, tuple)) else 1
-        keys = [self.key]
-        for i in range(1, n):
-            lstm = i == 1 and _lstm_cell_hook(self.layer.cell) is not None
-            keys.append(f"{self.key}/cell" if lstm else f"{self.key}/state{i}")
-        return keys
+        cell = self.layer.cell
+        if isinstance(cell, keras.layers.StackedRNNCells):  # probed as fr layers named by cell
+            return [k for c in cell.cells for k in _cell_state_keys(c.name, c)]
+        return _cell_state_keys(self.key, cell)
 
     def series_keys(self) -> list[str]:
         keys = self.state_keys() if self.states else []
         return keys + ([f"{self.key}/input"] if self.inputs else [])
+
+
+def _cell_state_keys(key: str, cell) -> list[str]:
+    sizes = cell.state_size
+    n = len(sizes) if isinstance(sizes, (list, tuple)) else 1
+    keys = [key]
+    for i in range(1, n):
+        lstm = i == 1 and _lstm_cell_hook(cell) is not None
+        keys.append(f"{key}/cell" if lstm else f"{key}/state{i}")
+    return keys
 
 
 def _lstm_cell_hook(cell):
@@ -56,11 +67,18 @@ def _lstm_cell_hook(cell):
     ``LSTMCell``: ``c_t`` before ``h_t = o ⊙ tanh(c_t)``), so ``∂ℓ/∂probe_t`` is the total
     ``∂ℓ/∂c_t``; ``None`` for any other cell, whose extra states the engine probes after the step
     (the gradient along the carry to ``t + 1``), under the key ``name/state{i}``."""
-    return "engine" if getattr(cell, "probes_in_step", False) else None
+    in_step = getattr(cell, "probes_in_step", False) or type(cell) is keras.layers.LSTMCell
+    return "engine" if in_step else None  # Keras's LSTMCell is probed as fr's (converted)
 
 
 def _is_fr_rnn(layer) -> bool:
     return isinstance(layer, RNN)
+
+
+def _has_states(layer) -> bool:
+    """A recurrence whose states are probed: an fr layer, or a Keras one (the probe pass runs it
+    as an fr layer, ``keras_fancyrnn.convert``; one that does not convert is reported then)."""
+    return _is_fr_rnn(layer) or isinstance(layer, keras.layers.RNN)
 
 
 def _is_bidirectional(layer) -> bool:
@@ -124,7 +142,9 @@ def discover(model, layers=None, input_norms: bool = True) -> list[_Target]:
 
     ``None``: every recurrent layer in the model (fr layers, Keras's ``keras.layers.RNN``
     subclasses, Bidirectional wrappers), nested models and containers included. A name may be a
-    layer's name anywhere in the model or a series key (``"bidi/forward"``). Selecting a container
+    layer's name anywhere in the model or any series key the monitor reports (``"bidi/forward"``,
+    ``"branch_a/top"`` for one of two nested layers named ``top``, ``"lstm/cell"``); a selected
+    layer keeps the key it has when every layer is monitored. Selecting a container
     (a nested model, a ``StackedRNN``) selects the recurrent layers inside it; a Bidirectional
     wrapper, both directions and its input; any other layer, its ``/input``.
     """
@@ -142,16 +162,17 @@ def discover(model, layers=None, input_norms: bool = True) -> list[_Target]:
 
     def add(layer, parent, path, explicit):
         side = _side(layer, parent)
-        fr = _is_fr_rnn(layer)
         if side is not None:
-            if fr:
+            if _has_states(layer):
                 out.append(_Target(layer, f"{parent.name}/{side}", True, False, path[:-1]))
         elif _is_bidirectional(layer):
             out.append(_Target(layer, layer.name, False, input_norms or explicit, path))
             for sub in (layer.forward_layer, layer.backward_layer):
                 add(sub, layer, (*path, layer.name), False)
         elif _is_recurrent(layer):
-            out.append(_Target(layer, layer.name, fr, input_norms or (explicit and not fr), path))
+            states = _has_states(layer)
+            out.append(_Target(layer, layer.name, states, input_norms or (explicit and not states),
+                               path))
         elif explicit and any(_is_recurrent(e[0]) for e in inside(layer)):
             for sub, sub_parent, sub_path in inside(layer):
                 if _is_recurrent(sub) and _side(sub, sub_parent) is None:
@@ -163,11 +184,15 @@ def discover(model, layers=None, input_norms: bool = True) -> list[_Target]:
         for layer, parent, path in entries:
             if _is_recurrent(layer) and _side(layer, parent) is None:
                 add(layer, parent, path, False)
-    else:
-        for item in _as_selection(layers):
-            for layer, parent, path in _resolve(item, entries, model):
-                add(layer, parent, path, True)
-    return _unique_keys([t for t in _dedupe(out) if t.series_keys()])
+        return _unique_keys([t for t in _dedupe(out) if t.series_keys()])
+    for item in _as_selection(layers):
+        for layer, parent, path in _resolve(item, entries, model):
+            add(layer, parent, path, True)
+    # keys as when every layer is monitored: a selected layer keeps the key it is reported under
+    everything = discover(model, None, True)
+    known = {id(t.layer): t.key for t in everything}
+    targets = [t for t in _dedupe(out) if t.series_keys()]
+    return _unique_keys(targets, known)
 
 
 def _as_selection(layers) -> list:
@@ -190,11 +215,13 @@ def _resolve(item, entries, model) -> list:
             )
         return found
     found = [e for e in entries if e[0].name == item]
-    if not found:  # a series key such as "bidi/forward"
-        for layer, parent, path in entries:
-            side = _side(layer, parent)
-            if side is not None and f"{parent.name}/{side}" == item:
-                found.append((layer, parent, path))
+    if not found:  # any key the monitor reports: "bidi/forward", "branch_a/top", "lstm/cell" …
+        for target in discover(model, None, True):
+            if item == target.key or item in target.series_keys():
+                found = [e for e in entries if e[0] is target.layer]
+                break
+    if not found and item.endswith("/input"):  # a layer's input series, selected explicitly
+        found = [e for e in entries if e[0].name == item[: -len("/input")]]
     if not found:
         names = sorted({e[0].name for e in entries if _is_recurrent(e[0])})
         raise LayerSelectionError(
@@ -213,13 +240,17 @@ def _dedupe(targets: list[_Target]) -> list[_Target]:
     return out
 
 
-def _unique_keys(targets: list[_Target]) -> list[_Target]:
-    """Layers of nested models may share a name: prefix those keys with the container path."""
+def _unique_keys(targets: list[_Target], known: dict | None = None) -> list[_Target]:
+    """Layers of nested models may share a name: prefix those keys with the container path.
+    ``known``: ``id(layer) -> key`` of layers whose key is already decided."""
+    known = known or {}
     counts: dict[str, int] = {}
     for t in targets:
         counts[t.key] = counts.get(t.key, 0) + 1
     for t in targets:
-        if counts[t.key] > 1 and t.path:
+        if id(t.layer) in known:
+            t.key = known[id(t.layer)]
+        elif counts[t.key] > 1 and t.path:
             t.key = "/".join((*t.path, t.key))
     keys = [k for t in targets for k in t.series_keys()]
     if len(set(keys)) != len(keys):

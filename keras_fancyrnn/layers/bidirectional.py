@@ -227,10 +227,17 @@ class Bidirectional(SequenceMaskFromInput, keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
+        """From a config of this class or of ``keras.layers.Bidirectional`` (same keys). A Keras
+        recurrent layer in it becomes its fr counterpart (``fr.from_keras``'s conversion), so that
+        every recurrence runs on the engine; one it cannot convert raises ``ConversionError``."""
+        from keras_fancyrnn.convert import convert_layer, needs_conversion
+
+        def inner(layer_config):
+            layer = _deserialize(layer_config, custom_objects=custom_objects)
+            return convert_layer(layer) if needs_conversion(layer) else layer
+
         config = copy.deepcopy(config)
-        config["layer"] = _deserialize(config["layer"], custom_objects=custom_objects)
+        config["layer"] = inner(config["layer"])
         if config.get("backward_layer") is not None:
-            config["backward_layer"] = _deserialize(
-                config["backward_layer"], custom_objects=custom_objects
-            )
+            config["backward_layer"] = inner(config["backward_layer"])
         return cls(**config)
