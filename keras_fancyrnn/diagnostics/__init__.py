@@ -4,9 +4,11 @@ One concept a module, data flowing down the list (each imports only those above 
 
 * ``targets``: which layers are probed, under which series keys;
 * ``losses``: per-example losses ℓ_i under the compiled loss;
+* ``series``: scalars derived from one curve, a clipping optimizer's stats;
+* ``aggregate``: per-example norms and masks to curves, counts and per-example scalars (the mean
+  over valid steps, ``align``);
 * ``probe_pass``: ``ProbePass`` (one forward + backward pass with zero probes), its data checks,
   ``gradient_norms``;
-* ``series``: scalars derived from the curves, a clipping optimizer's stats;
 * ``reporting``: CSV/NPZ files, TensorBoard summaries, plots;
 * ``monitor``: the Keras callback ``GradientNormMonitor``.
 

@@ -2,8 +2,10 @@
 
 ``ProbePass`` adds zero probes ``p_t`` (through ``keras_fancyrnn.engine.probes`` for fr layers, by
 patching ``call`` for any other layer's input) and reads ``∂ℓ/∂p_t = ∂ℓ/∂h_t`` off one tape;
-``gradient_norms`` is one such pass without a monitor. Also here: the checks of the probe data
-(batch shapes, stateful layers' batch size, a compiled loss) and the model state a pass restores.
+``gradient_norms`` is one such pass without a monitor. The pass measures each example's norms
+and the steps its mask leaves valid; ``aggregate`` turns them into curves and counts. Also
+here: the checks of the probe data (batch shapes, stateful layers' batch size, a compiled loss)
+and the model state a pass restores.
 
 The probe pass runs the model with ``training=False`` inside its own ``tf.function`` (no XLA,
 whatever the model was compiled with); it does not touch the optimizer or the metrics and restores
@@ -27,6 +29,7 @@ import numpy as np
 from keras import ops
 
 from keras_fancyrnn._tf import tf
+from keras_fancyrnn.diagnostics.aggregate import Measurement, check_align
 from keras_fancyrnn.diagnostics.losses import (
     _COMPILE_LOSS_ATTR,
     _compiled_per_example_losses,
@@ -56,10 +59,12 @@ class ProbePass:
     batch dimension, dtypes). Used by ``GradientNormMonitor`` and ``gradient_norms``.
     """
 
-    def __init__(self, model, targets: list[_Target], loss: Callable | None = None):
+    def __init__(self, model, targets: list[_Target], loss: Callable | None = None,
+                 align: str = "time"):
         self.model = model
         self.targets = targets
         self.loss = loss
+        self.align = check_align(align)  # how curves of padded batches line up (aggregate)
         self._fn = tf.function(self._pass, jit_compile=False)
         self._concrete: dict = {}  # one trace per input signature, batch size left unknown
         self._checked = False
@@ -67,12 +72,17 @@ class ProbePass:
 
     # -- public ----------------------------------------------------------------------------
     def __call__(self, x, y, sample_weight=None, loss_scale: float = 1.0) -> dict[str, np.ndarray]:
+        """``{key: [T] curve}`` (and ``<layer>/count`` for masked layers), ``aggregate``."""
+        return self.measure(x, y, sample_weight, loss_scale).curves(self.align)
+
+    def measure(self, x, y, sample_weight=None, loss_scale: float = 1.0) -> Measurement:
+        """The per-example norms ``[B, T]`` of every series and the masks of the layers."""
         _check_stateful_batch(self.model, _leading_size(x))  # every call: dataset batches vary
         if not self._checked:
             self._prepare(x, y, sample_weight)
         try:
             args = tf.nest.map_structure(_as_tensor, (x, y, sample_weight))
-            out = self._concrete_for(args)(*args, tf.constant(loss_scale, tf.float32))
+            out, masks = self._concrete_for(args)(*args, tf.constant(loss_scale, tf.float32))
         except (ValueError, TypeError, KeyError, IndexError, tf.errors.InvalidArgumentError) as e:
             if self._checked:
                 raise
@@ -90,7 +100,9 @@ class ProbePass:
                 "forward pass"
             )
         self._checked = True
-        return {k: out[k].numpy() for k in order}
+        owners = {k: t.key for t in self.targets for k in t.series_keys()}
+        return Measurement({k: out[k].numpy() for k in order},
+                           {k: m.numpy() for k, m in masks.items()}, owners)
 
     # -- internals -------------------------------------------------------------------------
     def _concrete_for(self, args):
@@ -138,11 +150,11 @@ class ProbePass:
         return _compiled_per_example_losses(self.model, y, y_pred, sample_weight)
 
     @contextlib.contextmanager
-    def _patched(self, tape, collected: dict):
+    def _patched(self, tape, collected: dict, masks: dict):
         """Zero probes for every target: keras_fancyrnn layers through a probe request the
         engine reads (``keras_fancyrnn.engine.probes``); any other layer's input by replacing its
         ``call`` (instance attribute), restored on exit."""
-        requests = {t.layer: self._request(t, tape, collected)
+        requests = {t.layer: self._request(t, tape, collected, masks)
                     for t in self.targets if _is_fr_rnn(t.layer)}
         saved = []
         for target in self.targets:
@@ -152,7 +164,7 @@ class ProbePass:
             had_own = "call" in layer.__dict__
             original = layer.__dict__.get("call", None) if had_own else None
             call = layer.call
-            patched = self._make_patched(target, call, tape, collected)
+            patched = self._make_patched(target, call, tape, collected, masks)
             saved.append((layer, had_own, original))
             object.__setattr__(layer, "call", patched)
         try:
@@ -166,14 +178,16 @@ class ProbePass:
                     object.__delattr__(layer, "call")
 
     @staticmethod
-    def _request(target: _Target, tape, collected: dict):
+    def _request(target: _Target, tape, collected: dict, masks: dict):
         """The probe request of a keras_fancyrnn layer: zero probes shaped like its input
         (after its cast to the compute dtype), watched on ``tape`` and recorded in
-        ``collected``; none for the second call of a shared layer."""
+        ``collected``, its mask in ``masks``; none for the second call of a shared layer."""
 
-        def request(layer, sequences):
+        def request(layer, sequences, mask):
             if target.key in collected or f"{target.key}/input" in collected:
                 return {}  # a shared layer: probe its first call only
+            if mask is not None:
+                masks[target.key] = mask
             made = {}
             if target.inputs:
                 made["input"] = collected[f"{target.key}/input"] = tf.zeros_like(sequences)
@@ -191,7 +205,7 @@ class ProbePass:
 
         return request
 
-    def _make_patched(self, target: _Target, call, tape, collected: dict):
+    def _make_patched(self, target: _Target, call, tape, collected: dict, masks: dict):
         """``call`` of a layer that is not a keras_fancyrnn RNN, adding a zero probe to its
         input sequence (its ``name/input`` series)."""
         layer = target.layer
@@ -232,6 +246,9 @@ class ProbePass:
                 tape.watch(p_in)
                 new_seq = seq_t + p_in
                 mask = _get_mask(seq)
+                given = kwargs.get("mask", mask)
+                if given is not None:  # the valid steps, as the layer sees them
+                    masks[target.key] = given[0] if isinstance(given, (list, tuple)) else given
                 if mask is not None:
                     with contextlib.suppress(AttributeError):
                         new_seq._keras_mask = mask
@@ -249,8 +266,9 @@ class ProbePass:
         state = _mutable_state(model)
         snapshot = [tf.identity(v.value) for v in state]
         collected: dict = {}
+        masks: dict = {}
         with tf.GradientTape(watch_accessed_variables=False) as tape:
-            with self._patched(tape, collected):
+            with self._patched(tape, collected, masks):
                 y_pred = model(x, training=False)
             losses = self._losses(y, y_pred, sample_weight)
             total = tf.reduce_sum(tf.cast(losses, tf.float32)) * loss_scale
@@ -270,8 +288,8 @@ class ProbePass:
                     tf.reduce_sum(tf.square(g / safe), axis=axes))
             else:
                 norms = tf.abs(g)
-            curves[k] = tf.reduce_mean(norms, axis=0)
-        return curves
+            curves[k] = norms  # [B, T]: aggregate averages over the valid steps
+        return curves, {k: tf.cast(m, tf.bool) for k, m in masks.items()}
 
 
 def _mutable_state(model) -> list:
@@ -373,16 +391,19 @@ def _check_stateful_batch(model, batch: int | None) -> None:
 
 
 def gradient_norms(model, x, y, sample_weight=None, layers=None, input_norms: bool = True,
-                   loss: Callable | None = None) -> dict[str, np.ndarray]:
+                   loss: Callable | None = None, align: str = "time") -> dict[str, np.ndarray]:
     """One probe pass: ``{series key: [T] curve}`` for a batch ``(x, y)``, without recording.
 
     Same definition as ``GradientNormMonitor`` (the ``monitor`` module's docstring) and keys
-    (the ``targets`` module's). ``model`` must be compiled with a loss unless
-    ``loss(y_true, y_pred) -> [batch]`` is given. Builds a new ``tf.function`` each call; for
+    (the ``targets`` module's); a layer that receives a mask also gives ``<layer>/count``, and
+    ``align`` (``"time"`` or ``"end"``) says how padded examples line up (``aggregate``).
+    ``model`` must be compiled with a loss unless ``loss(y_true, y_pred) -> [batch]`` is given.
+    Builds a new ``tf.function`` each call; for
     repeated use keep a ``ProbePass`` or use the monitor.
     """
     _check_loss(model, loss)
-    return ProbePass(model, discover(model, layers, input_norms), loss)(x, y, sample_weight)
+    check_align(align)
+    return ProbePass(model, discover(model, layers, input_norms), loss, align)(x, y, sample_weight)
 
 
 def _check_loss(model, loss):
