@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from keras_fancyrnn import config, datasets
-from keras_fancyrnn.diagnostics import GradientNormMonitor
+from keras_fancyrnn.diagnostics import GradientNormMonitor, gradient_norms
 from keras_fancyrnn.engine.dispatch import explain, portable
 from keras_fancyrnn.errors import ConfigError, LayerSelectionError, ProbeDataError
 from keras_fancyrnn.export import export_saved_model
@@ -36,6 +36,7 @@ __all__ = [
     "datasets",
     "explain",
     "export_saved_model",
+    "gradient_norms",
     "initializers",
     "portable",
 ]

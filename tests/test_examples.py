@@ -335,6 +335,12 @@ def test_vanishing_gradients_writes_the_report(tmp_path):
     for png in ("gradient_norms.png", "heatmap.png", "test_mse.png"):
         assert _is_png(str(out / png))
         assert f"]({png})" in report
+    # the monitor's diagnosis, printed and in the report, one line per finding or model
+    for text in (report, stdout):
+        assert "Diagnosis (GradientNormMonitor.summary()" in text
+    for model in results["models"].values():
+        for finding in model["findings"]:
+            assert finding["kind"] in ("vanishing", "exploding") and finding["text"] in report
 
 
 def test_vanishing_gradients_helpers():

@@ -27,6 +27,7 @@ derived scalars, per example: ``aggregate`` and ``series``; files, TensorBoard a
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Iterable
 
@@ -36,6 +37,7 @@ import numpy as np
 from keras_fancyrnn._tf import tf
 from keras_fancyrnn.diagnostics import reporting
 from keras_fancyrnn.diagnostics.aggregate import check_align, count_key
+from keras_fancyrnn.diagnostics.findings import Finding, diagnose
 from keras_fancyrnn.diagnostics.probe_pass import (
     ProbePass,
     _check_loss,
@@ -48,9 +50,12 @@ from keras_fancyrnn.diagnostics.series import (
     _clipping_stats,
     clip_scalars,
     fit_log_entries,
+    headline_keys,
 )
 from keras_fancyrnn.diagnostics.targets import _as_selection, discover
 from keras_fancyrnn.errors import LayerSelectionError, ProbeDataError
+
+_log = logging.getLogger("keras_fancyrnn.diagnostics")
 
 #: Records per ``every_n_batches`` when neither ``every_n_batches`` nor ``every_n_epochs`` is given.
 DEFAULT_EVERY_N_BATCHES = 100
@@ -201,6 +206,7 @@ class GradientNormMonitor(keras.callbacks.Callback):
         self._batches_in_epoch = 0
         self._epoch = 0
         self._last_record_step: int | None = None
+        self._reported: set = set()  # (kind, series) of the findings logged so far
 
     # -- data ------------------------------------------------------------------------------
     def _make_source(self, data):
@@ -316,7 +322,22 @@ class GradientNormMonitor(keras.callbacks.Callback):
             self._npz.write(self.steps, self.epochs, self.history)
         if self._tb is not None:
             self._tb.write(step, curves, scalars)
+        for finding in self.summary():  # each kind of finding logged once, when it appears
+            if (finding.kind, finding.series) not in self._reported:
+                self._reported.add((finding.kind, finding.series))
+                _log.warning("GradientNormMonitor: %s", finding.text)
         return curves
+
+    def summary(self) -> list[Finding]:
+        """The diagnosis of the latest record: vanishing or exploding gradients, each a
+        ``Finding`` with its numbers, remedies and ``text`` (thresholds and their reasons: the
+        ``findings`` module). One series per monitored layer is judged (its hidden state, or its
+        input), plus the clipping statistics. ``[]`` before the first record."""
+        if not self._steps or self._probe is None:
+            return []
+        targets = self._probe.targets
+        layers = {key: t.layer for t in targets for key in headline_keys([t])}
+        return diagnose(self.history, self.scalars, self.steps, layers)
 
     def _fit_log_entries(self) -> dict[str, float]:
         if self._probe is None:

@@ -1,0 +1,140 @@
+"""The diagnosis (keras_fancyrnn.diagnostics.findings) on the three runs the issue names, and its
+rules on curves built by hand.
+
+Runs (small, seconds): the adding problem (keras_fancyrnn.datasets) at T = 40, where a tanh
+SimpleRNN does not learn within the run and an LSTM does (its test loss falls far below the
+baseline 1/6, checked here, so "trained" is measured, not assumed); and the large-init tanh RNN of
+examples/exploding_gradients.py (U ~ N(0, 2.5² / units)) with a ClippingOptimizer at threshold 1.
+"""
+
+import logging
+import math
+
+import keras
+import numpy as np
+import pytest
+
+import keras_fancyrnn as fr
+from keras_fancyrnn.diagnostics import findings
+
+T_ADD = 40
+
+
+def _adding_run(make_layer, epochs):
+    x, y = fr.datasets.adding_problem(2048 + 32, T_ADD, seed=0)
+    y = y[:, None]
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((T_ADD, 2)), make_layer(), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    monitor = fr.GradientNormMonitor((x[:32], y[:32]), every_n_batches=16, input_norms=False)
+    history = model.fit(x[32:], y[32:], batch_size=64, epochs=epochs, verbose=0,
+                        callbacks=[monitor])
+    return monitor, history.history["loss"][-1]
+
+
+def test_adding_problem_tanh_rnn_vanishes_and_a_trained_lstm_does_not(caplog):
+    with caplog.at_level(logging.WARNING, logger="keras_fancyrnn.diagnostics"):
+        tanh, tanh_loss = _adding_run(lambda: fr.SimpleRNN(16, name="rnn"), epochs=6)
+    found = tanh.summary()
+    assert tanh_loss > 0.1  # not learnt (baseline 1/6)
+    vanishing = [f for f in found if f.kind == "vanishing"]
+    assert [f.series for f in vanishing] == ["rnn"]
+    f = vanishing[0]
+    assert f.evidence["grad_ratio"] < findings.VANISHING_RATIO
+    assert f.evidence["timesteps"] == T_ADD
+    assert any("fr.LSTM or fr.GRU" in r for r in f.remedies)
+    assert any("activation='relu'" in r and "Identity()" in r for r in f.remedies)
+    assert f.text.startswith("rnn: vanishing gradients") and str(f) == f.text
+    # fit logged it once, when it first appeared, though every later record still shows it
+    logged = [r.getMessage() for r in caplog.records if "rnn: vanishing" in r.getMessage()]
+    assert len(logged) == 1
+
+    lstm, lstm_loss = _adding_run(lambda: fr.LSTM(16, name="rnn"), epochs=20)
+    assert lstm_loss < 0.1 * (1 / 6)  # trained: a tenth of the baseline
+    assert not [f for f in lstm.summary() if f.series == "rnn"]
+    # at initialisation the same LSTM's gradient does vanish; the remedy names ChronoBias(T)
+    first = findings.diagnose({"rnn": lstm.history["rnn"][:1]},
+                              {k: v[:1] for k, v in lstm.scalars.items()}, lstm.steps[:1],
+                              {"rnn": lstm.model.get_layer("rnn")})
+    assert [f.kind for f in first] == ["vanishing"]
+    assert any(f"ChronoBias({T_ADD})" in r for r in first[0].remedies)
+
+
+def test_large_init_rnn_of_the_exploding_example_is_flagged_exploding():
+    length, units, gain = 30, 32, 2.5  # examples/exploding_gradients.py's defaults
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (256, length, 1)).astype("float32")
+    y = x[:, -5:, 0].sum(1, keepdims=True)
+    keras.utils.set_random_seed(0)
+    init = keras.initializers.RandomNormal(stddev=gain / math.sqrt(units), seed=0)
+    model = keras.Sequential([keras.Input((length, 1)),
+                              keras.layers.SimpleRNN(units, recurrent_initializer=init),
+                              keras.layers.Dense(1)])
+    model.compile(fr.ClippingOptimizer(keras.optimizers.SGD(0.1), threshold=1.0), "mse")
+    monitor = fr.GradientNormMonitor((x[:32], y[:32]), every_n_batches=4)
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[monitor])
+    found = monitor.summary()
+    curve = [f for f in found if f.kind == "exploding" and f.series != "clip"]
+    clip = [f for f in found if f.series == "clip"]
+    assert curve and curve[0].evidence["grad_ratio"] > findings.EXPLODING_RATIO
+    assert clip and clip[0].evidence["clip_rate"] > findings.HIGH_CLIP_RATE
+    # the threshold offered is the median of the recorded pre-clip global norms
+    norms = monitor.scalars["clip/grad_norm"]
+    want = np.median(norms[np.isfinite(norms)])
+    assert f"threshold={want:.3g}" in clip[0].remedies[0]
+    assert not [f for f in found if f.kind == "vanishing"]
+
+
+def _record(curves, scalars):
+    n = len(next(iter(curves.values())))
+    return curves, scalars, np.arange(n)
+
+
+def test_rules_on_hand_made_curves():
+    """Curves g_t = exp(rate * t) over T = 50 steps: ratio exp(-49 rate). The per-record scalars are
+    those the monitor computes (ratio_first_last, decay_rate of the same curve)."""
+    t = np.arange(50)
+
+    def run(rate, extra=None):
+        curve = np.exp(rate * t)[None].repeat(3, 0)
+        scalars = {"r/grad_ratio": np.full(3, fr.diagnostics.ratio_first_last(curve[0])),
+                   "r/grad_decay": np.full(3, fr.diagnostics.decay_rate(curve[0]))}
+        scalars.update(extra or {})
+        return findings.diagnose({"r": curve}, scalars, [0, 10, 20])
+
+    flat = run(0.01)  # ratio 0.61
+    assert flat == []
+    vanishing = run(0.2)  # ratio exp(-9.8) = 5.5e-5
+    assert [f.kind for f in vanishing] == ["vanishing"]
+    # falls below 1e-2 of its last value at exp(-0.2 k) < 1e-2: k = 24 steps back
+    assert vanishing[0].evidence["reach"] == 24 and vanishing[0].step == 20
+    growing = run(-0.2)
+    assert [f.kind for f in growing] == ["exploding"]
+    assert any("bptt_truncate=24" in r for r in growing[0].remedies)
+    skipped = run(0.01, {"clip/skipped_steps": np.array([0, 0, 2.0]),
+                         "clip/clip_rate": np.array([0.1, 0.2, 0.2]),
+                         "clip/grad_norm": np.array([1.0, 3.0, 500.0])})
+    assert [(f.kind, f.series) for f in skipped] == [("exploding", "clip")]
+    assert skipped[0].evidence == {"skipped_steps": 2, "norm_growth": 500.0}
+    assert "threshold=3" in skipped[0].remedies[0]
+    assert findings.diagnose({}, {}, []) == []
+
+
+def test_a_finding_as_dict_is_plain_data():
+    f = findings.Finding("vanishing", "rnn", 3, {"grad_ratio": 1e-5}, ("use an LSTM",), "text")
+    assert f.as_dict() == {"kind": "vanishing", "series": "rnn", "step": 3,
+                           "evidence": {"grad_ratio": 1e-5}, "remedies": ["use an LSTM"],
+                           "text": "text"}
+
+
+def test_summary_is_empty_before_a_record():
+    monitor = fr.GradientNormMonitor((np.zeros((2, 3, 1)), np.zeros((2, 1))))
+    assert monitor.summary() == []
+
+
+@pytest.mark.parametrize("bad", [{"grad_norm": "x"}, [1.0]])
+def test_clip_stats_must_be_a_mapping_of_numbers(bad):
+    from keras_fancyrnn.diagnostics.series import clip_scalars
+
+    with pytest.raises(ValueError, match="clip_stats"):
+        clip_scalars(bad)
