@@ -22,8 +22,10 @@ is one sample, and the median keeps a single lucky or unlucky batch from decidin
     with a margin for losses read at several steps, which add level terms;
   - ``clip/skipped_steps > 0``: a ``ClippingOptimizer`` skipped a step whose gradient was not
     finite (the norm overflowed float32);
-  - ``clip/clip_rate`` above ``HIGH_CLIP_RATE = 0.5``: most steps were clipped, so the typical
-    pre-clip norm is above the threshold and the update is mostly the clip's doing;
+  - ``clip/clip_rate`` above ``HIGH_CLIP_RATE = 0.5`` with the recorded pre-clip norms a median
+    ``CLIP_FACTOR = 10`` times the clipped ones: most steps were clipped, and by an order of
+    magnitude, so the gradient's size is the recurrence's doing, not the data's (a threshold
+    merely a little below the typical norm clips most steps too, and is no sign of explosion);
   - the recorded global norms ``clip/grad_norm`` growing by more than ``NORM_GROWTH = 1e2`` from
     the first record to the largest later one.
 
@@ -50,6 +52,7 @@ VANISHING_RATIO = 1e-2
 RECENT = 5
 EXPLODING_RATIO = 1e2
 HIGH_CLIP_RATE = 0.5
+CLIP_FACTOR = 10.0
 NORM_GROWTH = 1e2
 
 
@@ -157,9 +160,14 @@ def _clip_evidence(scalars) -> dict:
     if skipped is not None and len(skipped) and np.nanmax(skipped) > 0:
         out["skipped_steps"] = int(np.nanmax(skipped))
     rate = scalars.get("clip/clip_rate")
-    if rate is not None and len(rate) and math.isfinite(rate[-1]) and rate[-1] > HIGH_CLIP_RATE:
-        out["clip_rate"] = float(rate[-1])
     norms = [float(v) for v in scalars.get("clip/grad_norm", [])]
+    clipped = [float(v) for v in scalars.get("clip/clipped_grad_norm", [])]
+    factors = [n / c for n, c in zip(norms, clipped) if math.isfinite(n / c) and c > 0] if (
+        len(clipped) == len(norms)) else []
+    factor = float(np.median(factors)) if factors else math.nan
+    if rate is not None and len(rate) and rate[-1] > HIGH_CLIP_RATE and factor > CLIP_FACTOR:
+        out["clip_rate"] = float(rate[-1])
+        out["clip_factor"] = factor
     finite = [v for v in norms if math.isfinite(v) and v > 0]
     if len(finite) >= 2 and max(finite[1:]) > NORM_GROWTH * finite[0]:
         out["norm_growth"] = max(finite[1:]) / finite[0]
@@ -170,7 +178,7 @@ def _exploding_remedies(norms, curve=None, layer=None) -> list[str]:
     threshold = _clip_threshold(norms)
     if threshold is not None:
         out = [f"clip the global norm at the median observed norm: fr.ClippingOptimizer("
-               f"optimizer, threshold={threshold:.3g}) (from {_n_finite(norms)} recorded norms)"]
+               f"optimizer, threshold={threshold:.3g}) (from {_n_finite(norms)} recorded norm(s))"]
     else:
         out = ["fr.ClippingOptimizer(optimizer, method='auto') (a percentile of recent norms "
                "as threshold) and record its stats to size a fixed threshold"]
@@ -202,6 +210,7 @@ def _exploding_clip(scalars, step) -> Finding | None:
     remedies = _exploding_remedies(norms)
     said = {"skipped_steps": "{} steps skipped for a non-finite gradient",
             "clip_rate": "{:.0%} of steps clipped (threshold " + f"{HIGH_CLIP_RATE:.0%})",
+            "clip_factor": "by a median factor of {:.3g}",
             "norm_growth": "the global norm grew {:.3g}x since the first record"}
     text = (f"exploding gradients at step {step}: "
             + ", ".join(said[k].format(v) for k, v in evidence.items())
@@ -241,6 +250,5 @@ def diagnose(history: dict, scalars: dict, steps, layers: dict | None = None) ->
     return out + exploding + ([clip] if clip is not None else [])
 
 
-__all__ = ["EXPLODING_RATIO", "HIGH_CLIP_RATE", "NORM_GROWTH", "RECENT", "VANISHING_RATIO",
-           "Finding",
-           "diagnose"]
+__all__ = ["CLIP_FACTOR", "EXPLODING_RATIO", "HIGH_CLIP_RATE", "NORM_GROWTH", "RECENT",
+           "VANISHING_RATIO", "Finding", "diagnose"]

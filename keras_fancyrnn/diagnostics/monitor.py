@@ -1,5 +1,8 @@
 r"""``GradientNormMonitor``: the per-timestep gradient-norm curve ‖∂ℓ/∂h_t‖, recorded during fit.
 
+Long (over 400 lines): one callback with its data sources, schedule, results and a runnable
+example of its use outside ``fit`` in its docstring.
+
 Definition. For a monitored recurrent layer and each timestep ``t`` (index in input
 order, also for a backward direction), the recorded value is
 
@@ -137,8 +140,8 @@ class GradientNormMonitor(keras.callbacks.Callback):
         csv_path / npz_path: write every record to disk as it is taken.
         log_scalars: what goes into the batch logs of a recording step and every epoch's logs
             (so into the progress bar, ``History``, ``CSVLogger``): ``True`` (default) the
-            ``grad_ratio`` and ``grad_decay`` of one series per monitored layer (its hidden
-            state, or its input where that is all it has); ``"all"`` every derived scalar and
+            ``grad_ratio`` of one series per monitored layer (its hidden state, or its input
+            where that is all it has); ``"all"`` every derived scalar and
             the ``clip/…`` statistics; ``False`` none. ``monitor.scalars`` and TensorBoard always
             get all of them. The clipping statistics are logged by ``fr.ClippingStats``.
         loss: optional ``fn(y_true, y_pred) -> [batch]`` per-example losses, instead of the
@@ -148,8 +151,39 @@ class GradientNormMonitor(keras.callbacks.Callback):
             steps before each example's end (padded text, where the loss reads the last state).
 
     Attributes: ``history`` (``{key: [n_records, T]}``), ``steps``, ``epochs``, ``scalars``
-    (``{name: [n_records]}``); ``plot()`` draws them; ``record()`` takes one now (also outside
-    ``fit``, after ``set_model(model)``); ``compute(x, y)`` returns curves without recording.
+    (``{name: [n_records]}``); ``plot()`` draws them; ``summary()`` diagnoses them (vanishing or
+    exploding gradients and what to do, the ``findings`` module); ``record()`` takes one now;
+    ``compute(x, y)`` returns curves without recording.
+
+    Outside ``fit`` (a custom training loop): ``set_model(model)`` instead of ``callbacks=``,
+    ``record(step)`` where the loop wants a record, ``loss=`` where the model is not compiled,
+    and the optimizer's clipping statistics passed to ``record`` (``fit`` reads them from
+    ``model.optimizer``)::
+
+        >>> import keras, numpy as np, tensorflow as tf
+        >>> import keras_fancyrnn as fr
+        >>> x = np.random.default_rng(0).uniform(size=(16, 10, 2)).astype("float32")
+        >>> y = x[:, -3:, :1].sum(axis=1)  # [16, 1]
+        >>> model = keras.Sequential([keras.Input((10, 2)), fr.SimpleRNN(8, name="rnn"),
+        ...                           keras.layers.Dense(1)])
+        >>> def per_example(y_true, y_pred):  # [batch] losses
+        ...     return tf.reduce_mean((y_true - y_pred) ** 2, axis=-1)
+        >>> optimizer = fr.ClippingOptimizer(keras.optimizers.SGD(0.05), threshold=1.0)
+        >>> monitor = fr.GradientNormMonitor((x[:8], y[:8]), loss=per_example)
+        >>> monitor.set_model(model)
+        >>> for step in range(3):
+        ...     with tf.GradientTape() as tape:
+        ...         loss = tf.reduce_mean(per_example(y, model(x, training=True)))
+        ...     grads = tape.gradient(loss, model.trainable_variables)
+        ...     optimizer.apply(grads, model.trainable_variables)
+        ...     curves = monitor.record(step, clip_stats=optimizer.stats())
+        >>> monitor.history["rnn"].shape, monitor.steps.tolist()
+        ((3, 10), [0, 1, 2])
+        >>> float(monitor.scalars["clip/applied_steps"][-1])
+        3.0
+
+    One curve without a monitor: ``fr.gradient_norms(model, x, y, loss=per_example)``
+    (examples/custom_loop_monitor.py is a whole program).
 
     Put the monitor before callbacks that should see its logs (``CSVLogger``, ``TensorBoard``,
     ``EarlyStopping``); Keras's ``History`` and progress bar come after user callbacks anyway.

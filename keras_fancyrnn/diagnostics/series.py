@@ -74,19 +74,19 @@ def headline_keys(targets) -> list[str]:
 
 def fit_log_entries(scalars: dict[str, float], targets, mode) -> dict[str, float]:
     """What the monitor adds to ``fit``'s logs (so to the progress bar and ``History``):
-    ``mode=True``: ``grad_ratio`` and ``grad_decay`` of each layer's headline series (two
-    scalars a layer, so a progress line stays short; the clipping statistics are left to
-    ``ClippingStats``, which logs them once); ``"all"``: every scalar of the record, ``clip/…``
-    included; ``False``: nothing. Every scalar stays in ``monitor.scalars`` and TensorBoard."""
+    ``mode=True``: the ``grad_ratio`` of each layer's headline series (one scalar a layer, so a
+    progress line stays short beside ``ClippingStats``'s four; the clipping statistics are left
+    to ``ClippingStats``, which logs them once); ``"all"``: every scalar of the record,
+    ``clip/…`` included; ``False``: nothing. Every scalar stays in ``monitor.scalars`` and
+    TensorBoard."""
     if mode == "all":
         return dict(scalars)
     if not mode:
         return {}
     out = {}
     for key in headline_keys(targets):
-        for name in ("grad_ratio", "grad_decay"):
-            if f"{key}/{name}" in scalars:
-                out[f"{key}/{name}"] = scalars[f"{key}/{name}"]
+        if f"{key}/grad_ratio" in scalars:
+            out[f"{key}/grad_ratio"] = scalars[f"{key}/grad_ratio"]
     return out
 
 

@@ -78,6 +78,7 @@ def test_large_init_rnn_of_the_exploding_example_is_flagged_exploding():
     clip = [f for f in found if f.series == "clip"]
     assert curve and curve[0].evidence["grad_ratio"] > findings.EXPLODING_RATIO
     assert clip and clip[0].evidence["clip_rate"] > findings.HIGH_CLIP_RATE
+    assert clip[0].evidence["clip_factor"] > findings.CLIP_FACTOR
     # the threshold offered is the median of the recorded pre-clip global norms
     norms = monitor.scalars["clip/grad_norm"]
     want = np.median(norms[np.isfinite(norms)])
@@ -118,6 +119,15 @@ def test_rules_on_hand_made_curves():
     assert skipped[0].evidence == {"skipped_steps": 2, "norm_growth": 500.0}
     assert "threshold=3" in skipped[0].remedies[0]
     assert findings.diagnose({}, {}, []) == []
+    # most steps clipped, but by little: a low threshold, not an explosion
+    mild = run(0.01, {"clip/clip_rate": np.array([0.9, 0.9, 0.9]),
+                      "clip/grad_norm": np.array([3.0, 3.0, 3.0]),
+                      "clip/clipped_grad_norm": np.array([1.0, 1.0, 1.0])})
+    assert mild == []
+    strong = run(0.01, {"clip/clip_rate": np.array([0.9, 0.9, 0.9]),
+                        "clip/grad_norm": np.array([30.0, 40.0, 50.0]),
+                        "clip/clipped_grad_norm": np.array([1.0, 1.0, 1.0])})
+    assert strong[0].evidence == {"clip_rate": 0.9, "clip_factor": 40.0}
 
 
 def test_a_finding_as_dict_is_plain_data():
@@ -138,3 +148,15 @@ def test_clip_stats_must_be_a_mapping_of_numbers(bad):
 
     with pytest.raises(ValueError, match="clip_stats"):
         clip_scalars(bad)
+
+
+def test_the_custom_loop_example_in_the_monitor_docstring_runs():
+    """The class docstring's example (a tf.GradientTape loop with record(step, clip_stats=...))
+    runs as written and prints what it shows."""
+    import doctest
+
+    finder = doctest.DocTestFinder(recurse=False)
+    (test,) = finder.find(fr.GradientNormMonitor, "GradientNormMonitor", globs={})
+    assert len(test.examples) > 10
+    result = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS).run(test)
+    assert result.failed == 0 and result.attempted == len(test.examples)
