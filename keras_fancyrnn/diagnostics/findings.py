@@ -136,7 +136,11 @@ def _vanishing_remedies(kind: str, steps: int, layer_name: str) -> list[str]:
     return ["a gated layer (fr.LSTM with fr.initializers.ChronoBias(T), fr.GRU)"]
 
 
-def _vanishing(key, curve, ratio, decay, step, layer) -> Finding | None:
+def _over(records: int) -> str:
+    return "the latest record" if records == 1 else f"median of the last {records} records"
+
+
+def _vanishing(key, curve, ratio, decay, step, layer, records) -> Finding | None:
     if not (math.isfinite(ratio) and ratio < VANISHING_RATIO):
         return None
     steps = int(np.isfinite(np.asarray(curve, dtype=np.float64)).sum())
@@ -144,9 +148,9 @@ def _vanishing(key, curve, ratio, decay, step, layer) -> Finding | None:
     kind = _layer_kind(layer)
     remedies = _vanishing_remedies(kind, steps, getattr(layer, "name", key))
     text = (f"{key}: vanishing gradients at step {step}: {norm_label(key)} at the first step is "
-            f"{ratio:.2g} of that at the last (median of the last {RECENT} records; threshold "
-            f"{VANISHING_RATIO:g}), decaying by "
-            f"{decay:.2g} per step; it falls below {VANISHING_RATIO:g} of its last value "
+            f"{ratio:.2g} of that at the last ({_over(records)}; threshold "
+            f"{VANISHING_RATIO:g}), shrinking about {math.exp(-decay):.2g}x per step back; in "
+            f"the latest record it falls below {VANISHING_RATIO:g} of its last value "
             f"{reach} steps back of {steps}. Try: " + "; ".join(remedies) + ".")
     return Finding("vanishing", key, step, {"grad_ratio": ratio, "grad_decay": decay,
                                             "reach": reach, "timesteps": steps},
@@ -192,12 +196,13 @@ def _exploding_remedies(norms, curve=None, layer=None) -> list[str]:
     return out
 
 
-def _exploding_curve(key, ratio, curve, step, layer, norms) -> Finding | None:
+def _exploding_curve(key, ratio, curve, step, layer, norms, records) -> Finding | None:
     if not (math.isfinite(ratio) and ratio > EXPLODING_RATIO):
         return None
     remedies = _exploding_remedies(norms, curve, layer)
     text = (f"{key}: exploding gradients at step {step}: {norm_label(key)} at the first step is "
-            f"{ratio:.3g}x that at the last (threshold {EXPLODING_RATIO:g}). Try: "
+            f"{ratio:.3g}x that at the last ({_over(records)}; threshold "
+            f"{EXPLODING_RATIO:g}). Try: "
             + "; ".join(remedies) + ".")
     return Finding("exploding", key, step, {"grad_ratio": ratio}, tuple(remedies), text)
 
@@ -240,10 +245,11 @@ def diagnose(history: dict, scalars: dict, steps, layers: dict | None = None) ->
         curve = np.asarray(history[key])[-1]
         ratio = _recent(scalars[f"{key}/grad_ratio"])
         decay = _recent(scalars.get(f"{key}/grad_decay", [math.nan]))
-        found = _vanishing(key, curve, ratio, decay, step, layer)
+        records = min(RECENT, len(steps))
+        found = _vanishing(key, curve, ratio, decay, step, layer, records)
         if found is not None:
             out.append(found)
-        found = _exploding_curve(key, ratio, curve, step, layer, norms)
+        found = _exploding_curve(key, ratio, curve, step, layer, norms, records)
         if found is not None:
             exploding.append(found)
     clip = _exploding_clip(scalars, step)
