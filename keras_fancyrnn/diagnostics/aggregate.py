@@ -26,7 +26,7 @@ example does not decide them, and a batch gives the same scalars as its examples
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -95,11 +95,15 @@ def count_key(layer_key: str) -> str:
 @dataclass
 class Measurement:
     """What one probe pass measured: ``norms`` ``{series key: [B, T]}``, ``masks`` ``{layer key:
-    [B, T] bool}`` for the layers that received a mask, ``owners`` ``{series key: layer key}``."""
+    [B, T] bool}`` for the layers that received a mask, ``owners`` ``{series key: layer key}``,
+    and ``kernels`` ``{key/recurrent_kernel: [T, H, P]}``, step ``t``'s term of the recurrent
+    kernel's gradient of ``Σ_i ℓ_i`` (a sum over the batch, kept in time order whatever the
+    alignment; the ``targets`` module's docstring)."""
 
     norms: dict
     masks: dict
     owners: dict
+    kernels: dict = field(default_factory=dict)
 
     def mask_of(self, key: str):
         return self.masks.get(self.owners.get(key, key))
@@ -113,6 +117,9 @@ class Measurement:
             owner = self.owners.get(key, key)
             if owner in self.masks and count_key(owner) not in out:
                 out[count_key(owner)] = count
+        for key, terms in self.kernels.items():  # Frobenius norm of each step's term
+            terms = np.asarray(terms, dtype=np.float64)
+            out[key] = np.sqrt((terms.reshape(len(terms), -1) ** 2).sum(-1)).astype(np.float32)
         return out
 
     def scalars(self) -> dict[str, float]:

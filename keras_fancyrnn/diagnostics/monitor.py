@@ -149,6 +149,10 @@ class GradientNormMonitor(keras.callbacks.Callback):
         align: ``"time"`` (default): index ``t`` is step ``t`` of every example; ``"end"``: each
             example's last valid step lands on the last index, so index ``T - 1 - k`` is ``k``
             steps before each example's end (padded text, where the loss reads the last state).
+        kernel_norms: also record ``name/recurrent_kernel`` for every fr layer: per ``t`` the
+            Frobenius norm of step ``t``'s term of the recurrent kernel's BPTT gradient (which
+            timesteps the update of ``U`` learns from; ``targets`` module). Costs memory
+            ``T × U.size`` in the probe pass.
 
     Attributes: ``history`` (``{key: [n_records, T]}``), ``steps``, ``epochs``, ``scalars``
     (``{name: [n_records]}``); ``plot()`` draws them; ``summary()`` diagnoses them (vanishing or
@@ -206,6 +210,7 @@ class GradientNormMonitor(keras.callbacks.Callback):
         log_scalars: bool | str = True,
         loss: Callable | None = None,
         align: str = "time",
+        kernel_norms: bool = False,
     ):
         super().__init__()
         self.every_n_batches = _positive_int_or_none("every_n_batches", every_n_batches)
@@ -223,6 +228,7 @@ class GradientNormMonitor(keras.callbacks.Callback):
         self.log_scalars = log_scalars
         self.loss = loss
         self.align = check_align(align)
+        self.kernel_norms = bool(kernel_norms)
         self._dataset_spec = None  # (x, y, sample_weight) element specs of a dataset
         self._static_batch = None  # the probe batch size, where known before drawing a batch
         self._data_source = self._make_source(data)
@@ -290,6 +296,8 @@ class GradientNormMonitor(keras.callbacks.Callback):
         if self._probe is None or self._probe_model is not model:
             _check_loss(model, self.loss)
             targets = discover(model, self.layers, self.input_norms)
+            for t in targets:
+                t.kernel = self.kernel_norms
             if not targets:
                 raise LayerSelectionError(
                     f"layers: the model {model.name!r} has no recurrent layer to monitor; pass "

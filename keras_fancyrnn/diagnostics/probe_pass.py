@@ -65,6 +65,7 @@ class ProbePass:
         self.targets = targets
         self.loss = loss
         self.align = check_align(align)  # how curves of padded batches line up (aggregate)
+        self._kernel_keys = {f"{t.key}/recurrent_kernel" for t in targets if t.kernel and t.states}
         self._fn = tf.function(self._pass, jit_compile=False)
         self._concrete: dict = {}  # one trace per input signature, batch size left unknown
         self._checked = False
@@ -82,7 +83,8 @@ class ProbePass:
             self._prepare(x, y, sample_weight)
         try:
             args = tf.nest.map_structure(_as_tensor, (x, y, sample_weight))
-            out, masks = self._concrete_for(args)(*args, tf.constant(loss_scale, tf.float32))
+            out, masks, kernels = self._concrete_for(args)(*args,
+                                                           tf.constant(loss_scale, tf.float32))
         except (ValueError, TypeError, KeyError, IndexError, tf.errors.InvalidArgumentError) as e:
             if self._checked:
                 raise
@@ -93,7 +95,7 @@ class ProbePass:
         if self._trace_errors:
             raise LayerSelectionError(self._trace_errors[0])
         order = [k for t in self.targets for k in t.series_keys()]
-        missing = [k for k in order if k not in out]
+        missing = [k for k in order if k not in out and k not in kernels]
         if missing:
             raise LayerSelectionError(
                 f"layers: {missing} were not computed: the layer is not called in the model's "
@@ -101,8 +103,9 @@ class ProbePass:
             )
         self._checked = True
         owners = {k: t.key for t in self.targets for k in t.series_keys()}
-        return Measurement({k: out[k].numpy() for k in order},
-                           {k: m.numpy() for k, m in masks.items()}, owners)
+        return Measurement({k: out[k].numpy() for k in order if k in out},
+                           {k: m.numpy() for k, m in masks.items()}, owners,
+                           {k: kernels[k].numpy() for k in order if k in kernels})
 
     # -- internals -------------------------------------------------------------------------
     def _concrete_for(self, args):
@@ -191,6 +194,10 @@ class ProbePass:
             made = {}
             if target.inputs:
                 made["input"] = collected[f"{target.key}/input"] = tf.zeros_like(sequences)
+            if target.kernel and target.states:  # E_t, added to U at step t only
+                kernel = layer.cell.recurrent_kernel
+                made["recurrent_kernel"] = collected[f"{target.key}/recurrent_kernel"] = tf.zeros(
+                    [tf.shape(sequences)[1], *kernel.shape], dtype=layer.cell.compute_dtype)
             if target.states:
                 shape = tf.shape(sequences)
                 batch = sequences.shape[0] if sequences.shape[0] is not None else shape[0]
@@ -277,9 +284,12 @@ class ProbePass:
         keys = list(collected)
         grads = tape.gradient(total, [collected[k] for k in keys],
                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        curves = {}
+        curves, kernels = {}, {}
         for k, g in zip(keys, grads):
             g = tf.cast(g, tf.float32) / loss_scale
+            if k in self._kernel_keys:  # [T, H, P]: step t's term of the kernel's gradient
+                kernels[k] = g
+                continue
             axes = list(range(2, g.shape.rank))
             if axes:  # scaled by the max, so that norms below ~1e-19 do not underflow to 0
                 m = tf.reduce_max(tf.abs(g), axis=axes, keepdims=True)
@@ -289,7 +299,7 @@ class ProbePass:
             else:
                 norms = tf.abs(g)
             curves[k] = norms  # [B, T]: aggregate averages over the valid steps
-        return curves, {k: tf.cast(m, tf.bool) for k, m in masks.items()}
+        return curves, {k: tf.cast(m, tf.bool) for k, m in masks.items()}, kernels
 
 
 def _mutable_state(model) -> list:
@@ -391,19 +401,24 @@ def _check_stateful_batch(model, batch: int | None) -> None:
 
 
 def gradient_norms(model, x, y, sample_weight=None, layers=None, input_norms: bool = True,
-                   loss: Callable | None = None, align: str = "time") -> dict[str, np.ndarray]:
+                   loss: Callable | None = None, align: str = "time",
+                   kernel_norms: bool = False) -> dict[str, np.ndarray]:
     """One probe pass: ``{series key: [T] curve}`` for a batch ``(x, y)``, without recording.
 
     Same definition as ``GradientNormMonitor`` (the ``monitor`` module's docstring) and keys
     (the ``targets`` module's); a layer that receives a mask also gives ``<layer>/count``, and
-    ``align`` (``"time"`` or ``"end"``) says how padded examples line up (``aggregate``).
+    ``align`` (``"time"`` or ``"end"``) says how padded examples line up (``aggregate``);
+    ``kernel_norms=True`` adds ``<layer>/recurrent_kernel`` for fr layers (``targets``).
     ``model`` must be compiled with a loss unless ``loss(y_true, y_pred) -> [batch]`` is given.
     Builds a new ``tf.function`` each call; for
     repeated use keep a ``ProbePass`` or use the monitor.
     """
     _check_loss(model, loss)
     check_align(align)
-    return ProbePass(model, discover(model, layers, input_norms), loss, align)(x, y, sample_weight)
+    targets = discover(model, layers, input_norms)
+    for t in targets:
+        t.kernel = bool(kernel_norms)
+    return ProbePass(model, targets, loss, align)(x, y, sample_weight)
 
 
 def _check_loss(model, loss):

@@ -7,7 +7,9 @@ A layer hands the engine its cell and its inputs; the engine owns everything tha
 * variational dropout masks (one mask per sequence, as Keras), masking, direction, initial states;
 * truncated BPTT (``bptt_truncate=k``): every gradient flows back at most ``k`` steps;
 * the diagnostics probe: a zero tensor ``p_t`` added to each state after each step, so that
-  ``∂ℓ/∂p_t`` is the *total* derivative ``∂ℓ/∂h_t`` through the recurrence.
+  ``∂ℓ/∂p_t`` is the *total* derivative ``∂ℓ/∂h_t`` through the recurrence; and a zero
+  ``E_t`` added to the recurrent kernel at step ``t`` only (probe key ``"recurrent_kernel"``),
+  so that ``∂ℓ/∂E_t`` is step ``t``'s term of the BPTT sum ``∂ℓ/∂U = Σ_t ∂ℓ/∂E_t``.
 
 The engine never imports a cell class. A cell it can run has
 
@@ -211,8 +213,9 @@ def _time_major(cell, inputs, mask, probes, dp_mask, go_backwards, hoist_inputs)
         project = functools.partial(cell.project_inputs, dropout_mask=dp_mask)
     if mask is not None:
         mask = tf.transpose(tf.cast(mask, tf.bool), [1, 0])  # [T, B]
-    if probes:
-        probes = {i: tf.transpose(p, [1, 0, 2]) for i, p in probes.items()}
+    if probes:  # states [B, T, S] to time-major; the kernel probe [T, H, P] already is
+        probes = {i: p if i == KERNEL_PROBE else tf.transpose(p, [1, 0, 2])
+                  for i, p in probes.items()}
     if go_backwards:
         xp = tf.reverse(xp, [0])
         mask = None if mask is None else tf.reverse(mask, [0])
@@ -220,11 +223,33 @@ def _time_major(cell, inputs, mask, probes, dp_mask, go_backwards, hoist_inputs)
     return xp, project, mask, probes
 
 
+KERNEL_PROBE = "recurrent_kernel"
+
+
+@contextlib.contextmanager
+def _kernel_offset(cell, offset):
+    """Inside, ``cell.recurrent_kernel`` is ``U + offset`` (a step's kernel probe ``E_t``), so
+    that what the step computes from ``U`` depends on ``E_t`` too; restored on exit. Holds the
+    cell's lock like ``weights_read_once``."""
+    if offset is None:
+        yield
+        return
+    with getattr(cell, "_weights_lock", None) or contextlib.nullcontext():
+        kernel = cell.recurrent_kernel
+        object.__setattr__(cell, "recurrent_kernel", kernel + tf.cast(offset, kernel.dtype))
+        try:
+            yield
+        finally:
+            object.__setattr__(cell, "recurrent_kernel", kernel)
+
+
 def _step_function(cell, project, rec_mask, copies, batch, zero_output_for_mask, state_shape):
     """``step(xp_t, mask_t, probe_t, states, prev_output) -> (output, new_states)``: one step of
     the cell with the projection, the truncation copies, the probes and the mask around it."""
 
     def step(xp_t, mask_t, probe_t, states, prev_output):
+        probe_t = dict(probe_t)
+        kernel_t = probe_t.pop(KERNEL_PROBE, None)
         if project is not None:
             xp_t = project(xp_t)
         if copies > 1:  # copy j reads copy j-1 of the previous step; copy 0 is cut off
@@ -241,11 +266,12 @@ def _step_function(cell, project, rec_mask, copies, batch, zero_output_for_mask,
         # before they feed h_t; added after the step they would miss the path c_t -> h_t.
         inner = ({i: p for i, p in probe_t.items() if i > 0}
                  if probe_t and getattr(cell, "probes_in_step", False) else None)
-        if inner:
-            output, new_states = cell.step(xp_t, states, rec_mask, probes=inner)
-            probe_t = {i: p for i, p in probe_t.items() if i not in inner}
-        else:
-            output, new_states = cell.step(xp_t, states, rec_mask)
+        with _kernel_offset(cell, kernel_t):
+            if inner:
+                output, new_states = cell.step(xp_t, states, rec_mask, probes=inner)
+                probe_t = {i: p for i, p in probe_t.items() if i not in inner}
+            else:
+                output, new_states = cell.step(xp_t, states, rec_mask)
         new_states = _as_list(new_states)
         if probe_t:
             new_states = [s + probe_t[i] if i in probe_t else s for i, s in enumerate(new_states)]
