@@ -26,6 +26,8 @@ is one sample, and the median keeps a single lucky or unlucky batch from decidin
     ``CLIP_FACTOR = 10`` times the clipped ones: most steps were clipped, and by an order of
     magnitude, so the gradient's size is the recurrence's doing, not the data's (a threshold
     merely a little below the typical norm clips most steps too, and is no sign of explosion);
+    judged from ``MIN_CLIP_STEPS = 10`` applied steps on (the first steps' large initial errors
+    alone say little);
   - the recorded global norms ``clip/grad_norm`` growing by more than ``NORM_GROWTH = 1e2`` from
     the first record to the largest later one.
 
@@ -53,6 +55,7 @@ RECENT = 5
 EXPLODING_RATIO = 1e2
 HIGH_CLIP_RATE = 0.5
 CLIP_FACTOR = 10.0
+MIN_CLIP_STEPS = 10
 NORM_GROWTH = 1e2
 
 
@@ -169,7 +172,10 @@ def _clip_evidence(scalars) -> dict:
     factors = [n / c for n, c in zip(norms, clipped) if math.isfinite(n / c) and c > 0] if (
         len(clipped) == len(norms)) else []
     factor = float(np.median(factors)) if factors else math.nan
-    if rate is not None and len(rate) and rate[-1] > HIGH_CLIP_RATE and factor > CLIP_FACTOR:
+    applied = scalars.get("clip/applied_steps")
+    enough = applied is None or (len(applied) and applied[-1] >= MIN_CLIP_STEPS)
+    if rate is not None and len(rate) and rate[-1] > HIGH_CLIP_RATE and factor > CLIP_FACTOR and (
+            enough):
         out["clip_rate"] = float(rate[-1])
         out["clip_factor"] = factor
     finite = [v for v in norms if math.isfinite(v) and v > 0]
@@ -256,5 +262,5 @@ def diagnose(history: dict, scalars: dict, steps, layers: dict | None = None) ->
     return out + exploding + ([clip] if clip is not None else [])
 
 
-__all__ = ["CLIP_FACTOR", "EXPLODING_RATIO", "HIGH_CLIP_RATE", "NORM_GROWTH", "RECENT",
-           "VANISHING_RATIO", "Finding", "diagnose"]
+__all__ = ["CLIP_FACTOR", "EXPLODING_RATIO", "HIGH_CLIP_RATE", "MIN_CLIP_STEPS", "NORM_GROWTH",
+           "RECENT", "VANISHING_RATIO", "Finding", "diagnose"]

@@ -128,6 +128,11 @@ def test_rules_on_hand_made_curves():
                         "clip/grad_norm": np.array([30.0, 40.0, 50.0]),
                         "clip/clipped_grad_norm": np.array([1.0, 1.0, 1.0])})
     assert strong[0].evidence == {"clip_rate": 0.9, "clip_factor": 40.0}
+    early = run(0.01, {"clip/clip_rate": np.array([1.0, 1.0, 1.0]),
+                       "clip/grad_norm": np.array([30.0, 40.0, 50.0]),
+                       "clip/clipped_grad_norm": np.array([1.0, 1.0, 1.0]),
+                       "clip/applied_steps": np.array([1.0, 2.0, 3.0])})
+    assert early == []  # three steps are too few to call a clip rate
 
 
 def test_a_finding_as_dict_is_plain_data():
