@@ -104,7 +104,9 @@ def run(
         probes: ``{state_index: [B, T, S_i] tensor}`` added to state ``state_index`` after the step
             at input time ``t`` (input order, also when ``go_backwards``). Zero tensors make
             ``∂ℓ/∂probe[:, t]`` the total derivative ``∂ℓ/∂h_t``. At masked steps the probe is not
-            added, so its gradient there is 0.
+            added, so its gradient there is 0. Key ``"recurrent_kernel"``: ``[T, H, P]`` added
+            to the recurrent kernel at step ``t`` only (``keras_fancyrnn.engine.probes``); it
+            runs on the loop whatever ``plan`` says.
         plan: the path. ``"cudnn"`` runs the cuDNN kernel (with a mask, only where it is
             right-padded, else the loop: checked at run time); ``"sequence_kernel"`` and
             ``"block_lstm"`` the cell's whole-sequence kernel (``cell.fused_sequence`` or
@@ -119,6 +121,8 @@ def run(
     initial_state = _as_list(initial_state)
     inputs = tf.convert_to_tensor(inputs)
     plan = plan or dispatch.Plan("", "loop", "no plan given")
+    if probes and KERNEL_PROBE in probes and plan.path != "loop":  # only the loop steps with E_t
+        plan = dispatch.Plan(plan.layer, "loop", "the recurrent-kernel probe runs in the loop only")
 
     dp_mask, rec_mask = _make_dropout_masks(cell, inputs[:, 0], initial_state[0], training)
     loop = functools.partial(_loop_reading_weights_once, cell, inputs, initial_state, mask,

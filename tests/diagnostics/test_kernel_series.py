@@ -121,3 +121,25 @@ def test_monitor_records_the_kernel_series_only_when_asked():
     assert asked.history["l/recurrent_kernel"].shape == (1, T)
     assert "l/recurrent_kernel/grad_ratio" not in asked.scalars
     np.testing.assert_allclose(asked.history["l"], plain.history["l"], rtol=1e-6)
+
+
+def test_the_kernel_probe_runs_on_the_loop_whatever_the_plan():
+    """Whole-sequence kernels know nothing of E_t: a plan naming one falls back to the loop, so the
+    terms still sum to the tape gradient (the plan is forced here; the dispatch may choose a
+    sequence kernel for probed layers)."""
+    from keras_fancyrnn.engine import dispatch, loop
+
+    layer = fr.LSTM(H, name="l")
+    x, _ = _data()
+    layer(x)
+    cell = layer.cell
+    state = [tf.zeros((B, H)), tf.zeros((B, H))]
+    probe = tf.zeros((T, H, 4 * H))
+    coef = tf.constant(np.random.default_rng(0).normal(size=(B, H)).astype("float32"))
+    with tf.GradientTape() as tape:
+        tape.watch(probe)
+        last, _, _ = loop.run(cell, tf.constant(x), state, probes={"recurrent_kernel": probe},
+                              plan=dispatch.Plan("l", "sequence_kernel", "forced"))
+        total = tf.reduce_sum(last * coef)
+    terms, grad_u = tape.gradient(total, [probe, cell.recurrent_kernel])
+    assert_close(tf.reduce_sum(terms, 0), grad_u, rounding_chain(T, B, D, H, 4))
