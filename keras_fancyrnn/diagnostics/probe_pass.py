@@ -1,5 +1,8 @@
 """The probe pass: one forward + backward pass on a probe batch that returns ``{key: [T]}``.
 
+Long (over 400 lines): the pass, the probe requests it makes, and the checks of the probe data
+its error messages rest on belong together.
+
 ``ProbePass`` adds zero probes ``p_t`` (through ``keras_fancyrnn.engine.probes`` for fr layers, by
 patching ``call`` for any other layer's input) and reads ``∂ℓ/∂p_t = ∂ℓ/∂h_t`` off one tape;
 ``gradient_norms`` is one such pass without a monitor. The pass measures each example's norms

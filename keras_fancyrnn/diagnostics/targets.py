@@ -12,6 +12,8 @@ Series (keys of ``GradientNormMonitor.history``):
 * ``name/forward``, ``name/backward`` (and their ``/cell``) for the two directions of a
   Bidirectional wrapper (any layer with ``forward_layer``/``backward_layer``); the inner layers of
   a ``StackedRNN`` (or any container) by their own names;
+* ``name/count``, for a layer that receives a mask: per ``t`` the number of probe examples whose
+  step ``t`` is valid, over which the layer's curves are averaged (``aggregate``);
 * ``name/recurrent_kernel`` (opt-in, ``kernel_norms=True``; fr layers): per ``t`` the Frobenius
   norm of step ``t``'s term of the BPTT sum for the recurrent kernel,
   ``Σ_i h_{t-1}^(i) ⊗ δ_t^(i)`` with ``δ_t = ∂ℓ/∂z_t`` the gradient of the pre-activations of
