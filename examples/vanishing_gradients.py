@@ -484,7 +484,7 @@ def diagnosis_markdown(results: dict[str, Any]) -> str:
         name = res["row"]["model"]
         texts = [f["text"] for f in res.get("findings", [])]
         lines += [f"* **{name}**: {text}" for text in texts] or [
-            f"* **{name}**: no vanishing or exploding gradients found."]
+            f"* **{name}**: no vanishing or exploding gradients or saturated units found."]
     return "\n".join(lines) + "\n"
 
 

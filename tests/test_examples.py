@@ -341,7 +341,8 @@ def test_vanishing_gradients_writes_the_report(tmp_path):
         assert "Diagnosis (GradientNormMonitor.summary()" in text
     for model in results["models"].values():
         for finding in model["findings"]:
-            assert finding["kind"] in ("vanishing", "exploding") and finding["text"] in report
+            assert finding["kind"] in ("vanishing", "exploding", "saturated")
+            assert finding["text"] in report
 
 
 def test_vanishing_gradients_helpers():

@@ -98,12 +98,15 @@ class Measurement:
     [B, T] bool}`` for the layers that received a mask, ``owners`` ``{series key: layer key}``,
     and ``kernels`` ``{key/recurrent_kernel: [T, H, P]}``, step ``t``'s term of the recurrent
     kernel's gradient of ``Σ_i ℓ_i`` (a sum over the batch, kept in time order whatever the
-    alignment; the ``targets`` module's docstring)."""
+    alignment; the ``targets`` module's docstring); ``saturation`` ``{layer key: [B, T]}``, for
+    tanh SimpleRNNs the fraction of units with ``|h_t| > 0.99`` (``tanh' < 0.02``), whose mean
+    over the valid steps is the scalar ``<layer>/saturation``."""
 
     norms: dict
     masks: dict
     owners: dict
     kernels: dict = field(default_factory=dict)
+    saturation: dict = field(default_factory=dict)  # {layer key: [B, T] saturated fraction}
 
     def mask_of(self, key: str):
         return self.masks.get(self.owners.get(key, key))
@@ -128,6 +131,10 @@ class Measurement:
         for key, norms in self.norms.items():
             out[f"{key}/grad_ratio"], out[f"{key}/grad_decay"] = per_example_scalars(
                 norms, self.mask_of(key))
+        for key, fraction in self.saturation.items():  # over valid (example, step) pairs
+            mask = self.masks.get(key)
+            valid = np.ones(fraction.shape, bool) if mask is None else np.asarray(mask, bool)
+            out[f"{key}/saturation"] = float(fraction[valid].mean()) if valid.any() else math.nan
         return out
 
 

@@ -37,8 +37,12 @@ norms (Pascanu et al. clip at about the average norm), ``fr.LSTM``/``fr.GRU`` in
 ``ChronoBias(T)`` for an LSTM with the sequence length ``T`` the monitor saw (Tallec & Ollivier
 2018), ``bptt_truncate=k`` with the distance at which the curve has grown a hundredfold.
 
-Saturated units are not diagnosed: the probe pass sees gradients, not activations, and a
-saturation measure from gradient norms alone would guess.
+* **Saturated units** (tanh SimpleRNNs, whose hidden states the probe pass reads): the scalar
+  ``<layer>/saturation``, the fraction of units with ``|h_t| > 0.99`` over the valid steps of the
+  probe batch, above ``SATURATED_FRACTION = 0.5``. Such a unit passes less than 2 % of the
+  gradient back through its step (``tanh' = 1 - h²``), so where most units are saturated the
+  Jacobian products shrink whatever the recurrent kernel does. (Gated cells are not judged: an
+  LSTM's or GRU's ``h`` near ±1 says nothing of its gates, which carry its gradient.)
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from keras_fancyrnn.diagnostics.reporting import norm_label
 
 VANISHING_RATIO = 1e-2
 RECENT = 5
+SATURATED_FRACTION = 0.5
 EXPLODING_RATIO = 1e2
 HIGH_CLIP_RATE = 0.5
 CLIP_FACTOR = 10.0
@@ -61,9 +66,10 @@ NORM_GROWTH = 1e2
 
 @dataclass(frozen=True)
 class Finding:
-    """One diagnosis: ``kind`` (``"vanishing"`` or ``"exploding"``), the ``series`` it concerns
-    (a series key, or ``"clip"`` for the optimizer's statistics), the ``step`` of the record it
-    rests on, the numbers (``evidence``), ``remedies`` and a ``text`` for people."""
+    """One diagnosis: ``kind`` (``"vanishing"``, ``"exploding"`` or ``"saturated"``), the
+    ``series`` it concerns (a series key, or ``"clip"`` for the optimizer's statistics), the
+    ``step`` of the record it rests on, the numbers (``evidence``), ``remedies`` and a ``text``
+    for people."""
 
     kind: str
     series: str
@@ -160,6 +166,18 @@ def _vanishing(key, curve, ratio, decay, step, layer, records) -> Finding | None
                    tuple(remedies), text)
 
 
+def _saturated(key, fraction, step, records) -> Finding | None:
+    if not (math.isfinite(fraction) and fraction > SATURATED_FRACTION):
+        return None
+    remedies = ["standardise the inputs (zero mean, unit variance) or start from a smaller "
+                "input kernel, so that the pre-activations x_t W + h_{t-1} U + b stay near 0",
+                "or fr.LSTM / fr.GRU, whose gates carry the gradient past saturated units"]
+    text = (f"{key}: saturated units at step {step}: {fraction:.0%} of the tanh units have "
+            f"|h_t| > 0.99 ({_over(records)}; threshold {SATURATED_FRACTION:.0%}); each passes "
+            "under 2% of the gradient back through its step. Try: " + "; ".join(remedies) + ".")
+    return Finding("saturated", key, step, {"saturation": fraction}, tuple(remedies), text)
+
+
 def _clip_evidence(scalars) -> dict:
     """The exploding signs in the clipping statistics (latest values, norm growth)."""
     out = {}
@@ -235,7 +253,8 @@ def diagnose(history: dict, scalars: dict, steps, layers: dict | None = None) ->
     ``history``: ``{key: [n_records, T]}``; ``scalars``: ``{name: [n_records]}`` (with
     ``key/grad_ratio``, ``key/grad_decay`` and any ``clip/…``); ``steps``: the records' steps;
     ``layers``: ``{series key: layer}`` of the series to diagnose (default: every series with a
-    ``grad_ratio``). Returns vanishing findings, then exploding ones (module docstring).
+    ``grad_ratio``). Returns vanishing and saturation findings, then exploding ones (module
+    docstring).
     """
     steps = list(np.asarray(steps).tolist())
     if not steps:
@@ -255,6 +274,9 @@ def diagnose(history: dict, scalars: dict, steps, layers: dict | None = None) ->
         found = _vanishing(key, curve, ratio, decay, step, layer, records)
         if found is not None:
             out.append(found)
+        found = _saturated(key, _recent(scalars.get(f"{key}/saturation", [])), step, records)
+        if found is not None:
+            out.append(found)
         found = _exploding_curve(key, ratio, curve, step, layer, norms, records)
         if found is not None:
             exploding.append(found)
@@ -263,4 +285,4 @@ def diagnose(history: dict, scalars: dict, steps, layers: dict | None = None) ->
 
 
 __all__ = ["CLIP_FACTOR", "EXPLODING_RATIO", "HIGH_CLIP_RATE", "MIN_CLIP_STEPS", "NORM_GROWTH",
-           "RECENT", "VANISHING_RATIO", "Finding", "diagnose"]
+           "RECENT", "SATURATED_FRACTION", "VANISHING_RATIO", "Finding", "diagnose"]

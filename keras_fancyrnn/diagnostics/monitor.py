@@ -156,8 +156,8 @@ class GradientNormMonitor(keras.callbacks.Callback):
 
     Attributes: ``history`` (``{key: [n_records, T]}``), ``steps``, ``epochs``, ``scalars``
     (``{name: [n_records]}``); ``plot()`` draws them; ``summary()`` diagnoses them (vanishing or
-    exploding gradients and what to do, the ``findings`` module); ``record()`` takes one now;
-    ``compute(x, y)`` returns curves without recording.
+    exploding gradients, saturated tanh units, and what to do: the ``findings`` module);
+    ``record()`` takes one now; ``compute(x, y)`` returns curves without recording.
 
     Outside ``fit`` (a custom training loop): ``set_model(model)`` instead of ``callbacks=``,
     ``record(step)`` where the loop wants a record, ``loss=`` where the model is not compiled,
@@ -371,10 +371,10 @@ class GradientNormMonitor(keras.callbacks.Callback):
         return curves
 
     def summary(self) -> list[Finding]:
-        """The diagnosis of the latest record: vanishing or exploding gradients, each a
-        ``Finding`` with its numbers, remedies and ``text`` (thresholds and their reasons: the
-        ``findings`` module). One series per monitored layer is judged (its hidden state, or its
-        input), plus the clipping statistics. ``[]`` before the first record."""
+        """The diagnosis of the latest records: vanishing or exploding gradients, saturated
+        tanh units, each a ``Finding`` with its numbers, remedies and ``text`` (thresholds and
+        their reasons: the ``findings`` module). One series per monitored layer is judged (its
+        hidden state, or its input), plus the clipping statistics. ``[]`` before a record."""
         if not self._steps or self._probe is None:
             return []
         targets = self._probe.targets

@@ -69,6 +69,8 @@ class ProbePass:
         self.loss = loss
         self.align = check_align(align)  # how curves of padded batches line up (aggregate)
         self._kernel_keys = {f"{t.key}/recurrent_kernel" for t in targets if t.kernel and t.states}
+        # tanh SimpleRNNs: the hidden states, for the fraction of saturated units (aggregate)
+        self._saturation = {t.key for t in targets if t.states and _is_tanh_rnn(t.layer)}
         self._fn = tf.function(self._pass, jit_compile=False)
         self._concrete: dict = {}  # one trace per input signature, batch size left unknown
         self._checked = False
@@ -86,8 +88,8 @@ class ProbePass:
             self._prepare(x, y, sample_weight)
         try:
             args = tf.nest.map_structure(_as_tensor, (x, y, sample_weight))
-            out, masks, kernels = self._concrete_for(args)(*args,
-                                                           tf.constant(loss_scale, tf.float32))
+            out, masks, kernels, saturated = self._concrete_for(args)(
+                *args, tf.constant(loss_scale, tf.float32))
         except (ValueError, TypeError, KeyError, IndexError, tf.errors.InvalidArgumentError) as e:
             if self._checked:
                 raise
@@ -108,7 +110,8 @@ class ProbePass:
         owners = {k: t.key for t in self.targets for k in t.series_keys()}
         return Measurement({k: out[k].numpy() for k in order if k in out},
                            {k: m.numpy() for k, m in masks.items()}, owners,
-                           {k: kernels[k].numpy() for k in order if k in kernels})
+                           {k: kernels[k].numpy() for k in order if k in kernels},
+                           {k: v.numpy() for k, v in saturated.items()})
 
     # -- internals -------------------------------------------------------------------------
     def _concrete_for(self, args):
@@ -156,11 +159,12 @@ class ProbePass:
         return _compiled_per_example_losses(self.model, y, y_pred, sample_weight)
 
     @contextlib.contextmanager
-    def _patched(self, tape, collected: dict, masks: dict):
+    def _patched(self, tape, collected: dict, masks: dict, sinks: dict):
         """Zero probes for every target: keras_fancyrnn layers through a probe request the
         engine reads (``keras_fancyrnn.engine.probes``); any other layer's input by replacing its
         ``call`` (instance attribute), restored on exit."""
-        requests = {t.layer: self._request(t, tape, collected, masks)
+        requests = {t.layer: self._request(t, tape, collected, masks,
+                                           sinks if t.key in self._saturation else None)
                     for t in self.targets if _is_fr_rnn(t.layer)}
         saved = []
         for target in self.targets:
@@ -184,7 +188,7 @@ class ProbePass:
                     object.__delattr__(layer, "call")
 
     @staticmethod
-    def _request(target: _Target, tape, collected: dict, masks: dict):
+    def _request(target: _Target, tape, collected: dict, masks: dict, sinks: dict | None):
         """The probe request of a keras_fancyrnn layer: zero probes shaped like its input
         (after its cast to the compute dtype), watched on ``tape`` and recorded in
         ``collected``, its mask in ``masks``; none for the second call of a shared layer."""
@@ -195,6 +199,8 @@ class ProbePass:
             if mask is not None:
                 masks[target.key] = mask
             made = {}
+            if sinks is not None and target.key not in sinks:
+                made["states_out"] = sinks[target.key] = []
             if target.inputs:
                 made["input"] = collected[f"{target.key}/input"] = tf.zeros_like(sequences)
             if target.kernel and target.states:  # E_t, added to U at step t only
@@ -210,7 +216,7 @@ class ProbePass:
                 for i, (key, size) in enumerate(zip(target.state_keys(), sizes)):
                     made[i] = collected[key] = tf.zeros([batch, steps, size],
                                                         dtype=layer.cell.compute_dtype)
-            tape.watch(list(made.values()))
+            tape.watch([p for k, p in made.items() if k != "states_out"])
             return made
 
         return request
@@ -277,8 +283,9 @@ class ProbePass:
         snapshot = [tf.identity(v.value) for v in state]
         collected: dict = {}
         masks: dict = {}
+        sinks: dict = {}
         with tf.GradientTape(watch_accessed_variables=False) as tape:
-            with self._patched(tape, collected, masks):
+            with self._patched(tape, collected, masks, sinks):
                 y_pred = model(x, training=False)
             losses = self._losses(y, y_pred, sample_weight)
             total = tf.reduce_sum(tf.cast(losses, tf.float32)) * loss_scale
@@ -302,7 +309,22 @@ class ProbePass:
             else:
                 norms = tf.abs(g)
             curves[k] = norms  # [B, T]: aggregate averages over the valid steps
-        return curves, {k: tf.cast(m, tf.bool) for k, m in masks.items()}, kernels
+        saturated = {k: tf.reduce_mean(tf.cast(tf.abs(tf.cast(v[0], tf.float32)) > SATURATED,
+                                               tf.float32), axis=-1)
+                     for k, v in sinks.items() if v}  # [B, T]: the fraction of units
+        return curves, {k: tf.cast(m, tf.bool) for k, m in masks.items()}, kernels, saturated
+
+
+#: A tanh unit with ``|h| > SATURATED`` passes less than ``1 - SATURATED² ≈ 2 %`` of the
+#: gradient back through its step (``tanh' = 1 - h²``).
+SATURATED = 0.99
+
+
+def _is_tanh_rnn(layer) -> bool:
+    """A keras_fancyrnn SimpleRNN-like layer: one gate and a tanh activation."""
+    cell = getattr(layer, "cell", None)
+    return (_is_fr_rnn(layer) and getattr(cell, "gates", None) == 1
+            and getattr(getattr(cell, "activation", None), "__name__", "") == "tanh")
 
 
 def _mutable_state(model) -> list:

@@ -105,8 +105,9 @@ def run(
             at input time ``t`` (input order, also when ``go_backwards``). Zero tensors make
             ``∂ℓ/∂probe[:, t]`` the total derivative ``∂ℓ/∂h_t``. At masked steps the probe is not
             added, so its gradient there is 0. Key ``"recurrent_kernel"``: ``[T, H, P]`` added
-            to the recurrent kernel at step ``t`` only (``keras_fancyrnn.engine.probes``); it
-            runs on the loop whatever ``plan`` says.
+            to the recurrent kernel at step ``t`` only (``keras_fancyrnn.engine.probes``); key
+            ``"states_out"``: a list the loop appends its outputs ``[B, T, H]`` to (input time
+            order). Both run on the loop whatever ``plan`` says.
         plan: the path. ``"cudnn"`` runs the cuDNN kernel (with a mask, only where it is
             right-padded, else the loop: checked at run time); ``"sequence_kernel"`` and
             ``"block_lstm"`` the cell's whole-sequence kernel (``cell.fused_sequence`` or
@@ -121,8 +122,9 @@ def run(
     initial_state = _as_list(initial_state)
     inputs = tf.convert_to_tensor(inputs)
     plan = plan or dispatch.Plan("", "loop", "no plan given")
-    if probes and KERNEL_PROBE in probes and plan.path != "loop":  # only the loop steps with E_t
-        plan = dispatch.Plan(plan.layer, "loop", "the recurrent-kernel probe runs in the loop only")
+    if probes and (KERNEL_PROBE in probes or STATES_SINK in probes) and plan.path != "loop":
+        plan = dispatch.Plan(plan.layer, "loop", "the recurrent-kernel probe and the states sink "
+                             "run in the loop only")
 
     dp_mask, rec_mask = _make_dropout_masks(cell, inputs[:, 0], initial_state[0], training)
     loop = functools.partial(_loop_reading_weights_once, cell, inputs, initial_state, mask,
@@ -185,6 +187,11 @@ def _loop_reading_weights_once(cell, *args):
 def _loop(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, unroll,
           return_sequences, zero_output_for_mask, bptt_truncate, probes, hoist_inputs):
     """The engine's own time loop (``tf.while_loop``, or Python when ``unroll``)."""
+    sink = None
+    if probes and STATES_SINK in probes:
+        probes = dict(probes)
+        sink = probes.pop(STATES_SINK)
+    wanted, return_sequences = return_sequences, return_sequences or sink is not None
     batch = tf.shape(inputs)[0]
     xp, project, mask, probes = _time_major(cell, inputs, mask, probes, dp_mask, go_backwards,
                                             hoist_inputs)
@@ -200,7 +207,9 @@ def _loop(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, un
         output, outputs, states = _while(step, xp, mask, probes, states, out0, return_sequences)
         if output is None:  # not carried: the top copy of the hidden state
             output = states[0][-batch:] if copies > 1 else states[0]
-    return output, outputs, _untile(states, copies, batch)
+    if sink is not None:  # in input time order, like the probes
+        sink.append(tf.reverse(outputs, [1]) if go_backwards else outputs)
+    return output, (outputs if wanted else None), _untile(states, copies, batch)
 
 
 def _time_major(cell, inputs, mask, probes, dp_mask, go_backwards, hoist_inputs):
@@ -228,6 +237,7 @@ def _time_major(cell, inputs, mask, probes, dp_mask, go_backwards, hoist_inputs)
 
 
 KERNEL_PROBE = "recurrent_kernel"
+STATES_SINK = "states_out"  # a list the loop appends the hidden states [B, T, H] to
 
 
 @contextlib.contextmanager

@@ -12,11 +12,12 @@ input; with ``p = 0`` the values are unchanged and ``∂ℓ/∂p_t`` is the tota
 mask)`` called when the layer runs (so that probes can be shaped like its input, and the
 caller learns which steps are valid: ``mask`` is the layer's ``[B, T]`` mask or ``None``) that
 returns one. Its keys: a state index (0 for ``h``, 1 for the LSTM's ``c`` …; ``[B, T, S_i]``,
-in input time order), ``"input"`` (``[B, T, D]``, added to the input sequence) or
+in input time order), ``"input"`` (``[B, T, D]``, added to the input sequence),
 ``"recurrent_kernel"`` (``[T, H, P]``, the recurrent kernel's shape per step, in input time
 order: ``E_t`` is added to the kernel at step ``t`` only, so ``∂ℓ/∂E_t`` is that step's term of
-``∂ℓ/∂U``). A function may return an empty mapping (no probes for that call, e.g. the second
-call of a shared layer).
+``∂ℓ/∂U``) or ``"states_out"`` (a list to which the layer's loop appends its outputs
+``[B, T, H]`` in input time order; at a masked step the previous output, or zeros). A function
+may return an empty mapping (no probes for that call, e.g. the second call of a shared layer).
 
 The scope is seen by the code in its ``with`` block (this thread or task), not by other threads.
 """

@@ -165,3 +165,58 @@ def test_the_custom_loop_example_in_the_monitor_docstring_runs():
     assert len(test.examples) > 10
     result = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS).run(test)
     assert result.failed == 0 and result.attempted == len(test.examples)
+
+
+def _numpy_tanh_states(x, W, U, b, mask=None):
+    """h_t = tanh(x_t W + h_{t-1} U + b) in float64; a masked step keeps the previous state."""
+    n, steps, _ = x.shape
+    mask = np.ones((n, steps), bool) if mask is None else mask
+    h, out = np.zeros((n, U.shape[0])), []
+    for t in range(steps):
+        new = np.tanh(x[:, t] @ W + h @ U + b)
+        h = np.where(mask[:, t, None], new, h)
+        out.append(h)
+    return np.stack(out, 1)
+
+
+@pytest.mark.parametrize("scale,saturated", [(0.3, False), (30.0, True)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_saturation_of_a_tanh_rnn_against_numpy_states(scale, saturated, padded):
+    """The scalar rnn/saturation is the fraction of units with |h_t| > 0.99 over the valid steps,
+    from a numpy forward pass of the same weights; large inputs saturate the units and are
+    flagged, small ones are not."""
+    from keras_fancyrnn.diagnostics.probe_pass import SATURATED
+
+    steps, d, units = 12, 3, 8
+    rng = np.random.default_rng(0)
+    x = (scale * rng.normal(size=(16, steps, d))).astype("float32")
+    y = rng.normal(size=(16, 1)).astype("float32")
+    mask = None
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((steps, d))
+    seq = keras.layers.Masking(0.0)(inp) if padded else inp
+    layer = fr.SimpleRNN(units, name="rnn", go_backwards=padded)
+    model = keras.Model(inp, keras.layers.Dense(1)(layer(seq)))
+    model.compile(loss="mse")
+    if padded:
+        mask = np.arange(steps)[None] < rng.integers(2, steps + 1, 16)[:, None]
+        x = np.where(mask[..., None], x, 0.0).astype("float32")
+    monitor = fr.GradientNormMonitor((x, y), every_n_batches=1)
+    monitor.set_model(model)
+    monitor.record(0)
+    W, U, b = (v.numpy().astype(np.float64) for v in
+               (layer.cell.kernel, layer.cell.recurrent_kernel, layer.cell.bias))
+    xs = x[:, ::-1] if padded else x  # go_backwards: the layer reads the sequence reversed
+    states = _numpy_tanh_states(xs.astype(np.float64), W, U, b,
+                                None if mask is None else mask[:, ::-1])
+    valid = np.ones(states.shape[:2], bool) if mask is None else mask[:, ::-1]
+    want = (np.abs(states[valid]) > SATURATED).mean()
+    got = monitor.scalars["rnn/saturation"][0]
+    # a unit within float32 rounding of 0.99 may fall either way: one in B * T * H
+    assert abs(got - want) <= 2.0 / states[valid].size
+    found = [f for f in monitor.summary() if f.kind == "saturated"]
+    assert bool(found) == saturated
+    if saturated:
+        assert want > findings.SATURATED_FRACTION and found[0].series == "rnn"
+        assert f"{want:.0%}" in found[0].text or f"{got:.0%}" in found[0].text
+    assert "rnn/saturation" not in monitor.history  # a scalar, not a curve
