@@ -261,6 +261,8 @@ def train_model(cell: str, data: dict[str, np.ndarray], config: Config) -> dict[
         "row": row,
         "record_steps": monitor.steps.tolist(),
         "curves": curves,
+        # the monitor's diagnosis of the last record (keras_fancyrnn.diagnostics.findings)
+        "findings": [finding.as_dict() for finding in monitor.summary()],
         "eval_steps": eval_steps,
         "test_mse": test_mse,
     }
@@ -464,18 +466,31 @@ def write_report(results: dict[str, Any], out: str) -> dict[str, str]:
         "seconds": results.get("seconds"),
         "rows": results["rows"],
         "models": {
-            cell: {k: res[k] for k in ("record_steps", "eval_steps", "test_mse")}
+            cell: {k: res[k] for k in ("record_steps", "eval_steps", "test_mse", "findings")}
             | {"curve_init": res["curves"][0], "curve_final": res["curves"][-1]}
             for cell, res in results["models"].items()
         },
     }
     with open(paths["results.json"], "w") as f:
         json.dump(json_safe(payload), f, indent=1)
+    print(diagnosis_markdown(results))
     with open(paths["report.md"], "w") as f:
         f.write(report_markdown(results, table))
     print(f"wrote {out}/: gradient_norms.png heatmap.png test_mse.png results.md results.json "
           "report.md, tensorboard/, <model>/grad_norms.csv")
     return paths
+
+
+def diagnosis_markdown(results: dict[str, Any]) -> str:
+    """The monitor's findings at the end of each model's training (``monitor.summary()``), one
+    bullet each, or that it found nothing to report."""
+    lines = ["Diagnosis (GradientNormMonitor.summary() after the last step):", ""]
+    for res in results["models"].values():
+        name = res["row"]["model"]
+        texts = [f["text"] for f in res.get("findings", [])]
+        lines += [f"* **{name}**: {text}" for text in texts] or [
+            f"* **{name}**: no vanishing or exploding gradients or saturated units found."]
+    return "\n".join(lines) + "\n"
 
 
 def report_markdown(results: dict[str, Any], table: str) -> str:
@@ -528,6 +543,7 @@ def report_markdown(results: dict[str, Any], table: str) -> str:
     ]
     lines += notes + [
         "",
+        diagnosis_markdown(results),
         "Over training (rows: training step; columns: timestep; colour: log10 ‖∂ℓ/∂h_t‖):",
         "",
         "![heatmap](heatmap.png)",

@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from keras_fancyrnn import config, datasets
 from keras_fancyrnn.convert import from_keras
-from keras_fancyrnn.diagnostics import GradientNormMonitor
+from keras_fancyrnn.diagnostics import GradientNormMonitor, gradient_norms
 from keras_fancyrnn.engine.dispatch import explain, portable
 from keras_fancyrnn.errors import (
     ConfigError,
@@ -46,6 +46,7 @@ __all__ = [
     "explain",
     "export_saved_model",
     "from_keras",
+    "gradient_norms",
     "initializers",
     "portable",
 ]

@@ -204,8 +204,8 @@ class InputProbe(keras.layers.Layer):
         self.supports_masking = True
         self._convert_input_args = False
 
-    def call(self, inputs):
-        requested = probes.for_call(self, inputs)
+    def call(self, inputs, mask=None):
+        requested = probes.for_call(self, inputs, mask)
         if "input" not in requested:
             return inputs
         return inputs + keras.ops.cast(requested["input"], inputs.dtype)
@@ -325,7 +325,8 @@ class Rebuild:
 
     def _call(self, layer, *args, **kwargs):
         original = self._origin.get(id(layer), layer)
-        probe = self._probe_for(original, layer.dtype_policy)
+        policy = getattr(layer, "dtype_policy", None)  # None: an op of the graph, not a layer
+        probe = None if policy is None else self._probe_for(original, policy)
         if probe is not None and args:
             args = (probe(args[0]), *args[1:])
         return layer(*args, **kwargs)

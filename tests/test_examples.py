@@ -33,6 +33,7 @@ ALL = (
     "char_rnn",
     "bidirectional_stacked",
     "export_savedmodel",
+    "custom_loop_monitor",
 )
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -335,6 +336,13 @@ def test_vanishing_gradients_writes_the_report(tmp_path):
     for png in ("gradient_norms.png", "heatmap.png", "test_mse.png"):
         assert _is_png(str(out / png))
         assert f"]({png})" in report
+    # the monitor's diagnosis, printed and in the report, one line per finding or model
+    for text in (report, stdout):
+        assert "Diagnosis (GradientNormMonitor.summary()" in text
+    for model in results["models"].values():
+        for finding in model["findings"]:
+            assert finding["kind"] in ("vanishing", "exploding", "saturated")
+            assert finding["text"] in report
 
 
 def test_vanishing_gradients_helpers():
@@ -441,6 +449,23 @@ def test_exploding_gradients_nonfinite_report():
     run["first_nonfinite_grad_norm_step"] = None
     assert eg.nonfinite_report(run) == ("gradient norm finite in all 64 steps, "
                                         "first non-finite loss at step 29 of 64")
+
+
+def test_custom_loop_monitor(tmp_path):
+    """The monitor outside fit: records at the loop's own steps, clip statistics passed in."""
+    out = tmp_path / "custom"
+    stdout = run_example(
+        "custom_loop_monitor", f"--out={out}", "--length=8", "--units=4", "--steps=6",
+        "--batch_size=8", "--probe_size=4", "--record_every=2",
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == [0, 2, 4, 5]
+    assert len(summary["grad_ratio"]) == 4 and len(summary["curve_at_init"]) == 8
+    assert summary["clip_stats"]["applied_steps"] + summary["clip_stats"]["skipped_steps"] == 6
+    assert len(summary["losses"]) == 6 and all(math.isfinite(v) for v in summary["losses"])
+    assert "clip rate" in stdout and "|dl/dh_1| / |dl/dh_T|" in stdout
+    assert (out / "gradient_norms.csv").stat().st_size > 0
+    assert _is_png(str(out / "gradient_norms.png"))
 
 
 def test_bidirectional_stacked(tmp_path):

@@ -6,15 +6,19 @@ One concept a module, data flowing down the list (each imports only those above 
 * ``losses``: per-example losses ℓ_i under the compiled loss;
 * ``probe_model``: the model a pass runs (the user's, or one running Keras's recurrent layers as fr
   layers on the same variables, or a float64 copy) and which of its layers give which series;
+* ``series``: scalars derived from one curve, a clipping optimizer's stats;
+* ``aggregate``: per-example norms and masks to curves, counts and per-example scalars (the mean
+  over valid steps, ``align``);
 * ``probe_pass``: ``ProbePass`` (one forward + backward pass with zero probes), its data checks,
   ``gradient_norms``;
-* ``series``: scalars derived from the curves, a clipping optimizer's stats;
 * ``reporting``: CSV/NPZ files, TensorBoard summaries, plots;
+* ``findings``: the diagnosis (vanishing, exploding gradients) and its remedies, ``Finding``;
 * ``monitor``: the Keras callback ``GradientNormMonitor``.
 
 Diagnostics import the layers and the engine, never the other way round.
 """
 
+from keras_fancyrnn.diagnostics.findings import Finding, diagnose
 from keras_fancyrnn.diagnostics.monitor import DEFAULT_EVERY_N_BATCHES, GradientNormMonitor
 from keras_fancyrnn.diagnostics.probe_pass import ProbePass, gradient_norms
 from keras_fancyrnn.diagnostics.reporting import json_safe
@@ -23,10 +27,12 @@ from keras_fancyrnn.diagnostics.targets import discover
 
 __all__ = [
     "DEFAULT_EVERY_N_BATCHES",
+    "Finding",
     "GradientNormMonitor",
     "ProbePass",
     "decay_rate",
     "derived_scalars",
+    "diagnose",
     "discover",
     "gradient_norms",
     "json_safe",

@@ -1,10 +1,15 @@
 """The probe pass: one forward + backward pass on a probe batch that returns ``{key: [T]}``.
 
+Long (over 400 lines): the pass, the probe requests it makes, and the checks of the probe data
+its error messages rest on belong together.
+
 ``ProbePass`` adds zero probes ``p_t`` through ``keras_fancyrnn.engine.probes`` (to the layers of
 the model that ``probe_model`` chooses: the user's own, or a probe model running Keras's recurrent
 layers as fr layers on the same variables) and reads ``∂ℓ/∂p_t = ∂ℓ/∂h_t`` off one tape;
-``gradient_norms`` is one such pass without a monitor. Also here: the checks of the probe data
-(batch shapes, stateful layers' batch size, a compiled loss) and the model state a pass restores.
+``gradient_norms`` is one such pass without a monitor. The pass measures each example's norms
+and the steps its mask leaves valid; ``aggregate`` turns them into curves and counts. Also
+here: the checks of the probe data (batch shapes, stateful layers' batch size, a compiled loss)
+and the model state a pass restores.
 
 The probe pass runs the model with ``training=False`` inside its own ``tf.function`` (no XLA,
 whatever the model was compiled with); it does not touch the optimizer or the metrics and restores
@@ -32,11 +37,12 @@ from keras import ops
 
 from keras_fancyrnn._tf import tf
 from keras_fancyrnn.diagnostics import probe_model
+from keras_fancyrnn.diagnostics.aggregate import Measurement, check_align
 from keras_fancyrnn.diagnostics.losses import (
     _COMPILE_LOSS_ATTR,
     _compiled_per_example_losses,
 )
-from keras_fancyrnn.diagnostics.targets import _Target, discover
+from keras_fancyrnn.diagnostics.targets import _is_fr_rnn, _Target, discover
 from keras_fancyrnn.engine import probes
 from keras_fancyrnn.errors import LayerSelectionError, ProbeDataError
 
@@ -73,15 +79,19 @@ class ProbePass:
     """
 
     def __init__(self, model, targets: list[_Target], loss: Callable | None = None,
-                 dtype: str | None = None):
+                 align: str = "time", dtype: str | None = None):
         self.model = model
         self.targets = targets
         self.loss = loss
+        self.align = check_align(align)  # how curves of padded batches line up (aggregate)
         if dtype not in (None, "float32", "float64"):
             raise ValueError(f"probe_dtype must be None, 'float32' or 'float64', got {dtype!r}")
         self._dtype = tf.float64 if dtype == "float64" else tf.float32
         self._probe_dtype = dtype if dtype == "float64" else None
         self._plan: probe_model.Plan | None = None  # made once the model is built
+        self._kernel_keys = {f"{t.key}/recurrent_kernel" for t in targets if t.kernel and t.states}
+        # tanh SimpleRNNs: the hidden states, for the fraction of saturated units (aggregate)
+        self._saturation = {t.key for t in targets if t.states and _is_tanh_rnn(t.layer)}
         self._fn = tf.function(self._pass, jit_compile=False)
         self._concrete: dict = {}  # one trace per input signature, batch size left unknown
         self._checked = False
@@ -89,13 +99,19 @@ class ProbePass:
 
     # -- public ----------------------------------------------------------------------------
     def __call__(self, x, y, sample_weight=None, loss_scale: float = 1.0) -> dict[str, np.ndarray]:
+        """``{key: [T] curve}`` (and ``<layer>/count`` for masked layers), ``aggregate``."""
+        return self.measure(x, y, sample_weight, loss_scale).curves(self.align)
+
+    def measure(self, x, y, sample_weight=None, loss_scale: float = 1.0) -> Measurement:
+        """The per-example norms ``[B, T]`` of every series and the masks of the layers."""
         _check_stateful_batch(self.model, _leading_size(x))  # every call: dataset batches vary
         if not self._checked:
             self._prepare(x, y, sample_weight)
         try:
             args = tf.nest.map_structure(_as_tensor, (x, y, sample_weight))
             self._plan.sync()
-            out = self._scaled(self._concrete_for(args), args, loss_scale)
+            out, masks, kernels, saturated = self._scaled(self._concrete_for(args), args,
+                                                          loss_scale)
         except (ValueError, TypeError, KeyError, IndexError, tf.errors.InvalidArgumentError) as e:
             if self._checked:
                 raise
@@ -113,9 +129,22 @@ class ProbePass:
                 "forward pass"
             )
         self._checked = True
-        return {k: out[k].numpy() for k in order}
+        return Measurement({k: out[k].numpy() for k in order},
+                           {k: m.numpy() for k, m in masks.items()}, self._owners(),
+                           {k: v.numpy() for k, v in kernels.items()},
+                           {k: v.numpy() for k, v in saturated.items()})
 
-    def _scaled(self, fn, args, loss_scale: float) -> dict:
+    def _owners(self) -> dict[str, str]:
+        """``{series key: layer key}``: whose mask applies to a series (an input series is its
+        layer's; a state series is the layer's first state key)."""
+        owners = {}
+        for _, keys in self._plan.states.values():
+            owners.update({k: keys[0] for k in keys})
+        for _, keys in self._plan.inputs.values():
+            owners.update({k: k[: -len("/input")] for k in keys})
+        return owners
+
+    def _scaled(self, fn, args, loss_scale: float) -> tuple:
         """The pass under a float16 loss scale (``loss_scale`` != 1): each ∂ℓ_i/∂h is scaled by
         ``loss_scale / B``, the factor of Keras's scaled *mean* loss in training, and by half as
         much again while any value overflows float16 (the scale of an overflowing training step
@@ -125,7 +154,7 @@ class ProbePass:
         factor = float(loss_scale) / max(_leading_size(args[0]) or 1, 1)
         for _ in range(_MAX_HALVINGS):
             out = fn(*args, tf.constant(factor, tf.float32))
-            if all(np.all(np.isfinite(v.numpy())) for v in out.values()):
+            if all(np.all(np.isfinite(v.numpy())) for v in out[0].values()):
                 break
             factor /= 2.0
         return out
@@ -180,28 +209,40 @@ class ProbePass:
             return ops.cast(losses, "float32")
         return _compiled_per_example_losses(self.model, y, y_pred, sample_weight)
 
-    def _requests(self, tape, collected: dict) -> dict:
+    def _requests(self, tape, collected: dict, masks: dict, sinks: dict) -> dict:
         """A probe request (``keras_fancyrnn.engine.probes``) for every layer of the plan: zero
         probes shaped like its input (after its cast to the compute dtype), watched on ``tape``
-        and recorded in ``collected`` (``key -> [probe tensors]``); none for the second call of a
-        shared layer."""
+        and recorded in ``collected`` (``key -> [probe tensors]``), the layer's mask in
+        ``masks`` (``layer key -> mask``), a list for its hidden states in ``sinks`` (tanh
+        SimpleRNNs, for saturation); none for the second call of a shared layer."""
         plan, errors = self._plan, self._trace_errors
         done: set = set()
 
-        def request(layer, sequences):
+        def request(layer, sequences, mask):
             if id(layer) in done:
                 return {}  # a shared layer: probe its first call only
             done.add(id(layer))
             made = {}
             input_keys = plan.inputs.get(id(layer), (None, []))[1]
+            state_keys = plan.states.get(id(layer), (None, []))[1]
+            if mask is not None:  # the valid steps, as the layer sees them
+                for owner in {*(k[: -len("/input")] for k in input_keys), *state_keys[:1]}:
+                    masks[owner] = mask
             if input_keys and _input_error(input_keys[0][: -len("/input")], sequences, errors):
                 input_keys = []
             if input_keys:
                 made["input"] = tf.zeros_like(sequences)
                 for key in input_keys:
                     collected.setdefault(key, []).append(made["input"])
-            state_keys = plan.states.get(id(layer), (None, []))[1]
             if state_keys:
+                owner = state_keys[0]
+                if owner in self._saturation:
+                    made["states_out"] = sinks[owner] = []
+                if f"{owner}/recurrent_kernel" in self._kernel_keys:  # E_t, added at step t only
+                    kernel = layer.cell.recurrent_kernel
+                    made["recurrent_kernel"] = tf.zeros(
+                        [tf.shape(sequences)[1], *kernel.shape], dtype=layer.cell.compute_dtype)
+                    collected[f"{owner}/recurrent_kernel"] = [made["recurrent_kernel"]]
                 shape = tf.shape(sequences)
                 batch = sequences.shape[0] if sequences.shape[0] is not None else shape[0]
                 steps = sequences.shape[1] if sequences.shape[1] is not None else shape[1]
@@ -220,21 +261,26 @@ class ProbePass:
         state = _mutable_state(self.model, self._plan.model)
         snapshot = [tf.identity(v.value) for v in state]
         collected: dict = {}
+        masks: dict = {}
+        sinks: dict = {}
         with tf.GradientTape(watch_accessed_variables=False) as tape:
-            with probes.scope(self._requests(tape, collected)):
+            with probes.scope(self._requests(tape, collected, masks, sinks)):
                 y_pred = self._plan.model(x, training=False)
             losses = tf.cast(self._losses(y, y_pred, sample_weight), self._dtype)
-            # ∂ℓ_i/∂h scaled by `loss_scale` (float16: kept inside its range; see __call__)
+            # ∂ℓ_i/∂h scaled by `loss_scale` (float16: kept inside its range; see measure)
             total = tf.reduce_sum(losses) * tf.cast(loss_scale, self._dtype)
         for v, s in zip(state, snapshot):  # BatchNorm stats, RNN states, seed generators
             v.assign(s)
         keys = list(collected)
         grads = tape.gradient(total, [collected[k] for k in keys],
                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        curves = {}
+        curves, kernels = {}, {}
         for k, parts in zip(keys, grads):
             g = tf.add_n([tf.cast(p, self._dtype) for p in parts])  # a wrapper's two directions
             g = g / tf.cast(loss_scale, self._dtype)
+            if k in self._kernel_keys:  # [T, H, P]: step t's term of the kernel's gradient
+                kernels[k] = g
+                continue
             axes = list(range(2, g.shape.rank))
             if axes:  # scaled by the max, so that norms below ~1e-19 do not underflow to 0
                 m = tf.reduce_max(tf.abs(g), axis=axes, keepdims=True)
@@ -243,8 +289,23 @@ class ProbePass:
                     tf.reduce_sum(tf.square(g / safe), axis=axes))
             else:
                 norms = tf.abs(g)
-            curves[k] = tf.reduce_mean(norms, axis=0)
-        return curves
+            curves[k] = norms  # [B, T]: aggregate averages over the valid steps
+        saturated = {k: tf.reduce_mean(tf.cast(tf.abs(tf.cast(v[0], tf.float32)) > SATURATED,
+                                               tf.float32), axis=-1)
+                     for k, v in sinks.items() if v}  # [B, T]: the fraction of units
+        return curves, {k: tf.cast(m, tf.bool) for k, m in masks.items()}, kernels, saturated
+
+
+#: A tanh unit with ``|h| > SATURATED`` passes less than ``1 - SATURATED² ≈ 2 %`` of the
+#: gradient back through its step (``tanh' = 1 - h²``).
+SATURATED = 0.99
+
+
+def _is_tanh_rnn(layer) -> bool:
+    """A keras_fancyrnn SimpleRNN-like layer: one gate and a tanh activation."""
+    cell = getattr(layer, "cell", None)
+    return (_is_fr_rnn(layer) and getattr(cell, "gates", None) == 1
+            and getattr(getattr(cell, "activation", None), "__name__", "") == "tanh")
 
 
 def _mutable_state(*models) -> list:
@@ -346,19 +407,26 @@ def _check_stateful_batch(model, batch: int | None) -> None:
 
 
 def gradient_norms(model, x, y, sample_weight=None, layers=None, input_norms: bool = True,
-                   loss: Callable | None = None,
+                   loss: Callable | None = None, align: str = "time",
+                   kernel_norms: bool = False,
                    probe_dtype: str | None = None) -> dict[str, np.ndarray]:
     """One probe pass: ``{series key: [T] curve}`` for a batch ``(x, y)``, without recording.
 
     Same definition as ``GradientNormMonitor`` (the ``monitor`` module's docstring) and keys
-    (the ``targets`` module's). ``model`` must be compiled with a loss unless
-    ``loss(y_true, y_pred) -> [batch]`` is given. ``probe_dtype="float64"``: the pass runs a
-    float64 copy of the model (``GradientNormMonitor``'s argument of that name). Builds a new
-    ``tf.function`` each call; for repeated use keep a ``ProbePass`` or use the monitor.
+    (the ``targets`` module's); a layer that receives a mask also gives ``<layer>/count``, and
+    ``align`` (``"time"`` or ``"end"``) says how padded examples line up (``aggregate``);
+    ``kernel_norms=True`` adds ``<layer>/recurrent_kernel`` for fr layers (``targets``).
+    ``probe_dtype="float64"``: the pass runs a float64 copy of the model
+    (``GradientNormMonitor``'s argument of that name). ``model`` must be compiled with a loss
+    unless ``loss(y_true, y_pred) -> [batch]`` is given. Builds a new ``tf.function`` each call;
+    for repeated use keep a ``ProbePass`` or use the monitor.
     """
     _check_loss(model, loss)
-    return ProbePass(model, discover(model, layers, input_norms), loss, probe_dtype)(
-        x, y, sample_weight)
+    check_align(align)
+    targets = discover(model, layers, input_norms)
+    for t in targets:
+        t.kernel = bool(kernel_norms)
+    return ProbePass(model, targets, loss, align, dtype=probe_dtype)(x, y, sample_weight)
 
 
 def _check_loss(model, loss):

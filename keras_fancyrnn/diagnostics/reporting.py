@@ -61,9 +61,11 @@ def _import_matplotlib():
 
 
 def norm_label(key: str) -> str:
-    """``‖∂ℓ/∂h_t‖``, ``‖∂ℓ/∂c_t‖`` or ``‖∂ℓ/∂x_t‖`` for a series key."""
+    """``‖∂ℓ/∂h_t‖``, ``‖∂ℓ/∂c_t‖``, ``‖∂ℓ/∂x_t‖`` or ``‖Σ h_{t-1} ⊗ δ_t‖`` (a recurrent
+    kernel's BPTT term) for a series key."""
     last = key.rsplit("/", 1)[-1]
-    return {"cell": "‖∂ℓ/∂c_t‖", "input": "‖∂ℓ/∂x_t‖"}.get(last, "‖∂ℓ/∂h_t‖")
+    return {"cell": "‖∂ℓ/∂c_t‖", "input": "‖∂ℓ/∂x_t‖",
+            "recurrent_kernel": "‖Σᵢ h_{t-1} ⊗ δ_t‖"}.get(last, "‖∂ℓ/∂h_t‖")
 
 
 def _parent_dir(path: str) -> None:

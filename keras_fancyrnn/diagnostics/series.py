@@ -3,7 +3,7 @@
 ``ratio_first_last`` and ``decay_rate`` summarise one curve ``g_t`` (vanishing: ratio ``≪ 1``,
 positive decay rate); ``derived_scalars`` names them ``key/grad_ratio`` and ``key/grad_decay``
 for every series of a record; ``_clipping_stats`` reads an fr ``ClippingOptimizer``'s ``clip/…``
-stats.
+stats; ``fit_log_entries`` picks the few of them that go into ``fit``'s logs.
 """
 
 from __future__ import annotations
@@ -53,6 +53,43 @@ def derived_scalars(curves: dict[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
+#: ``log_scalars`` values: the headline scalars, every scalar, none.
+LOG_MODES = (True, "all", False)
+
+
+def headline_keys(targets) -> list[str]:
+    """One series per monitored layer whose scalars go into ``fit``'s logs by default: the
+    hidden state where it is probed, otherwise the layer's input (but not the input of a
+    Bidirectional wrapper whose directions have their own series)."""
+    probed = {id(t.layer) for t in targets}
+    keys = []
+    for t in targets:
+        if t.states:
+            keys.append(t.key)
+        elif t.inputs and not any(id(getattr(t.layer, side, None)) in probed
+                                  for side in ("forward_layer", "backward_layer")):
+            keys.append(f"{t.key}/input")
+    return keys
+
+
+def fit_log_entries(scalars: dict[str, float], targets, mode) -> dict[str, float]:
+    """What the monitor adds to ``fit``'s logs (so to the progress bar and ``History``):
+    ``mode=True``: the ``grad_ratio`` of each layer's headline series (one scalar a layer, so a
+    progress line stays short beside ``ClippingStats``'s four; the clipping statistics are left
+    to ``ClippingStats``, which logs them once); ``"all"``: every scalar of the record,
+    ``clip/…`` included; ``False``: nothing. Every scalar stays in ``monitor.scalars`` and
+    TensorBoard."""
+    if mode == "all":
+        return dict(scalars)
+    if not mode:
+        return {}
+    out = {}
+    for key in headline_keys(targets):
+        if f"{key}/grad_ratio" in scalars:
+            out[f"{key}/grad_ratio"] = scalars[f"{key}/grad_ratio"]
+    return out
+
+
 def _clipping_stats(optimizer) -> dict[str, float]:
     """``ClippingOptimizer.stats()`` as ``clip/<name>``, found through wrappers such as Keras's
     ``LossScaleOptimizer`` (``inner_optimizer``); ``{}`` for other optimizers and before the
@@ -62,7 +99,24 @@ def _clipping_stats(optimizer) -> dict[str, float]:
         inner = getattr(inner, "inner_optimizer", None)
     if inner is None or not inner.built:
         return {}
-    return {f"clip/{name}": float(value) for name, value in inner.stats().items()}
+    return clip_scalars(inner.stats())
 
 
-__all__ = ["decay_rate", "derived_scalars", "ratio_first_last"]
+def clip_scalars(stats) -> dict[str, float]:
+    """``ClippingOptimizer.stats()`` (or any ``{name: number}``) as ``{clip/<name>: float}``."""
+    from collections.abc import Mapping
+
+    if not isinstance(stats, Mapping):
+        raise ValueError(f"clip_stats must be a mapping such as optimizer.stats(), got "
+                        f"{type(stats).__name__}")
+    out = {}
+    for name, value in stats.items():
+        try:
+            out[f"clip/{name}"] = float(value)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"clip_stats[{name!r}] must be a number, got {value!r}") from e
+    return out
+
+
+__all__ = ["LOG_MODES", "decay_rate", "derived_scalars", "fit_log_entries", "headline_keys",
+           "ratio_first_last"]

@@ -15,6 +15,14 @@ Series (keys of ``GradientNormMonitor.history``):
 * ``name/forward``, ``name/backward`` (and their ``/cell``) for the two directions of a
   Bidirectional wrapper (any layer with ``forward_layer``/``backward_layer``); the inner layers of
   a ``StackedRNN`` (or any container) by their own names;
+* ``name/count``, for a layer that receives a mask: per ``t`` the number of probe examples whose
+  step ``t`` is valid, over which the layer's curves are averaged (``aggregate``);
+* ``name/recurrent_kernel`` (opt-in, ``kernel_norms=True``; fr layers): per ``t`` the Frobenius
+  norm of step ``t``'s term of the BPTT sum for the recurrent kernel,
+  ``Σ_i h_{t-1}^(i) ⊗ δ_t^(i)`` with ``δ_t = ∂ℓ/∂z_t`` the gradient of the pre-activations of
+  ``z_t = x_t W + h_{t-1} U + b`` (for a GRU's candidate, of ``r ⊙ (h_{t-1} U_h)``'s product).
+  The terms sum over ``t`` to the gradient of ``Σ_i ℓ_i`` for ``U``: which timesteps the update
+  of ``U`` learns from. A sum over the probe batch, not a mean over it;
 * ``name/input``: ‖∂ℓ/∂x_t‖ of the layer's input sequence (norm over all feature axes). It works
   for any layer whose first call argument is a float sequence ``[B, T, ...]`` in a Sequential or
   functional model (the probe model puts a probe before it). For a Bidirectional wrapper it is
@@ -40,6 +48,7 @@ class _Target:
     states: bool  # an fr RNN: probe its states (h, and c for an LSTM)
     inputs: bool  # probe its input sequence -> key + "/input"
     path: tuple = field(default=())  # container names from the model down, for unique keys
+    kernel: bool = False  # an fr RNN: the per-step recurrent-kernel gradient (opt-in)
 
     def state_keys(self) -> list[str]:
         cell = self.layer.cell
@@ -49,6 +58,7 @@ class _Target:
 
     def series_keys(self) -> list[str]:
         keys = self.state_keys() if self.states else []
+        keys += [f"{self.key}/recurrent_kernel"] if self.kernel and self.states else []
         return keys + ([f"{self.key}/input"] if self.inputs else [])
 
 

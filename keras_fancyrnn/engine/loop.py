@@ -7,7 +7,9 @@ A layer hands the engine its cell and its inputs; the engine owns everything tha
 * variational dropout masks (one mask per sequence, as Keras), masking, direction, initial states;
 * truncated BPTT (``bptt_truncate=k``): every gradient flows back at most ``k`` steps;
 * the diagnostics probe: a zero tensor ``p_t`` added to each state after each step, so that
-  ``∂ℓ/∂p_t`` is the *total* derivative ``∂ℓ/∂h_t`` through the recurrence.
+  ``∂ℓ/∂p_t`` is the *total* derivative ``∂ℓ/∂h_t`` through the recurrence; and a zero
+  ``E_t`` added to the recurrent kernel at step ``t`` only (probe key ``"recurrent_kernel"``),
+  so that ``∂ℓ/∂E_t`` is step ``t``'s term of the BPTT sum ``∂ℓ/∂U = Σ_t ∂ℓ/∂E_t``.
 
 The engine never imports a cell class. A cell it can run has
 
@@ -102,7 +104,10 @@ def run(
         probes: ``{state_index: [B, T, S_i] tensor}`` added to state ``state_index`` after the step
             at input time ``t`` (input order, also when ``go_backwards``). Zero tensors make
             ``∂ℓ/∂probe[:, t]`` the total derivative ``∂ℓ/∂h_t``. At masked steps the probe is not
-            added, so its gradient there is 0.
+            added, so its gradient there is 0. Key ``"recurrent_kernel"``: ``[T, H, P]`` added
+            to the recurrent kernel at step ``t`` only (``keras_fancyrnn.engine.probes``); key
+            ``"states_out"``: a list the engine appends the hidden states ``[B, T, H]`` to (input
+            time order). The kernel probe runs on the loop whatever ``plan`` says.
         plan: the path. ``"cudnn"`` runs the cuDNN kernel (with a mask, only where it is
             right-padded, else the loop: checked at run time); ``"sequence_kernel"`` and
             ``"block_lstm"`` the cell's whole-sequence kernel (``cell.fused_sequence`` or
@@ -117,6 +122,8 @@ def run(
     initial_state = _as_list(initial_state)
     inputs = tf.convert_to_tensor(inputs)
     plan = plan or dispatch.Plan("", "loop", "no plan given")
+    if probes and KERNEL_PROBE in probes and plan.path != "loop":
+        plan = dispatch.Plan(plan.layer, "loop", "the recurrent-kernel probe runs in the loop only")
 
     dp_mask, rec_mask = _make_dropout_masks(cell, inputs[:, 0], initial_state[0], training)
     loop = functools.partial(_loop_reading_weights_once, cell, inputs, initial_state, mask,
@@ -150,10 +157,14 @@ def _fused(sequence, cell, inputs, initial_state, dp_mask, go_backwards, return_
     """The cell's whole-sequence kernel ``sequence`` in place of the loop (same results as
     ``_loop``). It reads the cell's weights, so it waits while another thread has them swapped
     for tensors (``weights_read_once``)."""
+    probes = dict(probes or {})
+    sink = probes.pop(STATES_SINK, None)
     xs, _, mask, probes = _time_major(cell, inputs, mask, probes, None, go_backwards, False)
     kwargs = {} if mask is None and not probes else {"mask": mask, "probes": probes}
     with getattr(cell, "_weights_lock", None) or contextlib.nullcontext():
         hidden, states = sequence(xs, list(initial_state), dp_mask, **kwargs)
+    if sink is not None:  # batch-major, in input time order, like the probes
+        sink.append(tf.transpose(tf.reverse(hidden, [0]) if go_backwards else hidden, [1, 0, 2]))
     if mask is None:  # the outputs are the hidden states
         last = states[0]
     else:  # the state, once a step has been unmasked (Keras's outputs start at zeros)
@@ -187,6 +198,11 @@ def _loop_reading_weights_once(cell, *args):
 def _loop(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, unroll,
           return_sequences, zero_output_for_mask, bptt_truncate, probes, hoist_inputs):
     """The engine's own time loop (``tf.while_loop``, or Python when ``unroll``)."""
+    sink = None
+    if probes and STATES_SINK in probes:
+        probes = dict(probes)
+        sink = probes.pop(STATES_SINK)
+    wanted, return_sequences = return_sequences, return_sequences or sink is not None
     batch = tf.shape(inputs)[0]
     xp, project, mask, probes = _time_major(cell, inputs, mask, probes, dp_mask, go_backwards,
                                             hoist_inputs)
@@ -202,7 +218,9 @@ def _loop(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, un
         output, outputs, states = _while(step, xp, mask, probes, states, out0, return_sequences)
         if output is None:  # not carried: the top copy of the hidden state
             output = states[0][-batch:] if copies > 1 else states[0]
-    return output, outputs, _untile(states, copies, batch)
+    if sink is not None:  # in input time order, like the probes
+        sink.append(tf.reverse(outputs, [1]) if go_backwards else outputs)
+    return output, (outputs if wanted else None), _untile(states, copies, batch)
 
 
 def _time_major(cell, inputs, mask, probes, dp_mask, go_backwards, hoist_inputs):
@@ -219,8 +237,9 @@ def _time_major(cell, inputs, mask, probes, dp_mask, go_backwards, hoist_inputs)
         project = functools.partial(cell.project_inputs, dropout_mask=dp_mask)
     if mask is not None:
         mask = tf.transpose(tf.cast(mask, tf.bool), [1, 0])  # [T, B]
-    if probes:
-        probes = {i: tf.transpose(p, [1, 0, 2]) for i, p in probes.items()}
+    if probes:  # states [B, T, S] to time-major; the kernel probe [T, H, P] already is
+        probes = {i: p if i == KERNEL_PROBE else tf.transpose(p, [1, 0, 2])
+                  for i, p in probes.items()}
     if go_backwards:
         xp = tf.reverse(xp, [0])
         mask = None if mask is None else tf.reverse(mask, [0])
@@ -228,11 +247,34 @@ def _time_major(cell, inputs, mask, probes, dp_mask, go_backwards, hoist_inputs)
     return xp, project, mask, probes
 
 
+KERNEL_PROBE = "recurrent_kernel"
+STATES_SINK = "states_out"  # a list the loop appends the hidden states [B, T, H] to
+
+
+@contextlib.contextmanager
+def _kernel_offset(cell, offset):
+    """Inside, ``cell.recurrent_kernel`` is ``U + offset`` (a step's kernel probe ``E_t``), so
+    that what the step computes from ``U`` depends on ``E_t`` too; restored on exit. Holds the
+    cell's lock like ``weights_read_once``."""
+    if offset is None:
+        yield
+        return
+    with getattr(cell, "_weights_lock", None) or contextlib.nullcontext():
+        kernel = cell.recurrent_kernel
+        object.__setattr__(cell, "recurrent_kernel", kernel + tf.cast(offset, kernel.dtype))
+        try:
+            yield
+        finally:
+            object.__setattr__(cell, "recurrent_kernel", kernel)
+
+
 def _step_function(cell, project, rec_mask, copies, batch, zero_output_for_mask, state_shape):
     """``step(xp_t, mask_t, probe_t, states, prev_output) -> (output, new_states)``: one step of
     the cell with the projection, the truncation copies, the probes and the mask around it."""
 
     def step(xp_t, mask_t, probe_t, states, prev_output):
+        probe_t = dict(probe_t)
+        kernel_t = probe_t.pop(KERNEL_PROBE, None)
         if project is not None:
             xp_t = project(xp_t)
         if copies > 1:  # copy j reads copy j-1 of the previous step; copy 0 is cut off
@@ -249,11 +291,12 @@ def _step_function(cell, project, rec_mask, copies, batch, zero_output_for_mask,
         # before they feed h_t; added after the step they would miss the path c_t -> h_t.
         inner = ({i: p for i, p in probe_t.items() if i > 0}
                  if probe_t and getattr(cell, "probes_in_step", False) else None)
-        if inner:
-            output, new_states = cell.step(xp_t, states, rec_mask, probes=inner)
-            probe_t = {i: p for i, p in probe_t.items() if i not in inner}
-        else:
-            output, new_states = cell.step(xp_t, states, rec_mask)
+        with _kernel_offset(cell, kernel_t):
+            if inner:
+                output, new_states = cell.step(xp_t, states, rec_mask, probes=inner)
+                probe_t = {i: p for i, p in probe_t.items() if i not in inner}
+            else:
+                output, new_states = cell.step(xp_t, states, rec_mask)
         new_states = _as_list(new_states)
         if probe_t:
             new_states = [s + probe_t[i] if i in probe_t else s for i, s in enumerate(new_states)]

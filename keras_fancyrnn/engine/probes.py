@@ -8,11 +8,16 @@ input; with ``p = 0`` the values are unchanged and ``∂ℓ/∂p_t`` is the tota
     with tf.GradientTape() as tape, probes.scope({layer: zeros}):
         y = model(x)
 
-``request`` is either a mapping of given tensors, or a function ``request(layer, sequences)``
-called when the layer runs (so that probes can be shaped like its input) that returns one. Its
-keys: a state index (0 for ``h``, 1 for the LSTM's ``c`` …; ``[B, T, S_i]``, in input time
-order) or ``"input"`` (``[B, T, D]``, added to the input sequence). A function may return an
-empty mapping (no probes for that call, e.g. the second call of a shared layer).
+``request`` is either a mapping of given tensors, or a function ``request(layer, sequences,
+mask)`` called when the layer runs (so that probes can be shaped like its input, and the
+caller learns which steps are valid: ``mask`` is the layer's ``[B, T]`` mask or ``None``) that
+returns one. Its keys: a state index (0 for ``h``, 1 for the LSTM's ``c`` …; ``[B, T, S_i]``,
+in input time order), ``"input"`` (``[B, T, D]``, added to the input sequence),
+``"recurrent_kernel"`` (``[T, H, P]``, the recurrent kernel's shape per step, in input time
+order: ``E_t`` is added to the kernel at step ``t`` only, so ``∂ℓ/∂E_t`` is that step's term of
+``∂ℓ/∂U``) or ``"states_out"`` (a list to which the layer's loop appends its outputs
+``[B, T, H]`` in input time order; at a masked step the previous output, or zeros). A function
+may return an empty mapping (no probes for that call, e.g. the second call of a shared layer).
 
 The scope is seen by the code in its ``with`` block (this thread or task), not by other threads.
 """
@@ -43,10 +48,11 @@ def scope(requests: Mapping[Any, Request]) -> Iterator[None]:
         _requests.reset(token)
 
 
-def for_call(layer, sequences) -> dict:
-    """The probes ``layer`` adds in this call: ``{}`` where none are requested."""
+def for_call(layer, sequences, mask=None) -> dict:
+    """The probes ``layer`` adds in this call (with this ``mask``): ``{}`` where none are
+    requested."""
     entry = _requests.get().get(id(layer))
     if entry is None or entry[0] is not layer:
         return {}
     request = entry[1]
-    return dict(request(layer, sequences) if callable(request) else request)
+    return dict(request(layer, sequences, mask) if callable(request) else request)

@@ -130,7 +130,7 @@ class RNN(SequenceMaskFromInput, keras.layers.RNN):
             initial_state = self.states if self.stateful else self.get_initial_state(batch)
         initial_state = self._check_initial_state(initial_state, sequences)
         mask = self._check_mask(mask, sequences)
-        requested = probes.for_call(self, sequences)
+        requested = probes.for_call(self, sequences, mask)
         if "input" in requested:
             sequences = sequences + ops.cast(requested.pop("input"), sequences.dtype)
 

@@ -21,8 +21,8 @@ def test_input_and_state_probes_from_a_function(layer_class, rng):
     plain = layer(x)
     made, calls = {}, []
 
-    def request(called, sequences):
-        calls.append((called, tuple(sequences.shape)))
+    def request(called, sequences, mask):
+        calls.append((called, tuple(sequences.shape), mask))
         made.update(input=tf.zeros_like(sequences), h=tf.zeros((B, T, H)))
         tape.watch(list(made.values()))
         return {"input": made["input"], 0: made["h"]}
@@ -32,7 +32,7 @@ def test_input_and_state_probes_from_a_function(layer_class, rng):
         with probes.scope({layer: request}):
             out = layer(x)
         loss = tf.reduce_sum(out * coef)
-    assert calls == [(layer, (B, T, D))]
+    assert calls == [(layer, (B, T, D), None)]
     # zero probes change nothing (the probed call runs the loop, the plain one the sequence kernel
     # where it can: float32 rounding apart)
     assert_close(out, plain, rounding_chain(T, B, D, H))
@@ -64,3 +64,19 @@ def test_a_probe_changes_the_value_where_it_is_not_zero(rng):
     with probes.scope({layer: {0: tf.constant(bump)}}):
         bumped = layer(x)
     assert_close(bumped, layer(x).numpy() + 0.5, rounding_chain(T, B, D, H, gates=1))
+
+
+def test_a_function_request_gets_the_layers_mask(rng):
+    """The mask the layer runs with reaches the request (the monitor counts valid steps by it)."""
+    layer = fr.GRU(H, return_sequences=True)
+    x = tf.constant(rng.normal(size=(B, T, D)).astype("float32"))
+    mask = np.arange(T)[None, :] < np.array([[2], [5], [3]])
+    seen = []
+
+    def request(called, sequences, got):
+        seen.append(got)
+        return {}
+
+    with probes.scope({layer: request}):
+        layer(x, mask=tf.constant(mask))
+    np.testing.assert_array_equal(np.asarray(seen[0]), mask)
