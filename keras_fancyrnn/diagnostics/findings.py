@@ -187,7 +187,7 @@ def _clip_evidence(scalars) -> dict:
     rate = scalars.get("clip/clip_rate")
     norms = [float(v) for v in scalars.get("clip/grad_norm", [])]
     clipped = [float(v) for v in scalars.get("clip/clipped_grad_norm", [])]
-    factors = [n / c for n, c in zip(norms, clipped) if math.isfinite(n / c) and c > 0] if (
+    factors = [n / c for n, c in zip(norms, clipped) if c > 0 and math.isfinite(n / c)] if (
         len(clipped) == len(norms)) else []
     factor = float(np.median(factors)) if factors else math.nan
     applied = scalars.get("clip/applied_steps")

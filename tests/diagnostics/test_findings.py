@@ -133,6 +133,11 @@ def test_rules_on_hand_made_curves():
                        "clip/clipped_grad_norm": np.array([1.0, 1.0, 1.0]),
                        "clip/applied_steps": np.array([1.0, 2.0, 3.0])})
     assert early == []  # three steps are too few to call a clip rate
+    # a step whose clipped norm is 0 (a zero or skipped gradient) has no clip factor
+    zero = run(0.01, {"clip/clip_rate": np.array([0.9, 0.9, 0.9]),
+                      "clip/grad_norm": np.array([0.0, 40.0, 50.0]),
+                      "clip/clipped_grad_norm": np.array([0.0, 1.0, 1.0])})
+    assert zero[0].evidence == {"clip_rate": 0.9, "clip_factor": 45.0}
 
 
 def test_a_finding_as_dict_is_plain_data():
