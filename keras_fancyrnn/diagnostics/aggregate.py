@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from keras_fancyrnn.diagnostics.series import decay_rate, ratio_first_last
-
 ALIGNMENTS = ("time", "end")
 
 
@@ -74,19 +72,29 @@ def curve_and_count(norms, mask=None, align: str = "time") -> tuple[np.ndarray, 
 
 def per_example_scalars(norms, mask=None) -> tuple[float, float]:
     """``(grad_ratio, grad_decay)``: per example from its valid steps (``ratio_first_last``,
-    ``decay_rate``), then the geometric mean of the ratios and the mean of the rates over the
-    examples where they are defined (NaN if none)."""
+    ``decay_rate``, here for all rows at once), then the geometric mean of the ratios and the
+    mean of the rates over the examples where they are defined (NaN if none)."""
     norms = np.asarray(norms, dtype=np.float64)
     mask = np.ones(norms.shape, bool) if mask is None else np.asarray(mask, bool)
-    ratios, rates = [], []
-    for n, m in zip(norms, mask):
-        row = np.where(m, n, 0.0)  # masked steps are skipped like zero norms
-        ratios.append(ratio_first_last(row))
-        rates.append(decay_rate(row))
-    logs = [math.log(r) for r in ratios if math.isfinite(r) and r > 0]
-    rates = [r for r in rates if math.isfinite(r)]
-    return (math.exp(sum(logs) / len(logs)) if logs else math.nan,
-            sum(rates) / len(rates) if rates else math.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        valid = mask & np.isfinite(norms) & (norms > 0)  # masked steps count as zero norms
+        count = valid.sum(axis=1)
+        rows = np.flatnonzero(count > 0)
+        first = np.argmax(valid[rows], axis=1)
+        last = norms.shape[1] - 1 - np.argmax(valid[rows, ::-1], axis=1)
+        ratios = norms[rows, first] / norms[rows, last]
+        # the least-squares slope of ln n_t over the valid t of each row
+        t = np.arange(norms.shape[1], dtype=np.float64)
+        logs = np.where(valid, np.log(np.where(valid, norms, 1.0)), 0.0)
+        n = np.maximum(count, 1)[:, None]
+        t_c = np.where(valid, t - (valid * t).sum(axis=1, keepdims=True) / n, 0.0)
+        rates = (t_c * (logs - logs.sum(axis=1, keepdims=True) / n)).sum(axis=1) / (
+            t_c * t_c).sum(axis=1)
+        rates = rates[count >= 2]
+    logs = np.log(ratios[np.isfinite(ratios) & (ratios > 0)])
+    rates = rates[np.isfinite(rates)]
+    return (math.exp(logs.mean()) if logs.size else math.nan,
+            float(rates.mean()) if rates.size else math.nan)
 
 
 def count_key(layer_key: str) -> str:

@@ -12,10 +12,14 @@ import math
 import keras
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import keras_fancyrnn as fr
 from keras_fancyrnn import diagnostics as mon
 from keras_fancyrnn.diagnostics import GradientNormMonitor, gradient_norms
+from keras_fancyrnn.diagnostics.aggregate import per_example_scalars
+from keras_fancyrnn.diagnostics.series import decay_rate, ratio_first_last
 
 T, D, H = 6, 3, 4
 LENGTHS = [3, 6, 2, 5]
@@ -126,3 +130,22 @@ def test_mask_zero_embedding_aligned_at_the_end(rng):
 def test_align_is_checked():
     with pytest.raises(ValueError, match="align"):
         GradientNormMonitor((np.zeros((1, T, D)), np.zeros((1, 1))), align="start")
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.integers(1, 6), st.integers(1, 12), st.integers(0, 2**32 - 1))
+def test_per_example_scalars_equal_the_per_curve_definitions(batch, steps, seed):
+    """All rows at once against ``series.ratio_first_last`` / ``decay_rate`` of each example's
+    curve (masked steps as zeros), aggregated by hand: geometric mean, mean."""
+    r = np.random.default_rng(seed)
+    norms = np.exp(r.normal(0, 3, (batch, steps)))
+    norms[r.random((batch, steps)) < 0.2] = 0.0  # zero norms are skipped like masked steps
+    mask = r.random((batch, steps)) < 0.8
+    ratio, decay = per_example_scalars(norms, mask)
+    rows = [np.where(m, n, 0.0) for n, m in zip(norms, mask)]
+    ratios = [ratio_first_last(row) for row in rows]
+    rates = [decay_rate(row) for row in rows]
+    logs = [np.log(v) for v in ratios if np.isfinite(v) and v > 0]
+    rates = [v for v in rates if np.isfinite(v)]
+    want = (np.exp(np.mean(logs)) if logs else np.nan, np.mean(rates) if rates else np.nan)
+    np.testing.assert_allclose([ratio, decay], want, rtol=1e-12, atol=1e-12)
