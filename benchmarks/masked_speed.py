@@ -35,12 +35,9 @@ flags.DEFINE_string("out", None, "Write the Markdown table here too.")
 def main(argv):
     del argv
     size = (FLAGS.batch, FLAGS.time, FLAGS.input_dim, FLAGS.hidden)
-    rows = [f"B={FLAGS.batch} T={FLAGS.time} D={FLAGS.input_dim} H={FLAGS.hidden}, lengths "
-            f"uniform in [{FLAGS.time // 2}, {FLAGS.time}], steps/s (median of {FLAGS.repeats})",
-            "",
-            "| cell | mode | fr unmasked | fr masked | keras unmasked | keras masked "
+    rows = ["| cell | mode | fr unmasked | fr masked | keras unmasked | keras masked "
             "| fr masked / unmasked | fr / keras masked |",
-            "|---|---|---:|---:|---:|---:|---:|---:|"]
+            "|---|---|---|---|---|---|---|---|"]
     print("\n".join(rows))
     for cell in FLAGS.cells:
         for mode in FLAGS.modes:
@@ -56,8 +53,9 @@ def main(argv):
                    f"| {rate['fr', True] / rate['keras', True]:.2f} |")
             rows.append(row)
             print(row, flush=True)
-    emit(rows, f"\nCPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-         FLAGS.out)
+    emit(rows, f"\nB={FLAGS.batch} T={FLAGS.time} D={FLAGS.input_dim} H={FLAGS.hidden}, lengths "
+               f"uniform in [{FLAGS.time // 2}, {FLAGS.time}]; steps/s, median of {FLAGS.repeats} "
+               f"rounds; {platform.machine()}, {os.cpu_count()} cores", FLAGS.out)
 
 
 if __name__ == "__main__":
