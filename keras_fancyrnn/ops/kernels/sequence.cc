@@ -241,6 +241,14 @@ inline bool CheckInputs(Shapes& shapes, const Dims& d, std::initializer_list<Inp
   return true;
 }
 
+// The start of every sequence op: its sizes (ReadDims) and its inputs checked (CheckInputs);
+// false where a check failed, which the op's status then says.
+inline bool Prepare(OpKernelContext* ctx, int state, int seq, std::initializer_list<Input> inputs,
+                    Dims* d) {
+  Shapes shapes(ctx);
+  return ReadDims(shapes, ctx, state, seq, d) && CheckInputs(shapes, *d, inputs);
+}
+
 // The gradient of an optional probe input: [T, B, H] where the probe is given, else empty.
 template <typename T>
 T* ProbeGrad(OpKernelContext* ctx, int output, int probe) {
@@ -268,13 +276,10 @@ class LstmSequence : public SequenceOp {
   using SequenceOp::SequenceOp;
 
   void Compute(OpKernelContext* ctx) override {
-    Shapes shapes(ctx);
     Dims d;
-    if (!ReadDims(shapes, ctx, 1, 0, &d)) return;
+    if (!Prepare(ctx, 1, 0, {{0, Is::kSequence, 4}, {2, Is::kState}, {3, Is::kKernel, 4},
+                 {4, Is::kBias, 4}, {5, Is::kMask}, {6, Is::kProbe}, {7, Is::kProbe}}, &d)) return;
     const int64_t S = d.S, B = d.B, H = d.H;
-    if (!CheckInputs(shapes, d, {{0, Is::kSequence, 4}, {2, Is::kState}, {3, Is::kKernel, 4},
-                                 {4, Is::kBias, 4}, {5, Is::kMask}, {6, Is::kProbe},
-                                 {7, Is::kProbe}})) return;
     const Tensor& xp = ctx->input(0);
     T* z = Output<T>(ctx, 0, xp.shape(), 0);
     T* h = Output<T>(ctx, 1, TensorShape({S, B, H}));
@@ -315,15 +320,12 @@ class LstmSequenceGrad : public SequenceOp {
   using SequenceOp::SequenceOp;
 
   void Compute(OpKernelContext* ctx) override {
-    Shapes shapes(ctx);
     Dims d;
-    if (!ReadDims(shapes, ctx, 5, 3, &d)) return;
+    if (!Prepare(ctx, 5, 3, {{0, Is::kOptionalSequence}, {1, Is::kOptionalSequence},
+                 {2, Is::kOptionalSequence, 4}, {3, Is::kSequence, 4}, {4, Is::kSequence},
+                 {6, Is::kKernel, 4}, {7, Is::kState}, {8, Is::kState}, {9, Is::kMask},
+                 {10, Is::kProbe}, {11, Is::kProbe}}, &d)) return;
     const int64_t S = d.S, B = d.B, H = d.H;
-    if (!CheckInputs(shapes, d, {{0, Is::kOptionalSequence}, {1, Is::kOptionalSequence},
-                                 {2, Is::kOptionalSequence, 4}, {3, Is::kSequence, 4},
-                                 {4, Is::kSequence}, {6, Is::kKernel, 4}, {7, Is::kState},
-                                 {8, Is::kState}, {9, Is::kMask}, {10, Is::kProbe},
-                                 {11, Is::kProbe}})) return;
     const T *z = Ptr<T>(ctx, 3), *dz_in = OptionalPtr<T>(ctx, 2);
     T* dz = Output<T>(ctx, 0, ctx->input(3).shape(), 3);
     T* dh0 = Output<T>(ctx, 1, ctx->input(5).shape());
@@ -380,12 +382,10 @@ class GruSequence : public SequenceOp {
   using SequenceOp::SequenceOp;
 
   void Compute(OpKernelContext* ctx) override {
-    Shapes shapes(ctx);
     Dims d;
-    if (!ReadDims(shapes, ctx, 1, 0, &d)) return;
+    if (!Prepare(ctx, 1, 0, {{0, Is::kSequence, 3}, {2, Is::kKernel, 3}, {3, Is::kBias, 3},
+                 {4, Is::kBias, 3}, {5, Is::kMask}, {6, Is::kProbe}}, &d)) return;
     const int64_t S = d.S, B = d.B, H = d.H;
-    if (!CheckInputs(shapes, d, {{0, Is::kSequence, 3}, {2, Is::kKernel, 3}, {3, Is::kBias, 3},
-                                 {4, Is::kBias, 3}, {5, Is::kMask}, {6, Is::kProbe}})) return;
     T* h = Output<T>(ctx, 0, TensorShape({S, B, H}));
     T* rec = Output<T>(ctx, 1, ctx->input(0).shape());
     T* h_last = Output<T>(ctx, 2, ctx->input(1).shape());
@@ -423,14 +423,12 @@ class GruSequenceGrad : public SequenceOp {
   using SequenceOp::SequenceOp;
 
   void Compute(OpKernelContext* ctx) override {
-    Shapes shapes(ctx);
     Dims d;
-    if (!ReadDims(shapes, ctx, 5, 2, &d)) return;
+    if (!Prepare(ctx, 5, 2, {{0, Is::kOptionalSequence}, {1, Is::kOptionalSequence, 3},
+                 {2, Is::kSequence, 3}, {3, Is::kSequence, 3}, {4, Is::kSequence},
+                 {6, Is::kKernel, 3}, {7, Is::kState}, {8, Is::kBias, 3}, {9, Is::kMask},
+                 {10, Is::kProbe}}, &d)) return;
     const int64_t S = d.S, B = d.B, H = d.H;
-    if (!CheckInputs(shapes, d, {{0, Is::kOptionalSequence}, {1, Is::kOptionalSequence, 3},
-                                 {2, Is::kSequence, 3}, {3, Is::kSequence, 3}, {4, Is::kSequence},
-                                 {6, Is::kKernel, 3}, {7, Is::kState}, {8, Is::kBias, 3},
-                                 {9, Is::kMask}, {10, Is::kProbe}})) return;
     // d xp and d rec in the buffers of xp and rec where TensorFlow allows (a step's rows of xp
     // are copied before they are written; GruRowGrad reads a row of rec before it writes it).
     T* dxp = Output<T>(ctx, 0, ctx->input(2).shape(), 2);
@@ -488,12 +486,10 @@ class GruBeforeSequence : public SequenceOp {
   using SequenceOp::SequenceOp;
 
   void Compute(OpKernelContext* ctx) override {
-    Shapes shapes(ctx);
     Dims d;
-    if (!ReadDims(shapes, ctx, 1, 0, &d)) return;
+    if (!Prepare(ctx, 1, 0, {{0, Is::kSequence, 3}, {2, Is::kKernel, 3}, {3, Is::kBias, 3},
+                 {4, Is::kMask}, {5, Is::kProbe}}, &d)) return;
     const int64_t S = d.S, B = d.B, H = d.H;
-    if (!CheckInputs(shapes, d, {{0, Is::kSequence, 3}, {2, Is::kKernel, 3}, {3, Is::kBias, 3},
-                                 {4, Is::kMask}, {5, Is::kProbe}})) return;
     T* h = Output<T>(ctx, 0, TensorShape({S, B, H}));
     T* rec = Output<T>(ctx, 1, ctx->input(0).shape());
     T* rh = Output<T>(ctx, 2, TensorShape({S, B, H}));
@@ -542,15 +538,12 @@ class GruBeforeSequenceGrad : public SequenceOp {
   using SequenceOp::SequenceOp;
 
   void Compute(OpKernelContext* ctx) override {
-    Shapes shapes(ctx);
     Dims d;
-    if (!ReadDims(shapes, ctx, 6, 3, &d)) return;
+    if (!Prepare(ctx, 6, 3, {{0, Is::kOptionalSequence}, {1, Is::kOptionalSequence, 3},
+                 {2, Is::kOptionalSequence}, {3, Is::kSequence, 3}, {4, Is::kSequence, 3},
+                 {5, Is::kSequence}, {7, Is::kKernel, 3}, {8, Is::kState}, {9, Is::kBias, 3},
+                 {10, Is::kMask}, {11, Is::kProbe}}, &d)) return;
     const int64_t S = d.S, B = d.B, H = d.H;
-    if (!CheckInputs(shapes, d, {{0, Is::kOptionalSequence}, {1, Is::kOptionalSequence, 3},
-                                 {2, Is::kOptionalSequence}, {3, Is::kSequence, 3},
-                                 {4, Is::kSequence, 3}, {5, Is::kSequence}, {7, Is::kKernel, 3},
-                                 {8, Is::kState}, {9, Is::kBias, 3}, {10, Is::kMask},
-                                 {11, Is::kProbe}})) return;
     T* dxp = Output<T>(ctx, 0, ctx->input(3).shape(), 3);
     T* drec = Output<T>(ctx, 1, ctx->input(4).shape(), 4);
     T* dh0 = Output<T>(ctx, 2, ctx->input(6).shape());
@@ -622,12 +615,10 @@ class RnnSequence : public SequenceOp {
   explicit RnnSequence(OpKernelConstruction* ctx) : SequenceOp(ctx), relu_(IsRelu(ctx)) {}
 
   void Compute(OpKernelContext* ctx) override {
-    Shapes shapes(ctx);
     Dims d;
-    if (!ReadDims(shapes, ctx, 1, 0, &d)) return;
+    if (!Prepare(ctx, 1, 0, {{0, Is::kSequence}, {2, Is::kKernel}, {3, Is::kBias}, {4, Is::kMask},
+                 {5, Is::kProbe}}, &d)) return;
     const int64_t S = d.S, B = d.B, H = d.H;
-    if (!CheckInputs(shapes, d, {{0, Is::kSequence}, {2, Is::kKernel}, {3, Is::kBias},
-                                 {4, Is::kMask}, {5, Is::kProbe}})) return;
     const Tensor& xp = ctx->input(0);
     T* h = Output<T>(ctx, 0, xp.shape(), 0);
     T* h_last = Output<T>(ctx, 1, ctx->input(1).shape());
@@ -671,12 +662,10 @@ class RnnSequenceGrad : public SequenceOp {
       : SequenceOp(ctx), relu_(IsRelu(ctx)) {}
 
   void Compute(OpKernelContext* ctx) override {
-    Shapes shapes(ctx);
     Dims d;
-    if (!ReadDims(shapes, ctx, 2, 1, &d)) return;
+    if (!Prepare(ctx, 2, 1, {{0, Is::kOptionalSequence}, {1, Is::kSequence}, {3, Is::kKernel},
+                 {4, Is::kState}, {5, Is::kMask}, {6, Is::kProbe}}, &d)) return;
     const int64_t S = d.S, B = d.B, H = d.H;
-    if (!CheckInputs(shapes, d, {{0, Is::kOptionalSequence}, {1, Is::kSequence}, {3, Is::kKernel},
-                                 {4, Is::kState}, {5, Is::kMask}, {6, Is::kProbe}})) return;
     const T *dh = OptionalPtr<T>(ctx, 0), *h = Ptr<T>(ctx, 1), *dh_last = Ptr<T>(ctx, 4),
             *act = OptionalPtr<T>(ctx, 6);
     T* dz = Output<T>(ctx, 0, ctx->input(1).shape(), dh == nullptr ? -1 : 0);
