@@ -1,5 +1,9 @@
 """``from_keras``: a model whose Keras recurrent layers are keras_fancyrnn layers, same weights.
 
+Long (over 400 lines): the mapping of each Keras recurrent layer, cell and wrapper to its fr
+counterpart and the rebuild of the models around them are one piece; the monitor's probe model
+(``diagnostics/probe_model.py``) is this rebuild with shared variables.
+
 Converted: ``keras.layers.SimpleRNN``/``LSTM``/``GRU``; ``keras.layers.RNN`` of Keras's
 ``SimpleRNNCell``/``LSTMCell``/``GRUCell`` (or of an fr cell); ``keras.layers.RNN`` of
 ``StackedRNNCells`` (-> ``fr.StackedRNN``, one layer per cell); ``keras.layers.Bidirectional`` of

@@ -651,7 +651,7 @@ def _register_gate_gradients():
 
 
 def _register_sequence_gradients():
-    """The gradients of the sequence kernels (sequence.cc), and theirs."""
+    """The gradients of the sequence kernels (sequence.cc)."""
     from keras_fancyrnn._tf import tf
 
     # The sequence kernels. Their gradient kernels run the step-by-step part of backpropagation
@@ -710,6 +710,11 @@ def _register_sequence_gradients():
             product=_attr(op, "product"))
         return dz, dh0, _recurrent_kernel_gradient(h0, h, dz), db, None, dprobe
 
+
+def _register_sequence_second_derivatives():
+    """The gradients of the sequence gradient kernels: their equations in TensorFlow ops."""
+    from keras_fancyrnn._tf import tf
+
     @tf.RegisterGradient("KerasFancyrnnLstmSequenceGrad")
     def _lstm_sequence_second(op, *grads):
         return _vjp(lstm_sequence_backward, op.inputs, grads)
@@ -731,5 +736,6 @@ def _register_sequence_gradients():
 if keras.config.backend() == "tensorflow":
     _register_gate_gradients()
     _register_sequence_gradients()
+    _register_sequence_second_derivatives()
 
 config.guard_removed(__name__, {"ENABLED": "native_kernels", "SEQUENCES": "sequence_kernels"})
