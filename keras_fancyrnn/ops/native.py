@@ -520,12 +520,13 @@ def gru_before_sequence_backward(dh, drec_in, drh_in, xp, rec, h, h0, u, dh_last
             _probe_output(dp_h, probe_h))
 
 
-def rnn_sequence_backward(dh, h, h0, u, dh_last, mask, act, activation="tanh"):
+def rnn_sequence_backward(dh, h, h0, u, dh_last, mask, probe_h, act, activation="tanh"):
     """``(dz, dh0, db, dprobe_h)`` of ``KerasFancyrnnRnnSequenceGrad`` with TensorFlow ops
-    (``act``: σ(z_t) where the forward had a probe, else the empty marker and σ(z_t) = h_t)."""
+    (σ(z_t): ``act`` where the forward kept it, else ``h_t - probe_t``)."""
     from keras_fancyrnn._tf import tf
 
-    dh, sigma = _present(dh, h), h if _absent(act) else act
+    dh = _present(dh, h)
+    sigma = act if not _absent(act) else h if _absent(probe_h) else h - probe_h
 
     def derivative(sigma_t):  # σ'(z_t) from σ(z_t)
         if activation == "relu":
@@ -540,7 +541,7 @@ def rnn_sequence_backward(dh, h, h0, u, dh_last, mask, act, activation="tanh"):
 
     dh_back, dz, dp_h = _scan_back(step, (dh, sigma, _unmasked(mask, h)),
                                    (dh_last, _step_zeros(h), _step_zeros(h)))
-    return dz, _first(dh_back, dh_last), _column_sums(dz), _probe_output(dp_h, act)
+    return dz, _first(dh_back, dh_last), _column_sums(dz), _probe_output(dp_h, probe_h)
 
 
 def _step_zeros(sequence):
@@ -701,13 +702,13 @@ def _register_sequence_gradients():
         return dxp, dh0, tf.concat([du_zr, du_h], axis=1), db, None, dprobe
 
     @tf.RegisterGradient("KerasFancyrnnRnnSequence")
-    def _rnn_sequence(op, dh, dh_last, _):
-        _, h0, u, _, mask, _ = op.inputs
+    def _rnn_sequence(op, dh, dh_last, _):  # act: ReLU's σ(z_t), whose σ' has no gradient
+        _, h0, u, _, mask, probe = op.inputs
         h, last, act = op.outputs
         (dh_last,) = _zeros_for_none((dh_last,), (last,))
         dz, dh0, db, dprobe = library().keras_fancyrnn_rnn_sequence_grad(
-            _optional(dh, h), h, h0, u, dh_last, mask, act, activation=_attr(op, "activation"),
-            product=_attr(op, "product"))
+            _optional(dh, h), h, h0, u, dh_last, mask, probe, act,
+            activation=_attr(op, "activation"), product=_attr(op, "product"))
         return dz, dh0, _recurrent_kernel_gradient(h0, h, dz), db, None, dprobe
 
 

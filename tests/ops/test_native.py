@@ -154,21 +154,27 @@ def test_layers_on_the_kernels_equal_keras(library, kind, go_backwards, kernels,
         np.testing.assert_allclose(g.numpy(), g_ref.numpy(), atol=2e-5)
 
 
-def _gradient_penalty(kind, rng, batch):
+def _gradient_penalty(kind, rng, batch, variant="plain"):
     """``(fn, x)``: ``fn(x)`` is the gradient of a penalty ‖∂ℓ/∂x‖² with respect to the weights
-    of a float64 layer with perturbed weights."""
+    of a float64 layer with perturbed weights; ``variant`` ``"masked"`` (a mask of every
+    pattern) or ``"probed"`` (nonzero probes on every state)."""
     kind, extra = layer_kind(kind)
     layer = getattr(fr, kind)(5, dtype="float64", **extra)
     x = tf.constant(rng.normal(size=(batch, 6, 4)))
     layer.build(x.shape)
     for w in layer.weights:
         w.assign(w + 0.3 * rng.normal(size=w.shape))
+    mask = tf.constant(_mask_patterns(6, batch, rng).T) if variant == "masked" else None
+    requests = {}
+    if variant == "probed":
+        requests = {layer: {i: tf.constant(0.1 * rng.normal(size=(batch, 6, 5)))
+                            for i in range(2 if kind == "LSTM" else 1)}}
 
     def penalty_gradient(x):
         with tf.GradientTape() as outer:
-            with tf.GradientTape() as inner:
+            with tf.GradientTape() as inner, fr_probes.scope(requests):
                 inner.watch(x)
-                loss = tf.reduce_sum(tf.sin(layer(x)))
+                loss = tf.reduce_sum(tf.sin(layer(x, mask=mask)))
             penalty = tf.reduce_sum(inner.gradient(loss, x) ** 2)
         return outer.gradient(penalty, layer.trainable_weights)
 
@@ -363,12 +369,14 @@ def test_sequence_kernel_gradients_equal_finite_differences(library, kind, maske
     assert_gradients_match_finite_differences(lambda xp: loss(xp, *rest), xp, rest, rng)
 
 
+@pytest.mark.parametrize("variant", ["plain", "masked", "probed"])
 @pytest.mark.parametrize("kind", SEQUENCE_OPS)
-def test_sequence_kernel_second_derivatives_equal_the_loop(library, kind, rng, monkeypatch):
+def test_sequence_kernel_second_derivatives_equal_the_loop(library, kind, variant, rng,
+                                                           monkeypatch):
     """A gradient penalty through the sequence kernels (whose gradient kernels' own gradients
     are TensorFlow ops) equals the same penalty through the loop (the step kernels, whose
-    second derivatives are tested against the plain ops above)."""
-    penalty_gradient, x = _gradient_penalty(kind, rng, batch=8)
+    second derivatives are tested against the plain ops above); with a mask and with probes."""
+    penalty_gradient, x = _gradient_penalty(kind, rng, batch=8, variant=variant)
     assert SEQUENCE_OPS[kind] + "Grad" in _native_ops(penalty_gradient, x)
     fused = tf.function(penalty_gradient)(x)
     fr.config.set(sequence_kernels=False)

@@ -597,9 +597,10 @@ class GruBeforeSequenceGrad : public SequenceOp {
 // ---------------------------------------------------------------------------------------------
 // SimpleRNN: h_t = σ(xp_t + h_{t-1} U), σ = tanh or ReLU (attr `activation`; ReLU for the IRNN
 // of Le, Jaitly & Hinton 2015). Inputs xp [T, B, H] (x W), h0 [B, H], u [H, H], b [H], mask,
-// probe_h. Outputs h [T, B, H] (in xp's buffer where TensorFlow allows), h_T [B, H] and, with a
-// probe, act = σ(z_t) [T, B, H] before the probe is added (empty without one): the gradient reads
-// σ'(z_t) off it, where h_t - probe_t could round a small ReLU activation to 0.
+// probe_h. Outputs h [T, B, H] (in xp's buffer where TensorFlow allows), h_T [B, H] and, for
+// ReLU with a probe, act = σ(z_t) [T, B, H] before the probe is added (else empty): the gradient
+// reads σ'(z_t) off it, where h_t - probe_t could round a small activation to 0 (for tanh,
+// h_t - probe_t is what the gradient reads, and it stays differentiable for second derivatives).
 
 // Whether the op's `activation` attr says ReLU (else tanh, the only other value it allows).
 bool IsRelu(OpKernelConstruction* ctx) {
@@ -622,7 +623,9 @@ class RnnSequence : public SequenceOp {
     const Tensor& xp = ctx->input(0);
     T* h = Output<T>(ctx, 0, xp.shape(), 0);
     T* h_last = Output<T>(ctx, 1, ctx->input(1).shape());
-    T* act = ProbeGrad<T>(ctx, 2, 5);
+    const bool keep_act = relu_ && ctx->input(5).NumElements() > 0;
+    T* act = Output<T>(ctx, 2, keep_act ? TensorShape({S, B, H}) : TensorShape({0}));
+    if (!keep_act) act = nullptr;
     if (!ctx->status().ok()) return;
     if (h != Ptr<T>(ctx, 0)) std::copy_n(Ptr<T>(ctx, 0), xp.NumElements(), h);
     const T *h_0 = Ptr<T>(ctx, 1), *probe_h = OptionalPtr<T>(ctx, 5);
@@ -651,10 +654,9 @@ class RnnSequence : public SequenceOp {
 };
 
 // Inputs dh (gradient of the h sequence: empty where there is none, else [T, B, H]), h, h0, u,
-// dh_last [B, H], mask, act (the forward's: empty where there is no probe). Outputs dz [T, B, H]
-// (= d xp; in dh's buffer where TensorFlow allows), dh0, db [H] (the sum of dz over T and B),
-// and the probe's gradient (shaped as act). σ'(z_t) is read off σ(z_t): act where there is a
-// probe, else h.
+// dh_last [B, H], mask, probe_h, act (the forward's). Outputs dz [T, B, H] (= d xp; in dh's
+// buffer where TensorFlow allows), dh0, db [H] (the sum of dz over T and B), and the probe's
+// gradient. σ'(z_t) is read off σ(z_t): act where given, else h - probe_h (h without a probe).
 template <typename T>
 class RnnSequenceGrad : public SequenceOp {
  public:
@@ -664,10 +666,11 @@ class RnnSequenceGrad : public SequenceOp {
   void Compute(OpKernelContext* ctx) override {
     Dims d;
     if (!Prepare(ctx, 2, 1, {{0, Is::kOptionalSequence}, {1, Is::kSequence}, {3, Is::kKernel},
-                 {4, Is::kState}, {5, Is::kMask}, {6, Is::kProbe}}, &d)) return;
+                 {4, Is::kState}, {5, Is::kMask}, {6, Is::kProbe}, {7, Is::kProbe}}, &d))
+      return;
     const int64_t S = d.S, B = d.B, H = d.H;
     const T *dh = OptionalPtr<T>(ctx, 0), *h = Ptr<T>(ctx, 1), *dh_last = Ptr<T>(ctx, 4),
-            *act = OptionalPtr<T>(ctx, 6);
+            *probe_h = OptionalPtr<T>(ctx, 6), *act = OptionalPtr<T>(ctx, 7);
     T* dz = Output<T>(ctx, 0, ctx->input(1).shape(), dh == nullptr ? -1 : 0);
     T* dh0 = Output<T>(ctx, 1, ctx->input(2).shape());
     T* db = Output<T>(ctx, 2, TensorShape({H}));
@@ -679,9 +682,11 @@ class RnnSequenceGrad : public SequenceOp {
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t s) {
       const int64_t n = hi - lo;
       CarriedGrad<T> dh_carry(dh0, dh_last, dh, mask, dprobe_h, B, H, lo, hi);
+      Vec<T> sigma(n * H);  // σ(z_t)
       for (int64_t t = S - 1; t >= 0; --t) {
         dh_carry.Begin(t);  // now the total ∂ℓ/∂h_t (0 at masked rows)
-        In<T> sigma(At(act == nullptr ? h : act, t, B, lo, H), n * H);
+        sigma = In<T>(At(act == nullptr ? h : act, t, B, lo, H), n * H);
+        if (act == nullptr && probe_h != nullptr) sigma -= In<T>(At(probe_h, t, B, lo, H), n * H);
         In<T> carry(dh_carry.data(), n * H);
         Out<T> dz_t(At(dz, t, B, lo, H), n * H);
         if (relu_) {  // σ'(z) = 1 where z > 0, that is where σ(z) > 0 (TensorFlow's ReluGrad too)
@@ -798,12 +803,17 @@ REGISTER_OP("KerasFancyrnnRnnSequence")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
     .Attr("activation: {'tanh', 'relu'} = 'tanh'")
     .SetShapeFn([](InferenceContext* c) {
-      return SequenceShapes(c, 0, 1, {}, {{0, 0}, {1, 1}, {2, 5}});
+      std::string activation;
+      TF_RETURN_IF_ERROR(c->GetAttr("activation", &activation));
+      auto probe = c->input(5);  // act: as the probe for ReLU, else empty
+      const bool probed = !c->RankKnown(probe) || c->Rank(probe) != 1;
+      c->set_output(2, activation == "relu" && probed ? probe : c->Vector(0));
+      return SequenceShapes(c, 0, 1, {}, {{0, 0}, {1, 1}});
     });
 
 REGISTER_OP("KerasFancyrnnRnnSequenceGrad")
     .Input("dh: T").Input("h: T").Input("h0: T").Input("u: T").Input("dh_last: T")
-    .Input("mask: bool").Input("act: T")
+    .Input("mask: bool").Input("probe_h: T").Input("act: T")
     .Output("dz: T").Output("dh0: T").Output("db: T").Output("dprobe_h: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
