@@ -1,7 +1,8 @@
 """Property test (hypothesis) of the whole-sequence C++ kernels against the plain TensorFlow loop:
 random batch (1-70), steps (1-300), input and state widths (1-300, so also sizes that are not
 multiples of any register block), every cell and activation the kernels run, both GRU variants,
-both directions, float32 and float64, and every recurrent product this CPU runs. Outputs, final
+both directions, with no mask, a random one (holes, all-masked rows) or right-padded lengths,
+float32 and float64, and every recurrent product this CPU runs. Outputs, final
 states and the gradients with respect to the inputs, the initial states and every weight must
 agree within the rounding bound of tests/tolerance.py."""
 
@@ -37,6 +38,8 @@ def cases(draw):
         "dim": draw(st.integers(1, 300)),
         "units": draw(st.integers(1, 300)),
         "go_backwards": draw(st.booleans()),
+        # no mask; steps masked at random (holes, all-masked rows); right-padded lengths
+        "mask": draw(st.sampled_from(["none", "random", "padded"])),
         "seed": draw(st.integers(0, 2**16)),
     }
 
@@ -60,17 +63,18 @@ def _layer(case, weights, dtype):
     return layer
 
 
-def _run(layer, x, states, cotangents):
+def _run(layer, x, states, cotangents, mask):
     """Outputs, final states and all gradients of a linear loss of them, in one traced function;
     and the ops of that function."""
     dtype = layer.dtype
     x, states, cotangents = (tf.constant(x, dtype), [tf.constant(s, dtype) for s in states],
                              [tf.constant(c, dtype) for c in cotangents])
+    mask = None if mask is None else tf.constant(mask)
 
     def fn(x, *states):
         with tf.GradientTape() as tape:
             tape.watch([x, *states])
-            outs = layer(x, initial_state=list(states))
+            outs = layer(x, initial_state=list(states), mask=mask)
             loss = sum(tf.reduce_sum(o * c) for o, c in zip(outs, cotangents, strict=True))
         return outs, tape.gradient(loss, [x, *states, *layer.trainable_weights])
 
@@ -95,7 +99,12 @@ def _data(case, rng):
     weights = [draw(w.shape, scales[w.path.rsplit("/", 1)[-1]]) for w in layer.weights]
     states = [draw((batch, units), 0.5) for _ in range(n_states)]
     cotangents = [draw((batch, steps, units))] + [draw((batch, units)) for _ in range(n_states)]
-    return weights, draw((batch, steps, dim)), states, cotangents
+    mask = None
+    if case["mask"] == "random":
+        mask = rng.random((batch, steps)) > 0.3
+    elif case["mask"] == "padded":
+        mask = np.arange(steps)[None, :] < rng.integers(0, steps + 1, size=(batch, 1))
+    return weights, draw((batch, steps, dim)), states, cotangents, mask
 
 
 #: float32 with each recurrent product, and float64 (which always runs Eigen's product).
@@ -113,19 +122,20 @@ def test_sequence_kernels_equal_the_loop(kind, dtype, product, case):
     if product not in native.products() + ["auto"]:
         pytest.skip(f"this CPU runs {native.products()}, not {product}")
     case = {**case, "kind": kind, "dtype": dtype, "product": product}
+    event(f"mask: {case['mask']}")
     dtype = case["dtype"]
-    weights, x, states, cotangents = _data(case, np.random.default_rng(case["seed"]))
+    weights, x, states, cotangents, mask = _data(case, np.random.default_rng(case["seed"]))
     layer = _layer(case, weights, dtype)
     with fr.config.scope(recurrent_product=case["product"]), _path(kernels=True):
-        results, ops = _run(layer, x, states, cotangents)
+        results, ops = _run(layer, x, states, cotangents, mask)
     op = KINDS[case["kind"]][2]
     assert op in ops and op + "Grad" in ops, sorted(o for o in ops if "Fancyrnn" in o)
     with _path(kernels=False):
-        expected, ops = _run(layer, x, states, cotangents)
+        expected, ops = _run(layer, x, states, cotangents, mask)
         assert not any(o.startswith("KerasFancyrnn") or o.startswith("BlockLSTM") for o in ops)
         # the loop's own rounding on this case (tests/tolerance.py)
-        low = _run(_layer(case, weights, "float32"), x, states, cotangents)[0]
-        high = _run(_layer(case, weights, "float64"), x, states, cotangents)[0]
+        low = _run(_layer(case, weights, "float32"), x, states, cotangents, mask)[0]
+        high = _run(_layer(case, weights, "float64"), x, states, cotangents, mask)[0]
 
     n_states = len(states)
     names = ["output sequence"] + [f"final state {k}" for k in range(n_states)] + [
