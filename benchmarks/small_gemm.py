@@ -37,13 +37,13 @@ KERNELS = os.path.join(HERE, os.pardir, "keras_fancyrnn", "ops", "kernels")
 def build(directory: str) -> str:
     import tensorflow as tf
 
-    from keras_fancyrnn.ops import native
+    from keras_fancyrnn.ops.build import compiler, target_flags
 
-    command = native.compiler()
+    command = compiler()
     if not command:
         raise SystemExit("no C++ compiler (g++ or $CXX) on PATH")
     target = os.path.join(directory, "small_gemm")
-    subprocess.run([*command, "-std=c++17", "-O3", *native._target_flags(tuple(command)),
+    subprocess.run([*command, "-std=c++17", "-O3", *target_flags(tuple(command)),
                     "-w", "-I", KERNELS,
                     "-I", tf.sysconfig.get_include(), os.path.join(HERE, "small_gemm.cc"),
                     "-o", target], check=True)

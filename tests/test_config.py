@@ -12,7 +12,7 @@ import tensorflow as tf
 from graphs import traced_ops
 
 import keras_fancyrnn as fr
-from keras_fancyrnn.ops import native
+from keras_fancyrnn.ops import build, native
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +74,7 @@ def test_the_scope_is_not_seen_by_other_threads():
 @pytest.mark.skipif(native.library() is None, reason="the kernels cannot be had here")
 def test_a_product_this_cpu_lacks_is_a_config_error_when_traced(monkeypatch):
     assert native.products()[-1] == "eigen"  # Eigen's product runs on every CPU
-    monkeypatch.setattr(native, "products", lambda: ["eigen"])  # as a CPU without AVX2
+    monkeypatch.setattr(build, "products", lambda: ["eigen"])  # as a CPU without AVX2
     layer = fr.SimpleRNN(3)
     x = tf.zeros((2, 4, 5))
     with fr.config.scope(recurrent_product="avx2"):

@@ -15,7 +15,7 @@ from tolerance import assert_close, rounding_chain
 
 import keras_fancyrnn as fr
 from keras_fancyrnn.engine import probes as fr_probes
-from keras_fancyrnn.ops import native
+from keras_fancyrnn.ops import build, gradients, native
 
 pytestmark = pytest.mark.skipif(
     native.compiler() is None or shutil.which(native.compiler()[0]) is None,
@@ -209,7 +209,7 @@ def test_without_a_compiler_the_layers_run_their_plain_ops(monkeypatch, tmp_path
     x = tf.constant(rng.normal(size=(2, 5, 3)).astype("float32"))
     layer = fr.GRU(4)
     expected = layer(x)
-    monkeypatch.setattr(native, "_state", {"tried": False, "library": None, "error": None})
+    monkeypatch.setattr(build, "_state", {"tried": False, "library": None, "error": None})
     monkeypatch.setenv("KERAS_FANCYRNN_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     assert native.library() is None
@@ -473,7 +473,7 @@ def test_gradients_of_unused_sequence_outputs_are_not_materialised(library, rng)
     @tf.function
     def fills():
         big = tf.ones((40, 40))
-        markers = [native._known_zero(t) for t in (
+        markers = [gradients._known_zero(t) for t in (
             None, tf.zeros_like(big), tf.zeros((40, 40)), tf.zeros((2,)), tf.ones((2,)),
             big * 0, tf.fill([3], 0.5))]
         assert markers == [True, True, True, True, False, False, False], markers
