@@ -288,8 +288,8 @@ class Rebuild:
             if self.share:
                 _adopt(pairs)
             self._pairs += pairs
-        elif self.share:
-            new = layer
+        elif self.share or not isinstance(layer, keras.layers.Layer):
+            new = layer  # shared; or an op of a functional graph (Masking's NotEqual), no weights
         else:
             new = _deserialize_as(layer, self.dtype)
             self._copies.append((new, layer))

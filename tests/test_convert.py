@@ -89,6 +89,17 @@ def test_sequential_and_nested_models_with_masks(rng):
     assert_equivalent(fr.from_keras(inner), inner, x)
 
 
+def test_functional_model_with_masking_converts(rng):
+    """Masking in a functional model puts Keras ops (NotEqual, Any) in its graph beside the
+    layers; they carry no weights to copy."""
+    inp = keras.Input((T, D))
+    model = keras.Model(inp, K.Dense(2)(K.LSTM(H)(K.Masking(0.0)(inp))))
+    randomize(model)
+    x = rng.normal(0, 1, (B, T, D)).astype("float32")
+    x[0, 5:] = 0.0
+    assert_equivalent(fr.from_keras(model), model, x)
+
+
 def test_copies_by_default_shares_on_request(rng):
     inp = keras.Input((T, D))
     model = keras.Model(inp, K.LSTM(H)(inp))

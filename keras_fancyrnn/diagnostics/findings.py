@@ -158,9 +158,10 @@ def _vanishing(key, curve, ratio, decay, step, layer, records) -> Finding | None
     remedies = _vanishing_remedies(kind, steps, getattr(layer, "name", key))
     text = (f"{key}: vanishing gradients at step {step}: {norm_label(key)} at the first step is "
             f"{ratio:.2g} of that at the last ({_over(records)}; threshold "
-            f"{VANISHING_RATIO:g}), shrinking about {math.exp(-decay):.2g}x per step back; in "
-            f"the latest record it falls below {VANISHING_RATIO:g} of its last value "
-            f"{reach} steps back of {steps}. Try: " + "; ".join(remedies) + ".")
+            f"{VANISHING_RATIO:g}), shrinking about {math.exp(-decay):.2g}x per step back"
+            + (f"; in the latest record it falls below {VANISHING_RATIO:g} of its last value "
+               f"{reach} steps back of {steps}" if reach else "")
+            + ". Try: " + "; ".join(remedies) + ".")
     return Finding("vanishing", key, step, {"grad_ratio": ratio, "grad_decay": decay,
                                             "reach": reach, "timesteps": steps},
                    tuple(remedies), text)

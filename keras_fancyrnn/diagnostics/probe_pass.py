@@ -90,8 +90,9 @@ class ProbePass:
         self._probe_dtype = dtype if dtype == "float64" else None
         self._plan: probe_model.Plan | None = None  # made once the model is built
         self._kernel_keys = {f"{t.key}/recurrent_kernel" for t in targets if t.kernel and t.states}
-        # tanh SimpleRNNs: the hidden states, for the fraction of saturated units (aggregate)
-        self._saturation = {t.key for t in targets if t.states and _is_tanh_rnn(t.layer)}
+        # tanh SimpleRNNs (fr's, or Keras's run as fr layers in the probe model): the hidden
+        # states, for the fraction of saturated units (aggregate); known once the plan is made
+        self._saturation: set = set()
         self._fn = tf.function(self._pass, jit_compile=False)
         self._concrete: dict = {}  # one trace per input signature, batch size left unknown
         self._checked = False
@@ -179,6 +180,8 @@ class ProbePass:
         self._build(x, y, sample_weight)
         if self._plan is None:  # the probe model reads the built model's variables
             self._plan = probe_model.plan(self.model, self.targets, self._probe_dtype)
+            self._saturation = {keys[0] for layer, keys in self._plan.states.values()
+                                if _is_tanh_rnn(layer)}
 
     def _build(self, x, y, sample_weight):
         _check_batch(self.model, x, y, sample_weight)

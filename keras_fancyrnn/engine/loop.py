@@ -106,7 +106,7 @@ def run(
             ``∂ℓ/∂probe[:, t]`` the total derivative ``∂ℓ/∂h_t``. At masked steps the probe is not
             added, so its gradient there is 0. Key ``"recurrent_kernel"``: ``[T, H, P]`` added
             to the recurrent kernel at step ``t`` only (``keras_fancyrnn.engine.probes``); key
-            ``"states_out"``: a list the engine appends the hidden states ``[B, T, H]`` to (input
+            ``"states_out"``: a list the engine appends its outputs ``[B, T, H]`` to (input
             time order). The kernel probe runs on the loop whatever ``plan`` says.
         plan: the path. ``"cudnn"`` runs the cuDNN kernel (with a mask, only where it is
             right-padded, else the loop: checked at run time); ``"sequence_kernel"`` and
@@ -163,15 +163,15 @@ def _fused(sequence, cell, inputs, initial_state, dp_mask, go_backwards, return_
     kwargs = {} if mask is None and not probes else {"mask": mask, "probes": probes}
     with getattr(cell, "_weights_lock", None) or contextlib.nullcontext():
         hidden, states = sequence(xs, list(initial_state), dp_mask, **kwargs)
-    if sink is not None:  # batch-major, in input time order, like the probes
-        sink.append(tf.transpose(tf.reverse(hidden, [0]) if go_backwards else hidden, [1, 0, 2]))
     if mask is None:  # the outputs are the hidden states
         last = states[0]
     else:  # the state, once a step has been unmasked (Keras's outputs start at zeros)
         shown = mask if zero_output_for_mask else tf.cumsum(tf.cast(mask, tf.int32), axis=0) > 0
         last = tf.where(shown[-1][:, None], states[0], tf.zeros_like(states[0]))
-        if return_sequences:
+        if return_sequences or sink is not None:
             hidden = tf.where(shown[..., None], hidden, tf.zeros_like(hidden))
+    if sink is not None:  # the outputs as the loop's sink has them: batch-major, input order
+        sink.append(tf.transpose(tf.reverse(hidden, [0]) if go_backwards else hidden, [1, 0, 2]))
     outputs = tf.transpose(hidden, [1, 0, 2]) if return_sequences else None
     return last, outputs, list(states)
 
@@ -248,7 +248,7 @@ def _time_major(cell, inputs, mask, probes, dp_mask, go_backwards, hoist_inputs)
 
 
 KERNEL_PROBE = "recurrent_kernel"
-STATES_SINK = "states_out"  # a list the loop appends the hidden states [B, T, H] to
+STATES_SINK = "states_out"  # a list the engine appends its outputs [B, T, H] to
 
 
 @contextlib.contextmanager

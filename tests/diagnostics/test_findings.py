@@ -184,12 +184,13 @@ def _numpy_tanh_states(x, W, U, b, mask=None):
     return np.stack(out, 1)
 
 
+@pytest.mark.parametrize("rnn_class", [fr.SimpleRNN, keras.layers.SimpleRNN])
 @pytest.mark.parametrize("scale,saturated", [(0.3, False), (30.0, True)])
 @pytest.mark.parametrize("padded", [False, True])
-def test_saturation_of_a_tanh_rnn_against_numpy_states(scale, saturated, padded):
+def test_saturation_of_a_tanh_rnn_against_numpy_states(scale, saturated, padded, rnn_class):
     """The scalar rnn/saturation is the fraction of units with |h_t| > 0.99 over the valid steps,
     from a numpy forward pass of the same weights; large inputs saturate the units and are
-    flagged, small ones are not."""
+    flagged, small ones are not; Keras's own SimpleRNN alike (through the probe model)."""
     from keras_fancyrnn.diagnostics.probe_pass import SATURATED
 
     steps, d, units = 12, 3, 8
@@ -200,7 +201,7 @@ def test_saturation_of_a_tanh_rnn_against_numpy_states(scale, saturated, padded)
     keras.utils.set_random_seed(0)
     inp = keras.Input((steps, d))
     seq = keras.layers.Masking(0.0)(inp) if padded else inp
-    layer = fr.SimpleRNN(units, name="rnn", go_backwards=padded)
+    layer = rnn_class(units, name="rnn", go_backwards=padded)
     model = keras.Model(inp, keras.layers.Dense(1)(layer(seq)))
     model.compile(loss="mse")
     if padded:
@@ -225,3 +226,13 @@ def test_saturation_of_a_tanh_rnn_against_numpy_states(scale, saturated, padded)
         assert want > findings.SATURATED_FRACTION and found[0].series == "rnn"
         assert f"{want:.0%}" in found[0].text or f"{got:.0%}" in found[0].text
     assert "rnn/saturation" not in monitor.history  # a scalar, not a curve
+
+
+def test_a_vanishing_finding_without_a_reach_in_the_latest_curve_says_nothing_of_it():
+    """The per-example ratio can flag a curve whose mean never leaves the band (no reach)."""
+    found = findings.diagnose({"r": np.full((1, 10), 0.5)},
+                              {"r/grad_ratio": np.array([0.005]), "r/grad_decay": np.array([0.5])},
+                              [0])
+    assert [f.kind for f in found] == ["vanishing"]
+    assert found[0].evidence["reach"] is None
+    assert "None" not in found[0].text and "steps back of" not in found[0].text

@@ -116,3 +116,23 @@ def test_float64_pass_follows_the_curve_below_float32s_range(rng, layer):
 def test_probe_dtype_is_checked():
     with pytest.raises(ValueError, match="probe_dtype must be None, 'float32' or 'float64'"):
         GradientNormMonitor((np.zeros((1, 2, 1)), np.zeros((1, 1))), probe_dtype="float16")
+
+
+def test_float64_pass_on_a_masked_functional_model(rng):
+    """Masking in a functional model (Keras ops beside the layers in its graph): the float64 copy
+    gives float32's curves and counts within float32's rounding."""
+    steps, units, batch = 8, 4, 3
+    x = rng.normal(0, 1, (batch, steps, D)).astype("float32")
+    x[0, 5:] = 0.0
+    y = rng.normal(0, 1, (batch, OUT)).astype("float32")
+    inp = keras.Input((steps, D))
+    h = fr.LSTM(units, name="rnn")(keras.layers.Masking(0.0)(inp))
+    model = keras.Model(inp, keras.layers.Dense(OUT)(h))
+    model.compile(loss="mse")
+    f32 = gradient_norms(model, x, y)
+    f64 = gradient_norms(model, x, y, probe_dtype="float64")
+    assert set(f32) == set(f64) and "rnn/count" in f32
+    np.testing.assert_array_equal(f64["rnn/count"], [3, 3, 3, 3, 3, 2, 2, 2])
+    chain = rounding_chain(steps, batch, D, units)
+    for key in ("rnn", "rnn/cell", "rnn/input"):
+        assert_close(f32[key], f64[key], chain, name=key)

@@ -35,14 +35,17 @@ def _kernel_ops(fn, *args):
     return {op for op in traced_ops(fn, *args) if op.startswith("KerasFancyrnn")}
 
 
+@pytest.mark.parametrize("return_sequences", [True, False])
 @pytest.mark.parametrize("zero_output_for_mask", [False, True])
 @pytest.mark.parametrize("go_backwards", [False, True])
 @pytest.mark.parametrize("kind", SEQUENCE_OPS)
-def test_masked_kernels_equal_keras(library, kind, go_backwards, zero_output_for_mask, rng):
-    """Outputs, final states and the gradients of all of them with respect to the input, the
-    initial states and every weight, with a mask of every pattern."""
+def test_masked_kernels_equal_keras(library, kind, go_backwards, zero_output_for_mask,
+                                    return_sequences, rng):
+    """Outputs (the sequence, or the last output), final states and the gradients of all of them
+    with respect to the input, the initial states and every weight, with a mask of every
+    pattern."""
     name, extra = layer_kind(kind)
-    args = dict(return_sequences=True, return_state=True, go_backwards=go_backwards,
+    args = dict(return_sequences=return_sequences, return_state=True, go_backwards=go_backwards,
                 zero_output_for_mask=zero_output_for_mask, **extra)
     ours, theirs = getattr(fr, name)(H, **args), getattr(keras.layers, name)(H, **args)
     ours.build((B, T, D))

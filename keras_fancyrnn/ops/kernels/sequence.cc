@@ -13,6 +13,10 @@
 //
 // Masks and the gradient monitor's probes run here too (see EndStep and CarriedGrad below).
 //
+// Long (over 400 lines): eight ops (the forward and the gradient of four recurrences) and their
+// registration, each written out for its cell; what they share is in the helpers above them and
+// in kernel_util.h, gate_math.h and small_gemm.h.
+//
 // Layouts are time-major: xp [T, B, k H], states [B, H], U [H, k H], sequences [T, B, H],
 // mask [T, B].
 #include <algorithm>
