@@ -386,6 +386,40 @@ def test_sequence_kernel_second_derivatives_equal_the_loop(library, kind, varian
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", SEQUENCE_OPS)
+def test_masked_second_derivatives_equal_keras(library, kind, rng):
+    """The gradient of ‖∂ℓ/∂(x, initial states)‖² with respect to the weights, through masked
+    sequence kernels (every mask pattern, nonzero initial states, backwards), equals
+    keras.layers with copied weights, float64."""
+    name, extra = layer_kind(kind)
+    ours, theirs = (getattr(module, name)(5, dtype="float64", go_backwards=True, **extra)
+                    for module in (fr, keras.layers))
+    x = tf.constant(rng.normal(size=(8, 6, 4)))
+    ours.build(x.shape)
+    theirs.build(x.shape)
+    weights = [w + 0.3 * rng.normal(size=w.shape) for w in theirs.get_weights()]
+    ours.set_weights(weights)
+    theirs.set_weights(weights)
+    mask = tf.constant(_mask_patterns(6, 8, rng).T)
+    states = [tf.constant(0.5 * rng.normal(size=(8, 5))) for _ in range(2 if name == "LSTM" else 1)]
+
+    def penalty_gradient(layer):
+        def fn(x):
+            with tf.GradientTape() as outer:
+                with tf.GradientTape() as inner:
+                    inner.watch([x, *states])
+                    loss = tf.reduce_sum(tf.sin(layer(x, initial_state=states, mask=mask)))
+                penalty = sum(tf.reduce_sum(g ** 2) for g in inner.gradient(loss, [x, *states]))
+            return outer.gradient(penalty, layer.trainable_weights)
+        return fn
+
+    assert SEQUENCE_OPS[kind] + "Grad" in _native_ops(penalty_gradient(ours), x)
+    got, want = tf.function(penalty_gradient(ours))(x), penalty_gradient(theirs)(x)
+    chain = rounding_chain(steps=6, batch=8, dim=4, units=5, gates=GATES[kind])
+    for k, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert_close(g, w, chain, "float64", name=f"second derivative {k}")
+
+
 def test_sequence_kernels_reject_bad_shapes_naming_the_input(library):
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"KerasFancyrnnLstmSequence: input u must have shape \[3, 12\]"):
