@@ -1,4 +1,7 @@
-"""The kinds of recurrence the C++ kernels run, as the kernel tests name them."""
+"""The kinds of recurrence the C++ kernels run, as the kernel tests name them, and the mask
+patterns they are tested with."""
+
+import numpy as np
 
 #: Test kinds beyond the layer names: the IRNN's activation (the SimpleRNN's sequence kernel) and
 #: the GRU with the reset gate before the product (a sequence kernel of its own).
@@ -20,3 +23,12 @@ PRODUCTS = ["avx512", "avx2", "eigen"]
 def layer_kind(kind):
     """``(layer name, arguments)`` for a test kind."""
     return kind.partition("-")[0], VARIANTS.get(kind, {})
+
+
+def mask_patterns(batch, steps, rng):
+    """``[B, T]`` masks: unmasked, all masked, left- and right-padded rows, holes, then random."""
+    mask = rng.random((batch, steps)) > 0.4
+    mask[0], mask[1] = True, False
+    mask[2], mask[3] = np.arange(steps) >= steps // 2, np.arange(steps) < steps // 2
+    mask[4] = np.arange(steps) % 2 == 1
+    return mask

@@ -8,22 +8,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from graphs import traced_ops
-from kernel_kinds import GATES, SEQUENCE_OPS, layer_kind
+from kernel_kinds import GATES, SEQUENCE_OPS, layer_kind, mask_patterns
 from tolerance import assert_close, rounding_chain
 
 import keras_fancyrnn as fr
 from keras_fancyrnn.engine import probes as fr_probes
 
 B, T, D, H = 9, 8, 5, 6
-
-
-def _mask(rng):
-    """``[B, T]``: unmasked, all masked, left- and right-padded rows, holes, then random."""
-    mask = rng.random((B, T)) > 0.4
-    mask[0], mask[1] = True, False
-    mask[2], mask[3] = np.arange(T) >= 3, np.arange(T) < 5
-    mask[4] = np.arange(T) % 2 == 1
-    return mask
 
 
 def _states(kind, rng):
@@ -54,7 +45,7 @@ def test_masked_kernels_equal_keras(library, kind, go_backwards, zero_output_for
     ours.set_weights(weights)
     theirs.set_weights(weights)
     x = tf.constant(rng.normal(size=(B, T, D)).astype("float32"))
-    mask = tf.constant(_mask(rng))
+    mask = tf.constant(mask_patterns(B, T, rng))
     states = _states(kind, rng)
 
     def call(layer):
@@ -109,7 +100,7 @@ def test_probes_in_the_kernels_equal_the_loops(library, kind, go_backwards, mask
     weights[1] *= 0.5
     layer.set_weights(weights)
     x = tf.constant(rng.normal(size=(B, T, D)))
-    mask = tf.constant(_mask(rng)) if masked else None
+    mask = tf.constant(mask_patterns(B, T, rng)) if masked else None
     n_states = 2 if kind == "LSTM" else 1
     chain = rounding_chain(steps=T, batch=B, dim=D, units=H, gates=GATES[kind])
     for scale in (0.0, 0.2):

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from gradcheck import assert_gradients_match_finite_differences
 from graphs import traced_nodes, traced_ops
-from kernel_kinds import GATES, SEQUENCE_OPS, layer_kind
+from kernel_kinds import GATES, SEQUENCE_OPS, layer_kind, mask_patterns
 from tolerance import assert_close, rounding_chain
 
 import keras_fancyrnn as fr
@@ -164,7 +164,7 @@ def _gradient_penalty(kind, rng, batch, variant="plain"):
     layer.build(x.shape)
     for w in layer.weights:
         w.assign(w + 0.3 * rng.normal(size=w.shape))
-    mask = tf.constant(_mask_patterns(6, batch, rng).T) if variant == "masked" else None
+    mask = tf.constant(mask_patterns(batch, 6, rng)) if variant == "masked" else None
     requests = {}
     if variant == "probed":
         requests = {layer: {i: tf.constant(0.1 * rng.normal(size=(batch, 6, 5)))
@@ -336,15 +336,6 @@ def _sequence_loss(library, kind, weights, mask=None):
             "SimpleRNN-relu": lambda *a: rnn(*a, activation="relu"), "GRU-before": gru_before}[kind]
 
 
-def _mask_patterns(steps, batch, rng):
-    """``[T, B]``: unmasked, all masked, left- and right-padded rows and holes, then random."""
-    mask = rng.random((steps, batch)) > 0.4
-    mask[:, 0], mask[:, 1] = True, False
-    mask[:, 2], mask[:, 3] = np.arange(steps) >= steps // 2, np.arange(steps) < steps // 2
-    mask[:, 4] = np.arange(steps) % 2 == 0
-    return mask
-
-
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("kind", SEQUENCE_OPS)
 def test_sequence_kernel_gradients_equal_finite_differences(library, kind, masked, rng):
@@ -353,7 +344,7 @@ def test_sequence_kernel_gradients_equal_finite_differences(library, kind, maske
     steps, batch, units = 4, 8, 3  # batch 8: two shards of four rows on two threads
     gates = GATES[kind]
     weights = rng.normal(size=(2, steps, batch, units))
-    mask = _mask_patterns(steps, batch, rng) if masked else None
+    mask = mask_patterns(batch, steps, rng).T if masked else None
     loss = _sequence_loss(library, kind, weights, mask)
     rest = [tf.Variable(0.5 * rng.normal(size=(batch, units)))]
     if kind == "LSTM":
@@ -400,7 +391,7 @@ def test_masked_second_derivatives_equal_keras(library, kind, rng):
     weights = [w + 0.3 * rng.normal(size=w.shape) for w in theirs.get_weights()]
     ours.set_weights(weights)
     theirs.set_weights(weights)
-    mask = tf.constant(_mask_patterns(6, 8, rng).T)
+    mask = tf.constant(mask_patterns(8, 6, rng))
     states = [tf.constant(0.5 * rng.normal(size=(8, 5))) for _ in range(2 if name == "LSTM" else 1)]
 
     def penalty_gradient(layer):

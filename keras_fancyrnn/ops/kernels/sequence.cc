@@ -627,7 +627,7 @@ class RnnSequence : public SequenceOp {
     const Tensor& xp = ctx->input(0);
     T* h = Output<T>(ctx, 0, xp.shape(), 0);
     T* h_last = Output<T>(ctx, 1, ctx->input(1).shape());
-    const bool keep_act = relu_ && ctx->input(5).NumElements() > 0;
+    const bool keep_act = relu_ && ctx->input(5).dims() == 3;  // as the shape function says
     T* act = Output<T>(ctx, 2, keep_act ? TensorShape({S, B, H}) : TensorShape({0}));
     if (!keep_act) act = nullptr;
     if (!ctx->status().ok()) return;
