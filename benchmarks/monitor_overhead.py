@@ -3,8 +3,8 @@
 One model, one process. After a warm-up that traces both the training step and the monitor's
 probe pass, fits of ``--steps`` batches with and without the monitor alternate ``--trials``
 times (the order flips every trial), so the machine's noise hits both alike; the medians give the
-overhead ratio (goal: <= 2 % at the default frequency). The monitor is one instance reused across trials, as in one long
-fit, so the timed overhead is the steady state: one forward + backward on the probe batch every
+overhead ratio (goal: <= 2 % at the default frequency). The monitor is one instance reused
+across trials, as in one long fit, so the timed overhead is the steady state: one forward + backward on the probe batch every
 ``every_n_batches`` steps, plus its record at train begin. The one-time cost of tracing the probe
 pass (paid once per monitor) is reported separately.
 
