@@ -4,9 +4,9 @@ One model, one process. After a warm-up that traces both the training step and t
 probe pass, fits of ``--steps`` batches with and without the monitor alternate ``--trials``
 times (the order flips every trial), so the machine's noise hits both alike; the medians give the
 overhead ratio (goal: <= 2 % at the default frequency). The monitor is one instance reused
-across trials, as in one long fit, so the timed overhead is the steady state: one forward + backward on the probe batch every
-``every_n_batches`` steps, plus its record at train begin. The one-time cost of tracing the probe
-pass (paid once per monitor) is reported separately.
+across trials, as in one long fit, so the timed overhead is the steady state: one forward +
+backward on the probe batch every ``every_n_batches`` steps, plus its record at train begin.
+The one-time cost of tracing the probe pass (paid once per monitor) is reported separately.
 
     python benchmarks/monitor_overhead.py                  # LSTM, B=32 T=100 D=8 H=64, 500 steps
     python benchmarks/monitor_overhead.py --cell=simple_rnn --steps=1000 --probe_batch=128
