@@ -47,6 +47,7 @@ from keras_fancyrnn.diagnostics.probe_pass import (
     _check_stateful_batch,
     _leading_size,
     _shapes,
+    check_probe_dtype,
 )
 from keras_fancyrnn.diagnostics.series import (
     LOG_MODES,
@@ -237,10 +238,7 @@ class GradientNormMonitor(keras.callbacks.Callback):
             raise ValueError(f"log_scalars must be True, 'all' or False, got {log_scalars!r}")
         self.log_scalars = log_scalars
         self.loss = loss
-        if probe_dtype not in (None, "float32", "float64"):
-            raise ValueError(
-                f"probe_dtype must be None, 'float32' or 'float64', got {probe_dtype!r}")
-        self.probe_dtype = probe_dtype
+        self.probe_dtype = check_probe_dtype(probe_dtype)
         self.align = check_align(align)
         self.kernel_norms = bool(kernel_norms)
         self._dataset_spec = None  # (x, y, sample_weight) element specs of a dataset

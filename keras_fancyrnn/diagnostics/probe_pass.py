@@ -84,8 +84,7 @@ class ProbePass:
         self.targets = targets
         self.loss = loss
         self.align = check_align(align)  # how curves of padded batches line up (aggregate)
-        if dtype not in (None, "float32", "float64"):
-            raise ValueError(f"probe_dtype must be None, 'float32' or 'float64', got {dtype!r}")
+        check_probe_dtype(dtype)
         self._dtype = tf.float64 if dtype == "float64" else tf.float32
         self._probe_dtype = dtype if dtype == "float64" else None
         self._plan: probe_model.Plan | None = None  # made once the model is built
@@ -425,11 +424,18 @@ def gradient_norms(model, x, y, sample_weight=None, layers=None, input_norms: bo
     for repeated use keep a ``ProbePass`` or use the monitor.
     """
     _check_loss(model, loss)
-    check_align(align)
     targets = discover(model, layers, input_norms)
     for t in targets:
         t.kernel = bool(kernel_norms)
     return ProbePass(model, targets, loss, align, dtype=probe_dtype)(x, y, sample_weight)
+
+
+def check_probe_dtype(dtype):
+    """``dtype`` for the probe pass (``None``, ``"float32"`` or ``"float64"``), else a
+    ValueError that says so."""
+    if dtype not in (None, "float32", "float64"):
+        raise ValueError(f"probe_dtype must be None, 'float32' or 'float64', got {dtype!r}")
+    return dtype
 
 
 def _check_loss(model, loss):
