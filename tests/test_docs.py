@@ -162,6 +162,7 @@ def _package_variables() -> set[str]:
 
 
 def _pytest_part(command: str) -> str:
+    """The test command's first pytest run (the TensorFlow backend's, the whole suite)."""
     return next(p.strip() for p in command.split("&&") if "pytest" in p)
 
 

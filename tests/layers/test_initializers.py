@@ -6,6 +6,8 @@ import pytest
 
 import keras_fancyrnn as fr
 
+pytestmark = pytest.mark.all_backends
+
 UNITS = 2000
 
 
