@@ -10,7 +10,9 @@ The paths, each where it computes exactly what the loop computes:
   are unavailable;
 - ``"loop"``: the engine's step loop, the reference, which runs everything (also truncation,
   recurrent dropout and ``unroll``, which only it runs), with the C++ gate kernels in each step
-  where they run.
+  where they run;
+- ``"scan"``: on the JAX and PyTorch backends, the same loop written with ``keras.ops``
+  (``keras_fancyrnn.engine.scan``; ``jax.lax.scan`` on JAX), which runs everything the loop runs.
 
 Masks and the gradient monitor's probes run in the sequence kernels and the loop; cuDNN takes
 right-padded masks only (checked at run time) and no probes.
@@ -66,7 +68,16 @@ class Plan:
 
 
 def on_gpu() -> bool:
-    """Whether TensorFlow sees a GPU (the layers then run cuDNN or the loop on it)."""
+    """Whether the backend sees a GPU (on TensorFlow the layers then run cuDNN or the loop)."""
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        return any(d.platform == "gpu" for d in jax.devices())
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.is_available()
     from keras_fancyrnn._tf import tf
 
     return bool(tf.config.list_logical_devices("GPU"))
@@ -210,6 +221,13 @@ def choose(layer, inputs, mask=None, training=False, probed=False) -> Plan:
     states probed (``keras_fancyrnn.engine.probes``) or not. ``use_cudnn=True`` where cuDNN cannot
     compute what the layer computes is a ``ValueError`` (probes aside: they take the loop)."""
     name, cell = layer.name, layer.cell
+    backend = keras.config.backend()
+    if backend != "tensorflow":
+        if getattr(layer, "use_cudnn", "auto") is True:
+            raise ValueError(f"{name}: use_cudnn=True was given but the {backend} backend has "
+                             f"no cuDNN path here; pass use_cudnn='auto'")
+        return _record(Plan(name, "scan", f"the {backend} backend runs the engine's keras.ops "
+                                          f"loop"))
     gpu = on_gpu()
     gates = bool(getattr(cell, "native_gates", lambda dtype: False)(inputs.dtype))
     loop = dict(layer=name, path="loop", gate_kernels=gates,
@@ -286,9 +304,6 @@ def explain(model, x, *, training: bool = False) -> Explanation:
         directions of a ``Bidirectional`` are two). Plans are chosen when a call is traced; a
         ``tf.function`` traced under other settings keeps its own.
     """
-    if keras.config.backend() != "tensorflow":
-        raise ValueError(f"explain: the keras_fancyrnn layers run on the TensorFlow backend; "
-                         f"the backend is {keras.config.backend()}")
     with recording() as plans:
         model(x, training=training)
     return Explanation(plans)

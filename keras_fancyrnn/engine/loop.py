@@ -40,37 +40,17 @@ from collections.abc import Sequence
 
 from keras_fancyrnn._tf import tf
 from keras_fancyrnn.engine import cudnn, dispatch
-
-
-def _as_list(x):
-    return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def _tile_batch(x, copies: int):
-    """Stacks ``copies`` copies of ``x`` along axis 0 (the batch axis)."""
-    if x is None:
-        return None
-    if isinstance(x, (list, tuple)):
-        return [_tile_batch(e, copies) for e in x]
-    return tf.concat([x] * copies, axis=0) if copies > 1 else x
-
-
-def _where(mask_t, new, old):
-    """``new`` where ``mask_t`` ([B] bool) is true, else ``old``."""
-    return tf.where(tf.expand_dims(mask_t, -1), new, old)
-
-
-def _make_dropout_masks(cell, x0, h0, training: bool):
-    """Draws this call's variational dropout masks (constant over time, as Keras)."""
-    dp_mask = rec_mask = None
-    if training and 0.0 < getattr(cell, "dropout", 0.0) < 1.0:
-        dp_mask = cell.get_dropout_mask(x0)
-    if training and 0.0 < getattr(cell, "recurrent_dropout", 0.0) < 1.0:
-        rec_mask = cell.get_recurrent_dropout_mask(h0)
-    if hasattr(cell, "reset_dropout_mask"):
-        cell.reset_dropout_mask()
-        cell.reset_recurrent_dropout_mask()
-    return dp_mask, rec_mask
+from keras_fancyrnn.engine.steps import (
+    KERNEL_PROBE,
+    STATES_SINK,
+    as_list,
+    check_unroll,
+    copies_for,
+    dropout_masks,
+    step_function,
+    tile_batch,
+    untile,
+)
 
 
 def run(
@@ -119,13 +99,13 @@ def run(
     Returns:
         ``(last_output [B, H], outputs [B, T, H] or None, final_states list)``.
     """
-    initial_state = _as_list(initial_state)
+    initial_state = as_list(initial_state)
     inputs = tf.convert_to_tensor(inputs)
     plan = plan or dispatch.Plan("", "loop", "no plan given")
     if probes and KERNEL_PROBE in probes and plan.path != "loop":
         plan = dispatch.Plan(plan.layer, "loop", "the recurrent-kernel probe runs in the loop only")
 
-    dp_mask, rec_mask = _make_dropout_masks(cell, inputs[:, 0], initial_state[0], training)
+    dp_mask, rec_mask = dropout_masks(cell, inputs[:, 0], initial_state[0], training)
     loop = functools.partial(_loop_reading_weights_once, cell, inputs, initial_state, mask,
                              dp_mask, rec_mask, go_backwards, unroll, return_sequences,
                              zero_output_for_mask, bptt_truncate, probes, plan.hoist_inputs)
@@ -176,13 +156,6 @@ def _fused(sequence, cell, inputs, initial_state, dp_mask, go_backwards, return_
     return last, outputs, list(states)
 
 
-def _copies(bptt_truncate, steps_static) -> int:
-    """State copies the truncation needs: 1 where it cuts nothing (``k >= T - 1``)."""
-    if bptt_truncate is not None and (steps_static is None or bptt_truncate < steps_static - 1):
-        return bptt_truncate + 1
-    return 1
-
-
 def _drop_sequence(result, return_sequences):
     last, outputs, states = result
     return last, (outputs if return_sequences else None), states
@@ -206,10 +179,10 @@ def _loop(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, un
     batch = tf.shape(inputs)[0]
     xp, project, mask, probes = _time_major(cell, inputs, mask, probes, dp_mask, go_backwards,
                                             hoist_inputs)
-    copies = _copies(bptt_truncate, inputs.shape[1])
-    step = _step_function(cell, project, _tile_batch(rec_mask, copies), copies, batch,
-                          zero_output_for_mask, initial_state[0].shape)
-    states = _tile_batch(initial_state, copies)
+    copies = copies_for(bptt_truncate, inputs.shape[1])
+    step = step_function(cell, project, tile_batch(rec_mask, copies), copies, batch,
+                         zero_output_for_mask, initial_state[0].shape, fix_shape=tf.ensure_shape)
+    states = tile_batch(initial_state, copies)
     out0 = tf.zeros_like(initial_state[0])
     if unroll:
         output, outputs, states = _unrolled(step, xp, mask, probes, states, out0,
@@ -220,7 +193,7 @@ def _loop(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, un
             output = states[0][-batch:] if copies > 1 else states[0]
     if sink is not None:  # in input time order, like the probes
         sink.append(tf.reverse(outputs, [1]) if go_backwards else outputs)
-    return output, (outputs if wanted else None), _untile(states, copies, batch)
+    return output, (outputs if wanted else None), untile(states, copies, batch)
 
 
 def _time_major(cell, inputs, mask, probes, dp_mask, go_backwards, hoist_inputs):
@@ -247,79 +220,9 @@ def _time_major(cell, inputs, mask, probes, dp_mask, go_backwards, hoist_inputs)
     return xp, project, mask, probes
 
 
-KERNEL_PROBE = "recurrent_kernel"
-STATES_SINK = "states_out"  # a list the engine appends its outputs [B, T, H] to
-
-
-@contextlib.contextmanager
-def _kernel_offset(cell, offset):
-    """Inside, ``cell.recurrent_kernel`` is ``U + offset`` (a step's kernel probe ``E_t``), so
-    that what the step computes from ``U`` depends on ``E_t`` too; restored on exit. Holds the
-    cell's lock like ``weights_read_once``."""
-    if offset is None:
-        yield
-        return
-    with getattr(cell, "_weights_lock", None) or contextlib.nullcontext():
-        kernel = cell.recurrent_kernel
-        object.__setattr__(cell, "recurrent_kernel", kernel + tf.cast(offset, kernel.dtype))
-        try:
-            yield
-        finally:
-            object.__setattr__(cell, "recurrent_kernel", kernel)
-
-
-def _step_function(cell, project, rec_mask, copies, batch, zero_output_for_mask, state_shape):
-    """``step(xp_t, mask_t, probe_t, states, prev_output) -> (output, new_states)``: one step of
-    the cell with the projection, the truncation copies, the probes and the mask around it."""
-
-    def step(xp_t, mask_t, probe_t, states, prev_output):
-        probe_t = dict(probe_t)
-        kernel_t = probe_t.pop(KERNEL_PROBE, None)
-        if project is not None:
-            xp_t = project(xp_t)
-        if copies > 1:  # copy j reads copy j-1 of the previous step; copy 0 is cut off
-            # (slicing by the dynamic batch loses the static shape the loop needs to keep)
-            states = [
-                tf.ensure_shape(tf.concat([tf.stop_gradient(s[:batch]), s[:-batch]], axis=0),
-                                s.shape)
-                for s in states
-            ]
-            xp_t = _tile_batch(xp_t, copies)
-            mask_t = _tile_batch(mask_t, copies)
-            probe_t = {i: _tile_batch(p, copies) for i, p in probe_t.items()}
-        # A cell with ``probes_in_step`` adds the probes of its inner states (LSTM: c_t) itself,
-        # before they feed h_t; added after the step they would miss the path c_t -> h_t.
-        inner = ({i: p for i, p in probe_t.items() if i > 0}
-                 if probe_t and getattr(cell, "probes_in_step", False) else None)
-        with _kernel_offset(cell, kernel_t):
-            if inner:
-                output, new_states = cell.step(xp_t, states, rec_mask, probes=inner)
-                probe_t = {i: p for i, p in probe_t.items() if i not in inner}
-            else:
-                output, new_states = cell.step(xp_t, states, rec_mask)
-        new_states = _as_list(new_states)
-        if probe_t:
-            new_states = [s + probe_t[i] if i in probe_t else s for i, s in enumerate(new_states)]
-            output = new_states[0]
-        if mask_t is not None:
-            new_states = [_where(mask_t, n, s) for n, s in zip(new_states, states)]
-            fallback = tf.zeros_like(output) if zero_output_for_mask else prev_output
-            output = _where(mask_t, output, _tile_batch(fallback, copies))
-        if copies > 1:
-            output = tf.ensure_shape(output[-batch:], state_shape)
-        return output, new_states
-
-    return step
-
-
 def _unrolled(step, xp, mask, probes, states, out0, return_sequences, input_shape):
     """The steps as a Python loop (``unroll=True``; needs a static T)."""
-    steps_static = input_shape[1]
-    if steps_static is None:
-        raise ValueError(
-            "unroll=True needs a static number of timesteps; the input has shape "
-            f"{tuple(input_shape)}. Pass keras.Input(shape=(T, D)) with a fixed T."
-        )
+    steps_static = check_unroll(input_shape)
     output, outputs = out0, []
     for t in range(steps_static):
         mask_t = None if mask is None else mask[t]
@@ -374,20 +277,4 @@ def _while(step, xp, mask, probes, states, out0, return_sequences):
     return output, outputs, carry
 
 
-def _untile(states, copies: int, batch):
-    """The top copy of each state (the one whose values and gradients are the layer's)."""
-    return [s[-batch:] for s in states] if copies > 1 else list(states)
-
-
-def validate_bptt_truncate(bptt_truncate) -> int | None:
-    """``None`` or a positive int, else a ValueError that says so."""
-    if bptt_truncate is None:
-        return None
-    if isinstance(bptt_truncate, bool) or not isinstance(bptt_truncate, int) or bptt_truncate < 1:
-        raise ValueError(
-            f"bptt_truncate must be None (full BPTT) or a positive integer, got {bptt_truncate!r}"
-        )
-    return bptt_truncate
-
-
-__all__ = ["run", "validate_bptt_truncate"]
+__all__ = ["run"]

@@ -10,7 +10,6 @@ import keras
 from keras import ops
 
 from keras_fancyrnn import engine
-from keras_fancyrnn._tf import tf
 from keras_fancyrnn.engine import dispatch, probes
 
 __all__ = ["CELL_ARGS", "LAYER_ARGS", "RNN", "SequenceMaskFromInput", "build_cell",
@@ -102,7 +101,7 @@ class RNN(SequenceMaskFromInput, keras.layers.RNN):
         self.input_spec = keras.layers.InputSpec(ndim=3)
         # On CPU, XLA's while loop is about 2x slower than TensorFlow's for these recurrences
         # (benchmarks/rnn_speed.py), so `jit_compile="auto"` leaves XLA off; True still forces it.
-        if not dispatch.on_gpu():
+        if keras.config.backend() == "tensorflow" and not dispatch.on_gpu():
             self.supports_jit = False
 
     def build(self, sequences_shape, initial_state_shape=None):
@@ -158,13 +157,13 @@ class RNN(SequenceMaskFromInput, keras.layers.RNN):
     def _as_real(self, sequences):
         """Integer and bool inputs in the cell's compute dtype, as Keras's layers compute them
         (its matmul promotes them to the kernel's dtype); other non-float dtypes are refused."""
-        dtype = tf.as_dtype(sequences.dtype)
-        if dtype.is_integer or dtype == tf.bool:
+        dtype = keras.backend.standardize_dtype(sequences.dtype)
+        if "int" in dtype or dtype == "bool":
             return ops.cast(sequences, self.cell.compute_dtype)
-        if not dtype.is_floating:
+        if "float" not in dtype:
             raise TypeError(
                 f"{self.name} expects real-valued inputs (float, int or bool), got dtype "
-                f"{dtype.name}; cast the data (e.g. x.astype('float32'))"
+                f"{dtype}; cast the data (e.g. x.astype('float32'))"
             )
         return sequences
 

@@ -15,7 +15,6 @@ import keras
 from keras import ops
 from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
 
-from keras_fancyrnn._tf import tf
 from keras_fancyrnn.ops import native
 
 __all__ = ["RecurrentCell", "SeedStateSaving", "check_rate", "check_units", "get_activation"]
@@ -43,6 +42,16 @@ def get_activation(name: str, identifier):
             f"{name} must be a Keras activation (a name such as 'tanh', 'sigmoid', 'relu', or a "
             f"callable), got {identifier!r}"
         ) from err
+
+
+def _read(variable):
+    """The variable's value as a tensor (on TensorFlow ``ops.convert_to_tensor`` would keep the
+    variable, read again wherever it is used)."""
+    if keras.config.backend() == "tensorflow":
+        from keras_fancyrnn._tf import tf
+
+        return tf.convert_to_tensor(variable)
+    return ops.convert_to_tensor(variable)
 
 
 def _dense(x, kernel):
@@ -257,7 +266,7 @@ class RecurrentCell(SeedStateSaving, keras.layers.Layer, DropoutRNNCell):
             try:
                 for name, variable in variables.items():
                     # object.__setattr__: Keras's tracking must keep the variable, not the tensor
-                    object.__setattr__(self, name, tf.convert_to_tensor(variable))
+                    object.__setattr__(self, name, _read(variable))
                 yield
             finally:
                 for name, variable in variables.items():
