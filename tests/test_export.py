@@ -612,3 +612,42 @@ def test_tflite_conversion_of_exported_lstm(tmp_path):
         interpreter.invoke()
         got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
         np.testing.assert_allclose(got, np.asarray(model(x)), rtol=0, atol=1e-5)
+
+
+JAX_EXPORT = textwrap.dedent("""
+    import sys
+    import numpy as np, keras
+    import keras_fancyrnn as fr
+    x = np.load(sys.argv[2])
+    model = keras.Sequential([keras.Input((None, 3)), keras.layers.Masking(0.0),
+                              fr.LSTM(4, return_sequences=True), fr.GRU(2)])
+    model.set_weights(list(np.load(sys.argv[3]).values()))
+    np.save(sys.argv[4], keras.ops.convert_to_numpy(model(x)))
+    model.export(sys.argv[1], format="tf_saved_model", verbose=False)
+""")
+
+
+def test_model_export_on_the_jax_backend_serves_like_the_model(tmp_path, rng):
+    """On JAX, Keras exports through jax2tf: the SavedModel of fr layers (the keras.ops loop)
+    serves, here on TensorFlow, what the JAX model computed, padding masked; and equals the same
+    model on TensorFlow."""
+    x = rng.normal(size=(2, 6, 3)).astype("float32")
+    x[0, 4:] = 0.0  # padding, masked
+    model = keras.Sequential([keras.Input((None, 3)), keras.layers.Masking(0.0),
+                              fr.LSTM(4, return_sequences=True), fr.GRU(2)])
+    weights = {f"w{i}": w for i, w in enumerate(model.get_weights())}
+    np.save(tmp_path / "x.npy", x)
+    np.savez(tmp_path / "w.npz", **weights)
+    script = tmp_path / "export.py"
+    script.write_text(JAX_EXPORT)
+    env = {**os.environ, "KERAS_BACKEND": "jax", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "saved"),
+                           str(tmp_path / "x.npy"), str(tmp_path / "w.npz"),
+                           str(tmp_path / "y.npy")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    on_jax = np.load(tmp_path / "y.npy")
+    loaded = tf.saved_model.load(str(tmp_path / "saved"))  # held: serve needs its variables
+    served = loaded.serve(tf.constant(x)).numpy()
+    np.testing.assert_allclose(served, on_jax, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(on_jax, model(x).numpy(), rtol=1e-5, atol=1e-6)
