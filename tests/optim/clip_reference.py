@@ -134,6 +134,14 @@ def linear_data():
     return x, y
 
 
+def all_nan_after_first_batch():
+    """40 rows of 3 features, all nan after the first 8 (one finite batch of 8, then four)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3)).astype(np.float32)
+    x[8:] = np.nan
+    return x, rng.normal(size=(40, 1)).astype(np.float32)
+
+
 def linear_gradient(x, y, w, b):
     """The gradient of the MSE of ``x w + b`` against ``y``: ``2/N X^T r`` and ``2/N sum r``."""
     r = x @ w + b - y

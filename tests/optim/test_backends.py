@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from clip_reference import (
     NumpyClipper,
+    all_nan_after_first_batch,
     linear_clean,
     linear_data,
     linear_gradient,
@@ -236,18 +237,11 @@ def test_nonfinite_batch_in_fit_changes_no_variable(bad):
     assert stats["applied_steps"] == 1 and int(numpy(opt.iterations)) == 1
 
 
-def _all_nan_after_first_batch():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(40, 3)).astype(np.float32)
-    x[8:] = np.nan
-    return x, rng.normal(size=(40, 1)).astype(np.float32)
-
-
 @pytest.mark.parametrize("callback", [True, False])
 def test_max_consecutive_skips_in_fit(callback):
     """TensorFlow (no XLA) and torch raise at the step, JAX's jitted step cannot: ClippingStats
     raises after the batch, and without it the optimizer warns and refuses every step."""
-    x, y = _all_nan_after_first_batch()
+    x, y = all_nan_after_first_batch()
     model = _linear_model()
     opt = fr.ClippingOptimizer(keras.optimizers.SGD(0.1), max_consecutive_skips=3)
     model.compile(opt, "mse", jit_compile=BACKEND == "jax")
