@@ -115,9 +115,24 @@ def np_adam(params, grads_per_step, lr, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
     return history, m, v
 
 
+def gradient_steps():
+    """Initial values of a (3, 4) kernel and a (4,) bias, and four gradients for them: large,
+    small, with one nan entry, large."""
+    rng = np.random.default_rng(11)
+    shapes = [(3, 4), (4,)]
+    steps = [[rng.normal(size=s).astype(np.float32) * scale for s in shapes]
+             for scale in (3.0, 0.2, 1.0, 5.0)]
+    steps[2][1][2] = np.nan
+    return [rng.normal(size=s).astype(np.float32) for s in shapes], steps
+
+
 # --------------------------------------------------------------------------------------------------
 # linear regression trained with clipped SGD: the reference for model.fit
 # --------------------------------------------------------------------------------------------------
+
+
+LINEAR_W0 = np.array([[0.5], [-0.5], [1.0]], np.float32)  # weights to start a fit from
+LINEAR_B0 = np.array([0.5], np.float32)
 
 
 def linear_clean():

@@ -1,33 +1,28 @@
 """ClippingOptimizer and ClippingStats on every backend: TensorFlow, JAX (the JAX trainer's
 ``stateless_apply`` under ``jax.jit``) and torch.
 
-References: numpy clipping rules and a numpy Adam (clip_reference.py), the hand-derived gradient of
-linear regression, the TensorFlow backend's step computed in a subprocess, and one device against
-two under Keras's DataParallel. This module does not import TensorFlow.
+References: numpy clipping rules and a numpy Adam (clip_reference.py) and the hand-derived gradient
+of linear regression. The checks against the TensorFlow backend's step and on two JAX devices are
+in test_backends_crosscheck.py. This module does not import TensorFlow.
 
 Tolerances: one float32 step rounds each value a few times (a norm over a few dozen terms, a
 product, a difference), each time by at most 2^-24 relative, so 1e-5 relative (with 1e-6 absolute
 for values near 0) bounds it with a margin; over the 8 steps of a fit the errors add (1e-4).
 """
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-import textwrap
 import warnings
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 from clip_reference import (
+    LINEAR_B0,
+    LINEAR_W0,
     NumpyClipper,
     all_nan_after_first_batch,
+    gradient_steps,
     linear_clean,
     linear_data,
-    linear_gradient,
     np_adam,
     np_clip_global,
     np_clipped_sgd,
@@ -45,7 +40,6 @@ pytestmark = [
 ]
 
 BACKEND = keras.backend.backend()
-ROOT = Path(__file__).resolve().parents[2]
 STEP = {"rtol": 1e-5, "atol": 1e-6}  # one float32 step (module docstring)
 FIT = {"rtol": 1e-4, "atol": 1e-5}  # 8 float32 steps
 METHODS = ("global_norm", "norm", "value", "adaptive", "auto")
@@ -83,19 +77,9 @@ def snapshot(variables):
 APPLY_THRESHOLDS = {"global_norm": 2.0, "norm": 2.0, "value": 1.0, "adaptive": 1.0}
 
 
-def _gradient_steps():
-    """Four steps for a (3, 4) kernel and a (4,) bias: large, small, one nan entry, large."""
-    rng = np.random.default_rng(11)
-    shapes = [(3, 4), (4,)]
-    steps = [[rng.normal(size=s).astype(np.float32) * scale for s in shapes]
-             for scale in (3.0, 0.2, 1.0, 5.0)]
-    steps[2][1][2] = np.nan
-    return [rng.normal(size=s).astype(np.float32) for s in shapes], steps
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_apply_is_sgd_on_the_clipped_gradient(method):
-    w0, steps = _gradient_steps()
+    w0, steps = gradient_steps()
     lr = 0.5
     variables = [keras.Variable(w) for w in w0]
     opt, reference = clipping(method, keras.optimizers.SGD(lr), APPLY_THRESHOLDS)
@@ -128,7 +112,7 @@ def test_apply_is_sgd_on_the_clipped_gradient(method):
 
 
 def test_apply_with_adam_is_numpy_adam_on_the_clipped_gradient():
-    w0, steps = _gradient_steps()
+    w0, steps = gradient_steps()
     steps = [steps[0], steps[1], steps[3]]  # clipped, not clipped, clipped
     tau = 2.0
     variables = [keras.Variable(w) for w in w0]
@@ -174,12 +158,11 @@ def test_eager_apply_raises_at_the_nth_skip_and_refuses_until_reset():
 # --------------------------------------------------------------------------------------------------
 
 FIT_THRESHOLDS = {"global_norm": 2.5, "norm": 2.0, "value": 2.0, "adaptive": 3.0}
-W0, B0 = np.array([[0.5], [-0.5], [1.0]], np.float32), np.array([0.5], np.float32)
 
 
 def _linear_model():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-    model.set_weights([W0, B0])
+    model.set_weights([LINEAR_W0, LINEAR_B0])
     return model
 
 
@@ -189,7 +172,7 @@ def test_fit_is_numpy_clipped_sgd_with_skips_and_stats(method):
     ClippingStats's History against numpy."""
     x, y = linear_data()
     opt, clipper = clipping(method, keras.optimizers.SGD(0.1), FIT_THRESHOLDS)
-    w, b, ref = np_fit_linear(x, y, batch=4, epochs=2, lr=0.1, clipper=clipper, w0=W0, b0=B0)
+    w, b, ref = np_fit_linear(x, y, 4, 2, 0.1, clipper, LINEAR_W0, LINEAR_B0)  # batch 4, 2 epochs
     assert clipper.margin > 1e-3 and 0 < ref["clipped"] < ref["applied"] == 8
 
     model = _linear_model()
@@ -262,7 +245,7 @@ def test_max_consecutive_skips_in_fit(callback):
     warned = any("ClippingStats" in str(w.message) for w in caught)
     assert warned == (BACKEND == "jax" and not callback)  # nothing else would raise
     assert opt.stats()["skipped_steps"] == skipped and int(numpy(opt.iterations)) == 2
-    assert not np.array_equal(after_finite[0], W0)  # the finite batches were applied
+    assert not np.array_equal(after_finite[0], LINEAR_W0)  # the finite batches were applied
     assert not np.array_equal(after_finite[0], model.get_weights()[0])
 
 
@@ -277,216 +260,3 @@ def test_loss_scale_factor_is_divided_out_before_clipping():
     np.testing.assert_allclose(model.layers[0].kernel.numpy(), w, **FIT)
     np.testing.assert_allclose(model.layers[0].bias.numpy(), b, **FIT)
     np.testing.assert_allclose(opt.stats()["grad_norm"], ref["norms"][-1], rtol=1e-4)
-
-
-# --------------------------------------------------------------------------------------------------
-# this backend's step against TensorFlow's, computed in a subprocess
-# --------------------------------------------------------------------------------------------------
-
-_TF_STEP_SCRIPT = textwrap.dedent(
-    """
-    import json, os, sys
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    os.environ["KERAS_BACKEND"] = "tensorflow"
-    import numpy as np, keras
-    import keras_fancyrnn as fr
-
-    spec = json.loads(sys.argv[1])
-    data = np.load(sys.argv[2])
-    out = {}
-    for name, kwargs in spec.items():
-        variables = [keras.Variable(data["w0"]), keras.Variable(data["b0"])]
-        opt = fr.ClippingOptimizer(keras.optimizers.Adam(0.1), **kwargs)
-        for step in range(int(data["steps"])):
-            opt.apply([data[f"g{step}_kernel"], data[f"g{step}_bias"]], variables)
-        for i, v in enumerate(variables + opt.variables):
-            out[f"{name}/{i}"] = np.asarray(v.numpy(), np.float64)
-    np.savez(sys.argv[3], **out)
-    """
-)
-
-STEP_CASES = {
-    "global_norm": {"threshold": 2.0},
-    "norm": {"method": "norm", "threshold": 2.0},
-    "value": {"method": "value", "threshold": 1.0},
-    "adaptive": {"method": "adaptive", "threshold": 0.3},
-    "auto": {"method": "auto", "percentile": 50, "history_size": 2},
-}
-
-
-@pytest.fixture(scope="module")
-def tensorflow_steps(tmp_path_factory):
-    """Each case's model and optimizer variables after the four steps of ``_gradient_steps``
-    on the TensorFlow backend, in a subprocess."""
-    if importlib.util.find_spec("tensorflow") is None:
-        pytest.skip("TensorFlow is not installed: no TensorFlow step to compare with")
-    w0, steps = _gradient_steps()
-    arrays = {"w0": w0[0], "b0": w0[1], "steps": len(steps)}
-    for i, (gk, gb) in enumerate(steps):
-        arrays[f"g{i}_kernel"], arrays[f"g{i}_bias"] = gk, gb
-    tmp = tmp_path_factory.mktemp("tf_step")
-    np.savez(tmp / "in.npz", **arrays)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p), CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(
-        [sys.executable, "-c", _TF_STEP_SCRIPT, json.dumps(STEP_CASES), str(tmp / "in.npz"),
-         str(tmp / "out.npz")], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return dict(np.load(tmp / "out.npz"))
-
-
-def _this_backends_steps(opt, variables, steps):
-    """The steps as this backend's trainer takes them: JAX's jitted stateless_apply, torch's
-    apply (in torch.no_grad, as its trainer calls it), TensorFlow's apply."""
-    if BACKEND == "jax":
-        import jax
-
-        opt.build(variables)
-        step = jax.jit(opt.stateless_apply)
-        model_values = [v.value for v in variables]
-        opt_values = [v.value for v in opt.variables]
-        for grads in steps:
-            model_values, opt_values = step(opt_values, [tensor(g) for g in grads], model_values)
-        return [numpy(v) for v in model_values + opt_values]
-    if BACKEND == "torch":
-        import torch
-
-        with torch.no_grad():
-            for grads in steps:
-                opt.apply([tensor(g) for g in grads], variables)
-    else:
-        for grads in steps:
-            opt.apply([tensor(g) for g in grads], variables)
-    return snapshot(variables + opt.variables)
-
-
-@pytest.mark.parametrize("case", sorted(STEP_CASES))
-def test_step_equals_the_tensorflow_step(case, request):
-    if BACKEND == "tensorflow":
-        pytest.skip("the reference is the TensorFlow backend's step itself")
-    reference = request.getfixturevalue("tensorflow_steps")
-    w0, steps = _gradient_steps()
-    variables = [keras.Variable(w) for w in w0]
-    opt = fr.ClippingOptimizer(keras.optimizers.Adam(0.1), **STEP_CASES[case])
-    got = _this_backends_steps(opt, variables, steps)
-    assert len(got) == len([k for k in reference if k.startswith(case + "/")])
-    for i, value in enumerate(got):
-        np.testing.assert_allclose(
-            np.asarray(value, np.float64), reference[f"{case}/{i}"], **STEP, err_msg=f"{i}")
-    tracked = variables + opt.variables
-    counts = [next(int(got[i]) for i, v in enumerate(tracked) if v is counter)
-              for counter in (opt.applied_steps, opt.skipped_steps, opt.iterations)]
-    assert counts == [3, 1, 3]
-
-
-# --------------------------------------------------------------------------------------------------
-# subprocesses: Keras's DataParallel on two JAX CPU devices; the package without TensorFlow
-# --------------------------------------------------------------------------------------------------
-
-
-def _run(script, *args, backend):
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, KERAS_BACKEND=backend, CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
-    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
-                          env=env, timeout=300)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT"):])
-
-
-_DATA_PARALLEL_SCRIPT = textwrap.dedent(
-    """
-    import json, os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"  # before jax is imported
-    import numpy as np, jax, keras
-    import keras_fancyrnn as fr
-
-    data = np.load(sys.argv[1])
-    x, y = data["x"], data["y"]
-
-    def train(distribution):
-        keras.distribution.set_distribution(distribution)
-        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-        model.set_weights([data["w0"], data["b0"]])
-        opt = fr.ClippingOptimizer(keras.optimizers.SGD(0.1), threshold=float(data["tau"]))
-        model.compile(opt, "mse")
-        model.fit(x, y, batch_size=len(x) // 3, epochs=1, shuffle=False, verbose=0,
-                  callbacks=[fr.ClippingStats()])
-        devices = len(model.layers[0].kernel.value.sharding.device_set)
-        keras.distribution.set_distribution(None)
-        return {"kernel": model.layers[0].kernel.numpy().tolist(),
-                "bias": model.layers[0].bias.numpy().tolist(), "stats": opt.stats(),
-                "variable_devices": devices}
-
-    out = {"devices": len(jax.devices()),
-           "parallel": train(keras.distribution.DataParallel(devices=jax.devices())),
-           "single": train(None)}
-    print("RESULT" + json.dumps(out))
-    """
-)
-
-
-def test_data_parallel_on_two_jax_devices_clips_the_global_gradient(tmp_path):
-    """Three steps of fit with DataParallel over two CPU devices equal one device on the same
-    batches, and numpy's clipping of the whole batch's gradient; clipping each device's half and
-    averaging (per-device clipping) would give other weights."""
-    if BACKEND != "jax":
-        pytest.skip("a JAX subprocess: run once, in the JAX leg of the backend matrix")
-    x, y = linear_clean()
-    tau, lr, batch = 1.0, 0.1, 8
-    np.savez(tmp_path / "in.npz", x=x, y=y, w0=W0, b0=B0, tau=tau)
-    out = _run(_DATA_PARALLEL_SCRIPT, str(tmp_path / "in.npz"), backend="jax")
-    assert out["devices"] == 2 and out["parallel"]["variable_devices"] == 2
-    assert out["single"]["variable_devices"] == 1
-
-    w, b, ref = np_fit_linear(x, y, batch, 1, lr, NumpyClipper("global_norm", tau), W0, B0)
-    per_device_w, per_device_b = W0.astype(np.float64), B0.astype(np.float64)
-    for i in range(0, len(x), batch):
-        halves = [linear_gradient(x[j : j + batch // 2].astype(np.float64),
-                                  y[j : j + batch // 2].astype(np.float64),
-                                  per_device_w, per_device_b) for j in (i, i + batch // 2)]
-        clipped = [np_clip_global(h, tau) for h in halves]
-        per_device_w = per_device_w - lr * (clipped[0][0] + clipped[1][0]) / 2
-        per_device_b = per_device_b - lr * (clipped[0][1] + clipped[1][1]) / 2
-    assert ref["clipped"] == ref["applied"] == 3 and min(ref["norms"]) > 1.5 * tau
-    assert np.max(np.abs(per_device_w - w)) > 1e-2  # the two rules differ on these batches
-
-    for run in ("parallel", "single"):
-        np.testing.assert_allclose(out[run]["kernel"], w, **STEP, err_msg=run)
-        np.testing.assert_allclose(out[run]["bias"], b, **STEP, err_msg=run)
-        stats = out[run]["stats"]
-        assert stats["applied_steps"] == stats["clipped_steps"] == 3
-        np.testing.assert_allclose(stats["grad_norm"], ref["norms"][-1], rtol=1e-5)
-        np.testing.assert_allclose(stats["clipped_grad_norm"], tau, rtol=1e-5)
-    np.testing.assert_allclose(out["parallel"]["kernel"], out["single"]["kernel"], **STEP)
-
-
-_WITHOUT_TENSORFLOW_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, types
-
-    sys.modules["tensorflow"] = None  # as if not installed: importing it raises ImportError
-    import numpy as np, keras
-
-    # the optim subpackage alone: keras_fancyrnn's own __init__ imports the layers too
-    package = types.ModuleType("keras_fancyrnn")
-    package.__path__ = [sys.argv[1]]
-    sys.modules["keras_fancyrnn"] = package
-    from keras_fancyrnn.optim import ClippingOptimizer, ClippingStats  # noqa: F401
-
-    w = keras.Variable(np.array([1.0, 2.0], np.float32))
-    opt = ClippingOptimizer(keras.optimizers.SGD(0.1))
-    opt.apply([keras.ops.convert_to_tensor(np.array([30.0, 40.0], np.float32))], [w])
-    out = {"w": keras.ops.convert_to_numpy(w.value).tolist(),
-           "tensorflow": sys.modules.get("tensorflow") is not None}
-    print("RESULT" + json.dumps(out))
-    """
-)
-
-
-def test_optim_imports_and_steps_without_tensorflow():
-    if BACKEND == "tensorflow":
-        pytest.skip("the TensorFlow backend needs TensorFlow")
-    out = _run(_WITHOUT_TENSORFLOW_SCRIPT, str(ROOT / "keras_fancyrnn"), backend=BACKEND)
-    assert not out["tensorflow"]
-    np.testing.assert_allclose(out["w"], [1.0 - 0.1 * 0.6, 2.0 - 0.1 * 0.8], **STEP)  # norm 50 -> 1

@@ -4,6 +4,10 @@ Every expected value comes from an independent reference: numpy code (float64, c
 or a hand computation (the linear-regression gradient 2/N X^T r). Nothing is compared with itself.
 The tests marked all_backends run on TensorFlow, JAX and torch; the others test TensorFlow's
 parts (tf.function with XLA, tf.distribute, IndexedSlices) and import TensorFlow in their body.
+
+Long (over 400 lines): the clip functions', the optimizer's and the callback's tests share the
+data and references here and in clip_reference.py; the tests written for the other backends are in
+test_backends.py and test_backends_crosscheck.py.
 """
 
 import json
