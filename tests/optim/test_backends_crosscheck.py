@@ -33,11 +33,7 @@ from keras import ops
 
 import keras_fancyrnn as fr
 
-pytestmark = [
-    pytest.mark.all_backends,
-    # Keras's Variable.numpy under numpy 2, on every read of a variable
-    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-]
+pytestmark = pytest.mark.all_backends
 
 BACKEND = keras.backend.backend()
 ROOT = Path(__file__).resolve().parents[2]
