@@ -8,9 +8,11 @@ would leak values out of its trace, and the JAX trainer calls the step inside
 the other from the same state and keeps, for every variable, the value of the branch that
 ``proceed`` chose (``ops.where``), so nothing is assigned inside a traced branch.
 
-Enforcing ``max_consecutive_skips``: code that runs eagerly can raise at the step
-(:func:`can_raise_in_step`); a step compiled by XLA or traced by ``jax.jit`` cannot, and
-``ClippingStats`` raises after the batch instead (:func:`compiled_step`).
+Enforcing ``max_consecutive_skips``: a step that runs eagerly (torch, JAX outside ``jax.jit``)
+raises at the step, TensorFlow's asserts in its graph; a step compiled by XLA or traced by
+``jax.jit`` cannot raise, and ``ClippingStats`` raises after the batch instead
+(:func:`compiled_step`). During ``fit`` the JAX trainer holds the variables' values
+(:func:`held_by_jax_trainer`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from keras import ops
 
 from keras_fancyrnn.optim import replicas
 
-__all__ = ["can_raise_in_step", "compiled_step", "select_step"]
+__all__ = ["compiled_step", "held_by_jax_trainer", "select_step"]
 
 
 def select_step(
@@ -60,11 +62,8 @@ def compiled_step(value: Any) -> bool:
     return False
 
 
-def can_raise_in_step(value: Any) -> bool:
-    """Whether the step may raise with a Python ``raise`` once ``value`` is computed: torch (eager;
-    ``torch.compile`` breaks its graph there) and JAX outside ``jax.jit``. TensorFlow's step
-    asserts in its graph instead."""
-    backend = keras.backend.backend()
-    if backend == "torch":
-        return True
-    return backend == "jax" and not _jax_traced(value)
+def held_by_jax_trainer(variable: Any) -> bool:
+    """Whether ``variable``'s value is held by the JAX trainer: during ``fit`` it detaches the
+    values from the variables (Keras's private ``_value`` is None) until ``Callback.model`` or the
+    end of the epoch attaches them again."""
+    return keras.backend.backend() == "jax" and getattr(variable, "_value", 0) is None

@@ -162,7 +162,7 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
         #: :meth:`check_skip_limit` after every step (``ClippingStats`` sets it during ``fit``);
         #: it silences the warning that a compiled step cannot raise.
         self.skip_limit_checked_outside = False
-        self._xla_warned = False
+        self._compiled_warned = False
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -212,7 +212,14 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
                 f"{self.name} has no statistics before it is built: call build(variables), "
                 "apply(...) or model.fit(...) first"
             )
-        return getattr(self, "_" + name)
+        variable = getattr(self, "_" + name)
+        if backends.held_by_jax_trainer(variable):
+            raise ValueError(
+                f"{self.name}'s statistics are held by the JAX trainer during fit: read them in a "
+                "callback through `self.model` first (which attaches the trainer's state to the "
+                "variables, as ClippingStats does), or after fit"
+            )
+        return variable
 
     grad_norm = property(lambda self: self._stat("grad_norm"), doc="Pre-clip norm, last step.")
     clipped_grad_norm = property(
@@ -312,9 +319,9 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
     def _warn_if_skip_limit_unenforced(self) -> None:
         if self.max_consecutive_skips is None or self.skip_limit_checked_outside:
             return
-        if self._xla_warned or not backends.compiled_step(self._consecutive_skips.value):
+        if self._compiled_warned or not backends.compiled_step(self._consecutive_skips.value):
             return
-        self._xla_warned = True
+        self._compiled_warned = True
         if keras.backend.backend() == "tensorflow":
             reason = "XLA compiles assertions away, so"
             where = "under jit_compile=True"

@@ -249,6 +249,31 @@ def test_max_consecutive_skips_in_fit(callback):
     assert not np.array_equal(after_finite[0], model.get_weights()[0])
 
 
+def test_stats_in_a_callback_during_fit():
+    """Through Callback.model the statistics are current after every batch on every backend; the
+    JAX trainer holds them during an epoch, so reading the optimizer alone there is refused."""
+    x, y = linear_clean()
+    opt = fr.ClippingOptimizer(keras.optimizers.SGD(0.1), threshold=2.5)
+    seen, refused = [], []
+
+    class Reader(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            try:
+                opt.stats()
+            except ValueError as err:
+                refused.append(str(err))
+            seen.append(self.model.optimizer.stats()["applied_steps"])
+
+    model = _linear_model()
+    model.compile(opt, "mse")
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[Reader()])
+    assert seen == [1, 2, 3]
+    if BACKEND == "jax":  # before Callback.model attached the trainer's state
+        assert len(refused) == 3 and "held by the JAX trainer" in refused[0]
+    else:
+        assert refused == []
+
+
 def test_loss_scale_factor_is_divided_out_before_clipping():
     x, y = linear_clean()
     w, b, ref = np_clipped_sgd(x, y, batch=8, epochs=1, lr=0.1, tau=2.5)
