@@ -4,7 +4,8 @@
   from there: ``from keras_fancyrnn.optim import clipping``;
 - ``optimizer``: ``ClippingOptimizer``, the Keras optimizer that applies them;
 - ``stats``: ``ClippingStats``, the callback that puts its statistics into ``fit``'s logs;
-- ``arguments``: the optimizer's argument checks; ``replicas``: its ``tf.distribute`` parts.
+- ``arguments``: the optimizer's argument checks; ``replicas``: its ``tf.distribute`` parts;
+  ``backends``: its other per-backend parts (the skip on JAX, where the step may raise).
 
 ``ClippingOptimizer`` and ``ClippingStats`` are also ``keras_fancyrnn``'s public names.
 """

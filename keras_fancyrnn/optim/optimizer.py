@@ -1,11 +1,13 @@
 """``ClippingOptimizer``: a Keras optimizer that clips the gradient with the pure functions of
 ``optim/clipping.py``, skips non-finite steps, keeps statistics, and hands the result to the
-optimizer it wraps. Its arguments are checked in ``optim/arguments.py``; the TensorFlow
-distribution and XLA parts are in ``optim/replicas.py``.
+optimizer it wraps, on the TensorFlow, JAX and torch backends. Its arguments are checked in
+``optim/arguments.py``; the TensorFlow distribution and XLA parts are in ``optim/replicas.py``, the
+other per-backend parts (JAX's skip without a branch, where the step may raise) in
+``optim/backends.py``.
 
-Long (over 400 lines): about 90 of them are the class docstring, the user's documentation of the
-step, the statistics, distribution and mixed precision; the code is one step's orchestration and
-its state, which would not read better apart.
+Long (over 400 lines): about 110 of them are the class docstring, the user's documentation of
+the step, the statistics, the backends, distribution and mixed precision; the code is one step's
+orchestration and its state, which would not read better apart.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_fancyrnn.optim import arguments, clipping, replicas
+from keras_fancyrnn.optim import arguments, backends, clipping, replicas
 
 __all__ = ["ClippingOptimizer", "find_clipping_optimizer"]
 
@@ -73,19 +75,27 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
 
     ``max_consecutive_skips``: on the N-th skipped step in a row the optimizer raises, and from then
     on it refuses every step (the weights stay those of the last finite step) until
-    ``optimizer.consecutive_skips.assign(0)``. The error comes from two places, because XLA compiles
-    assertions away: without XLA an in-graph ``tf.debugging.Assert`` stops ``fit`` at that step
-    (``tf.errors.InvalidArgumentError``); under ``jit_compile=True`` the :class:`ClippingStats`
-    callback raises ``RuntimeError`` after the batch (it also does so without XLA, after the
-    assertion would have fired). Use the callback when compiling with XLA; the optimizer warns
-    when it is traced under XLA with a limit set and no callback watching.
+    ``optimizer.consecutive_skips.assign(0)``. The error comes from the step where the step can
+    raise, else from the :class:`ClippingStats` callback after the batch:
+
+    * TensorFlow without XLA: an in-graph ``tf.debugging.Assert`` stops ``fit`` at that step
+      (``tf.errors.InvalidArgumentError``); under ``jit_compile=True`` XLA compiles assertions
+      away and the callback raises ``RuntimeError``;
+    * JAX: the JAX trainer's step is traced by ``jax.jit`` and cannot raise: the callback raises
+      ``RuntimeError``; an ``apply`` run eagerly (outside ``jax.jit``) raises it at the step;
+    * torch: the step runs in Python and raises ``RuntimeError`` at that step.
+
+    The callback also raises where the step would have. Use it with XLA and on JAX; the optimizer
+    warns when its step is compiled with a limit set and no callback watching.
 
     Distribution: Keras clips each replica's gradient before the sum (two replicas with gradients 10
     and 20, ``global_clipnorm=1``, lr 1 move a variable by 2). This wrapper all-reduces the gradient
     first, clips the sum (so the move is 1) and skips a step if any replica's gradient is not
     finite. The inner optimizer sums across replicas again; replica 0 hands it the clipped sum and
     the others zeros, so that second sum is exactly the clipped gradient. It costs one extra
-    all-reduce of the gradient.
+    all-reduce of the gradient. With Keras's distribution API on JAX (e.g.
+    ``keras.distribution.DataParallel``) the step is one program over the global batch, whose
+    gradient is already the whole batch's: it is clipped as on one device.
 
     Mixed precision: ``model.compile`` wraps the optimizer as
     ``LossScaleOptimizer(ClippingOptimizer(...))`` under the ``"mixed_float16"`` policy, which
@@ -93,9 +103,9 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
     loss scale is unaffected. Wrapping a ``LossScaleOptimizer`` inside this one is refused (it would
     clip the scaled gradient).
 
-    ``IndexedSlices`` gradients (e.g. from an embedding) are converted to dense tensors. Tested with
-    the TensorFlow backend (the package's); the TF-specific parts are the distribution path and the
-    in-graph assertion. ``stateless_apply`` (the JAX trainer) is not supported.
+    ``IndexedSlices`` gradients (e.g. from an embedding) are converted to dense tensors. On JAX the
+    step also runs inside ``stateless_apply`` (the JAX trainer's): skipping is then a selection
+    between the stepped and the skipped values of every variable (``ops.where``), not a branch.
 
     Args:
         inner_optimizer: the ``keras.optimizers.Optimizer`` to wrap (or a name/config accepted by
@@ -150,9 +160,9 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
         self.eps = eps
         #: True while something outside the step enforces ``max_consecutive_skips`` by calling
         #: :meth:`check_skip_limit` after every step (``ClippingStats`` sets it during ``fit``);
-        #: it silences the warning that XLA compiles the in-graph assertion away.
+        #: it silences the warning that a compiled step cannot raise.
         self.skip_limit_checked_outside = False
-        self._xla_warned = False
+        self._compiled_warned = False
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -202,7 +212,14 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
                 f"{self.name} has no statistics before it is built: call build(variables), "
                 "apply(...) or model.fit(...) first"
             )
-        return getattr(self, "_" + name)
+        variable = getattr(self, "_" + name)
+        if backends.held_by_jax_trainer(variable):
+            raise ValueError(
+                f"{self.name}'s statistics are held by the JAX trainer during fit: read them in a "
+                "callback through `self.model` first (which attaches the trainer's state to the "
+                "variables, as ClippingStats does), or after fit"
+            )
+        return variable
 
     grad_norm = property(lambda self: self._stat("grad_norm"), doc="Pre-clip norm, last step.")
     clipped_grad_norm = property(
@@ -264,6 +281,7 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
             self._tf_apply(grads, trainable_variables)
         else:
             grads = self._unscale(grads, trainable_variables)
+            self._warn_if_skip_limit_unenforced()
             self._apply_local(grads, trainable_variables)
 
     def _clippable(self, grads: Sequence[Any], variables: Sequence[Any]) -> list[bool]:
@@ -301,25 +319,36 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
     def _warn_if_skip_limit_unenforced(self) -> None:
         if self.max_consecutive_skips is None or self.skip_limit_checked_outside:
             return
-        if not self._xla_warned and replicas.in_xla_context():
-            self._xla_warned = True
-            warnings.warn(
-                f"{self.name}: XLA compiles assertions away, so max_consecutive_skips="
-                f"{self.max_consecutive_skips} cannot raise from inside the step under "
-                "jit_compile=True; add keras_fancyrnn.ClippingStats() to the callbacks, "
-                "which raises after the batch",
-                stacklevel=3,
-            )
+        if self._compiled_warned or not backends.compiled_step(self._consecutive_skips.value):
+            return
+        self._compiled_warned = True
+        if keras.backend.backend() == "tensorflow":
+            reason = "XLA compiles assertions away, so"
+            where = "under jit_compile=True"
+        else:
+            reason = "a step traced by jax.jit (the JAX trainer's) cannot raise, so"
+            where = "on JAX"
+        warnings.warn(
+            f"{self.name}: {reason} max_consecutive_skips={self.max_consecutive_skips} cannot "
+            f"raise from inside the step {where}; add keras_fancyrnn.ClippingStats() to the "
+            "callbacks, which raises after the batch",
+            stacklevel=3,
+        )
 
     def _apply_local(self, grads: list[Any], variables: list[Any]) -> None:
         if not self.skip_nonfinite:
             self._finite_step(grads, variables)
             return
-        ops.cond(
-            self._proceed(grads, variables),
-            lambda: self._finite_step(grads, variables),
-            lambda: self._skip_step(grads, variables),
-        )
+        proceed = self._proceed(grads, variables)
+        step = functools.partial(self._finite_step, grads, variables)
+        skip = functools.partial(self._skip_step, grads, variables)
+        if keras.backend.backend() != "jax":
+            ops.cond(proceed, step, skip)
+            return
+        # JAX: no assignments inside a traced cond (optim/backends.py)
+        backends.select_step(proceed, [*variables, *self.variables], step, skip)
+        if self.max_consecutive_skips is not None and not backends.compiled_step(proceed):
+            self.check_skip_limit()  # eager JAX raises at the step, as TensorFlow's assertion
 
     def _proceed(self, grads: list[Any], variables: list[Any]) -> Any:
         proceed = clipping.all_finite(_select(grads, self._clippable(grads, variables)))
@@ -370,20 +399,25 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
         self._clipped_grad_norm.assign(ops.zeros((), "float32"))
         self._skipped_steps.assign(self._skipped_steps + 1)
         self._consecutive_skips.assign(consecutive)
-        if self.max_consecutive_skips is not None and keras.backend.backend() == "tensorflow":
+        if self.max_consecutive_skips is None:
+            return
+        if keras.backend.backend() == "tensorflow":
             from keras_fancyrnn._tf import tf
 
             tf.debugging.Assert(
                 consecutive < self.max_consecutive_skips,
                 [self._skip_limit_message(), "consecutive skips:", consecutive],
             )
+        elif keras.backend.backend() == "torch":
+            self.check_skip_limit()  # the torch step runs in Python: raise at the step
 
     def check_skip_limit(self) -> None:
         """Raise ``RuntimeError`` if the last ``max_consecutive_skips`` steps were all skipped.
 
-        The step asserts this itself, but XLA compiles that assertion away: under
-        ``jit_compile=True`` call this after every step (``ClippingStats`` does, after every
-        batch), and set :attr:`skip_limit_checked_outside` to silence the warning."""
+        The step raises itself where it can, but not when it is compiled (XLA under
+        ``jit_compile=True``, ``jax.jit`` on JAX): there call this after every step
+        (``ClippingStats`` does, after every batch), and set :attr:`skip_limit_checked_outside`
+        to silence the warning."""
         limit = self.max_consecutive_skips
         if limit is not None and self.built and int(self._consecutive_skips.numpy()) >= limit:
             raise RuntimeError(self._skip_limit_message())
@@ -394,12 +428,6 @@ class ClippingOptimizer(keras.optimizers.Optimizer):
             f"gradient (max_consecutive_skips={self.max_consecutive_skips}); every step was "
             "skipped, so the weights are those of the last finite step. Lower the learning rate, "
             "tighten the clipping, or check the data for nan/inf."
-        )
-
-    def stateless_apply(self, optimizer_variables: Any, grads: Any, trainable_variables: Any):
-        raise NotImplementedError(
-            "ClippingOptimizer does not support stateless_apply (the JAX trainer); use the "
-            "TensorFlow backend"
         )
 
     # -- delegation and serialization -------------------------------------------------------------

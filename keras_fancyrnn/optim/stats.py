@@ -32,8 +32,9 @@ class ClippingStats(keras.callbacks.Callback):
     ``model.optimizer``, also when wrapped by a ``LossScaleOptimizer``.
 
     If the optimizer has ``max_consecutive_skips`` and that many steps in a row were skipped, the
-    callback raises ``RuntimeError`` — this is how the limit is enforced under ``jit_compile=True``,
-    where XLA drops the optimizer's in-graph assertion.
+    callback raises ``RuntimeError`` — this is how the limit is enforced where the step is compiled
+    and cannot raise: under ``jit_compile=True`` on TensorFlow (XLA drops the optimizer's in-graph
+    assertion) and in the JAX trainer (``jax.jit``).
     """
 
     KEYS = ("grad_norm", "clipped_grad_norm", "clip_rate", "skipped_steps")
@@ -66,6 +67,9 @@ class ClippingStats(keras.callbacks.Callback):
         optimizer = self._optimizer
         if optimizer is None or not optimizer.built:
             return
+        # The JAX trainer keeps the state outside the variables during an epoch; reading
+        # Callback.model attaches it to them (Keras's own sync for callbacks).
+        _ = self.model
         if logs is not None:
             stats = optimizer.stats()
             logs.update({key: stats[key] for key in self.KEYS})
