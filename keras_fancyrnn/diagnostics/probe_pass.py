@@ -461,7 +461,21 @@ def check_probe_dtype(dtype):
                 "enables only with jax.config.update('jax_enable_x64', True) (or "
                 "JAX_ENABLE_X64=1) before any array is made; without it JAX computes in float32"
             )
+    if dtype == "float64" and not _float64_matmul():
+        raise ValueError(
+            f"probe_dtype='float64' is not available on the {keras.backend.backend()!r} "
+            "backend: its keras.ops.matmul computes float64 operands in float32 (Keras maps "
+            "64-bit result types to 32-bit off TensorFlow), so the pass would not follow a "
+            "gradient below float32's range; use probe_dtype=None, or the TensorFlow or JAX "
+            "backend"
+        )
     return dtype
+
+
+def _float64_matmul() -> bool:
+    """Whether ``keras.ops.matmul`` of float64 operands is float64 on this backend."""
+    one = ops.ones((1, 1), "float64")
+    return keras.backend.standardize_dtype(ops.matmul(one, one).dtype) == "float64"
 
 
 def _check_loss(model, loss):
