@@ -54,6 +54,7 @@ def test_float16_records_stay_finite_when_the_loss_scale_would_overflow(rng, pol
         assert_close(rows[-1], want[key], chain, dtype=np.float16, name=key)
 
 
+@pytest.mark.all_backends
 @pytest.mark.parametrize("name", sorted(LOW))
 def test_mixed_precision_equals_float32_on_the_same_weights(rng, policy, name):
     steps, units, batch = 4, 4, 4  # a short chain: bfloat16's bound, 2·8·√n·2⁻⁸ of the max,
