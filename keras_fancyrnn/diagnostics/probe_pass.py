@@ -449,7 +449,8 @@ def gradient_norms(model, x, y, sample_weight=None, layers=None, input_norms: bo
 def check_probe_dtype(dtype):
     """``dtype`` for the probe pass (``None``, ``"float32"`` or ``"float64"``), else a
     ValueError that says so; also where the backend cannot compute in float64 (JAX without
-    ``jax_enable_x64``, which would silently compute in float32)."""
+    ``jax_enable_x64``; Keras ops that return float32 for float64 operands: PyTorch's matmul,
+    JAX's tanh), which would silently compute in float32."""
     if dtype not in (None, "float32", "float64"):
         raise ValueError(f"probe_dtype must be None, 'float32' or 'float64', got {dtype!r}")
     if dtype == "float64" and keras.backend.backend() == "jax":
@@ -457,25 +458,31 @@ def check_probe_dtype(dtype):
 
         if not jax.config.jax_enable_x64:
             raise ValueError(
-                "probe_dtype='float64' on the JAX backend needs float64 arrays, which JAX "
-                "enables only with jax.config.update('jax_enable_x64', True) (or "
-                "JAX_ENABLE_X64=1) before any array is made; without it JAX computes in float32"
+                "probe_dtype='float64' is not available on the JAX backend without "
+                "jax_enable_x64: JAX computes float64 arrays in float32 unless "
+                "jax.config.update('jax_enable_x64', True) ran before any array was made"
             )
-    if dtype == "float64" and not _float64_matmul():
+    downcast = _float64_downcast() if dtype == "float64" else None
+    if downcast is not None:
         raise ValueError(
             f"probe_dtype='float64' is not available on the {keras.backend.backend()!r} "
-            "backend: its keras.ops.matmul computes float64 operands in float32 (Keras maps "
-            "64-bit result types to 32-bit off TensorFlow), so the pass would not follow a "
-            "gradient below float32's range; use probe_dtype=None, or the TensorFlow or JAX "
-            "backend"
+            f"backend: its keras.ops.{downcast} computes float64 operands in float32 (Keras "
+            "maps 64-bit result types to 32-bit off TensorFlow), so the pass would not follow "
+            "a gradient below float32's range; use probe_dtype=None, or the TensorFlow backend"
         )
     return dtype
 
 
-def _float64_matmul() -> bool:
-    """Whether ``keras.ops.matmul`` of float64 operands is float64 on this backend."""
+def _float64_downcast() -> str | None:
+    """The first of the operations the cells use whose result ``keras.ops`` computes in float32
+    for float64 operands on this backend; ``None`` where all keep float64."""
     one = ops.ones((1, 1), "float64")
-    return keras.backend.standardize_dtype(ops.matmul(one, one).dtype) == "float64"
+    for name in ("matmul", "tanh", "sigmoid", "add", "multiply"):
+        fn = getattr(ops, name)
+        out = fn(one, one) if name in ("matmul", "add", "multiply") else fn(one)
+        if keras.backend.standardize_dtype(out.dtype) != "float64":
+            return name
+    return None
 
 
 def _check_loss(model, loss):

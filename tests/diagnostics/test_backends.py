@@ -123,27 +123,11 @@ def test_curves_equal_finite_differences(source, kind):
     assert_matches_reference(gradient_norms(model, x, y), kind, model, x, y, mask)
 
 
-@pytest.mark.parametrize("source,kind", [("fr", "lstm"), ("keras", "gru")])
-def test_float64_probe_pass(source, kind):
-    """``probe_dtype="float64"`` runs a float64 copy of the model where the backend can (JAX
-    only with ``jax_enable_x64``, not PyTorch, whose Keras matmul casts float64 to float32;
-    otherwise a ValueError says so): the curves as in float32 (the
-    per-example losses stay float32, ``losses``, so float32's rounding bounds them), and a
-    gradient that vanishes far below float32's range (1e-45) stays positive."""
+def float64_checks(source, kind) -> None:
+    """The float64 pass's curves as in float32 (the per-example losses stay float32, ``losses``,
+    so float32's rounding bounds them), and a gradient that vanishes far below float32's range
+    (1e-45) stays positive in it."""
     model, x, y, mask = case(source, kind)
-    refusal = None
-    if keras.backend.backend() == "jax":
-        import jax
-
-        refusal = None if jax.config.jax_enable_x64 else "jax_enable_x64"
-    elif keras.backend.backend() == "torch":  # Keras's torch matmul: float64 → float32
-        refusal = "computes float64 operands in float32"
-    if refusal is not None:
-        with pytest.raises(ValueError, match=refusal):
-            gradient_norms(model, x, y, probe_dtype="float64")
-        with pytest.raises(ValueError, match=refusal):
-            GradientNormMonitor((x, y), probe_dtype="float64")
-        return
     curves = gradient_norms(model, x, y, probe_dtype="float64")
     assert curves["rnn"].dtype == np.float64
     assert_matches_reference(curves, kind, model, x, y, mask)
@@ -157,6 +141,29 @@ def test_float64_probe_pass(source, kind):
     low = gradient_norms(deep, x_deep, y)["rnn"]
     high = gradient_norms(deep, x_deep, y, probe_dtype="float64")["rnn"]
     assert low[0] == 0 and high[0] > 0 and np.all(np.diff(high) > 0)
+
+
+@pytest.mark.parametrize("source,kind", [("fr", "lstm"), ("keras", "gru")])
+def test_float64_probe_pass(source, kind):
+    """``probe_dtype="float64"`` on TensorFlow; elsewhere a ValueError says why not: JAX without
+    ``jax_enable_x64`` computes in float32, and Keras's ops on PyTorch (matmul) and on JAX
+    (tanh, even with x64) return float32 for float64 operands."""
+    if keras.backend.backend() == "tensorflow":
+        float64_checks(source, kind)
+        return
+    model, x, y, _ = case(source, kind)
+    refusal = "jax_enable_x64" if keras.backend.backend() == "jax" and not _x64() else (
+        "computes float64 operands in float32")
+    with pytest.raises(ValueError, match=refusal):
+        gradient_norms(model, x, y, probe_dtype="float64")
+    with pytest.raises(ValueError, match=refusal):
+        GradientNormMonitor((x, y), probe_dtype="float64")
+
+
+def _x64() -> bool:
+    import jax
+
+    return bool(jax.config.jax_enable_x64)
 
 
 class _Weights(keras.callbacks.Callback):
@@ -288,17 +295,19 @@ def diagnosis_case() -> list[dict]:
     return [f.as_dict() for f in monitor.summary()]
 
 
-def _tensorflow_findings() -> list[dict]:
+def _run_test_module(expression: str, **env) -> str:
+    """The last line that ``print(expression)`` (with this module imported as
+    ``test_backends``) writes in a new Python process with ``env`` set."""
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(os.path.dirname(here))
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3",
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env,
            "PYTHONPATH": os.pathsep.join([root, os.path.dirname(here), here])}
-    code = ("import json, test_backends; "
-            "print('FINDINGS' + json.dumps(test_backends.diagnosis_case()))")
+    code = f"import json, test_backends; print('RESULT' + json.dumps({expression}))"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=300, check=True)
-    line = [s for s in done.stdout.splitlines() if s.startswith("FINDINGS")][-1]
-    return json.loads(line[len("FINDINGS"):])
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = [s for s in done.stdout.splitlines() if s.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):])
 
 
 def test_diagnosis_as_on_tensorflow():
@@ -309,7 +318,7 @@ def test_diagnosis_as_on_tensorflow():
         return  # the reference itself
     if importlib.util.find_spec("tensorflow") is None:
         pytest.skip("TensorFlow is not installed: the findings are not compared with its own")
-    want = _tensorflow_findings()
+    want = _run_test_module("test_backends.diagnosis_case()", KERAS_BACKEND="tensorflow")
     assert [(f["kind"], f["series"], f["step"]) for f in found] == [
         (f["kind"], f["series"], f["step"]) for f in want]
     for got, ref in zip(found, want):
