@@ -32,12 +32,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 from collections.abc import Callable, Iterable
 
 import keras
 import numpy as np
+from keras import ops
 
-from keras_fancyrnn._tf import tf
 from keras_fancyrnn.diagnostics import reporting
 from keras_fancyrnn.diagnostics.aggregate import check_align, count_key
 from keras_fancyrnn.diagnostics.findings import Finding, diagnose
@@ -85,7 +86,7 @@ def _model_input_ranks(model) -> list[int] | None:
         return None
 
 
-def _check_batched(x, y, sample_weight, model=None) -> None:
+def _check_batched(x, y, sample_weight, model=None, where: str | None = None) -> None:
     """Raises ``ProbeDataError`` when a dataset element (or its spec) is not a batch: a component
     without a leading axis, components whose leading sizes differ, or an ``x`` with one axis fewer
     than every input of ``model``. A dataset of single examples gives such elements; without this
@@ -100,11 +101,53 @@ def _check_batched(x, y, sample_weight, model=None) -> None:
     if single:
         got = ", ".join(f"{name} {shapes[0] if len(shapes) == 1 else shapes}"
                         for name, shapes in parts.items() if shapes)
+        hint = ("call .batch(n) on it, e.g. data=dataset.batch(32)" if where is None
+                else "give whole batches")
         raise ProbeDataError(
-            "data: a tf.data.Dataset must yield batches (x of shape [batch, time, ...] and y, "
-            f"sample_weight with the same leading batch axis), but its elements look like single "
-            f"examples ({got}); call .batch(n) on it, e.g. data=dataset.batch(32)"
+            f"data: {where or 'a tf.data.Dataset'} must yield batches (x of shape [batch, time, "
+            "...] and y, sample_weight with the same leading batch axis), but its elements look "
+            f"like single examples ({got}); {hint}"
         )
+
+
+def _is_tf_dataset(data) -> bool:
+    """A ``tf.data.Dataset`` (without importing TensorFlow: none exists if it is not imported)."""
+    tensorflow = sys.modules.get("tensorflow")
+    return tensorflow is not None and isinstance(data, tensorflow.data.Dataset)
+
+
+def _as_tensor(a):
+    """``a`` as a tensor of the backend (kept as it is if it already is one)."""
+    if a is None or ops.is_tensor(a):
+        return a
+    return ops.convert_to_tensor(a)
+
+
+def _cycled(data, where: str, model_of: Callable):
+    """``next()`` of a source of batches: a ``keras.utils.PyDataset`` (indexed, cycled) or an
+    iterator / generator (which cannot restart: exhausted, it raises)."""
+    state = {"i": 0}
+
+    def from_py_dataset():
+        if len(data) == 0:
+            raise ProbeDataError(f"data: {where} is empty; it must give at least one batch")
+        element = _unpack(data[state["i"] % len(data)], where)
+        state["i"] += 1
+        _check_batched(*element, model=model_of(), where=where)
+        return element
+
+    def from_iterator():
+        try:
+            element = _unpack(next(data), where)
+        except StopIteration:
+            raise ProbeDataError(
+                f"data: {where} is exhausted (a generator cannot start again); pass one that "
+                "never ends, a keras.utils.PyDataset, or a callable that returns a batch"
+            ) from None
+        _check_batched(*element, model=model_of(), where=where)
+        return element
+
+    return from_py_dataset if isinstance(data, keras.utils.PyDataset) else from_iterator
 
 
 def _positive_int_or_none(name, value):
@@ -262,7 +305,7 @@ class GradientNormMonitor(keras.callbacks.Callback):
 
     # -- data ------------------------------------------------------------------------------
     def _make_source(self, data):
-        if isinstance(data, tf.data.Dataset):
+        if _is_tf_dataset(data):
             self._dataset_spec = _unpack(data.element_spec, "the dataset")
             _check_batched(*self._dataset_spec)
             self._static_batch = _leading_size(self._dataset_spec[0])
@@ -282,22 +325,24 @@ class GradientNormMonitor(keras.callbacks.Callback):
                 raise ProbeDataError("data: the dataset is empty; it must yield at least one batch")
 
             return from_dataset
+        if isinstance(data, keras.utils.PyDataset):
+            return _cycled(data, "the PyDataset", lambda: self._model)
+        if hasattr(data, "__next__"):
+            return _cycled(data, "the generator", lambda: self._model)
         if callable(data) and not isinstance(data, (tuple, list)):
             return lambda: _unpack(data(), "the callable")
         if isinstance(data, (tuple, list)):
             x, y, sw = _unpack(data, "data")
             from keras import tree
 
-            def to_tensor(a):
-                return a if a is None else tf.convert_to_tensor(a)
-
-            fixed = (tree.map_structure(to_tensor, x), tree.map_structure(to_tensor, y),
-                     None if sw is None else tree.map_structure(to_tensor, sw))
+            fixed = (tree.map_structure(_as_tensor, x), tree.map_structure(_as_tensor, y),
+                     None if sw is None else tree.map_structure(_as_tensor, sw))
             self._static_batch = _leading_size(fixed[0])
             return lambda: fixed
         raise ProbeDataError(
-            "data must be a tuple (x, y) or (x, y, sample_weight), a tf.data.Dataset of such "
-            f"batches, or a callable returning one, got {type(data).__name__}"
+            "data must be a tuple (x, y) or (x, y, sample_weight), a tf.data.Dataset, "
+            "keras.utils.PyDataset or generator of such batches, or a callable returning one, "
+            f"got {type(data).__name__}"
         )
 
     # -- recording -------------------------------------------------------------------------
@@ -331,7 +376,7 @@ class GradientNormMonitor(keras.callbacks.Callback):
             getattr(t.layer, "compute_dtype", "float32") == "float16" for t in self._probe.targets
         ):
             return 1.0
-        return float(np.asarray(scale))
+        return float(ops.convert_to_numpy(scale))
 
     def compute(self, x, y, sample_weight=None) -> dict[str, np.ndarray]:
         """The curves for one batch, without recording them."""
@@ -455,7 +500,7 @@ class GradientNormMonitor(keras.callbacks.Callback):
         iterations = getattr(optimizer, "iterations", None)
         if iterations is not None:
             with contextlib.suppress(TypeError, ValueError):
-                self._global_step = int(np.asarray(iterations))
+                self._global_step = int(ops.convert_to_numpy(iterations))
         self._batches_in_epoch = 0
         if self.record_at_train_begin:
             self.record()

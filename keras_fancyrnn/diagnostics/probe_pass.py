@@ -11,11 +11,13 @@ and the steps its mask leaves valid; ``aggregate`` turns them into curves and co
 here: the checks of the probe data (batch shapes, stateful layers' batch size, a compiled loss)
 and the model state a pass restores.
 
-The probe pass runs the model with ``training=False`` inside its own ``tf.function`` (no XLA,
-whatever the model was compiled with); it does not touch the optimizer or the metrics and restores
-every non-trainable model variable (BatchNorm statistics, dropout ``SeedGenerator`` states) and
-the states of stateful layers afterwards, so training is bit-identical with and without the
-monitor. It is traced once per input signature with the batch size left unknown.
+The probe pass runs the model with ``training=False`` inside its own compiled function (on
+TensorFlow a ``tf.function`` without XLA, whatever the model was compiled with; on JAX
+``jax.jit``; eager on PyTorch: ``autodiff``); it does not touch the optimizer or the metrics and
+restores every non-trainable model variable (BatchNorm statistics, dropout ``SeedGenerator``
+states) and the states of stateful layers afterwards (on JAX and PyTorch it reads the variables
+inside a ``keras.StatelessScope``, which discards what it writes), so training is bit-identical
+with and without the monitor.
 
 Under ``mixed_float16`` each ∂ℓ_i/∂h is scaled, before the backward pass, by the
 ``LossScaleOptimizer``'s current scale over the batch size (the factor of Keras's own scaled mean
@@ -35,8 +37,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_fancyrnn._tf import tf
-from keras_fancyrnn.diagnostics import probe_model
+from keras_fancyrnn.diagnostics import autodiff, probe_model
 from keras_fancyrnn.diagnostics.aggregate import Measurement, check_align
 from keras_fancyrnn.diagnostics.losses import (
     _COMPILE_LOSS_ATTR,
@@ -47,18 +48,30 @@ from keras_fancyrnn.engine import probes
 from keras_fancyrnn.errors import LayerSelectionError, ProbeDataError
 
 
-def _as_tensor(a):
-    return a if a is None or isinstance(a, tf.Tensor) else tf.convert_to_tensor(a)
+def _rank(t) -> int | None:
+    shape = t.shape
+    return None if getattr(shape, "rank", 0) is None else len(shape)
+
+
+def _data_errors() -> tuple:
+    """The errors that a probe batch which does not fit the model raises, on this backend."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        from keras_fancyrnn._tf import tf
+
+        return (tf.errors.InvalidArgumentError,)
+    return (RuntimeError,) if backend == "torch" else ()
 
 
 def _input_error(name: str, sequences, errors: list) -> bool:
     """Records (in ``errors``) why the input of the layer ``name`` has no input series, if it has
     none."""
-    if sequences.shape.rank is not None and sequences.shape.rank < 3:
+    if _rank(sequences) is not None and _rank(sequences) < 3:
         errors.append(f"layers: {name!r} does not take a sequence [batch, time, ...]: its "
                       f"input has shape {tuple(sequences.shape)}")
-    elif not sequences.dtype.is_floating:
-        errors.append(f"layers: the input of {name!r} is {sequences.dtype.name}, not a "
+    elif "float" not in keras.backend.standardize_dtype(sequences.dtype):
+        errors.append(f"layers: the input of {name!r} is "
+                      f"{keras.backend.standardize_dtype(sequences.dtype)}, not a "
                       "float sequence, so it has no gradient; select a later layer")
     else:
         return False
@@ -85,15 +98,14 @@ class ProbePass:
         self.loss = loss
         self.align = check_align(align)  # how curves of padded batches line up (aggregate)
         check_probe_dtype(dtype)
-        self._dtype = tf.float64 if dtype == "float64" else tf.float32
+        self._dtype = "float64" if dtype == "float64" else "float32"
         self._probe_dtype = dtype if dtype == "float64" else None
         self._plan: probe_model.Plan | None = None  # made once the model is built
         self._kernel_keys = {f"{t.key}/recurrent_kernel" for t in targets if t.kernel and t.states}
         # tanh SimpleRNNs (fr's, or Keras's run as fr layers in the probe model): the hidden
         # states, for the fraction of saturated units (aggregate); known once the plan is made
         self._saturation: set = set()
-        self._fn = tf.function(self._pass, jit_compile=False)
-        self._concrete: dict = {}  # one trace per input signature, batch size left unknown
+        self._run = autodiff.compile_pass(self._pass, self._variables)
         self._checked = False
         self._trace_errors: list[str] = []  # found while tracing; raised eagerly, every call
 
@@ -108,11 +120,9 @@ class ProbePass:
         if not self._checked:
             self._prepare(x, y, sample_weight)
         try:
-            args = tf.nest.map_structure(_as_tensor, (x, y, sample_weight))
             self._plan.sync()
-            out, masks, kernels, saturated = self._scaled(self._concrete_for(args), args,
-                                                          loss_scale)
-        except (ValueError, TypeError, KeyError, IndexError, tf.errors.InvalidArgumentError) as e:
+            out, masks, kernels, saturated = self._scaled((x, y, sample_weight), loss_scale)
+        except (ValueError, TypeError, KeyError, IndexError, *_data_errors()) as e:
             if self._checked:
                 raise
             raise ProbeDataError(
@@ -129,10 +139,11 @@ class ProbePass:
                 "forward pass"
             )
         self._checked = True
-        return Measurement({k: out[k].numpy() for k in order},
-                           {k: m.numpy() for k, m in masks.items()}, self._owners(),
-                           {k: v.numpy() for k, v in kernels.items()},
-                           {k: v.numpy() for k, v in saturated.items()})
+        numpy = ops.convert_to_numpy
+        return Measurement({k: numpy(out[k]) for k in order},
+                           {k: numpy(m) for k, m in masks.items()}, self._owners(),
+                           {k: numpy(v) for k, v in kernels.items()},
+                           {k: numpy(v) for k, v in saturated.items()})
 
     def _owners(self) -> dict[str, str]:
         """``{series key: layer key}``: whose mask applies to a series (an input series is its
@@ -144,35 +155,32 @@ class ProbePass:
             owners.update({k: k[: -len("/input")] for k in keys})
         return owners
 
-    def _scaled(self, fn, args, loss_scale: float) -> tuple:
+    def _scaled(self, args, loss_scale: float) -> tuple:
         """The pass under a float16 loss scale (``loss_scale`` != 1): each ∂ℓ_i/∂h is scaled by
         ``loss_scale / B``, the factor of Keras's scaled *mean* loss in training, and by half as
         much again while any value overflows float16 (the scale of an overflowing training step
         is halved too), so every record is finite where a float32 pass's is."""
         if loss_scale == 1.0 or self._probe_dtype is not None:
-            return fn(*args, tf.constant(1.0, tf.float32))
+            return self._run(args, 1.0)
         factor = float(loss_scale) / max(_leading_size(args[0]) or 1, 1)
         for _ in range(_MAX_HALVINGS):
-            out = fn(*args, tf.constant(factor, tf.float32))
-            if all(np.all(np.isfinite(v.numpy())) for v in out[0].values()):
+            out = self._run(args, factor)
+            if all(np.all(np.isfinite(ops.convert_to_numpy(v))) for v in out[0].values()):
                 break
             factor /= 2.0
         return out
 
     # -- internals -------------------------------------------------------------------------
-    def _concrete_for(self, args):
-        """The traced pass for these argument shapes with the batch dimension unknown: one trace
-        serves every probe batch size (and a batch of unknown size is what Keras's own training
-        step sees, so the layers run the code path they run in fit)."""
-        specs = tf.nest.map_structure(
-            lambda t: None if t is None else tf.TensorSpec((None, *t.shape[1:]), t.dtype), args
-        )
-        key = repr(specs)
-        if key not in self._concrete:
-            self._concrete[key] = self._fn.get_concrete_function(
-                *specs, tf.TensorSpec((), tf.float32)
-            )
-        return self._concrete[key]
+    def _variables(self) -> list:
+        """Every variable the pass may read (the model's, the probe model's, stateful layers'
+        states), in a stable order: what ``autodiff.compile_pass`` passes in on JAX / PyTorch."""
+        models = [self.model] + ([self._plan.model] if self._plan is not None else [])
+        out, seen = [], set()
+        for v in [v for m in models for v in m.variables] + _mutable_state(*models):
+            if id(v) not in seen:
+                seen.add(id(v))
+                out.append(v)
+        return out
 
     def _prepare(self, x, y, sample_weight):
         """Eager checks and builds before the first trace (so nothing is built inside it)."""
@@ -190,7 +198,7 @@ class ProbePass:
         )
         if not self.model.built or need_loss_build:
             state = _mutable_state(self.model) if self.model.built else []
-            snapshot = [tf.identity(v.value) for v in state]
+            snapshot = [ops.copy(v.value) for v in state]
             try:
                 y_pred = self.model(x, training=False)
                 for v, value in zip(state, snapshot):
@@ -211,14 +219,21 @@ class ProbePass:
             return ops.cast(losses, "float32")
         return _compiled_per_example_losses(self.model, y, y_pred, sample_weight)
 
-    def _requests(self, tape, collected: dict, masks: dict, sinks: dict) -> dict:
+    def _requests(self, source, collected: dict, masks: dict, sinks: dict) -> dict:
         """A probe request (``keras_fancyrnn.engine.probes``) for every layer of the plan: zero
-        probes shaped like its input (after its cast to the compute dtype), watched on ``tape``
-        and recorded in ``collected`` (``key -> [probe tensors]``), the layer's mask in
-        ``masks`` (``layer key -> mask``), a list for its hidden states in ``sinks`` (tanh
-        SimpleRNNs, for saturation); none for the second call of a shared layer."""
+        probes shaped like its input (after its cast to the compute dtype), taken from ``source``
+        (``autodiff.ProbeSource``) and recorded in ``collected`` (``key -> [probe indices]``),
+        the layer's mask in ``masks`` (``layer key -> mask``), a list for its hidden states in
+        ``sinks`` (tanh SimpleRNNs, for saturation); none for the second call of a shared
+        layer."""
         plan, errors = self._plan, self._trace_errors
         done: set = set()
+
+        def probe(keys, shape, dtype):  # one probe, its gradient added to each key's series
+            index = source.zeros(shape, dtype)
+            for key in keys:
+                collected.setdefault(key, []).append(index)
+            return source.made[index]
 
         def request(layer, sequences, mask):
             if id(layer) in done:
@@ -232,70 +247,71 @@ class ProbePass:
                     masks[owner] = mask
             if input_keys and _input_error(input_keys[0][: -len("/input")], sequences, errors):
                 input_keys = []
+            shape = ops.shape(sequences)
             if input_keys:
-                made["input"] = tf.zeros_like(sequences)
-                for key in input_keys:
-                    collected.setdefault(key, []).append(made["input"])
+                made["input"] = probe(input_keys, shape, sequences.dtype)
             if state_keys:
-                owner = state_keys[0]
+                owner, dtype = state_keys[0], layer.cell.compute_dtype
                 if owner in self._saturation:
                     made["states_out"] = sinks[owner] = []
                 if f"{owner}/recurrent_kernel" in self._kernel_keys:  # E_t, added at step t only
-                    kernel = layer.cell.recurrent_kernel
-                    made["recurrent_kernel"] = tf.zeros(
-                        [tf.shape(sequences)[1], *kernel.shape], dtype=layer.cell.compute_dtype)
-                    collected[f"{owner}/recurrent_kernel"] = [made["recurrent_kernel"]]
-                shape = tf.shape(sequences)
-                batch = sequences.shape[0] if sequences.shape[0] is not None else shape[0]
-                steps = sequences.shape[1] if sequences.shape[1] is not None else shape[1]
+                    made["recurrent_kernel"] = probe(
+                        [f"{owner}/recurrent_kernel"],
+                        (shape[1], *layer.cell.recurrent_kernel.shape), dtype)
                 sizes = layer.cell.state_size
                 sizes = list(sizes) if isinstance(sizes, (list, tuple)) else [sizes]
                 for i, (key, size) in enumerate(zip(state_keys, sizes)):
-                    made[i] = tf.zeros([batch, steps, size], dtype=layer.cell.compute_dtype)
-                    collected[key] = [made[i]]
-            tape.watch(list(made.values()))
+                    made[i] = probe([key], (shape[0], shape[1], size), dtype)
             return made
 
         layers = {id(a): a for a, _ in (*plan.inputs.values(), *plan.states.values())}
         return {layer: request for layer in layers.values()}
 
     def _pass(self, x, y, sample_weight, loss_scale):
-        state = _mutable_state(self.model, self._plan.model)
-        snapshot = [tf.identity(v.value) for v in state]
+        """The pass (``autodiff.compile_pass`` compiles it): the per-example norms ``[B, T]``
+        of every series, the layers' masks, the kernel terms and the saturated fractions."""
+        tensorflow = keras.backend.backend() == "tensorflow"  # elsewhere a StatelessScope
+        state = _mutable_state(self.model, self._plan.model) if tensorflow else []
+        snapshot = [ops.copy(v.value) for v in state]
         collected: dict = {}
-        masks: dict = {}
-        sinks: dict = {}
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            with probes.scope(self._requests(tape, collected, masks, sinks)):
+        scale = ops.cast(loss_scale, self._dtype)
+
+        def forward(source):
+            collected.clear()
+            masks, sinks = {}, {}
+            with probes.scope(self._requests(source, collected, masks, sinks)):
                 y_pred = self._plan.model(x, training=False)
-            losses = tf.cast(self._losses(y, y_pred, sample_weight), self._dtype)
+            losses = ops.cast(self._losses(y, y_pred, sample_weight), self._dtype)
             # ∂ℓ_i/∂h scaled by `loss_scale` (float16: kept inside its range; see measure)
-            total = tf.reduce_sum(losses) * tf.cast(loss_scale, self._dtype)
+            total = ops.sum(losses) * scale
+            saturated = {k: ops.mean(ops.cast(ops.abs(ops.cast(v[0], "float32")) > SATURATED,
+                                              "float32"), axis=-1)
+                         for k, v in sinks.items() if v}  # [B, T]: the fraction of units
+            return total, ({k: ops.cast(m, "bool") for k, m in masks.items()}, saturated)
+
+        grads, (masks, saturated) = autodiff.gradients(forward)
         for v, s in zip(state, snapshot):  # BatchNorm stats, RNN states, seed generators
             v.assign(s)
-        keys = list(collected)
-        grads = tape.gradient(total, [collected[k] for k in keys],
-                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
         curves, kernels = {}, {}
-        for k, parts in zip(keys, grads):
-            g = tf.add_n([tf.cast(p, self._dtype) for p in parts])  # a wrapper's two directions
-            g = g / tf.cast(loss_scale, self._dtype)
+        for k, indices in collected.items():
+            # a wrapper's two directions
+            g = sum(ops.cast(grads[i], self._dtype) for i in indices) / scale
             if k in self._kernel_keys:  # [T, H, P]: step t's term of the kernel's gradient
                 kernels[k] = g
-                continue
-            axes = list(range(2, g.shape.rank))
-            if axes:  # scaled by the max, so that norms below ~1e-19 do not underflow to 0
-                m = tf.reduce_max(tf.abs(g), axis=axes, keepdims=True)
-                safe = tf.where(m > 0, m, tf.ones_like(m))
-                norms = tf.squeeze(m, axes) * tf.sqrt(
-                    tf.reduce_sum(tf.square(g / safe), axis=axes))
             else:
-                norms = tf.abs(g)
-            curves[k] = norms  # [B, T]: aggregate averages over the valid steps
-        saturated = {k: tf.reduce_mean(tf.cast(tf.abs(tf.cast(v[0], tf.float32)) > SATURATED,
-                                               tf.float32), axis=-1)
-                     for k, v in sinks.items() if v}  # [B, T]: the fraction of units
-        return curves, {k: tf.cast(m, tf.bool) for k, m in masks.items()}, kernels, saturated
+                curves[k] = _step_norms(g)  # [B, T]: aggregate averages over the valid steps
+        return curves, masks, kernels, saturated
+
+
+def _step_norms(g):
+    """``‖g[b, t]‖₂`` ``[B, T]``, scaled by the max so that norms below ~1e-19 do not underflow
+    to 0 when squared."""
+    axes = tuple(range(2, len(g.shape)))
+    if not axes:
+        return ops.abs(g)
+    m = ops.max(ops.abs(g), axis=axes, keepdims=True)
+    safe = ops.where(m > 0, m, ops.ones_like(m))
+    return ops.max(ops.abs(g), axis=axes) * ops.sqrt(ops.sum(ops.square(g / safe), axis=axes))
 
 
 #: A tanh unit with ``|h| > SATURATED`` passes less than ``1 - SATURATED² ≈ 2 %`` of the
@@ -366,7 +382,7 @@ def _shapes(structure) -> list[tuple]:
         if a is None:
             continue
         shape = a.shape if hasattr(a, "shape") else np.shape(a)
-        if isinstance(shape, tf.TensorShape):
+        if hasattr(shape, "as_list"):  # a tf.TensorShape
             if shape.rank is None:
                 continue
             shape = shape.as_list()
@@ -420,7 +436,7 @@ def gradient_norms(model, x, y, sample_weight=None, layers=None, input_norms: bo
     ``kernel_norms=True`` adds ``<layer>/recurrent_kernel`` for fr layers (``targets``).
     ``probe_dtype="float64"``: the pass runs a float64 copy of the model
     (``GradientNormMonitor``'s argument of that name). ``model`` must be compiled with a loss
-    unless ``loss(y_true, y_pred) -> [batch]`` is given. Builds a new ``tf.function`` each call;
+    unless ``loss(y_true, y_pred) -> [batch]`` is given. Compiles a new pass each call;
     for repeated use keep a ``ProbePass`` or use the monitor.
     """
     _check_loss(model, loss)
@@ -432,10 +448,41 @@ def gradient_norms(model, x, y, sample_weight=None, layers=None, input_norms: bo
 
 def check_probe_dtype(dtype):
     """``dtype`` for the probe pass (``None``, ``"float32"`` or ``"float64"``), else a
-    ValueError that says so."""
+    ValueError that says so; also where the backend cannot compute in float64 (JAX without
+    ``jax_enable_x64``; Keras ops that return float32 for float64 operands: PyTorch's matmul,
+    JAX's tanh), which would silently compute in float32."""
     if dtype not in (None, "float32", "float64"):
         raise ValueError(f"probe_dtype must be None, 'float32' or 'float64', got {dtype!r}")
+    if dtype == "float64" and keras.backend.backend() == "jax":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            raise ValueError(
+                "probe_dtype='float64' is not available on the JAX backend without "
+                "jax_enable_x64: JAX computes float64 arrays in float32 unless "
+                "jax.config.update('jax_enable_x64', True) ran before any array was made"
+            )
+    downcast = _float64_downcast() if dtype == "float64" else None
+    if downcast is not None:
+        raise ValueError(
+            f"probe_dtype='float64' is not available on the {keras.backend.backend()!r} "
+            f"backend: its keras.ops.{downcast} computes float64 operands in float32 (Keras "
+            "maps 64-bit result types to 32-bit off TensorFlow), so the pass would not follow "
+            "a gradient below float32's range; use probe_dtype=None, or the TensorFlow backend"
+        )
     return dtype
+
+
+def _float64_downcast() -> str | None:
+    """The first of the operations the cells use whose result ``keras.ops`` computes in float32
+    for float64 operands on this backend; ``None`` where all keep float64."""
+    one = ops.ones((1, 1), "float64")
+    for name in ("matmul", "tanh", "sigmoid", "add", "multiply"):
+        fn = getattr(ops, name)
+        out = fn(one, one) if name in ("matmul", "add", "multiply") else fn(one)
+        if keras.backend.standardize_dtype(out.dtype) != "float64":
+            return name
+    return None
 
 
 def _check_loss(model, loss):

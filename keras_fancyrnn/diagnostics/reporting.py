@@ -201,6 +201,14 @@ class TensorBoardWriter:
     def __init__(self, log_dir: str, images: bool = True):
         if not isinstance(log_dir, (str, os.PathLike)):
             raise ValueError(f"log_dir must be a directory path, got {log_dir!r}")
+        import importlib.util
+
+        if importlib.util.find_spec("tensorflow") is None:  # found without importing it
+            raise ImportError(
+                "log_dir: TensorBoard event files are written with TensorFlow's summary writer, "
+                "and TensorFlow is not installed; install it (`pip install tensorflow-cpu`), or "
+                "record with csv_path= / npz_path= instead"
+            )
         self.log_dir = os.path.join(os.fspath(log_dir), "gradient_norms")
         self.images = images
         self._writer = None

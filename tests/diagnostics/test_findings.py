@@ -91,6 +91,7 @@ def _record(curves, scalars):
     return curves, scalars, np.arange(n)
 
 
+@pytest.mark.all_backends
 def test_rules_on_hand_made_curves():
     """Curves g_t = exp(rate * t) over T = 50 steps: ratio exp(-49 rate). The per-record scalars are
     those the monitor computes (ratio_first_last, decay_rate of the same curve)."""
@@ -140,6 +141,7 @@ def test_rules_on_hand_made_curves():
     assert zero[0].evidence == {"clip_rate": 0.9, "clip_factor": 45.0}
 
 
+@pytest.mark.all_backends
 def test_a_finding_as_dict_is_plain_data():
     f = findings.Finding("vanishing", "rnn", 3, {"grad_ratio": 1e-5}, ("use an LSTM",), "text")
     assert f.as_dict() == {"kind": "vanishing", "series": "rnn", "step": 3,
@@ -147,11 +149,13 @@ def test_a_finding_as_dict_is_plain_data():
                            "text": "text"}
 
 
+@pytest.mark.all_backends
 def test_summary_is_empty_before_a_record():
     monitor = fr.GradientNormMonitor((np.zeros((2, 3, 1)), np.zeros((2, 1))))
     assert monitor.summary() == []
 
 
+@pytest.mark.all_backends
 @pytest.mark.parametrize("bad", [{"grad_norm": "x"}, [1.0]])
 def test_clip_stats_must_be_a_mapping_of_numbers(bad):
     from keras_fancyrnn.diagnostics.series import clip_scalars
@@ -184,6 +188,7 @@ def _numpy_tanh_states(x, W, U, b, mask=None):
     return np.stack(out, 1)
 
 
+@pytest.mark.all_backends
 @pytest.mark.parametrize("rnn_class", [fr.SimpleRNN, keras.layers.SimpleRNN])
 @pytest.mark.parametrize("scale,saturated", [(0.3, False), (30.0, True)])
 @pytest.mark.parametrize("padded", [False, True])
@@ -228,6 +233,7 @@ def test_saturation_of_a_tanh_rnn_against_numpy_states(scale, saturated, padded,
     assert "rnn/saturation" not in monitor.history  # a scalar, not a curve
 
 
+@pytest.mark.all_backends
 def test_a_vanishing_finding_without_a_reach_in_the_latest_curve_says_nothing_of_it():
     """The per-example ratio can flag a curve whose mean never leaves the band (no reach)."""
     found = findings.diagnose({"r": np.full((1, 10), 0.5)},

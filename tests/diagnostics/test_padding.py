@@ -21,6 +21,8 @@ from keras_fancyrnn.diagnostics import GradientNormMonitor, gradient_norms
 from keras_fancyrnn.diagnostics.aggregate import per_example_scalars
 from keras_fancyrnn.diagnostics.series import decay_rate, ratio_first_last
 
+pytestmark = pytest.mark.all_backends
+
 T, D, H = 6, 3, 4
 LENGTHS = [3, 6, 2, 5]
 RTOL = 1e-5  # float32 rounding of the same arithmetic in a different batch

@@ -30,7 +30,11 @@ def policy():
     keras.mixed_precision.set_global_policy("float32")
 
 
-def test_float16_records_stay_finite_when_the_loss_scale_would_overflow(rng, policy):
+@pytest.mark.parametrize("clipping", [
+    True,  # ClippingOptimizer: TensorFlow here (its other backends are tested in tests/optim)
+    pytest.param(False, marks=pytest.mark.all_backends),  # Keras's LossScaleOptimizer alone
+])
+def test_float16_records_stay_finite_when_the_loss_scale_would_overflow(rng, policy, clipping):
     """The issue's run: fr.LSTM(32), T=50, ClippingOptimizer(Adam(1e-2)), a record every 8 steps.
     Large targets make ∂ℓ_i/∂h_t large: times the loss scale (32768 at first, lowered by
     training's own overflows) that is past float16's 65504 (the records at steps 8 and 16 were
@@ -40,7 +44,8 @@ def test_float16_records_stay_finite_when_the_loss_scale_would_overflow(rng, pol
     y = 30 * rng.normal(0, 1, (64, OUT)).astype("float32")
     policy("mixed_float16")
     keras.utils.set_random_seed(0)
-    model = lstm_model(units, steps, fr.ClippingOptimizer(keras.optimizers.Adam(1e-2)))
+    optimizer = keras.optimizers.Adam(1e-2)
+    model = lstm_model(units, steps, fr.ClippingOptimizer(optimizer) if clipping else optimizer)
     monitor = GradientNormMonitor((x[:8], y[:8]), every_n_batches=8)
     model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[monitor])
     policy("float32")
@@ -54,6 +59,7 @@ def test_float16_records_stay_finite_when_the_loss_scale_would_overflow(rng, pol
         assert_close(rows[-1], want[key], chain, dtype=np.float16, name=key)
 
 
+@pytest.mark.all_backends
 @pytest.mark.parametrize("name", sorted(LOW))
 def test_mixed_precision_equals_float32_on_the_same_weights(rng, policy, name):
     steps, units, batch = 4, 4, 4  # a short chain: bfloat16's bound, 2·8·√n·2⁻⁸ of the max,
