@@ -93,13 +93,16 @@ def fit_log_entries(scalars: dict[str, float], targets, mode) -> dict[str, float
 def _clipping_stats(optimizer) -> dict[str, float]:
     """``ClippingOptimizer.stats()`` as ``clip/<name>``, found through wrappers such as Keras's
     ``LossScaleOptimizer`` (``inner_optimizer``); ``{}`` for other optimizers and before the
-    optimizer is built (it has no statistics then)."""
+    optimizer's first step (it has no statistics then)."""
     inner = optimizer
     while inner is not None and not isinstance(inner, ClippingOptimizer):
         inner = getattr(inner, "inner_optimizer", None)
     if inner is None or not inner.built:
         return {}
-    return clip_scalars(inner.stats())
+    stats = inner.stats()
+    if stats.get("applied_steps", 0) + stats.get("skipped_steps", 0) == 0:
+        return {}  # no step yet (JAX and torch build the optimizer before the first one)
+    return clip_scalars(stats)
 
 
 def clip_scalars(stats) -> dict[str, float]:

@@ -60,6 +60,7 @@ def test_adding_problem_tanh_rnn_vanishes_and_a_trained_lstm_does_not(caplog):
     assert any(f"ChronoBias({T_ADD})" in r for r in first[0].remedies)
 
 
+@pytest.mark.all_backends
 def test_large_init_rnn_of_the_exploding_example_is_flagged_exploding():
     length, units, gain = 30, 32, 2.5  # examples/exploding_gradients.py's defaults
     rng = np.random.default_rng(0)
