@@ -145,8 +145,9 @@ def _defined_flags(script: Path) -> set[str]:
 def _benchmarks_run_by_tests() -> set[str]:
     sys.path.insert(0, str(Path(__file__).parent))
     import test_benchmarks
+    import test_gpu_check
 
-    return set(test_benchmarks.TINY)
+    return set(test_benchmarks.TINY) | {test_gpu_check.SCRIPT.name}
 
 
 def _examples_run_by_tests() -> set[str]:
