@@ -345,10 +345,39 @@ def test_train_on_batch_equals_keras():
         assert_close(a - w, b - w, CHAIN["lstm"], name=f"update of weight {i}")
 
 
-def test_explain_names_the_scan_path_off_tensorflow():
+#: The path each layer of every_layer_model takes off TensorFlow (PyTorch runs LSTM and GRU with
+#: its equations, no mask and no truncation in its own kernel; JAX runs the keras.ops loop).
+TORCH_PATHS = ["torch_rnn", "torch_rnn", "torch_rnn", "scan", "scan", "scan", "torch_rnn"]
+
+
+def test_explain_names_the_paths():
     model = every_layer_model()
     plans = fr.explain(model, data(B, T, D))
+    backend = keras.config.backend()
+    expected = {"torch": TORCH_PATHS, "jax": ["scan"] * 7}.get(backend)
     assert len(plans) == 7  # two directions, two stacked, three more
-    expected = "scan" if keras.config.backend() != "tensorflow" else None
-    for plan in plans:
-        assert plan.path == expected if expected else plan.path != "scan", str(plan)
+    for plan, path in zip(plans, expected or [None] * 7):
+        assert plan.path == path if expected else plan.path not in ("scan", "torch_rnn"), plan
+    if backend == "torch":
+        assert "reset_after=False" in plans[3].reason
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_fused_path_equals_keras_and_the_loop(kind):
+    """The fastest path of each backend for LSTM/GRU (PyTorch's kernel on torch; the
+    sequence kernel on TensorFlow's CPU) against Keras and against the engine's loop
+    (fused_on_cpu=False), with initial states, go_backwards and return_state."""
+    ref, ours = pair(kind, return_sequences=True, return_state=True, go_backwards=True)
+    states = [data(B, H, seed=5 + i) for i in range(2 if kind == "lstm" else 1)]
+    inputs = [data(B, T, D), *states]
+    with fr.config.scope(fused_on_cpu=False):
+        loop_out, loop_grads = layer_grads(_WithState(ours), inputs)
+        loop_path = fr.explain(ours, inputs[0])[0].path
+    fast = fr.explain(ours, inputs[0])[0].path
+    if keras.config.backend() == "torch":
+        assert (fast, loop_path) == ("torch_rnn", "scan")
+    out, grads = layer_grads(_WithState(ours), inputs)
+    want_out, want_grads = layer_grads(_WithState(ref), inputs)
+    for got, loop, want in zip(out + grads, loop_out + loop_grads, want_out + want_grads):
+        assert_close(got, want, CHAIN[kind])
+        assert_close(got, loop, CHAIN[kind])
