@@ -28,6 +28,27 @@ B, T, D, H = 6, 7, 4, 5
 CHAIN = {kind: rounding_chain(T, B, D, H, gates=spec[4]) for kind, spec in KINDS.items()}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _full_float32():
+    """float32 products in full float32 on GPUs, as the tolerances assume: JAX's default GPU
+    precision and cuDNN's TF32 round the factors to 10-bit mantissas (no effect on a CPU)."""
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        with jax.default_matmul_precision("highest"):
+            yield
+    elif backend == "torch":
+        import torch
+
+        previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        yield
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+    else:
+        yield
+
+
 def data(*shape, seed=0):
     return np.random.default_rng(seed).normal(size=shape).astype("float32")
 
