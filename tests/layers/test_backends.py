@@ -383,12 +383,13 @@ def test_explain_names_the_paths():
         assert "reset_after=False" in plans[3].reason
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_fused_path_equals_keras_and_the_loop(kind):
+@pytest.mark.parametrize("kind,use_bias", [("lstm", True), ("gru", True), ("gru", False)])
+def test_fused_path_equals_keras_and_the_loop(kind, use_bias):
     """The fastest path of each backend for LSTM/GRU (PyTorch's kernel on torch; the
     sequence kernel on TensorFlow's CPU) against Keras and against the engine's loop
     (fused_on_cpu=False), with initial states, go_backwards and return_state."""
-    ref, ours = pair(kind, return_sequences=True, return_state=True, go_backwards=True)
+    ref, ours = pair(kind, return_sequences=True, return_state=True, go_backwards=True,
+                     use_bias=use_bias)
     states = [data(B, H, seed=5 + i) for i in range(2 if kind == "lstm" else 1)]
     inputs = [data(B, T, D), *states]
     with fr.config.scope(fused_on_cpu=False):
