@@ -40,8 +40,9 @@ def keras_runner(layer_cls, cell, batch, steps, dim, units, train, jit, masked=F
                               keras.layers.Dense(1)])
     model.compile(keras.optimizers.Adam(1e-3), "mse", jit_compile={"on": True, "off": False}.get(
         jit, "auto"))
-    xs = [tf.constant(x[i * batch:(i + 1) * batch]) for i in range(pool)]
-    ys = [tf.constant(y[i * batch:(i + 1) * batch]) for i in range(pool)]
+    # tensors of the backend (on TensorFlow: constants), converted once, outside the timing
+    xs = [keras.ops.convert_to_tensor(x[i * batch:(i + 1) * batch]) for i in range(pool)]
+    ys = [keras.ops.convert_to_tensor(y[i * batch:(i + 1) * batch]) for i in range(pool)]
 
     # train_on_batch / predict_on_batch: one compiled step per call, without fit()'s per-call
     # set-up (data adapter, callbacks), which would dilute the layers' difference.

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import platform
 import time
 
 import numpy as np
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        line = ""
+    return line.partition(":")[2].strip() or platform.processor() or platform.machine()
 
 
 def time_alternating(runners, repeats: int, steps: int, round_seconds: float = 0.0):

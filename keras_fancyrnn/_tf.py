@@ -10,16 +10,22 @@ import importlib
 import types
 
 
+def require(feature: str):
+    """The ``tensorflow`` module, or an ImportError that names ``feature`` and how to install
+    TensorFlow (raised before a TensorFlow-only feature starts work)."""
+    try:
+        return importlib.import_module("tensorflow")
+    except ImportError as err:
+        raise ImportError(
+            f"{feature} needs TensorFlow, which is not installed. Install it with the package: "
+            "`pip install keras_fancyrnn[cpu]` (CPU) or `pip install keras_fancyrnn[gpu]` "
+            "(NVIDIA GPU)."
+        ) from err
+
+
 class _TensorFlow(types.ModuleType):
     def __getattr__(self, name):
-        try:
-            module = importlib.import_module("tensorflow")
-        except ImportError as err:  # pragma: no cover - exercised only without TensorFlow
-            raise ImportError(
-                f"this feature of keras_fancyrnn (tf.{name}) needs TensorFlow. Install it with "
-                "the package: `pip install keras_fancyrnn[cpu]` (CPU) or "
-                "`pip install keras_fancyrnn[gpu]` (NVIDIA GPU)."
-            ) from err
+        module = require(f"this feature of keras_fancyrnn (tf.{name})")
         value = getattr(module, name)
         setattr(self, name, value)  # read from the instance from now on
         return value
@@ -27,4 +33,4 @@ class _TensorFlow(types.ModuleType):
 
 tf = _TensorFlow("tensorflow")
 
-__all__ = ["tf"]
+__all__ = ["require", "tf"]

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 
 import keras
 
+from keras_fancyrnn import _tf
 from keras_fancyrnn._tf import tf
 from keras_fancyrnn.engine import dispatch
 
@@ -198,6 +199,7 @@ def export_saved_model(
     Returns:
         The state names, in the order of ``state_layers`` (empty without state layers).
     """
+    _tf.require("keras_fancyrnn.export_saved_model")
     layers = _checked_state_layers(model, state_layers)
     signature = _input_signature(model, input_signature)
     archive = keras.export.ExportArchive()

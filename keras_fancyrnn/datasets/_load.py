@@ -10,6 +10,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow_datasets as tfds
 
+from keras_fancyrnn import _tf
 from keras_fancyrnn.datasets import _common
 from keras_fancyrnn.datasets import adding_problem_dataset as _adding
 from keras_fancyrnn.datasets import copy_memory_dataset as _copy
@@ -87,6 +88,7 @@ def load_numpy(
       examples: adding ``(n, T, 2)`` float32 and ``(n,)`` float32; copy ``(n, T + 20)`` int32 twice;
       temporal order ``(n, T)`` int32 and ``(n,)`` int64.
     """
+    _tf.require("keras_fancyrnn.datasets.load_numpy (TFDS)")
     task = _check_name(name)
     length = _common.check_length(length)
     split = _common.check_split(split)

@@ -10,12 +10,17 @@ from keras_fancyrnn.engine.steps import validate_bptt_truncate
 
 def run(cell, inputs, initial_state, *, plan=None, **kwargs):
     """Runs ``cell`` over the time axis of ``inputs`` on the path ``plan`` names: the keras.ops
-    loop (``engine/scan.py``) for ``"scan"``, the TensorFlow engine (``engine/loop.py``, whose
+    loop (``engine/scan.py``) for ``"scan"``, PyTorch's kernel (``engine/torch_rnn.py``) for
+    ``"torch_rnn"``, the TensorFlow engine (``engine/loop.py``, whose
     ``run`` documents the arguments) otherwise."""
     if plan is not None and plan.path == "scan":
         from keras_fancyrnn.engine import scan
 
-        return scan.run(cell, inputs, initial_state, **kwargs)
+        return scan.run(cell, inputs, initial_state, hoist_inputs=plan.hoist_inputs, **kwargs)
+    if plan is not None and plan.path == "torch_rnn":
+        from keras_fancyrnn.engine import torch_rnn
+
+        return torch_rnn.run(cell, inputs, initial_state, **kwargs)
     from keras_fancyrnn.engine import loop
 
     return loop.run(cell, inputs, initial_state, plan=plan, **kwargs)

@@ -12,7 +12,9 @@ The paths, each where it computes exactly what the loop computes:
   recurrent dropout and ``unroll``, which only it runs), with the C++ gate kernels in each step
   where they run;
 - ``"scan"``: on the JAX and PyTorch backends, the same loop written with ``keras.ops``
-  (``keras_fancyrnn.engine.scan``; ``jax.lax.scan`` on JAX), which runs everything the loop runs.
+  (``keras_fancyrnn.engine.scan``; ``jax.lax.scan`` on JAX), which runs everything the loop runs;
+- ``"torch_rnn"``: on PyTorch, an LSTM or GRU whose equations are PyTorch's as one
+  ``torch._VF.lstm`` / ``torch._VF.gru`` call (``keras_fancyrnn.engine.torch_rnn``).
 
 Masks and the gradient monitor's probes run in the sequence kernels and the loop; cuDNN takes
 right-padded masks only (checked at run time) and no probes.
@@ -43,13 +45,15 @@ class Plan:
 
     Attributes:
         layer: the layer's name.
-        path: ``"cudnn"``, ``"sequence_kernel"``, ``"block_lstm"`` or ``"loop"``.
+        path: ``"cudnn"``, ``"sequence_kernel"``, ``"block_lstm"``, ``"loop"``, ``"scan"`` or
+            ``"torch_rnn"``.
         reason: why this path; for the loop, what ruled out the faster paths.
         batch_limit: ``block_lstm``: the largest batch it runs (the loop above it, checked at
             run time where the batch size is unknown when traced); ``ANY_BATCH`` otherwise.
         gate_kernels: the loop's steps compute their gates with the C++ gate kernels.
-        hoist_inputs: the loop computes ``x W + b`` for all steps before it (on a GPU; on a
-            CPU the projection inside each step measured faster, benchmarks/results/).
+        hoist_inputs: the loop (or scan) computes ``x W + b`` for all steps before it (on a GPU,
+            and in the scan on PyTorch; on a CPU the projection inside each step measured faster
+            in TensorFlow's loop and in XLA's, benchmarks/results/).
     """
 
     layer: str
@@ -216,6 +220,45 @@ def _whole_sequence(layer, inputs, mask, probed) -> tuple[str, int, str]:
     return "loop", 0, f"no sequence kernel: {blocker}"
 
 
+def torch_rnn_blocker(layer, inputs, mask=None, training=False, probed=False) -> str | None:
+    """Why PyTorch's own LSTM/GRU kernel cannot compute exactly what ``layer`` computes in this
+    call, or ``None`` where it can (its equations are the cell's: ``engine/torch_rnn.py``)."""
+    cell = layer.cell
+    if getattr(cell, "gates", None) not in (3, 4) or not hasattr(cell, "recurrent_activation"):
+        return "PyTorch's kernels run only LSTM and GRU cells"
+    only_loop = _loop_only(layer, inputs, mask, training, probed)
+    checks = [
+        (config.get("fused_on_cpu"), "the fused_on_cpu setting is off"),
+        (cell.activation is keras.activations.tanh, "activation is not tanh"),
+        (cell.recurrent_activation is keras.activations.sigmoid,
+         "recurrent_activation is not sigmoid"),
+        (getattr(cell, "reset_after", True), "reset_after=False (PyTorch's GRU resets after)"),
+        (str(inputs.dtype).rpartition(".")[2] in ("float32", "float64"),
+         f"the inputs are {inputs.dtype}, not float32 or float64"),
+        (mask is None, "a mask is given"),
+        (not probed, "the gradient monitor's probes are set"),
+        (only_loop is None, only_loop),
+        (not (training and 0.0 < cell.dropout < 1.0), "dropout is active"),
+    ]
+    return next((why for ok, why in checks if not ok), None)
+
+
+def _off_tensorflow(layer, inputs, mask, training, probed) -> Plan:
+    """The plan on JAX or PyTorch: PyTorch's kernel where it computes the layer's equations, else
+    the engine's ``keras.ops`` loop (projecting inputs per step on a CPU under XLA, where it
+    measured faster; before the loop elsewhere)."""
+    backend = keras.config.backend()
+    name = layer.name
+    if backend == "torch":
+        why = torch_rnn_blocker(layer, inputs, mask, training, probed)
+        if why is None:
+            return Plan(name, "torch_rnn", "PyTorch's own LSTM/GRU kernel (same equations)")
+        return Plan(name, "scan", f"the torch backend runs the engine's keras.ops loop: {why}",
+                    hoist_inputs=True)
+    return Plan(name, "scan", f"the {backend} backend runs the engine's keras.ops loop",
+                hoist_inputs=backend != "jax" or on_gpu())
+
+
 def choose(layer, inputs, mask=None, training=False, probed=False) -> Plan:
     """The plan for ``layer`` (a ``keras_fancyrnn.RNN``) on ``inputs`` ``[B, T, D]`` now, with
     states probed (``keras_fancyrnn.engine.probes``) or not. ``use_cudnn=True`` where cuDNN cannot
@@ -226,8 +269,7 @@ def choose(layer, inputs, mask=None, training=False, probed=False) -> Plan:
         if getattr(layer, "use_cudnn", "auto") is True:
             raise ValueError(f"{name}: use_cudnn=True was given but the {backend} backend has "
                              f"no cuDNN path here; pass use_cudnn='auto'")
-        return _record(Plan(name, "scan", f"the {backend} backend runs the engine's keras.ops "
-                                          f"loop"))
+        return _record(_off_tensorflow(layer, inputs, mask, training, probed))
     gpu = on_gpu()
     gates = bool(getattr(cell, "native_gates", lambda dtype: False)(inputs.dtype))
     loop = dict(layer=name, path="loop", gate_kernels=gates,

@@ -4,8 +4,9 @@ ops on PyTorch), with everything the TensorFlow loop (``engine/loop.py``) does: 
 dropout, direction, truncated BPTT, ``unroll``, and the monitor's probes, whose gradients each
 backend's own differentiation computes.
 
-``x W + b`` for all timesteps is one matmul before the loop (on these backends the hoisted
-projection is the faster form: XLA and torch have no per-op graph overhead to save).
+``x W + b`` for all timesteps is one matmul before the loop where the plan says so (on PyTorch
+and on GPUs); on a CPU under XLA each step projects its own inputs, which measured faster
+(benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -29,20 +30,25 @@ from keras_fancyrnn.engine.steps import (
 
 def run(cell, inputs, initial_state, *, mask=None, training=False, go_backwards=False,
         unroll=False, return_sequences=True, zero_output_for_mask=False, bptt_truncate=None,
-        probes=None):
+        probes=None, hoist_inputs=True):
     """Runs ``cell`` over the time axis of ``inputs``; the arguments and the result are those of
-    ``keras_fancyrnn.engine.run`` (``(last_output, outputs or None, final_states)``)."""
+    ``keras_fancyrnn.engine.run`` (``(last_output, outputs or None, final_states)``);
+    ``hoist_inputs``: ``x W + b`` for all steps before the loop, else in each step."""
     initial_state = as_list(initial_state)
     inputs = ops.convert_to_tensor(inputs)
     dp_mask, rec_mask = dropout_masks(cell, inputs[:, 0], initial_state[0], training)
     with getattr(cell, "weights_read_once", contextlib.nullcontext)():
         return _scan(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, unroll,
-                     return_sequences, zero_output_for_mask, bptt_truncate, dict(probes or {}))
+                     return_sequences, zero_output_for_mask, bptt_truncate, dict(probes or {}),
+                     hoist_inputs)
 
 
-def _time_major(cell, inputs, mask, probes, dp_mask, go_backwards):
-    """``x W + b`` ``[T, B, P]``, the mask ``[T, B]`` and the probes in processing order."""
-    xp = cell.project_inputs(ops.transpose(inputs, (1, 0, 2)), dp_mask)
+def _time_major(cell, inputs, mask, probes, dp_mask, go_backwards, hoist_inputs):
+    """``x W + b`` ``[T, B, P]`` (or the inputs ``[T, B, D]`` where the steps project them), the
+    mask ``[T, B]`` and the probes, in processing order."""
+    xp = ops.transpose(inputs, (1, 0, 2))
+    if hoist_inputs:
+        xp = cell.project_inputs(xp, dp_mask)
     if mask is not None:
         mask = ops.transpose(ops.cast(mask, "bool"), (1, 0))
     probes = {i: p if i == KERNEL_PROBE else ops.transpose(p, (1, 0, 2))
@@ -55,12 +61,14 @@ def _time_major(cell, inputs, mask, probes, dp_mask, go_backwards):
 
 
 def _scan(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, unroll,
-          return_sequences, zero_output_for_mask, bptt_truncate, probes):
+          return_sequences, zero_output_for_mask, bptt_truncate, probes, hoist_inputs):
     sink = probes.pop(STATES_SINK, None)
     batch = inputs.shape[0] if inputs.shape[0] is not None else ops.shape(inputs)[0]
-    xp, mask, probes = _time_major(cell, inputs, mask, probes, dp_mask, go_backwards)
+    xp, mask, probes = _time_major(cell, inputs, mask, probes, dp_mask, go_backwards,
+                                   hoist_inputs)
     copies = copies_for(bptt_truncate, inputs.shape[1])
-    step = step_function(cell, None, tile_batch(rec_mask, copies), copies, batch,
+    project = None if hoist_inputs else (lambda x_t: cell.project_inputs(x_t, dp_mask))
+    step = step_function(cell, project, tile_batch(rec_mask, copies), copies, batch,
                          zero_output_for_mask)
     keys = list(probes)  # a list, not the dict: its keys mix ints and strings, which trees sort
     xs = {"xp": xp, "probes": [probes[k] for k in keys]}

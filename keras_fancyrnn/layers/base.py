@@ -60,6 +60,7 @@ class SequenceMaskFromInput:
         return super().__call__(sequences, *args, **kwargs)
 
 
+@keras.saving.register_keras_serializable(package="keras_fancyrnn")
 class RNN(SequenceMaskFromInput, keras.layers.RNN):
     """A recurrent layer that runs an fr cell on the keras_fancyrnn engine.
 
