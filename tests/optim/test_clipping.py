@@ -7,7 +7,7 @@ parts (tf.function with XLA, tf.distribute, IndexedSlices) and import TensorFlow
 
 Long (over 400 lines): the clip functions', the optimizer's and the callback's tests share the
 data and references here and in clip_reference.py; the tests written for the other backends are in
-test_backends.py and test_backends_crosscheck.py.
+test_optimizer_backends.py and test_optimizer_backends_crosscheck.py.
 """
 
 import json

@@ -3,7 +3,7 @@
 
 References: numpy clipping rules and a numpy Adam (clip_reference.py) and the hand-derived gradient
 of linear regression. The checks against the TensorFlow backend's step and on two JAX devices are
-in test_backends_crosscheck.py. This module does not import TensorFlow.
+in test_optimizer_backends_crosscheck.py. This module does not import TensorFlow.
 
 Tolerances: one float32 step rounds each value a few times (a norm over a few dozen terms, a
 product, a difference), each time by at most 2^-24 relative, so 1e-5 relative (with 1e-6 absolute

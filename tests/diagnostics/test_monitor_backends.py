@@ -297,12 +297,12 @@ def diagnosis_case() -> list[dict]:
 
 def _run_test_module(expression: str, **env) -> str:
     """The last line that ``print(expression)`` (with this module imported as
-    ``test_backends``) writes in a new Python process with ``env`` set."""
+    ``test_monitor_backends``) writes in a new Python process with ``env`` set."""
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(os.path.dirname(here))
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env,
            "PYTHONPATH": os.pathsep.join([root, os.path.dirname(here), here])}
-    code = f"import json, test_backends; print('RESULT' + json.dumps({expression}))"
+    code = f"import json, test_monitor_backends; print('RESULT' + json.dumps({expression}))"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -318,7 +318,7 @@ def test_diagnosis_as_on_tensorflow():
         return  # the reference itself
     if importlib.util.find_spec("tensorflow") is None:
         pytest.skip("TensorFlow is not installed: the findings are not compared with its own")
-    want = _run_test_module("test_backends.diagnosis_case()", KERAS_BACKEND="tensorflow")
+    want = _run_test_module("test_monitor_backends.diagnosis_case()", KERAS_BACKEND="tensorflow")
     assert [(f["kind"], f["series"], f["step"]) for f in found] == [
         (f["kind"], f["series"], f["step"]) for f in want]
     for got, ref in zip(found, want):
