@@ -15,17 +15,7 @@ import contextlib
 
 from keras import ops, tree
 
-from keras_fancyrnn.engine.steps import (
-    KERNEL_PROBE,
-    STATES_SINK,
-    as_list,
-    check_unroll,
-    copies_for,
-    dropout_masks,
-    step_function,
-    tile_batch,
-    untile,
-)
+from keras_fancyrnn.engine import steps
 
 
 def run(cell, inputs, initial_state, *, mask=None, training=False, go_backwards=False,
@@ -34,9 +24,9 @@ def run(cell, inputs, initial_state, *, mask=None, training=False, go_backwards=
     """Runs ``cell`` over the time axis of ``inputs``; the arguments and the result are those of
     ``keras_fancyrnn.engine.run`` (``(last_output, outputs or None, final_states)``);
     ``hoist_inputs``: ``x W + b`` for all steps before the loop, else in each step."""
-    initial_state = as_list(initial_state)
+    initial_state = steps.as_list(initial_state)
     inputs = ops.convert_to_tensor(inputs)
-    dp_mask, rec_mask = dropout_masks(cell, inputs[:, 0], initial_state[0], training)
+    dp_mask, rec_mask = steps.dropout_masks(cell, inputs[:, 0], initial_state[0], training)
     with getattr(cell, "weights_read_once", contextlib.nullcontext)():
         return _scan(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, unroll,
                      return_sequences, zero_output_for_mask, bptt_truncate, dict(probes or {}),
@@ -51,7 +41,7 @@ def _time_major(cell, inputs, mask, probes, dp_mask, go_backwards, hoist_inputs)
         xp = cell.project_inputs(xp, dp_mask)
     if mask is not None:
         mask = ops.transpose(ops.cast(mask, "bool"), (1, 0))
-    probes = {i: p if i == KERNEL_PROBE else ops.transpose(p, (1, 0, 2))
+    probes = {i: p if i == steps.KERNEL_PROBE else ops.transpose(p, (1, 0, 2))
               for i, p in probes.items()}
     if go_backwards:
         xp = ops.flip(xp, axis=0)
@@ -62,13 +52,13 @@ def _time_major(cell, inputs, mask, probes, dp_mask, go_backwards, hoist_inputs)
 
 def _scan(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, unroll,
           return_sequences, zero_output_for_mask, bptt_truncate, probes, hoist_inputs):
-    sink = probes.pop(STATES_SINK, None)
+    sink = probes.pop(steps.STATES_SINK, None)
     batch = inputs.shape[0] if inputs.shape[0] is not None else ops.shape(inputs)[0]
     xp, mask, probes = _time_major(cell, inputs, mask, probes, dp_mask, go_backwards,
                                    hoist_inputs)
-    copies = copies_for(bptt_truncate, inputs.shape[1])
+    copies = steps.copies_for(bptt_truncate, inputs.shape[1])
     project = None if hoist_inputs else (lambda x_t: cell.project_inputs(x_t, dp_mask))
-    step = step_function(cell, project, tile_batch(rec_mask, copies), copies, batch,
+    step = steps.step_function(cell, project, steps.tile_batch(rec_mask, copies), copies, batch,
                          zero_output_for_mask)
     keys = list(probes)  # a list, not the dict: its keys mix ints and strings, which trees sort
     xs = {"xp": xp, "probes": [probes[k] for k in keys]}
@@ -81,10 +71,10 @@ def _scan(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, un
                                   states, previous)
         return (new_states, output), output
 
-    carry = (tile_batch(initial_state, copies), ops.zeros_like(initial_state[0]))
+    carry = (steps.tile_batch(initial_state, copies), ops.zeros_like(initial_state[0]))
     if unroll:
         outputs = []
-        for t in range(check_unroll(inputs.shape)):
+        for t in range(steps.check_unroll(inputs.shape)):
             carry, output = body(carry, tree.map_structure(lambda a, t=t: a[t], xs))
             outputs.append(output)
         outputs = ops.stack(outputs, axis=0)
@@ -94,7 +84,7 @@ def _scan(cell, inputs, initial_state, mask, dp_mask, rec_mask, go_backwards, un
     outputs = ops.transpose(outputs, (1, 0, 2))  # [B, T, H], in processing order
     if sink is not None:  # in input time order, like the probes
         sink.append(ops.flip(outputs, axis=1) if go_backwards else outputs)
-    return last, (outputs if return_sequences else None), untile(states, copies, batch)
+    return last, (outputs if return_sequences else None), steps.untile(states, copies, batch)
 
 
 __all__ = ["run"]
