@@ -83,11 +83,14 @@ def torch_runner(cell, batch, steps, dim, units, train):
            "irnn": functools.partial(torch.nn.RNN, nonlinearity="relu"),
            "gru_before": torch.nn.GRU}[cell](
         dim, units, batch_first=True)
-    head = torch.nn.Linear(units, 1)
+    # on the GPU where torch sees one (as Keras's torch backend places its tensors)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rnn = rnn.to(device)
+    head = torch.nn.Linear(units, 1).to(device)
     params = list(rnn.parameters()) + list(head.parameters())
     opt = torch.optim.Adam(params, 1e-3)
-    xs = torch.randn(2, batch, steps, dim)
-    y = torch.zeros(batch, 1)
+    xs = torch.randn(2, batch, steps, dim, device=device)
+    y = torch.zeros(batch, 1, device=device)
 
     def train_fn(n):
         for i in range(n):
@@ -96,12 +99,56 @@ def torch_runner(cell, batch, steps, dim, units, train):
             opt.zero_grad()
             loss.backward()
             opt.step()
+            loss.item()  # waits for the step, as Keras's train_on_batch returns its loss
 
     @torch.no_grad()
     def predict_fn(n):
         for i in range(n):
             out, _ = rnn(xs[i % 2])
-            head(out[:, -1])
+            head(out[:, -1]).cpu()  # as predict_on_batch returns NumPy
+
+    return train_fn if train else predict_fn
+
+
+def flax_runner(cell, batch, steps, dim, units, train):
+    """flax.linen's LSTM (``OptimizedLSTMCell``) or GRU under ``nn.RNN`` with a Dense(1) head,
+    optax Adam and MSE, the train step and the forward each one ``jax.jit``; every step waits
+    for its result, as Keras's calls return theirs."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import linen as nn
+
+    make_cell = {"lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell}[cell]
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1)(nn.RNN(make_cell(units))(x)[:, -1])
+
+    model = Model()
+    xs = jax.random.normal(jax.random.PRNGKey(0), (2, batch, steps, dim))
+    y = jnp.zeros((batch, 1))
+    tx = optax.adam(1e-3)
+    params = model.init(jax.random.PRNGKey(1), xs[0])
+    state = [params, tx.init(params)]
+
+    @jax.jit
+    def step(params, opt_state, x):
+        loss, grads = jax.value_and_grad(lambda p: jnp.mean((model.apply(p, x) - y) ** 2))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    forward = jax.jit(model.apply)
+
+    def train_fn(n):
+        for i in range(n):
+            state[0], state[1], loss = step(state[0], state[1], xs[i % 2])
+            loss.block_until_ready()
+
+    def predict_fn(n):
+        for i in range(n):
+            forward(state[0], xs[i % 2]).block_until_ready()
 
     return train_fn if train else predict_fn
 

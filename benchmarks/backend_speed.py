@@ -1,8 +1,9 @@
 """keras_fancyrnn on the backend of ``KERAS_BACKEND`` against keras.layers on the same backend and
-that backend's own recurrent layers (torch.nn.LSTM/GRU on PyTorch; flax.linen on JAX, where flax
-is installed), side by side in one process: training steps (``train_on_batch``: the compiled
-train step, jit on JAX) and inference (``predict_on_batch``). Every model is timed alternately
-after a warm-up; medians (steps/s) and the ratios.
+that backend's own recurrent layers (torch.nn.LSTM/GRU on PyTorch; flax.linen's
+OptimizedLSTMCell/GRUCell under nn.RNN with optax on JAX, where flax is installed), side by side
+in one process: training steps (``train_on_batch``: the compiled train step, jit on JAX) and
+inference (``predict_on_batch``). Every model is timed alternately after a warm-up; medians
+(steps/s) and the ratios. On a GPU every model runs there.
 
     KERAS_BACKEND=jax python benchmarks/backend_speed.py
     KERAS_BACKEND=torch python benchmarks/backend_speed.py --out=torch.md
@@ -18,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import _torch_first  # noqa: E402, F401  (before keras: see the module)
 import keras  # noqa: E402
-from _runners import FR, KERAS, keras_runner, torch_runner  # noqa: E402
+from _runners import FR, KERAS, flax_runner, keras_runner, torch_runner  # noqa: E402
 from _timing import cpu_name, emit, time_alternating  # noqa: E402
 from absl import app, flags  # noqa: E402
 
@@ -39,9 +40,9 @@ def native_column(backend: str) -> tuple[str, str | None]:
     if backend == "torch":
         return "torch.nn", None
     if backend == "jax":
-        if importlib.util.find_spec("flax") is None:
-            return "flax", "flax not installed"
-        return "flax", "flax is installed but this script has no flax model"
+        if importlib.util.find_spec("flax") is None or importlib.util.find_spec("optax") is None:
+            return "flax", "flax (with optax) not installed"
+        return "flax", None
     return "native", f"no native column on {backend}"
 
 
@@ -67,7 +68,7 @@ def main(argv):
         runners = {"fr": keras_runner(FR[cell], *dims, "auto"),
                    "keras": keras_runner(KERAS[cell], *dims, "auto")}
         if why_not is None:
-            runners[native] = torch_runner(*dims)
+            runners[native] = (torch_runner if backend == "torch" else flax_runner)(*dims)
         rate = time_alternating(runners, FLAGS.repeats, FLAGS.steps)
         rows.append(row(backend, cell, mode, batch, steps, native, rate))
         print(rows[-1], flush=True)

@@ -131,7 +131,7 @@ def _check_backend(backend: str, env: dict, out: Path) -> tuple[bool, list[str]]
     if FLAGS.speed:
         table = out / f"{backend}_speed.md"
         status, tail = _run([sys.executable, str(ROOT / "benchmarks" / "backend_speed.py"),
-                             f"--backend={backend}", f"--out={table}", *FLAGS.speed_args],
+                             f"--out={table}", *FLAGS.speed_args],
                             env, out / f"{backend}_speed.log")
         lines += (["Speed (`benchmarks/backend_speed.py`):", "", table.read_text(), ""]
                   if status == 0 and table.exists()

@@ -12,6 +12,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 SMALL = ["--tests=tests/layers/test_initializers.py", "--nospeed"]
+TINY_SPEED = ["--tests=tests/layers/test_initializers.py",
+              "--speed_args=--cells=lstm,--modes=predict,--sizes=4x5,--hidden=4,--input_dim=3,"
+              "--repeats=1,--steps=1"]
 
 
 def _check(tmp_path, *args):
@@ -32,7 +35,9 @@ def test_without_a_gpu_it_checks_nothing_and_says_so(tmp_path):
 @pytest.mark.parametrize("select,status,verdict", [("", 0, "passed"),
                                                    ("not_a_test_name", 1, "FAILED (exit 5)")])
 def test_on_the_cpu_it_runs_the_tests_of_each_backend(tmp_path, select, status, verdict):
-    proc = _check(tmp_path, *SMALL, "--allow_cpu", f"--select={select}")
+    """The passing run also times the backends (tiny sizes): the summary holds each table."""
+    args = TINY_SPEED if status == 0 else SMALL
+    proc = _check(tmp_path, *args, "--allow_cpu", f"--select={select}")
     assert proc.returncode == status, proc.stderr[-2000:]
     summary = (tmp_path / "summary.md").read_text()
     for backend in ("jax", "torch"):
@@ -42,3 +47,7 @@ def test_on_the_cpu_it_runs_the_tests_of_each_backend(tmp_path, select, status, 
                          f"{verdict}") == 2
     if status == 0:
         assert "4 passed" in (tmp_path / "jax_tests.log").read_text()
+        for backend, native in (("jax", "flax"), ("torch", "torch.nn")):
+            table = (tmp_path / f"{backend}_speed.md").read_text()
+            assert f"| {backend} | lstm | predict | 4 | 5 |" in table
+            assert f"fr/{native}" in table and table in summary
