@@ -9,8 +9,10 @@ One concept a module, data flowing down the list (each imports only those above 
 * ``series``: scalars derived from one curve, a clipping optimizer's stats;
 * ``aggregate``: per-example norms and masks to curves, counts and per-example scalars (the mean
   over valid steps, ``align``);
+* ``autodiff``: the probe gradients by each backend's own differentiation, and the compiled pass;
 * ``probe_pass``: ``ProbePass`` (one forward + backward pass with zero probes), its data checks,
   ``gradient_norms``;
+* ``sources``: the monitor's ``data`` (arrays, datasets, generators, callables) as batches;
 * ``reporting``: CSV/NPZ files, TensorBoard summaries, plots;
 * ``findings``: the diagnosis (vanishing, exploding gradients) and its remedies, ``Finding``;
 * ``monitor``: the Keras callback ``GradientNormMonitor``.

@@ -1,7 +1,7 @@
 r"""``GradientNormMonitor``: the per-timestep gradient-norm curve ‖∂ℓ/∂h_t‖, recorded during fit.
 
-Long (over 400 lines): one callback with its data sources, schedule, results and a runnable
-example of its use outside ``fit`` in its docstring.
+Long (over 400 lines): one callback with its schedule, results and a runnable example of its use
+outside ``fit`` in its docstring; its data sources are ``sources``.
 
 Definition. For a monitored recurrent layer and each timestep ``t`` (index in input
 order, also for a backward direction), the recorded value is
@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import sys
 from collections.abc import Callable, Iterable
 
 import keras
@@ -46,8 +45,6 @@ from keras_fancyrnn.diagnostics.probe_pass import (
     ProbePass,
     _check_loss,
     _check_stateful_batch,
-    _leading_size,
-    _shapes,
     check_probe_dtype,
 )
 from keras_fancyrnn.diagnostics.series import (
@@ -57,97 +54,14 @@ from keras_fancyrnn.diagnostics.series import (
     fit_log_entries,
     headline_keys,
 )
+from keras_fancyrnn.diagnostics.sources import check_batched, make_source
 from keras_fancyrnn.diagnostics.targets import _as_selection, discover
-from keras_fancyrnn.errors import LayerSelectionError, ProbeDataError
+from keras_fancyrnn.errors import LayerSelectionError
 
 _log = logging.getLogger("keras_fancyrnn.diagnostics")
 
 #: Records per ``every_n_batches`` when neither ``every_n_batches`` nor ``every_n_epochs`` is given.
 DEFAULT_EVERY_N_BATCHES = 100
-
-
-def _unpack(element, where: str):
-    if isinstance(element, dict) or not isinstance(element, (tuple, list)) or not 2 <= len(
-        element
-    ) <= 3:
-        raise ProbeDataError(
-            f"data: {where} must give (x, y) or (x, y, sample_weight), got "
-            f"{type(element).__name__}"
-            + (f" of length {len(element)}" if isinstance(element, (tuple, list)) else "")
-        )
-    x, y = element[0], element[1]
-    return x, y, (element[2] if len(element) == 3 else None)
-
-
-def _model_input_ranks(model) -> list[int] | None:
-    try:
-        return [len(spec.shape) for spec in model.inputs]
-    except (AttributeError, TypeError, ValueError):  # a subclassed model has no declared inputs
-        return None
-
-
-def _check_batched(x, y, sample_weight, model=None, where: str | None = None) -> None:
-    """Raises ``ProbeDataError`` when a dataset element (or its spec) is not a batch: a component
-    without a leading axis, components whose leading sizes differ, or an ``x`` with one axis fewer
-    than every input of ``model``. A dataset of single examples gives such elements; without this
-    check the first record would fail on mismatched shapes, far from the cause."""
-    parts = {"x": _shapes(x), "y": _shapes(y), "sample_weight": _shapes(sample_weight)}
-    flat = [shape for shapes in parts.values() for shape in shapes]
-    leading = {shape[0] for shape in flat if shape and shape[0] is not None}
-    single = any(not shape for shape in flat) or len(leading) > 1
-    ranks = None if model is None else _model_input_ranks(model)
-    if not single and ranks and len(ranks) == len(parts["x"]):
-        single = all(len(shape) == rank - 1 for shape, rank in zip(parts["x"], ranks))
-    if single:
-        got = ", ".join(f"{name} {shapes[0] if len(shapes) == 1 else shapes}"
-                        for name, shapes in parts.items() if shapes)
-        hint = ("call .batch(n) on it, e.g. data=dataset.batch(32)" if where is None
-                else "give whole batches")
-        raise ProbeDataError(
-            f"data: {where or 'a tf.data.Dataset'} must yield batches (x of shape [batch, time, "
-            "...] and y, sample_weight with the same leading batch axis), but its elements look "
-            f"like single examples ({got}); {hint}"
-        )
-
-
-def _is_tf_dataset(data) -> bool:
-    """A ``tf.data.Dataset`` (without importing TensorFlow: none exists if it is not imported)."""
-    tensorflow = sys.modules.get("tensorflow")
-    return tensorflow is not None and isinstance(data, tensorflow.data.Dataset)
-
-
-def _as_tensor(a):
-    """``a`` as a tensor of the backend (kept as it is if it already is one)."""
-    if a is None or ops.is_tensor(a):
-        return a
-    return ops.convert_to_tensor(a)
-
-
-def _cycled(data, where: str, model_of: Callable):
-    """``next()`` of a source of batches: a ``keras.utils.PyDataset`` (indexed, cycled) or an
-    iterator / generator (which cannot restart: exhausted, it raises)."""
-    state = {"i": 0}
-
-    def from_py_dataset():
-        if len(data) == 0:
-            raise ProbeDataError(f"data: {where} is empty; it must give at least one batch")
-        element = _unpack(data[state["i"] % len(data)], where)
-        state["i"] += 1
-        _check_batched(*element, model=model_of(), where=where)
-        return element
-
-    def from_iterator():
-        try:
-            element = _unpack(next(data), where)
-        except StopIteration:
-            raise ProbeDataError(
-                f"data: {where} is exhausted (a generator cannot start again); pass one that "
-                "never ends, a keras.utils.PyDataset, or a callable that returns a batch"
-            ) from None
-        _check_batched(*element, model=model_of(), where=where)
-        return element
-
-    return from_py_dataset if isinstance(data, keras.utils.PyDataset) else from_iterator
 
 
 def _positive_int_or_none(name, value):
@@ -284,9 +198,7 @@ class GradientNormMonitor(keras.callbacks.Callback):
         self.probe_dtype = check_probe_dtype(probe_dtype)
         self.align = check_align(align)
         self.kernel_norms = bool(kernel_norms)
-        self._dataset_spec = None  # (x, y, sample_weight) element specs of a dataset
-        self._static_batch = None  # the probe batch size, where known before drawing a batch
-        self._data_source = self._make_source(data)
+        self._source = make_source(data, lambda: self._model)
         self._csv = reporting.CSVWriter(csv_path) if csv_path else None
         self._npz = reporting.NPZWriter(npz_path) if npz_path else None
         self._tb = reporting.TensorBoardWriter(log_dir) if log_dir else None
@@ -303,48 +215,6 @@ class GradientNormMonitor(keras.callbacks.Callback):
         self._last_record_step: int | None = None
         self._reported: set = set()  # (kind, series) of the findings logged so far
 
-    # -- data ------------------------------------------------------------------------------
-    def _make_source(self, data):
-        if _is_tf_dataset(data):
-            self._dataset_spec = _unpack(data.element_spec, "the dataset")
-            _check_batched(*self._dataset_spec)
-            self._static_batch = _leading_size(self._dataset_spec[0])
-            state = {"it": None}
-
-            def from_dataset():
-                for _ in range(2):
-                    if state["it"] is None:
-                        state["it"] = iter(data)
-                    try:
-                        element = _unpack(next(state["it"]), "the dataset")
-                    except StopIteration:
-                        state["it"] = None
-                        continue
-                    _check_batched(*element)  # sizes the spec left unknown
-                    return element
-                raise ProbeDataError("data: the dataset is empty; it must yield at least one batch")
-
-            return from_dataset
-        if isinstance(data, keras.utils.PyDataset):
-            return _cycled(data, "the PyDataset", lambda: self._model)
-        if hasattr(data, "__next__"):
-            return _cycled(data, "the generator", lambda: self._model)
-        if callable(data) and not isinstance(data, (tuple, list)):
-            return lambda: _unpack(data(), "the callable")
-        if isinstance(data, (tuple, list)):
-            x, y, sw = _unpack(data, "data")
-            from keras import tree
-
-            fixed = (tree.map_structure(_as_tensor, x), tree.map_structure(_as_tensor, y),
-                     None if sw is None else tree.map_structure(_as_tensor, sw))
-            self._static_batch = _leading_size(fixed[0])
-            return lambda: fixed
-        raise ProbeDataError(
-            "data must be a tuple (x, y) or (x, y, sample_weight), a tf.data.Dataset, "
-            "keras.utils.PyDataset or generator of such batches, or a callable returning one, "
-            f"got {type(data).__name__}"
-        )
-
     # -- recording -------------------------------------------------------------------------
     def _ensure_probe(self):
         model = self.model
@@ -360,10 +230,10 @@ class GradientNormMonitor(keras.callbacks.Callback):
                     f"layers: the model {model.name!r} has no recurrent layer to monitor; pass "
                     "layers=[...] to name layers that take a sequence"
                 )
-            if self._dataset_spec is not None:  # now the model's input ranks can tell
-                _check_batched(*self._dataset_spec, model=model)
+            if self._source.spec is not None:  # now the model's input ranks can tell
+                check_batched(*self._source.spec, model=model)
             # before the first record, which may be many steps into fit
-            _check_stateful_batch(model, self._static_batch)
+            _check_stateful_batch(model, self._source.static_batch)
             self._probe = ProbePass(model, targets, self.loss, self.align,
                                     dtype=self.probe_dtype)
             self._probe_model = model
@@ -394,7 +264,7 @@ class GradientNormMonitor(keras.callbacks.Callback):
         """
         extra = None if clip_stats is None else clip_scalars(clip_stats)
         probe = self._ensure_probe()
-        x, y, sw = self._data_source()
+        x, y, sw = self._source.next()
         measured = probe.measure(x, y, sw, self._loss_scale())
         curves = measured.curves(self.align)
         step = self._global_step if step is None else int(step)
