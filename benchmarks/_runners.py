@@ -36,8 +36,11 @@ def keras_runner(layer_cls, cell, batch, steps, dim, units, train, jit, masked=F
         lengths = rng.integers(steps // 2, steps + 1, size=batch * pool)
         x[np.arange(steps)[None, :] >= lengths[:, None]] = 0.0
         head = [keras.layers.Masking(0.0)]
-    model = keras.Sequential([keras.Input((steps, dim)), *head, layer_cls(units),
-                              keras.layers.Dense(1)])
+    # layer_cls None: no recurrent layer, the last step's features straight into the head (what
+    # a Keras call costs beyond the layer: the floor under any layer's time)
+    layer = (keras.layers.Lambda(lambda v: v[:, -1]) if layer_cls is None
+             else layer_cls(units))
+    model = keras.Sequential([keras.Input((steps, dim)), *head, layer, keras.layers.Dense(1)])
     model.compile(keras.optimizers.Adam(1e-3), "mse", jit_compile={"on": True, "off": False}.get(
         jit, "auto"))
     # tensors of the backend (on TensorFlow: constants), converted once, outside the timing

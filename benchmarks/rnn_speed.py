@@ -2,8 +2,10 @@
 
 Every implementation is built in this one process and timed alternately after a warm-up, so the
 machine's noise hits all of them alike; the table reports medians and the ratios fr / keras and
-fr / torch, the achieved GFLOP/s of the recurrent matmuls, and the rate of one large matmul
-measured in the same run (the roofline: the best of its readings before and after the grid).
+fr / torch, floor / torch (the same Keras model without its recurrent layer against torch: the
+most any Keras layer could reach there, given Keras's own cost per call), the achieved GFLOP/s of
+the recurrent matmuls, and the rate of one large matmul measured in the same run (the roofline:
+the best of its readings before and after the grid).
 
     python benchmarks/rnn_speed.py                       # LSTM, B=64 T=100 D=H=128, train
     python benchmarks/rnn_speed.py --cells=lstm,gru,simple_rnn --modes=train,predict \
@@ -76,8 +78,8 @@ def main(argv):
     have_torch = FLAGS.torch and torch_available()
     roof = matmul_roofline()
     header = ("| cell | mode | B | T | H | jit | fr steps/s | keras steps/s | torch steps/s | "
-              "fr/keras | fr/torch | fr GFLOP/s | fr % of roofline |")
-    rows, measured = [header, "|" + "---|" * 13], []
+              "fr/keras | fr/torch | floor/torch | fr GFLOP/s | fr % of roofline |")
+    rows, measured = [header, "|" + "---|" * 14], []
     grid = itertools.product(FLAGS.cells, FLAGS.modes, map(int, FLAGS.batch),
                              map(int, FLAGS.time), map(int, FLAGS.hidden), FLAGS.jit)
     for cell, mode, batch, steps, units, jit in grid:
@@ -87,13 +89,17 @@ def main(argv):
                    "keras": keras_runner(KERAS[cell], *dims, jit)}
         if have_torch and jit == FLAGS.jit[0]:
             runners["torch"] = torch_runner(*dims)
+            # the same Keras model without its recurrent layer: Keras's own cost per call, so
+            # floor/torch bounds what any Keras layer can reach against torch at this point
+            runners["floor"] = keras_runner(None, *dims, jit)
         rate = time_alternating(runners, FLAGS.repeats, FLAGS.steps, FLAGS.round_seconds)
         gflops = flops_per_step(*dims) * rate["fr"] / 1e9
         torch_cell, vs_torch = torch_columns(rate, "fr")
+        _, floor_vs_torch = torch_columns(rate, "floor")
         row = (f"| {cell} | {mode} | {batch} | {steps} | {units} | {jit} | {rate['fr']:.1f} | "
                f"{rate['keras']:.1f} | {torch_cell} | "
                f"{rate['fr'] / rate['keras']:.2f} | "
-               f"{vs_torch} | "
+               f"{vs_torch} | {floor_vs_torch} | "
                f"{gflops:.0f} | ")
         measured.append((row, gflops))
         print(f"{row}{100 * gflops / roof:.0f} % |", flush=True)
