@@ -26,12 +26,9 @@ TINY = {
                          "--steps=1"],
     # odd shapes: partial row blocks and column panels, each product checked in double
     "small_gemm.py": ["--rounds=1", "--shapes=7x37x53,13x5x16"],
-    "small_batch_inference.py": ["--cells=lstm,gru", "--batch=4", "--time=5", "--hidden=4",
-                                 "--input_dim=3", "--repeats=1", "--steps=1"],
 }
 ROWS = {"rnn_speed.py": 4, "fused_kernel.py": 2, "unused_features.py": 4, "native_gates.py": 2,
-        "sequence_kernels.py": 2, "small_gemm.py": 4, "masked_speed.py": 4, "backend_speed.py": 4,
-        "small_batch_inference.py": 2}
+        "sequence_kernels.py": 2, "small_gemm.py": 4, "masked_speed.py": 4, "backend_speed.py": 4}
 
 
 @pytest.mark.parametrize("script", sorted(TINY))

@@ -39,12 +39,6 @@ from keras_fancyrnn import config
 ANY_BATCH = 2**31 - 1
 
 
-# The largest batch at which a sequence kernel projects the inputs itself in inference: at 16 it
-# measured 1.02-1.24x TensorFlow's transpose and matmul, at 64 0.83-1.02x
-# (benchmarks/results/2026-12-05_small_batch_inference.md).
-IN_KERNEL_BATCH = 32
-
-
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """How one call of a recurrent layer runs.
@@ -60,11 +54,6 @@ class Plan:
         hoist_inputs: the loop (or scan) computes ``x W + b`` for all steps before it (on a GPU,
             and in the scan on PyTorch; on a CPU the projection inside each step measured faster
             in TensorFlow's loop and in XLA's, benchmarks/results/).
-        project_in_kernel: ``sequence_kernel`` in inference, at batches up to
-            ``IN_KERNEL_BATCH`` (checked at run time where the batch size is unknown when
-            traced): the kernel takes the batch-major ``x`` and computes ``x W`` itself, so the
-            call is one op (no transpose of ``x``, no separate matmul). Training keeps them:
-            their gradients need no transpose.
     """
 
     layer: str
@@ -73,7 +62,6 @@ class Plan:
     batch_limit: int = ANY_BATCH
     gate_kernels: bool = False
     hoist_inputs: bool = False
-    project_in_kernel: bool = False
 
     def __str__(self) -> str:
         path = "loop (gate kernels)" if self.path == "loop" and self.gate_kernels else self.path
@@ -307,10 +295,7 @@ def choose(layer, inputs, mask=None, training=False, probed=False) -> Plan:
     path, limit, why = _whole_sequence(layer, inputs, mask, probed)
     if path == "loop":
         return _record(Plan(reason=why, **loop))
-    in_kernel = path == "sequence_kernel" and not training and not layer.go_backwards
-    if in_kernel:
-        why += f", which projects the inputs itself (inference, batch <= {IN_KERNEL_BATCH})"
-    return _record(Plan(name, path, why, batch_limit=limit, project_in_kernel=in_kernel))
+    return _record(Plan(name, path, why, batch_limit=limit))
 
 
 # -- recording, for fr.explain ---------------------------------------------------------------
@@ -349,8 +334,7 @@ def explain(model, x, *, training: bool = False) -> Explanation:
     why: where it is not the fastest path, what rules the faster one out. Runs ``model(x)`` once.
 
         print(fr.explain(model, x))
-        # lstm: sequence_kernel: the whole sequence in one C++ op, which projects the inputs
-        # itself (inference, batch <= 32)
+        # lstm: sequence_kernel: the whole sequence in one C++ op
 
     Args:
         model: a Keras model or layer.

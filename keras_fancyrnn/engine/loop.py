@@ -115,12 +115,12 @@ def run(
         whole = functools.partial(_fused, sequence, cell, inputs, initial_state, dp_mask,
                                   go_backwards, return_sequences, mask, probes,
                                   zero_output_for_mask)
-        if plan.project_in_kernel:
-            whole = functools.partial(_by_batch, inputs, dispatch.IN_KERNEL_BATCH,
-                                      functools.partial(whole, batch_major=True), whole)
-        if plan.batch_limit >= dispatch.ANY_BATCH:
+        limit = plan.batch_limit
+        if limit >= dispatch.ANY_BATCH:
             return whole()
-        return _by_batch(inputs, plan.batch_limit, whole, loop)
+        if inputs.shape[0] is not None:
+            return whole() if inputs.shape[0] <= limit else loop()
+        return tf.cond(tf.shape(inputs)[0] <= limit, whole, loop)
     if plan.path != "cudnn":
         return loop()
     fused = functools.partial(cudnn.run, cell, inputs, initial_state, mask=mask,
@@ -132,27 +132,15 @@ def run(
                    loop)
 
 
-def _by_batch(inputs, limit, small, large):
-    """``small()`` where the batch is at most ``limit``, else ``large()``: decided now where the
-    batch size is known, else at run time."""
-    batch = inputs.shape[0]
-    if batch is not None:
-        return small() if batch <= limit else large()
-    return tf.cond(tf.shape(inputs)[0] <= limit, small, large)
-
-
 def _fused(sequence, cell, inputs, initial_state, dp_mask, go_backwards, return_sequences,
-           mask=None, probes=None, zero_output_for_mask=False, batch_major=False):
+           mask=None, probes=None, zero_output_for_mask=False):
     """The cell's whole-sequence kernel ``sequence`` in place of the loop (same results as
-    ``_loop``); ``batch_major``: it takes the inputs as they are and projects them itself
-    (``Plan.project_in_kernel``). It reads the cell's weights, so it waits while another thread
-    has them swapped for tensors (``weights_read_once``)."""
+    ``_loop``). It reads the cell's weights, so it waits while another thread has them swapped
+    for tensors (``weights_read_once``)."""
     probes = dict(probes or {})
     sink = probes.pop(STATES_SINK, None)
     xs, _, mask, probes = _time_major(cell, inputs, mask, probes, None, go_backwards, False)
     kwargs = {} if mask is None and not probes else {"mask": mask, "probes": probes}
-    if batch_major and dp_mask is None and not go_backwards:
-        xs, kwargs = inputs, {**kwargs, "batch_major": True}
     with getattr(cell, "_weights_lock", None) or contextlib.nullcontext():
         hidden, states = sequence(xs, list(initial_state), dp_mask, **kwargs)
     if mask is None:  # the outputs are the hidden states

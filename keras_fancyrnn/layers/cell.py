@@ -296,22 +296,16 @@ class RecurrentCell(SeedStateSaving, keras.layers.Layer, DropoutRNNCell):
         return ("the sequence kernels run activation tanh and recurrent_activation sigmoid, "
                 "not this cell's")
 
-    def fused_sequence(self, inputs, states, dropout_mask=None, mask=None, probes=None,
-                       batch_major=False):
+    def fused_sequence(self, inputs, states, dropout_mask=None, mask=None, probes=None):
         """All timesteps in one kernel: ``x W`` for the whole sequence as one matmul, then
-        ``sequence_kernel``, which adds the bias. ``inputs``: time-major ``[T, B, D]``, or with
-        ``batch_major`` the layer's ``[B, T, D]``, which the kernel projects itself;
+        ``sequence_kernel``, which adds the bias. ``inputs``: time-major ``[T, B, D]``;
         ``dropout_mask``: ``None`` or one ``[B, D]`` mask; ``mask`` ``[T, B]`` and ``probes``
         ``{state index: [T, B, units]}`` as ``keras_fancyrnn.ops.native.lstm_sequence`` takes
         them. Returns ``(hidden states [T, B, units], final states)``."""
         if dropout_mask is not None:
             inputs = inputs * dropout_mask  # one [B, D] mask, broadcast over time
-        kernel = ops.convert_to_tensor(self.kernel)
+        xp = native.project(inputs, ops.convert_to_tensor(self.kernel))
         bias = None if self.input_bias is None else ops.convert_to_tensor(self.input_bias)
-        if batch_major:
-            return self.sequence_kernel(inputs, list(states), bias, mask=mask, probes=probes,
-                                        w=kernel)
-        xp = native.project(inputs, kernel)
         return self.sequence_kernel(xp, list(states), bias, mask=mask, probes=probes)
 
     def get_config(self):

@@ -76,18 +76,16 @@ class GRUCell(RecurrentCell):
         return h, [h]
 
 
-    def sequence_kernel(self, xp, states, bias=None, mask=None, probes=None, w=None):
+    def sequence_kernel(self, xp, states, bias=None, mask=None, probes=None):
         """``step`` over all of ``xp = x W`` ``[T, B, 3·units]`` plus the input bias ``bias`` in
         one C++ op (tanh/sigmoid; either ``reset_after``), with ``mask`` and ``probes``
-        (``native.gru_sequence``; with ``w``, ``xp`` is the batch-major ``x`` and the op
-        projects it)."""
+        (``native.gru_sequence``)."""
         kernel = ops.convert_to_tensor(self.recurrent_kernel)
         if not self.reset_after:
             return native.gru_before_sequence(xp, states[0], kernel, bias, mask=mask,
-                                              probes=probes, w=w)
+                                              probes=probes)
         b_rec = None if self.bias is None else ops.convert_to_tensor(self.bias)[1]
-        return native.gru_sequence(xp, states[0], kernel, b_rec, bias, mask=mask, probes=probes,
-                                   w=w)
+        return native.gru_sequence(xp, states[0], kernel, b_rec, bias, mask=mask, probes=probes)
 
     def get_config(self):
         return {

@@ -84,13 +84,12 @@ class LSTMCell(RecurrentCell):
     fused_max_macs = 450_000
     fused_max_macs_plain_loop = 1_300_000
 
-    def sequence_kernel(self, xp, states, bias=None, mask=None, probes=None, w=None):
+    def sequence_kernel(self, xp, states, bias=None, mask=None, probes=None):
         """``step`` over all of ``xp = x W`` ``[T, B, 4·units]`` plus ``bias`` in one C++ op
-        (tanh/sigmoid), with ``mask`` and ``probes`` (``native.lstm_sequence``; with ``w``,
-        ``xp`` is the batch-major ``x`` and the op projects it)."""
+        (tanh/sigmoid), with ``mask`` and ``probes`` (``native.lstm_sequence``)."""
         return native.lstm_sequence(xp, states[0], states[1],
                                     ops.convert_to_tensor(self.recurrent_kernel), bias,
-                                    mask=mask, probes=probes, w=w)
+                                    mask=mask, probes=probes)
 
     def block_lstm_batch_limit(self, input_dim, dtype):
         """The largest batch for which ``block_lstm_sequence`` runs instead of the loop (where

@@ -43,13 +43,11 @@ class SimpleRNNCell(RecurrentCell):
             return "tanh"
         return "relu" if self.activation is keras.activations.relu else None
 
-    def sequence_kernel(self, xp, states, bias=None, mask=None, probes=None, w=None):
+    def sequence_kernel(self, xp, states, bias=None, mask=None, probes=None):
         """``step`` over all of ``xp = x W`` ``[T, B, units]`` plus ``bias`` in one C++ op (tanh
-        or ReLU), with ``mask`` and ``probes`` (``native.rnn_sequence``; with ``w``, ``xp`` is
-        the batch-major ``x`` and the op projects it)."""
+        or ReLU), with ``mask`` and ``probes`` (``native.rnn_sequence``)."""
         return native.rnn_sequence(xp, states[0], ops.convert_to_tensor(self.recurrent_kernel),
-                                   self._kernel_activation(), bias, mask=mask, probes=probes,
-                                   w=w)
+                                   self._kernel_activation(), bias, mask=mask, probes=probes)
 
 
 @keras.saving.register_keras_serializable(package="keras_fancyrnn")

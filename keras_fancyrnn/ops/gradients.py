@@ -225,32 +225,6 @@ def _recurrent_kernel_gradient(h0, h, dz):
     return rest + tf.matmul(h0, tf.reduce_sum(dz[:1], axis=0), transpose_a=True)
 
 
-def _input_projection(op):
-    """A forward kernel's ``xp`` ``[T, B, n]``: its input 0, or ``x W`` where it was given the
-    batch-major ``x`` ``[B, T, D]`` and its last input ``w`` (it computed ``x W`` and kept none
-    of it)."""
-    from keras_fancyrnn._tf import tf
-
-    x, w = op.inputs[0], op.inputs[-1]
-    if _absent(w):
-        return x
-    return tf.matmul(tf.transpose(x, [1, 0, 2]), w)
-
-
-def _through_projection(op, dxp):
-    """The gradients of a forward kernel's input 0 and its last input ``w``: ``(dxp, None)``
-    where it was given ``xp``, else, for ``x`` ``[B, T, D]``, ``(dxp W^T, sum x^T dxp)``."""
-    from keras_fancyrnn._tf import tf
-
-    x, w = op.inputs[0], op.inputs[-1]
-    if _absent(w):
-        return dxp, None
-    dxp = tf.transpose(dxp, [1, 0, 2])  # batch-major, as x
-    dflat = tf.reshape(dxp, [-1, tf.shape(w)[-1]])
-    dx = tf.reshape(tf.matmul(dflat, w, transpose_b=True), tf.shape(x))
-    return dx, tf.matmul(tf.reshape(x, [-1, tf.shape(x)[-1]]), dflat, transpose_a=True)
-
-
 def _known_zero(grad) -> bool:
     """Whether ``grad`` is None or, in a graph, a fill of zeros: what TensorFlow passes for the
     outputs of an op that nothing downstream used (it fills zeros for every output of an op
@@ -348,59 +322,50 @@ def _register_sequence_gradients():
     # Each forward kernel's last inputs are its mask (no gradient) and probes, whose gradients
     # are the backward kernel's last outputs.
 
-    # Each forward kernel's last input is the input kernel w (the empty marker where the caller
-    # computed x W): _through_projection turns the gradient of x W into those of x and w.
-    # (Where the kernel projects x itself, backpropagation transposes d xp to x's batch-major
-    # order: the layers give it x only where they expect no gradient.)
-
     @tf.RegisterGradient("KerasFancyrnnLstmSequence")
     def _lstm_sequence(op, dz, dh, dc, dh_last, dc_last):
-        _, h0, c0, u, _, *extras, _ = op.inputs
+        _, h0, c0, u, _, *extras = op.inputs
         z, h, c, *last = op.outputs
         dh_last, dc_last = _zeros_for_none((dh_last, dc_last), last)
         dz, dh0, dc0, db, *dprobes = library().keras_fancyrnn_lstm_sequence_grad(
             _optional(dh, h), _optional(dc, c), _optional(dz, z), z, c, c0, u, dh_last, dc_last,
             *extras, product=_attr(op, "product"))
-        dx, dw = _through_projection(op, dz)
-        return dx, dh0, dc0, _recurrent_kernel_gradient(h0, h, dz), db, None, *dprobes, dw
+        return dz, dh0, dc0, _recurrent_kernel_gradient(h0, h, dz), db, None, *dprobes
 
     @tf.RegisterGradient("KerasFancyrnnGruSequence")
     def _gru_sequence(op, dh, drec, dh_last):
-        _, h0, u, _, b_in, *extras, _ = op.inputs
+        xp, h0, u, _, b_in, *extras = op.inputs
         h, rec, last = op.outputs
         (dh_last,) = _zeros_for_none((dh_last,), (last,))
         dxp, drec, dh0, db_in, db_rec, dprobe = library().keras_fancyrnn_gru_sequence_grad(
-            _optional(dh, h), _optional(drec, rec), _input_projection(op), rec, h, h0, u,
-            dh_last, b_in, *extras, product=_attr(op, "product"))
-        dx, dw = _through_projection(op, dxp)
-        return dx, dh0, _recurrent_kernel_gradient(h0, h, drec), db_rec, db_in, None, dprobe, dw
+            _optional(dh, h), _optional(drec, rec), xp, rec, h, h0, u, dh_last, b_in, *extras,
+            product=_attr(op, "product"))
+        return dxp, dh0, _recurrent_kernel_gradient(h0, h, drec), db_rec, db_in, None, dprobe
 
     @tf.RegisterGradient("KerasFancyrnnGruBeforeSequence")
     def _gru_before_sequence(op, dh, drec, drh, dh_last):
-        _, h0, u, b, *extras, _ = op.inputs
+        xp, h0, u, b, *extras = op.inputs
         h, rec, rh, last = op.outputs
         (dh_last,) = _zeros_for_none((dh_last,), (last,))
         dxp, drec, dh0, db, dprobe = library().keras_fancyrnn_gru_before_sequence_grad(
-            _optional(dh, h), _optional(drec, rec), _optional(drh, rh), _input_projection(op),
-            rec, h, h0, u, dh_last, b, *extras, product=_attr(op, "product"))
+            _optional(dh, h), _optional(drec, rec), _optional(drh, rh), xp, rec, h, h0, u,
+            dh_last, b, *extras, product=_attr(op, "product"))
         # rec = [h_{t-1} U_z, h_{t-1} U_r, rh_t U_h]
         units = h.shape[-1]
         du_h = tf.matmul(tf.reshape(rh, [-1, units]), tf.reshape(drec[..., 2 * units:],
                                                                  [-1, units]), transpose_a=True)
         du_zr = _recurrent_kernel_gradient(h0, h, drec[..., :2 * units])
-        dx, dw = _through_projection(op, dxp)
-        return dx, dh0, tf.concat([du_zr, du_h], axis=1), db, None, dprobe, dw
+        return dxp, dh0, tf.concat([du_zr, du_h], axis=1), db, None, dprobe
 
     @tf.RegisterGradient("KerasFancyrnnRnnSequence")
     def _rnn_sequence(op, dh, dh_last, _):  # act: ReLU's σ(z_t), whose σ' has no gradient
-        _, h0, u, _, mask, probe, _ = op.inputs
+        _, h0, u, _, mask, probe = op.inputs
         h, last, act = op.outputs
         (dh_last,) = _zeros_for_none((dh_last,), (last,))
         dz, dh0, db, dprobe = library().keras_fancyrnn_rnn_sequence_grad(
             _optional(dh, h), h, h0, u, dh_last, mask, probe, act,
             activation=_attr(op, "activation"), product=_attr(op, "product"))
-        dx, dw = _through_projection(op, dz)
-        return dx, dh0, _recurrent_kernel_gradient(h0, h, dz), db, None, dprobe, dw
+        return dz, dh0, _recurrent_kernel_gradient(h0, h, dz), db, None, dprobe
 
 
 def _register_sequence_second_derivatives():

@@ -11,9 +11,8 @@ arithmetic. Two kinds of kernels remove that:
 - ``kernels/sequence.cc``: every timestep of an LSTM, GRU (either ``reset_after``) or tanh or
   ReLU SimpleRNN in one op (``lstm_sequence``, ``gru_sequence``, ``gru_before_sequence``,
   ``rnn_sequence``), and the step-by-step part of its gradient in another, which also sums the
-  bias gradient; ``project`` computes ``x W`` for all timesteps before it (or, given the input
-  kernel ``w``, the op projects the batch-major ``x`` itself: the layers' inference at small
-  batches), and the weight gradients are large matmuls after it. Masks and the monitor's probes run in them too; the
+  bias gradient; ``project`` computes ``x W`` for all timesteps before it, and the weight
+  gradients are large matmuls after it. Masks and the monitor's probes run in them too; the
   engine runs them wherever it does not need its loop (truncation, recurrent dropout, ``unroll``;
   benchmarks/sequence_kernels.py).
 - ``kernels/gates.cc``: the gate equations of ``LSTMCell.step`` and ``GRUCell.step`` in one op
@@ -92,20 +91,19 @@ def project(x, kernel):
     return tf.ensure_shape(y, x.shape[:-1].concatenate(kernel.shape[-1:]))
 
 
-def _bias(bias, u, dtype):
-    """The bias input of a sequence kernel: ``bias``, or zeros as wide as the recurrent kernel
-    ``u``'s columns."""
+def _bias(bias, xp):
+    """The bias input of a sequence kernel: ``bias``, or zeros as wide as ``xp``'s rows."""
     from keras_fancyrnn._tf import tf
 
     if bias is None:
-        return tf.zeros(tf.shape(u)[-1:], dtype)
-    return tf.convert_to_tensor(bias, dtype)
+        return tf.zeros(tf.shape(xp)[-1:], xp.dtype)
+    return tf.convert_to_tensor(bias, xp.dtype)
 
 
-def _extras(xp, mask, probes, states: int, w=None):
-    """The inputs every sequence kernel takes after its own: ``mask`` ``[T, B]`` (bool),
-    ``probes[i]`` ``[T, B, H]`` for each of the first ``states`` states, and the input kernel
-    ``w``, each the empty marker where absent."""
+def _extras(xp, mask, probes, states: int):
+    """The mask and probe inputs every sequence kernel takes after its own: ``mask`` ``[T, B]``
+    (bool) and ``probes[i]`` ``[T, B, H]`` for each of the first ``states`` states, each the empty
+    marker where absent."""
     from keras_fancyrnn._tf import tf
 
     probes = probes or {}
@@ -114,55 +112,48 @@ def _extras(xp, mask, probes, states: int, w=None):
         raise ValueError(f"probes: state indices {sorted(unknown)} do not exist; this kernel "
                          f"has {states} state(s)")
     mask = tf.zeros([0], tf.bool) if mask is None else tf.cast(mask, tf.bool)
-    return ([mask] + [tf.zeros([0], xp.dtype) if probes.get(i) is None
-                      else tf.convert_to_tensor(probes[i], xp.dtype) for i in range(states)]
-            + [tf.zeros([0], xp.dtype) if w is None else tf.convert_to_tensor(w, xp.dtype)])
+    return [mask] + [tf.zeros([0], xp.dtype) if probes.get(i) is None
+                     else tf.convert_to_tensor(probes[i], xp.dtype) for i in range(states)]
 
 
-def lstm_sequence(xp, h0, c0, u, b=None, mask=None, probes=None, w=None):
+def lstm_sequence(xp, h0, c0, u, b=None, mask=None, probes=None):
     """All steps of an LSTM: ``(h [T, B, H], [h_T, c_T])`` from ``xp = x W`` ``[T, B, 4H]``
     (time-major), the initial states ``h0``, ``c0``, the recurrent kernel ``u`` and the bias
     ``b`` (``None``: none). ``mask`` ``[T, B]``: at a false step a row keeps its states (the
     returned ``h`` is the state sequence; the layer makes the outputs). ``probes``:
     ``{0: [T, B, H], 1: [T, B, H]}`` added to ``h_t`` / ``c_t`` (before ``c_t`` feeds ``h_t``)
-    at unmasked steps: their gradients are ``∂ℓ/∂h_t`` and ``∂ℓ/∂c_t``. With the input kernel
-    ``w`` ``[D, 4H]``, ``xp`` is the batch-major ``x`` ``[B, T, D]`` and the kernel computes
-    ``x W`` itself: one op for the layer, without a transpose or a separate matmul (what the
-    layers run for inference; their gradient transposes ``d xp`` back to ``x``'s order)."""
+    at unmasked steps: their gradients are ``∂ℓ/∂h_t`` and ``∂ℓ/∂c_t``."""
     _, h, _, h_last, c_last = library().keras_fancyrnn_lstm_sequence(
-        xp, h0, c0, u, _bias(b, u, xp.dtype), *_extras(xp, mask, probes, 2, w),
-        product=product())
+        xp, h0, c0, u, _bias(b, xp), *_extras(xp, mask, probes, 2), product=product())
     return h, [h_last, c_last]
 
 
-def gru_sequence(xp, h0, u, b_rec=None, b_in=None, mask=None, probes=None, w=None):
+def gru_sequence(xp, h0, u, b_rec=None, b_in=None, mask=None, probes=None):
     """All steps of a GRU (``reset_after=True``): ``(h [T, B, H], [h_T])`` from
     ``xp = x W`` ``[T, B, 3H]``, ``h0``, the recurrent kernel ``u``, the recurrent bias ``b_rec``
-    and the input bias ``b_in`` (``None``: none); ``mask``, ``probes`` and ``w`` as
-    ``lstm_sequence``."""
+    and the input bias ``b_in`` (``None``: none); ``mask`` and ``probes`` as ``lstm_sequence``."""
     h, _, h_last = library().keras_fancyrnn_gru_sequence(
-        xp, h0, u, _bias(b_rec, u, xp.dtype), _bias(b_in, u, xp.dtype),
-        *_extras(xp, mask, probes, 1, w), product=product())
-    return h, [h_last]
-
-
-def gru_before_sequence(xp, h0, u, b=None, mask=None, probes=None, w=None):
-    """All steps of a GRU with ``reset_after=False`` (the reset gate before the product):
-    ``(h [T, B, H], [h_T])`` from ``xp = x W`` ``[T, B, 3H]``, ``h0``, ``u`` and the bias ``b``
-    (``None``: none); ``mask``, ``probes`` and ``w`` as ``lstm_sequence``."""
-    h, _, _, h_last = library().keras_fancyrnn_gru_before_sequence(
-        xp, h0, u, _bias(b, u, xp.dtype), *_extras(xp, mask, probes, 1, w),
+        xp, h0, u, _bias(b_rec, xp), _bias(b_in, xp), *_extras(xp, mask, probes, 1),
         product=product())
     return h, [h_last]
 
 
-def rnn_sequence(xp, h0, u, activation="tanh", b=None, mask=None, probes=None, w=None):
+def gru_before_sequence(xp, h0, u, b=None, mask=None, probes=None):
+    """All steps of a GRU with ``reset_after=False`` (the reset gate before the product):
+    ``(h [T, B, H], [h_T])`` from ``xp = x W`` ``[T, B, 3H]``, ``h0``, ``u`` and the bias ``b``
+    (``None``: none); ``mask`` and ``probes`` as ``lstm_sequence``."""
+    h, _, _, h_last = library().keras_fancyrnn_gru_before_sequence(
+        xp, h0, u, _bias(b, xp), *_extras(xp, mask, probes, 1), product=product())
+    return h, [h_last]
+
+
+def rnn_sequence(xp, h0, u, activation="tanh", b=None, mask=None, probes=None):
     """All steps of a SimpleRNN with ``activation`` ``"tanh"`` or ``"relu"``:
     ``(h [T, B, H], [h_T])`` from ``xp = x W`` ``[T, B, H]`` and the bias ``b`` (``None``:
-    none); ``mask``, ``probes`` and ``w`` as ``lstm_sequence``."""
+    none); ``mask`` and ``probes`` as ``lstm_sequence``."""
     h, h_last, _ = library().keras_fancyrnn_rnn_sequence(
-        xp, h0, u, _bias(b, u, xp.dtype), *_extras(xp, mask, probes, 1, w),
-        activation=activation, product=product())
+        xp, h0, u, _bias(b, xp), *_extras(xp, mask, probes, 1), activation=activation,
+        product=product())
     return h, [h_last]
 
 

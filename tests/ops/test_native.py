@@ -305,34 +305,30 @@ def test_sequence_kernels_equal_keras(library, kind, go_backwards, product, rng)
 def _sequence_loss(library, kind, weights, mask=None):
     """A float64 loss of the raw sequence op that uses every output (also ``z`` / ``rec`` and the
     final states, so every gradient input of the gradient kernels is exercised), as a function
-    of ``xp``, the rest, the probes and optionally the input kernel ``w`` (then ``xp`` is the
-    batch-major ``x``, which the op projects); ``mask`` ``[T, B]`` or ``None``."""
+    of ``xp``, the rest and the probes; ``mask`` ``[T, B]`` or ``None``."""
     mask = tf.zeros([0], tf.bool) if mask is None else tf.constant(mask)
-    none = tf.zeros([0], tf.float64)
 
     def last(*states):
         return sum(tf.reduce_sum(tf.sin((k + 2) * s)) for k, s in enumerate(states))
 
-    def lstm(xp, h0, c0, u, b, p_h, p_c, w=none):
+    def lstm(xp, h0, c0, u, b, p_h, p_c):
         z, h, c, h_last, c_last = library.keras_fancyrnn_lstm_sequence(xp, h0, c0, u, b, mask,
-                                                                       p_h, p_c, w)
+                                                                       p_h, p_c)
         return tf.reduce_sum(h * weights[0] + c * c * weights[1]) + tf.reduce_sum(
             tf.sin(z)[..., :1]) + last(h_last, c_last)
 
-    def gru(xp, h0, u, b_rec, b_in, p_h, w=none):
-        h, rec, h_last = library.keras_fancyrnn_gru_sequence(xp, h0, u, b_rec, b_in, mask, p_h,
-                                                             w)
+    def gru(xp, h0, u, b_rec, b_in, p_h):
+        h, rec, h_last = library.keras_fancyrnn_gru_sequence(xp, h0, u, b_rec, b_in, mask, p_h)
         return tf.reduce_sum(h ** 3 * weights[0]) + tf.reduce_sum(tf.sin(rec)[..., :1]) + last(
             h_last)
 
-    def rnn(xp, h0, u, b, p_h, w=none, activation="tanh"):
-        h, h_last, _ = library.keras_fancyrnn_rnn_sequence(xp, h0, u, b, mask, p_h, w,
+    def rnn(xp, h0, u, b, p_h, activation="tanh"):
+        h, h_last, _ = library.keras_fancyrnn_rnn_sequence(xp, h0, u, b, mask, p_h,
                                                            activation=activation)
         return tf.reduce_sum(h ** 3 * weights[0]) + last(h_last)
 
-    def gru_before(xp, h0, u, b, p_h, w=none):
-        h, rec, rh, h_last = library.keras_fancyrnn_gru_before_sequence(xp, h0, u, b, mask, p_h,
-                                                                        w)
+    def gru_before(xp, h0, u, b, p_h):
+        h, rec, rh, h_last = library.keras_fancyrnn_gru_before_sequence(xp, h0, u, b, mask, p_h)
         return (tf.reduce_sum(h ** 3 * weights[0]) + tf.reduce_sum(tf.sin(rec)[..., :1])
                 + tf.reduce_sum(rh * weights[1]) + last(h_last))
 
@@ -340,14 +336,11 @@ def _sequence_loss(library, kind, weights, mask=None):
             "SimpleRNN-relu": lambda *a: rnn(*a, activation="relu"), "GRU-before": gru_before}[kind]
 
 
-@pytest.mark.parametrize("projected", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("kind", SEQUENCE_OPS)
-def test_sequence_kernel_gradients_equal_finite_differences(library, kind, masked, projected,
-                                                            rng):
+def test_sequence_kernel_gradients_equal_finite_differences(library, kind, masked, rng):
     """Every input's gradient, the (nonzero) probes' included, against float64 finite
-    differences; with a mask of every pattern; and ``projected``: with the input kernel ``w``
-    the op takes the batch-major ``x`` and projects it (its gradients are those of x and w)."""
+    differences; with a mask of every pattern."""
     steps, batch, units = 4, 8, 3  # batch 8: two shards of four rows on two threads
     gates = GATES[kind]
     weights = rng.normal(size=(2, steps, batch, units))
@@ -364,9 +357,6 @@ def test_sequence_kernel_gradients_equal_finite_differences(library, kind, maske
     rest.extend(tf.Variable(0.3 * rng.normal(size=(steps, batch, units)))
                 for _ in range(2 if kind == "LSTM" else 1))
     xp = rng.normal(size=(steps, batch, gates * units))
-    if projected:  # x [B, T, D] (D = 5) and w [D, gates·units]
-        xp = rng.normal(size=(batch, steps, 5))
-        rest.append(tf.Variable(0.5 * rng.normal(size=(5, gates * units))))
     assert_gradients_match_finite_differences(lambda xp: loss(xp, *rest), xp, rest, rng)
 
 
@@ -426,8 +416,7 @@ def test_sequence_kernels_reject_bad_shapes_naming_the_input(library):
                        match=r"KerasFancyrnnLstmSequence: input u must have shape \[3, 12\]"):
         library.keras_fancyrnn_lstm_sequence(tf.zeros((5, 2, 12)), tf.zeros((2, 3)),
                                              tf.zeros((2, 3)), tf.zeros((3, 9)), tf.zeros((12,)),
-                                             tf.zeros([0], tf.bool), tf.zeros([0]), tf.zeros([0]),
-                                             tf.zeros([0]))
+                                             tf.zeros([0], tf.bool), tf.zeros([0]), tf.zeros([0]))
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"KerasFancyrnnGruSequence: input mask must have shape \[5, 2\]"):
         native.gru_sequence(tf.zeros((5, 2, 9)), tf.zeros((2, 3)), tf.zeros((3, 9)),
@@ -449,15 +438,6 @@ def test_sequence_kernels_reject_bad_shapes_naming_the_input(library):
                             tf.zeros((9,)))
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"input h0 must have shape"):
         native.rnn_sequence(tf.zeros((5, 2, 3)), tf.zeros((2, 3, 1)), tf.zeros((3, 3)))
-    # with the input kernel w, input 0 is the batch-major x [B, T, D] and w is [D, gates·H]
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match=r"KerasFancyrnnLstmSequence: input w must have shape \[4, 12\]"):
-        native.lstm_sequence(tf.zeros((2, 5, 4)), tf.zeros((2, 3)), tf.zeros((2, 3)),
-                             tf.zeros((3, 12)), w=tf.zeros((5, 12)))
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match=r"input xp must have shape \[2, 5, \?\]"):
-        native.rnn_sequence(tf.zeros((3, 5, 4)), tf.zeros((2, 3)), tf.zeros((3, 3)),
-                            w=tf.zeros((4, 3)))
 
 
 @pytest.mark.parametrize("kind", SEQUENCE_OPS)

@@ -54,12 +54,8 @@ class Shapes {
 
   // An optional gradient input: empty (absent) or of the given shape.
   bool CheckOptional(int i, std::initializer_list<int64_t> dims) {
-    return Empty(i) || Check(i, dims);
+    return ctx_->input(i).NumElements() == 0 || Check(i, dims);
   }
-
-  bool Empty(int i) const { return ctx_->input(i).NumElements() == 0; }
-  int Last() const { return ctx_->num_inputs() - 1; }
-  int64_t Dim(int i, int d) const { return ctx_->input(i).dim_size(d); }
 
  private:
   std::string InputName(int i) const {

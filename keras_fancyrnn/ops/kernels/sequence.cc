@@ -1,12 +1,10 @@
 // Whole-sequence recurrences (keras_fancyrnn.ops.native): every timestep of an LSTM, GRU or
 // SimpleRNN layer in one op, and its gradient in another.
 //
-// The input projection x W is the caller's (one large TensorFlow matmul for all timesteps) or,
-// where a forward op's last input `w` is given, computed here from the layer's batch-major x
-// (Projection below: in inference at small batches, where the transpose and the separate matmul
-// cost much of a call). The weight gradients sum_t x_t^T dz_t and sum_t h_{t-1}^T dz_t are large
-// TensorFlow matmuls after the gradient ops. What is left is the part that must run step by
-// step: h_{t-1} U (small_gemm.h), the gate equations (gate_math.h) and, backward, dz_t U^T. The input bias is
+// The input projection x W is not here: the caller computes it for all timesteps as one large
+// TensorFlow matmul (oneDNN), and likewise the weight gradients sum_t x_t^T dz_t and
+// sum_t h_{t-1}^T dz_t. What is left is the part that must run step by step: h_{t-1} U
+// (small_gemm.h), the gate equations (gate_math.h) and, backward, dz_t U^T. The input bias is
 // an input here, not added to x W, so that the gradient kernels can sum its gradient over the
 // steps while each step's rows are in cache (a separate sum re-reads all of dz from memory).
 // Batch rows do not interact, so the batch is split into one shard per thread of TensorFlow's
@@ -19,10 +17,9 @@
 // registration, each written out for its cell; what they share is in the helpers above them and
 // in kernel_util.h, gate_math.h and small_gemm.h.
 //
-// Layouts are time-major (but for a projected x [B, T, D]): xp [T, B, k H], states [B, H],
-// U [H, k H], sequences [T, B, H], mask [T, B].
+// Layouts are time-major: xp [T, B, k H], states [B, H], U [H, k H], sequences [T, B, H],
+// mask [T, B].
 #include <algorithm>
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -211,21 +208,18 @@ struct Dims {
   int64_t S = 0, B = 0, H = 0;
 };
 
-inline bool ReadDims(Shapes& shapes, OpKernelContext* ctx, int state, int seq, bool batch_major,
-                     Dims* d) {
+inline bool ReadDims(Shapes& shapes, OpKernelContext* ctx, int state, int seq, Dims* d) {
   if (!shapes.Check(state, {-1, -1}) || !shapes.Check(seq, {-1, -1, -1})) return false;
   d->B = ctx->input(state).dim_size(0);
   d->H = ctx->input(state).dim_size(1);
-  d->S = ctx->input(seq).dim_size(batch_major ? 1 : 0);
+  d->S = ctx->input(seq).dim_size(0);
   return true;
 }
 
 // What an input of a sequence op is, in units of its S steps, B rows and H units (k: gates per
 // unit): a sequence [S, B, kH], a state [B, H], a recurrent kernel [H, kH], a bias [kH], the mask
 // [S, B]; optional ones (a gradient that may be absent, the mask, a probe [S, B, H]) may be empty.
-// kInput: a forward op's input 0 and its last input `w`: xp [S, B, kH] with `w` empty, or
-// x [B, S, D] with `w` [D, kH] (Projection).
-enum class Is { kSequence, kOptionalSequence, kState, kKernel, kBias, kMask, kProbe, kInput };
+enum class Is { kSequence, kOptionalSequence, kState, kKernel, kBias, kMask, kProbe };
 
 struct Input {
   int index;
@@ -245,14 +239,6 @@ inline bool CheckInputs(Shapes& shapes, const Dims& d, std::initializer_list<Inp
       case Is::kBias: ok = shapes.Check(in.index, {kH}); break;
       case Is::kMask: ok = shapes.CheckOptional(in.index, {S, B}); break;
       case Is::kProbe: ok = shapes.CheckOptional(in.index, {S, B, H}); break;
-      case Is::kInput:
-        if (shapes.Empty(shapes.Last())) {
-          ok = shapes.Check(in.index, {S, B, kH});
-        } else {
-          ok = shapes.Check(in.index, {B, S, -1}) &&
-               shapes.Check(shapes.Last(), {shapes.Dim(in.index, 2), kH});
-        }
-        break;
     }
     if (!ok) return false;
   }
@@ -264,9 +250,7 @@ inline bool CheckInputs(Shapes& shapes, const Dims& d, std::initializer_list<Inp
 inline bool Prepare(OpKernelContext* ctx, int state, int seq, std::initializer_list<Input> inputs,
                     Dims* d) {
   Shapes shapes(ctx);
-  bool batch_major = false;  // x [B, S, D] in place of xp (kInput)
-  for (const Input& in : inputs) batch_major |= in.is == Is::kInput && !shapes.Empty(shapes.Last());
-  return ReadDims(shapes, ctx, state, seq, batch_major, d) && CheckInputs(shapes, *d, inputs);
+  return ReadDims(shapes, ctx, state, seq, d) && CheckInputs(shapes, *d, inputs);
 }
 
 // The gradient of an optional probe input: [T, B, H] where the probe is given, else empty.
@@ -280,71 +264,6 @@ T* ProbeGrad(OpKernelContext* ctx, int output, int probe) {
 template <typename T>
 inline T* OptionalAt(T* p, int64_t t, int64_t B, int64_t b, int64_t w) {
   return p == nullptr ? nullptr : At(p, t, B, b, w);
-}
-
-// Rows [lo, lo + n) of step t of xp [T, B, w] plus the bias b, into `out` [n, w].
-template <typename T>
-void AddBias(const T* xp, const RowIn<T>& b, int64_t t, int64_t B, int64_t lo, RowMat<T>& out) {
-  out = MatIn<T>(At(xp, t, B, lo, b.size()), out.rows(), b.size()).rowwise() + b;
-}
-
-// The input projection of a forward op: input 0 is xp = x W [S, B, kH] as the caller computed
-// it, or, where the op's last input `w` is a kernel [D, kH], the layer's x [B, S, D] itself
-// (batch-major), and Into computes x W here, time-major, with the recurrent product's register
-// block: one op for the whole layer, without the transpose of x and the separate matmul (at
-// small batches their fixed costs are much of a call).
-template <typename T>
-class Projection {
- public:
-  Projection(OpKernelContext* ctx, Product product, const Dims& d) : d_(d) {
-    const Tensor& w = ctx->input(ctx->num_inputs() - 1);
-    if (w.NumElements() == 0) return;
-    D_ = w.dim_size(0);
-    w_.emplace(w.flat<T>().data(), D_, w.dim_size(1), false, -1, product);
-  }
-
-  bool computed() const { return w_.has_value(); }
-
-  // xp: input 0 where given, else x W written into `out` [S, B, kH]: for each batch row, its
-  // steps (contiguous in x) times W into rows B apart of `out`, in blocks of steps over the
-  // pool's threads.
-  const T* Into(OpKernelContext* ctx, T* out) const {
-    const T* x = Ptr<T>(ctx, 0);
-    if (!w_) return x;
-    const int64_t S = d_.S, B = d_.B, D = D_, N = ctx->input(ctx->num_inputs() - 1).dim_size(1);
-    constexpr int64_t kSteps = 32;  // a block of x's rows that stays in L1 while W's panels pass
-    const int64_t blocks = (S + kSteps - 1) / kSteps;
-    auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-    pool->ParallelFor(B * blocks, kSteps * D * N, [&](int64_t first, int64_t last) {
-      for (int64_t k = first; k < last; ++k) {
-        const int64_t b = k / blocks, t = k % blocks * kSteps;
-        w_->Multiply(x + (b * S + t) * D, std::min(kSteps, S - t), out + (t * B + b) * N, false,
-                     D, B * N);
-      }
-    });
-    return out;
-  }
-
- private:
-  const Dims d_;
-  int64_t D_ = 0;
-  std::optional<RecurrentKernel<T>> w_;
-};
-
-// xp [S, B, kH] of a forward op that reads it step by step (the GRUs): input 0, or x W
-// computed into `temp` (allocated here).
-template <typename T>
-const T* InputProjection(OpKernelContext* ctx, Product product, const Dims& d, int64_t k,
-                         Tensor* temp) {
-  const Projection<T> xp(ctx, product, d);
-  if (!xp.computed()) return Ptr<T>(ctx, 0);
-  auto status = ctx->allocate_temp(::tensorflow::DataTypeToEnum<T>::value,
-                                   TensorShape({d.S, d.B, k * d.H}), temp);
-  if (!status.ok()) {
-    ctx->SetStatus(status);
-    return nullptr;
-  }
-  return xp.Into(ctx, temp->flat<T>().data());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -362,17 +281,17 @@ class LstmSequence : public SequenceOp {
 
   void Compute(OpKernelContext* ctx) override {
     Dims d;
-    if (!Prepare(ctx, 1, 0, {{0, Is::kInput, 4}, {2, Is::kState}, {3, Is::kKernel, 4},
+    if (!Prepare(ctx, 1, 0, {{0, Is::kSequence, 4}, {2, Is::kState}, {3, Is::kKernel, 4},
                  {4, Is::kBias, 4}, {5, Is::kMask}, {6, Is::kProbe}, {7, Is::kProbe}}, &d)) return;
     const int64_t S = d.S, B = d.B, H = d.H;
-    const Projection<T> xp(ctx, product_, d);
-    T* z = Output<T>(ctx, 0, TensorShape({S, B, 4 * H}), xp.computed() ? -1 : 0);
+    const Tensor& xp = ctx->input(0);
+    T* z = Output<T>(ctx, 0, xp.shape(), 0);
     T* h = Output<T>(ctx, 1, TensorShape({S, B, H}));
     T* c = Output<T>(ctx, 2, TensorShape({S, B, H}));
     T* h_last = Output<T>(ctx, 3, ctx->input(1).shape());
     T* c_last = Output<T>(ctx, 4, ctx->input(1).shape());
     if (!ctx->status().ok()) return;
-    if (xp.Into(ctx, z) != z) std::copy_n(Ptr<T>(ctx, 0), S * B * 4 * H, z);
+    if (z != Ptr<T>(ctx, 0)) std::copy_n(Ptr<T>(ctx, 0), xp.NumElements(), z);
     const T *h_0 = Ptr<T>(ctx, 1), *c_0 = Ptr<T>(ctx, 2), *probe_h = OptionalPtr<T>(ctx, 6),
             *probe_c = OptionalPtr<T>(ctx, 7);
     const bool* mask = OptionalPtr<bool>(ctx, 5);
@@ -455,6 +374,12 @@ class LstmSequenceGrad : public SequenceOp {
 // b_in [3H] (the input bias: the gates see xp + b_in), mask, probe_h. Outputs h [T, B, H],
 // rec = h_{t-1} U + b_rec [T, B, 3H] (kept for the gradient), h_T [B, H].
 
+// Rows [lo, lo + n) of step t of xp [T, B, w] plus the bias b, into `out` [n, w].
+template <typename T>
+void AddBias(const T* xp, const RowIn<T>& b, int64_t t, int64_t B, int64_t lo, RowMat<T>& out) {
+  out = MatIn<T>(At(xp, t, B, lo, b.size()), out.rows(), b.size()).rowwise() + b;
+}
+
 template <typename T>
 class GruSequence : public SequenceOp {
  public:
@@ -462,17 +387,14 @@ class GruSequence : public SequenceOp {
 
   void Compute(OpKernelContext* ctx) override {
     Dims d;
-    if (!Prepare(ctx, 1, 0, {{0, Is::kInput, 3}, {2, Is::kKernel, 3}, {3, Is::kBias, 3},
+    if (!Prepare(ctx, 1, 0, {{0, Is::kSequence, 3}, {2, Is::kKernel, 3}, {3, Is::kBias, 3},
                  {4, Is::kBias, 3}, {5, Is::kMask}, {6, Is::kProbe}}, &d)) return;
     const int64_t S = d.S, B = d.B, H = d.H;
     T* h = Output<T>(ctx, 0, TensorShape({S, B, H}));
-    T* rec = Output<T>(ctx, 1, TensorShape({S, B, 3 * H}));
+    T* rec = Output<T>(ctx, 1, ctx->input(0).shape());
     T* h_last = Output<T>(ctx, 2, ctx->input(1).shape());
     if (!ctx->status().ok()) return;
-    Tensor projected;  // x W, where the op computes it
-    const T* xp = InputProjection<T>(ctx, product_, d, 3, &projected);
-    if (!ctx->status().ok()) return;
-    const T *h_0 = Ptr<T>(ctx, 1), *probe_h = OptionalPtr<T>(ctx, 6);
+    const T *xp = Ptr<T>(ctx, 0), *h_0 = Ptr<T>(ctx, 1), *probe_h = OptionalPtr<T>(ctx, 6);
     const bool* mask = OptionalPtr<bool>(ctx, 5);
     const RecurrentKernel<T> u(Ptr<T>(ctx, 2), H, 3 * H, false, -1, product_);
     const RowIn<T> b_rec(Ptr<T>(ctx, 3), 3 * H), b_in(Ptr<T>(ctx, 4), 3 * H);
@@ -569,18 +491,16 @@ class GruBeforeSequence : public SequenceOp {
 
   void Compute(OpKernelContext* ctx) override {
     Dims d;
-    if (!Prepare(ctx, 1, 0, {{0, Is::kInput, 3}, {2, Is::kKernel, 3}, {3, Is::kBias, 3},
+    if (!Prepare(ctx, 1, 0, {{0, Is::kSequence, 3}, {2, Is::kKernel, 3}, {3, Is::kBias, 3},
                  {4, Is::kMask}, {5, Is::kProbe}}, &d)) return;
     const int64_t S = d.S, B = d.B, H = d.H;
     T* h = Output<T>(ctx, 0, TensorShape({S, B, H}));
-    T* rec = Output<T>(ctx, 1, TensorShape({S, B, 3 * H}));
+    T* rec = Output<T>(ctx, 1, ctx->input(0).shape());
     T* rh = Output<T>(ctx, 2, TensorShape({S, B, H}));
     T* h_last = Output<T>(ctx, 3, ctx->input(1).shape());
     if (!ctx->status().ok()) return;
-    Tensor projected;  // x W, where the op computes it
-    const T* xp = InputProjection<T>(ctx, product_, d, 3, &projected);
-    if (!ctx->status().ok()) return;
-    const T *h_0 = Ptr<T>(ctx, 1), *u = Ptr<T>(ctx, 2), *probe_h = OptionalPtr<T>(ctx, 5);
+    const T *xp = Ptr<T>(ctx, 0), *h_0 = Ptr<T>(ctx, 1), *u = Ptr<T>(ctx, 2),
+            *probe_h = OptionalPtr<T>(ctx, 5);
     const bool* mask = OptionalPtr<bool>(ctx, 4);
     const RecurrentKernel<T> u_zr(u, H, 2 * H, false, 3 * H, product_),
         u_h(u + 2 * H, H, H, false, 3 * H, product_);
@@ -701,17 +621,17 @@ class RnnSequence : public SequenceOp {
 
   void Compute(OpKernelContext* ctx) override {
     Dims d;
-    if (!Prepare(ctx, 1, 0, {{0, Is::kInput}, {2, Is::kKernel}, {3, Is::kBias}, {4, Is::kMask},
+    if (!Prepare(ctx, 1, 0, {{0, Is::kSequence}, {2, Is::kKernel}, {3, Is::kBias}, {4, Is::kMask},
                  {5, Is::kProbe}}, &d)) return;
     const int64_t S = d.S, B = d.B, H = d.H;
-    const Projection<T> xp(ctx, product_, d);
-    T* h = Output<T>(ctx, 0, TensorShape({S, B, H}), xp.computed() ? -1 : 0);
+    const Tensor& xp = ctx->input(0);
+    T* h = Output<T>(ctx, 0, xp.shape(), 0);
     T* h_last = Output<T>(ctx, 1, ctx->input(1).shape());
     const bool keep_act = relu_ && ctx->input(5).dims() == 3;  // as the shape function says
     T* act = Output<T>(ctx, 2, keep_act ? TensorShape({S, B, H}) : TensorShape({0}));
     if (!keep_act) act = nullptr;
     if (!ctx->status().ok()) return;
-    if (xp.Into(ctx, h) != h) std::copy_n(Ptr<T>(ctx, 0), S * B * H, h);
+    if (h != Ptr<T>(ctx, 0)) std::copy_n(Ptr<T>(ctx, 0), xp.NumElements(), h);
     const T *h_0 = Ptr<T>(ctx, 1), *probe_h = OptionalPtr<T>(ctx, 5);
     const bool* mask = OptionalPtr<bool>(ctx, 4);
     const RecurrentKernel<T> u(Ptr<T>(ctx, 2), H, H, false, -1, product_);
@@ -791,30 +711,17 @@ class RnnSequenceGrad : public SequenceOp {
 };
 
 // Output shapes: [T, B, H] (T from input `sequence`, B and H from input `state`) for the outputs
-// `same_as_sequence`; input i's shape for each pair (output, i) of `same_as_input`; for each
-// pair (output, i) of `column_sums` a vector as long as input i's rows ([T, B, w] -> [w]); and
-// [T, B, kH] (kH: the columns of recurrent kernel input `kernel`) for the outputs `per_gate`.
+// `same_as_sequence`; input i's shape for each pair (output, i) of `same_as_input`; and for each
+// pair (output, i) of `column_sums` a vector as long as input i's rows ([T, B, w] -> [w]).
 absl::Status SequenceShapes(InferenceContext* ctx, int sequence, int state,
                             std::initializer_list<int> same_as_sequence,
                             std::initializer_list<std::pair<int, int>> same_as_input,
-                            std::initializer_list<std::pair<int, int>> column_sums = {},
-                            std::initializer_list<int> per_gate = {}, int kernel = -1) {
+                            std::initializer_list<std::pair<int, int>> column_sums = {}) {
   auto seq = ctx->input(sequence);
   auto st = ctx->input(state);
-  const bool known = ctx->RankKnown(seq) && ctx->RankKnown(st);
-  // a forward op (sequence 0) given x [B, T, D] and its kernel w (its last input, of rank 2):
-  // T is x's dim 1
-  auto w = ctx->input(ctx->num_inputs() - 1);
-  const int time = sequence == 0 && ctx->RankKnown(w) && ctx->Rank(w) == 2 ? 1 : 0;
-  auto per_unit = ctx->MakeShape({ctx->Dim(seq, time), ctx->Dim(st, 0), ctx->Dim(st, 1)});
-  if (!known) per_unit = ctx->UnknownShape();
+  auto per_unit = ctx->MakeShape({ctx->Dim(seq, 0), ctx->Dim(st, 0), ctx->Dim(st, 1)});
+  if (!ctx->RankKnown(seq) || !ctx->RankKnown(st)) per_unit = ctx->UnknownShape();
   for (int k : same_as_sequence) ctx->set_output(k, per_unit);
-  for (int k : per_gate) {
-    auto u = ctx->input(kernel);
-    ctx->set_output(k, known && ctx->RankKnown(u)
-                           ? ctx->MakeShape({ctx->Dim(seq, time), ctx->Dim(st, 0), ctx->Dim(u, 1)})
-                           : ctx->UnknownShape());
-  }
   for (const auto& p : same_as_input) ctx->set_output(p.first, ctx->input(p.second));
   for (const auto& p : column_sums) {
     auto rows = ctx->input(p.second);
@@ -829,12 +736,12 @@ absl::Status SequenceShapes(InferenceContext* ctx, int sequence, int state,
 
 REGISTER_OP("KerasFancyrnnLstmSequence")
     .Input("xp: T").Input("h0: T").Input("c0: T").Input("u: T").Input("b: T")
-    .Input("mask: bool").Input("probe_h: T").Input("probe_c: T").Input("w: T")
+    .Input("mask: bool").Input("probe_h: T").Input("probe_c: T")
     .Output("z: T").Output("h: T").Output("c: T").Output("h_last: T").Output("c_last: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
     .SetShapeFn([](InferenceContext* c) {
-      return SequenceShapes(c, 0, 1, {1, 2}, {{3, 1}, {4, 1}}, {}, {0}, 3);
+      return SequenceShapes(c, 0, 1, {1, 2}, {{0, 0}, {3, 1}, {4, 1}});
     });
 
 REGISTER_OP("KerasFancyrnnLstmSequenceGrad")
@@ -851,12 +758,12 @@ REGISTER_OP("KerasFancyrnnLstmSequenceGrad")
 
 REGISTER_OP("KerasFancyrnnGruSequence")
     .Input("xp: T").Input("h0: T").Input("u: T").Input("b_rec: T").Input("b_in: T")
-    .Input("mask: bool").Input("probe_h: T").Input("w: T")
+    .Input("mask: bool").Input("probe_h: T")
     .Output("h: T").Output("rec: T").Output("h_last: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
     .SetShapeFn([](InferenceContext* c) {
-      return SequenceShapes(c, 0, 1, {0}, {{2, 1}}, {}, {1}, 2);
+      return SequenceShapes(c, 0, 1, {0}, {{1, 0}, {2, 1}});
     });
 
 REGISTER_OP("KerasFancyrnnGruSequenceGrad")
@@ -873,12 +780,12 @@ REGISTER_OP("KerasFancyrnnGruSequenceGrad")
 
 REGISTER_OP("KerasFancyrnnGruBeforeSequence")
     .Input("xp: T").Input("h0: T").Input("u: T").Input("b: T")
-    .Input("mask: bool").Input("probe_h: T").Input("w: T")
+    .Input("mask: bool").Input("probe_h: T")
     .Output("h: T").Output("rec: T").Output("rh: T").Output("h_last: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
     .SetShapeFn([](InferenceContext* c) {
-      return SequenceShapes(c, 0, 1, {0, 2}, {{3, 1}}, {}, {1}, 2);
+      return SequenceShapes(c, 0, 1, {0, 2}, {{1, 0}, {3, 1}});
     });
 
 REGISTER_OP("KerasFancyrnnGruBeforeSequenceGrad")
@@ -894,7 +801,7 @@ REGISTER_OP("KerasFancyrnnGruBeforeSequenceGrad")
 
 REGISTER_OP("KerasFancyrnnRnnSequence")
     .Input("xp: T").Input("h0: T").Input("u: T").Input("b: T")
-    .Input("mask: bool").Input("probe_h: T").Input("w: T")
+    .Input("mask: bool").Input("probe_h: T")
     .Output("h: T").Output("h_last: T").Output("act: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
@@ -905,7 +812,7 @@ REGISTER_OP("KerasFancyrnnRnnSequence")
       auto probe = c->input(5);  // act: as the probe for ReLU, else empty
       const bool probed = !c->RankKnown(probe) || c->Rank(probe) != 1;
       c->set_output(2, activation == "relu" && probed ? probe : c->Vector(0));
-      return SequenceShapes(c, 0, 1, {0}, {{1, 1}});
+      return SequenceShapes(c, 0, 1, {}, {{0, 0}, {1, 1}});
     });
 
 REGISTER_OP("KerasFancyrnnRnnSequenceGrad")

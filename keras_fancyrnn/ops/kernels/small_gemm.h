@@ -122,50 +122,38 @@ class RecurrentKernel {
                 int64_t ldc = -1) const {
     if (lda < 0) lda = K_;
     if (ldc < 0) ldc = N_;
-    if (Blocked()) {
-      Panels([a, lda](int64_t i) { return a + i * lda; }, n, c, ldc, accumulate);
-      return;
+    if constexpr (std::is_same<T, float>::value) {
+#ifdef KERAS_FANCYRNN_AVX512
+      if (product_ == Product::kAvx512) {
+        Panels<8, 32, &RecurrentKernel::Block8x32>(a, lda, n, c, ldc, accumulate);
+        return;
+      }
+#endif
+#ifdef KERAS_FANCYRNN_AVX2
+      if (product_ == Product::kAvx2) {
+        Panels<6, 16, &RecurrentKernel::Block6x16>(a, lda, n, c, ldc, accumulate);
+        return;
+      }
+#endif
     }
     using Strided = Eigen::OuterStride<>;
     Eigen::Map<const RowMat<T>, 0, Strided> A(a, n, K_, Strided(lda));
     Eigen::Map<RowMat<T>, 0, Strided> C(c, n, N_, Strided(ldc));
-    if (accumulate) C.noalias() += A * Right(); else C.noalias() = A * Right();
+    // B: U in place, or the row-major copy of U^T
+    Eigen::Map<const RowMat<T>, 0, Strided> b(transpose_ ? transposed_.data() : u_, K_, N_,
+                                              Strided(transpose_ ? N_ : ldu_));
+    if (accumulate) C.noalias() += A * b; else C.noalias() = A * b;
   }
 
  private:
   using BlockFn = void (RecurrentKernel::*)(const float* const*, const float*, float*, int64_t,
                                             int64_t, int64_t, bool) const;
 
-  // Whether Multiply runs a register block (else Eigen's product).
-  bool Blocked() const { return product_ != Product::kEigen; }
-
-  // B for Eigen's product: U in place, or the row-major copy of U^T.
-  Eigen::Map<const RowMat<T>, 0, Eigen::OuterStride<>> Right() const {
-    return {transpose_ ? transposed_.data() : u_, K_, N_,
-            Eigen::OuterStride<>(transpose_ ? N_ : ldu_)};
-  }
-
-  // The register block's Panels (Blocked() is true only for float).
-  template <typename RowFn>
-  void Panels(const RowFn& row, int64_t n, T* c, int64_t ldc, bool accumulate) const {
-    if constexpr (std::is_same<T, float>::value) {
-#ifdef KERAS_FANCYRNN_AVX512
-      if (product_ == Product::kAvx512) {
-        Panels<8, 32, &RecurrentKernel::Block8x32>(row, n, c, ldc, accumulate);
-        return;
-      }
-#endif
-#ifdef KERAS_FANCYRNN_AVX2
-      if (product_ == Product::kAvx2) {
-        Panels<6, 16, &RecurrentKernel::Block6x16>(row, n, c, ldc, accumulate);
-      }
-#endif
-    }
-  }
-
-  // The rows of A (row(i): row i) in blocks of kRows, each times every kCols-column panel of B.
-  template <int64_t kRows, int64_t kCols, BlockFn kBlock, typename RowFn>
-  void Panels(const RowFn& row, int64_t n, T* c_in, int64_t ldc, bool accumulate) const {
+  // The rows of a in blocks of kRows, each times every kCols-column panel of B.
+  template <int64_t kRows, int64_t kCols, BlockFn kBlock>
+  void Panels(const T* a_in, int64_t lda, int64_t n, T* c_in, int64_t ldc,
+              bool accumulate) const {
+    const float* a = reinterpret_cast<const float*>(a_in);
     float* c = reinterpret_cast<float*>(c_in);
     const float* packed = reinterpret_cast<const float*>(packed_.get());
     const int64_t panels = (N_ + kCols - 1) / kCols;
@@ -180,9 +168,7 @@ class RecurrentKernel {
       // A block's rows; past the last row (a block of fewer than kRows), the last row again:
       // computed and not stored.
       const float* rows[kRows];
-      for (int64_t k = 0; k < kRows; ++k) {
-        rows[k] = reinterpret_cast<const float*>(row(std::min(r + k, n - 1)));
-      }
+      for (int64_t k = 0; k < kRows; ++k) rows[k] = a + std::min(r + k, n - 1) * lda;
       (this->*kBlock)(rows, packed + p * K_ * kCols, c + r * ldc + p * kCols, ldc,
                       std::min(kRows, n - r), std::min(kCols, N_ - p * kCols), accumulate);
     }
