@@ -3,7 +3,7 @@
 // the same for every timestep. Three ways to compute it, chosen per op at run time (the ops'
 // `product` attr; keras_fancyrnn.config's `recurrent_product`):
 // - the AVX-512 register block, 8 rows x 32 columns, B packed once per op into column panels;
-// - the AVX2/FMA register block, 6 rows x 16 columns (the shape of BLIS's Haswell kernel);
+// - the AVX2/FMA register block, up to 6 rows x 16 columns (BLIS's Haswell kernel's shape);
 // - Eigen's product (compiled with -march=native), which repacks B at every call.
 // A block is compiled in where the build's target CPU (this one: -march=native) has its
 // instructions; "auto" picks the widest compiled in. The blocks are for float; double always
@@ -149,7 +149,10 @@ class RecurrentKernel {
   using BlockFn = void (RecurrentKernel::*)(const float* const*, const float*, float*, int64_t,
                                             int64_t, int64_t, bool) const;
 
-  // The rows of a in blocks of kRows, each times every kCols-column panel of B.
+  // The rows of a in blocks of at most kRows, each times every kCols-column panel of B. The n
+  // rows are split into ceil(n / kRows) blocks of sizes as equal as they can be (8 rows: 4 + 4
+  // for the AVX2 block, not 6 + 2), so that no block computes rows it does not store and none is
+  // left with too few rows to keep the FMA units busy.
   template <int64_t kRows, int64_t kCols, BlockFn kBlock>
   void Panels(const T* a_in, int64_t lda, int64_t n, T* c_in, int64_t ldc,
               bool accumulate) const {
@@ -164,59 +167,69 @@ class RecurrentKernel {
     const int64_t blocks = (n + kRows - 1) / kRows;
     for (int64_t i = 0; i < panels * blocks; ++i) {
       const int64_t p = panel_outer ? i / blocks : i % panels;
-      const int64_t r = (panel_outer ? i % blocks : i / panels) * kRows;
-      // A block's rows; past the last row (a block of fewer than kRows), the last row again:
-      // computed and not stored.
-      const float* rows[kRows];
-      for (int64_t k = 0; k < kRows; ++k) rows[k] = a + std::min(r + k, n - 1) * lda;
-      (this->*kBlock)(rows, packed + p * K_ * kCols, c + r * ldc + p * kCols, ldc,
-                      std::min(kRows, n - r), std::min(kCols, N_ - p * kCols), accumulate);
+      const int64_t b = panel_outer ? i % blocks : i / panels;
+      const int64_t r = n * b / blocks, rows = n * (b + 1) / blocks - r;
+      // (the AVX-512 block computes all kRows: past its rows, the last row again, not stored)
+      const float* row[kRows];
+      for (int64_t k = 0; k < kRows; ++k) row[k] = a + (r + std::min(k, rows - 1)) * lda;
+      (this->*kBlock)(row, packed + p * K_ * kCols, c + r * ldc + p * kCols, ldc, rows,
+                      std::min(kCols, N_ - p * kCols), accumulate);
     }
   }
 
 #ifdef KERAS_FANCYRNN_AVX2
-  // Six rows of a times one 16-column panel, into `rows` rows and `cols` columns of c (rows ldc
-  // apart). Twelve named accumulators, so that they stay in registers.
+  // `rows` (1 to 6) rows of a times one 16-column panel, into `rows` rows and `cols` columns of
+  // c (rows ldc apart).
   void Block6x16(const float* const* a, const float* panel, float* c, int64_t ldc,
                  int64_t rows, int64_t cols, bool accumulate) const {
-    constexpr int64_t kRows = 6, kCols = 16;
+    switch (rows) {
+      case 6: return BlockAvx2<6>(a, panel, c, ldc, cols, accumulate);
+      case 5: return BlockAvx2<5>(a, panel, c, ldc, cols, accumulate);
+      case 4: return BlockAvx2<4>(a, panel, c, ldc, cols, accumulate);
+      case 3: return BlockAvx2<3>(a, panel, c, ldc, cols, accumulate);
+      case 2: return BlockAvx2<2>(a, panel, c, ldc, cols, accumulate);
+      default: return BlockAvx2<1>(a, panel, c, ldc, cols, accumulate);
+    }
+  }
+
+  // R rows times a 16-column panel: 2 R named accumulators (so that they stay in registers; the
+  // rows past R compile away), two loads of the panel and R broadcasts per k.
+  template <int R>
+  void BlockAvx2(const float* const* a, const float* panel, float* c, int64_t ldc, int64_t cols,
+                 bool accumulate) const {
+    constexpr int64_t kCols = 16;
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
            c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    const float* a0 = a[0];
+    const float* a1 = a[R > 1 ? 1 : 0];
+    const float* a2 = a[R > 2 ? 2 : 0];
+    const float* a3 = a[R > 3 ? 3 : 0];
+    const float* a4 = a[R > 4 ? 4 : 0];
+    const float* a5 = a[R > 5 ? 5 : 0];
     const int64_t K = K_;
-    const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
     for (int64_t k = 0; k < K; ++k) {
       const __m256 b0 = _mm256_loadu_ps(panel + k * kCols);
       const __m256 b1 = _mm256_loadu_ps(panel + k * kCols + 8);
-      __m256 x = _mm256_broadcast_ss(a0 + k);
-      c00 = _mm256_fmadd_ps(x, b0, c00);
-      c01 = _mm256_fmadd_ps(x, b1, c01);
-      x = _mm256_broadcast_ss(a1 + k);
-      c10 = _mm256_fmadd_ps(x, b0, c10);
-      c11 = _mm256_fmadd_ps(x, b1, c11);
-      x = _mm256_broadcast_ss(a2 + k);
-      c20 = _mm256_fmadd_ps(x, b0, c20);
-      c21 = _mm256_fmadd_ps(x, b1, c21);
-      x = _mm256_broadcast_ss(a3 + k);
-      c30 = _mm256_fmadd_ps(x, b0, c30);
-      c31 = _mm256_fmadd_ps(x, b1, c31);
-      x = _mm256_broadcast_ss(a4 + k);
-      c40 = _mm256_fmadd_ps(x, b0, c40);
-      c41 = _mm256_fmadd_ps(x, b1, c41);
-      x = _mm256_broadcast_ss(a5 + k);
-      c50 = _mm256_fmadd_ps(x, b0, c50);
-      c51 = _mm256_fmadd_ps(x, b1, c51);
+#define KFR_ROW(r)                                     \
+  if constexpr (R > r) {                               \
+    const __m256 x = _mm256_broadcast_ss(a##r + k);    \
+    c##r##0 = _mm256_fmadd_ps(x, b0, c##r##0);         \
+    c##r##1 = _mm256_fmadd_ps(x, b1, c##r##1);         \
+  }
+      KFR_ROW(0) KFR_ROW(1) KFR_ROW(2) KFR_ROW(3) KFR_ROW(4) KFR_ROW(5)
+#undef KFR_ROW
     }
-    const __m256 result[kRows][2] = {{c00, c01}, {c10, c11}, {c20, c21},
-                                      {c30, c31}, {c40, c41}, {c50, c51}};
-    for (int64_t r = 0; r < rows; ++r) {
+    const __m256 result[6][2] = {{c00, c01}, {c10, c11}, {c20, c21},
+                                 {c30, c31}, {c40, c41}, {c50, c51}};
+    for (int r = 0; r < R; ++r) {
       float* c_r = c + r * ldc;
-      alignas(32) float row[kCols];
-      _mm256_store_ps(row, result[r][0]);
-      _mm256_store_ps(row + 8, result[r][1]);
+      alignas(32) float out[kCols];
+      _mm256_store_ps(out, result[r][0]);
+      _mm256_store_ps(out + 8, result[r][1]);
       if (accumulate) {
-        for (int64_t j = 0; j < cols; ++j) c_r[j] += row[j];
+        for (int64_t j = 0; j < cols; ++j) c_r[j] += out[j];
       } else {
-        std::copy_n(row, cols, c_r);
+        std::copy_n(out, cols, c_r);
       }
     }
   }
