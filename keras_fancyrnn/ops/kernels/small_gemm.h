@@ -2,7 +2,8 @@
 // few batch rows of a state or gradient (n x K), B is the recurrent kernel U or its transpose,
 // the same for every timestep. Three ways to compute it, chosen per op at run time (the ops'
 // `product` attr; keras_fancyrnn.config's `recurrent_product`):
-// - the AVX-512 register block, 8 rows x 32 columns, B packed once per op into column panels;
+// - the AVX-512 register block, up to 8 rows x 32 columns, B packed once per op into column
+//   panels;
 // - the AVX2/FMA register block, up to 6 rows x 16 columns (BLIS's Haswell kernel's shape);
 // - Eigen's product (compiled with -march=native), which repacks B at every call.
 // A block is compiled in where the build's target CPU (this one: -march=native) has its
@@ -151,7 +152,8 @@ class RecurrentKernel {
 
   // The rows of a in blocks of at most kRows, each times every kCols-column panel of B. The n
   // rows are split into ceil(n / kRows) blocks of sizes as equal as they can be (8 rows: 4 + 4
-  // for the AVX2 block, not 6 + 2), so that no block computes rows it does not store and none is
+  // for the AVX2 block, not 6 + 2; 50 rows: six blocks of 7 and one of 8 for the AVX-512 one,
+  // not six of 8 and one of 2), so that no block computes rows it does not store and none is
   // left with too few rows to keep the FMA units busy.
   template <int64_t kRows, int64_t kCols, BlockFn kBlock>
   void Panels(const T* a_in, int64_t lda, int64_t n, T* c_in, int64_t ldc,
@@ -169,9 +171,8 @@ class RecurrentKernel {
       const int64_t p = panel_outer ? i / blocks : i % panels;
       const int64_t b = panel_outer ? i % blocks : i / panels;
       const int64_t r = n * b / blocks, rows = n * (b + 1) / blocks - r;
-      // (the AVX-512 block computes all kRows: past its rows, the last row again, not stored)
       const float* row[kRows];
-      for (int64_t k = 0; k < kRows; ++k) row[k] = a + (r + std::min(k, rows - 1)) * lda;
+      for (int64_t k = 0; k < rows; ++k) row[k] = a + (r + k) * lda;
       (this->*kBlock)(row, packed + p * K_ * kCols, c + r * ldc + p * kCols, ldc, rows,
                       std::min(kCols, N_ - p * kCols), accumulate);
     }
@@ -236,23 +237,41 @@ class RecurrentKernel {
 #endif
 
 #ifdef KERAS_FANCYRNN_AVX512
-  // Eight rows of a times one 32-column panel, into `rows` rows and `cols` columns of c (rows
-  // ldc apart): sixteen accumulators (named, so that they stay in registers), two loads of the
-  // panel and eight broadcasts per k; partial columns through masked loads and stores.
+  // `rows` (1 to 8) rows of a times one 32-column panel, into `rows` rows and `cols` columns of
+  // c (rows ldc apart).
   void Block8x32(const float* const* a, const float* panel, float* c, int64_t ldc,
                  int64_t rows, int64_t cols, bool accumulate) const {
+    switch (rows) {
+      case 8: return BlockAvx512<8>(a, panel, c, ldc, cols, accumulate);
+      case 7: return BlockAvx512<7>(a, panel, c, ldc, cols, accumulate);
+      case 6: return BlockAvx512<6>(a, panel, c, ldc, cols, accumulate);
+      case 5: return BlockAvx512<5>(a, panel, c, ldc, cols, accumulate);
+      case 4: return BlockAvx512<4>(a, panel, c, ldc, cols, accumulate);
+      case 3: return BlockAvx512<3>(a, panel, c, ldc, cols, accumulate);
+      case 2: return BlockAvx512<2>(a, panel, c, ldc, cols, accumulate);
+      default: return BlockAvx512<1>(a, panel, c, ldc, cols, accumulate);
+    }
+  }
+
+  // R rows times a 32-column panel: 2 R named accumulators (so that they stay in registers; the
+  // rows past R compile away), two loads of the panel and R broadcasts per k; partial columns
+  // through masked loads and stores.
+  template <int R>
+  void BlockAvx512(const float* const* a, const float* panel, float* c, int64_t ldc,
+                   int64_t cols, bool accumulate) const {
     constexpr int64_t kCols = 32;
 #define KFR_ACC(r) __m512 c##r##0 = _mm512_setzero_ps(), c##r##1 = c##r##0;
     KFR_ACC(0) KFR_ACC(1) KFR_ACC(2) KFR_ACC(3) KFR_ACC(4) KFR_ACC(5) KFR_ACC(6) KFR_ACC(7)
 #undef KFR_ACC
-    const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5],
-                *a6 = a[6], *a7 = a[7];
+#define KFR_ROW(r) const float* a##r = a[R > r ? r : 0];
+    KFR_ROW(0) KFR_ROW(1) KFR_ROW(2) KFR_ROW(3) KFR_ROW(4) KFR_ROW(5) KFR_ROW(6) KFR_ROW(7)
+#undef KFR_ROW
     const int64_t K = K_;
     for (int64_t k = 0; k < K; ++k) {
       const __m512 b0 = _mm512_loadu_ps(panel + k * kCols);
       const __m512 b1 = _mm512_loadu_ps(panel + k * kCols + 16);
 #define KFR_FMA(r)                                   \
-  {                                                  \
+  if constexpr (R > r) {                             \
     const __m512 x = _mm512_set1_ps(a##r[k]);        \
     c##r##0 = _mm512_fmadd_ps(x, b0, c##r##0);       \
     c##r##1 = _mm512_fmadd_ps(x, b1, c##r##1);       \
@@ -264,7 +283,7 @@ class RecurrentKernel {
     const __mmask16 m1 = cols >= 32 ? __mmask16(0xFFFF)
                          : cols > 16 ? __mmask16((1u << (cols - 16)) - 1) : __mmask16(0);
 #define KFR_STORE(r)                                                            \
-  if (r < rows) {                                                               \
+  if constexpr (R > r) {                                                        \
     float* c_r = c + r * ldc;                                                   \
     __m512 v0 = c##r##0, v1 = c##r##1;                                          \
     if (accumulate) {                                                           \
