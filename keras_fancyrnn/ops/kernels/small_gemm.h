@@ -150,6 +150,16 @@ class RecurrentKernel {
   using BlockFn = void (RecurrentKernel::*)(const float* const*, const float*, float*, int64_t,
                                             int64_t, int64_t, bool) const;
 
+  // f(std::integral_constant<int, rows>) for 1 <= rows <= kMax: a block compiled for each
+  // height, chosen at run time.
+  template <int kMax, typename F>
+  static void WithRows(int64_t rows, const F& f) {
+    if constexpr (kMax > 1) {
+      if (rows < kMax) return WithRows<kMax - 1>(rows, f);
+    }
+    f(std::integral_constant<int, kMax>{});
+  }
+
   // The rows of a in blocks of at most kRows, each times every kCols-column panel of B. The n
   // rows are split into ceil(n / kRows) blocks of sizes as equal as they can be (8 rows: 4 + 4
   // for the AVX2 block, not 6 + 2; 50 rows: six blocks of 7 and one of 8 for the AVX-512 one,
@@ -183,14 +193,9 @@ class RecurrentKernel {
   // c (rows ldc apart).
   void Block6x16(const float* const* a, const float* panel, float* c, int64_t ldc,
                  int64_t rows, int64_t cols, bool accumulate) const {
-    switch (rows) {
-      case 6: return BlockAvx2<6>(a, panel, c, ldc, cols, accumulate);
-      case 5: return BlockAvx2<5>(a, panel, c, ldc, cols, accumulate);
-      case 4: return BlockAvx2<4>(a, panel, c, ldc, cols, accumulate);
-      case 3: return BlockAvx2<3>(a, panel, c, ldc, cols, accumulate);
-      case 2: return BlockAvx2<2>(a, panel, c, ldc, cols, accumulate);
-      default: return BlockAvx2<1>(a, panel, c, ldc, cols, accumulate);
-    }
+    WithRows<6>(rows, [&](auto r) {
+      this->template BlockAvx2<decltype(r)::value>(a, panel, c, ldc, cols, accumulate);
+    });
   }
 
   // R rows times a 16-column panel: 2 R named accumulators (so that they stay in registers; the
@@ -241,16 +246,9 @@ class RecurrentKernel {
   // c (rows ldc apart).
   void Block8x32(const float* const* a, const float* panel, float* c, int64_t ldc,
                  int64_t rows, int64_t cols, bool accumulate) const {
-    switch (rows) {
-      case 8: return BlockAvx512<8>(a, panel, c, ldc, cols, accumulate);
-      case 7: return BlockAvx512<7>(a, panel, c, ldc, cols, accumulate);
-      case 6: return BlockAvx512<6>(a, panel, c, ldc, cols, accumulate);
-      case 5: return BlockAvx512<5>(a, panel, c, ldc, cols, accumulate);
-      case 4: return BlockAvx512<4>(a, panel, c, ldc, cols, accumulate);
-      case 3: return BlockAvx512<3>(a, panel, c, ldc, cols, accumulate);
-      case 2: return BlockAvx512<2>(a, panel, c, ldc, cols, accumulate);
-      default: return BlockAvx512<1>(a, panel, c, ldc, cols, accumulate);
-    }
+    WithRows<8>(rows, [&](auto r) {
+      this->template BlockAvx512<decltype(r)::value>(a, panel, c, ldc, cols, accumulate);
+    });
   }
 
   // R rows times a 32-column panel: 2 R named accumulators (so that they stay in registers; the
