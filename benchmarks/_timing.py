@@ -18,11 +18,20 @@ def cpu_name() -> str:
     return line.partition(":")[2].strip() or platform.processor() or platform.machine()
 
 
+GAP = 0.01  # seconds of busy wait before each timed round (time_alternating)
+
+
 def time_alternating(runners, repeats: int, steps: int, round_seconds: float = 0.0):
     """Steps/s of each ``runners[name](n)`` (runs ``n`` steps): after a warm-up of two single
     steps each, ``repeats`` rounds of ``n`` steps alternate between the runners, so the machine's
     noise hits all alike; medians. ``n`` is ``steps``, or fewer where a round would take longer
-    than ``round_seconds`` (if > 0)."""
+    than ``round_seconds`` (if > 0). Each round starts after a pause (``GAP`` s) and one more
+    step, both untimed: the pause lets threads the previous runner left spinning stop (torch's
+    OpenMP workers spin about 5 ms after each parallel region, keras_fancyrnn's shard workers
+    2 ms after each kernel), which would otherwise share the CPUs with a round of a few ms; the
+    step wakes this runner's own threads, as the step before it would in a run of steps. The
+    pause is a busy wait: after a sleep of 50 ms every runner's next steps ran up to 30 % slower
+    (an idle CPU's clock and caches), after a busy wait of 10 ms they did not."""
     slowest = 0.0
     for run in runners.values():  # warm-up: tracing, compilation, first allocations
         run(1)
@@ -35,6 +44,10 @@ def time_alternating(runners, repeats: int, steps: int, round_seconds: float = 0
     times = {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():
+            pause = time.perf_counter()
+            while time.perf_counter() - pause < GAP:
+                pass
+            run(1)
             start = time.perf_counter()
             run(n)
             times[name].append(time.perf_counter() - start)
