@@ -26,9 +26,11 @@ TINY = {
                          "--steps=1"],
     # odd shapes: partial row blocks and column panels, each product checked in double
     "small_gemm.py": ["--rounds=1", "--shapes=7x37x53,13x5x16"],
+    "shard_start.py": ["--work_us=5", "--calls=5"],
 }
 ROWS = {"rnn_speed.py": 4, "fused_kernel.py": 2, "unused_features.py": 4, "native_gates.py": 2,
-        "sequence_kernels.py": 2, "small_gemm.py": 4, "masked_speed.py": 4, "backend_speed.py": 4}
+        "sequence_kernels.py": 2, "small_gemm.py": 4, "masked_speed.py": 4, "backend_speed.py": 4,
+        "shard_start.py": 2}
 
 
 @pytest.mark.parametrize("script", sorted(TINY))

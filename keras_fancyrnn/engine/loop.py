@@ -111,7 +111,7 @@ def run(
                              zero_output_for_mask, bptt_truncate, probes, plan.hoist_inputs)
     if plan.path in ("sequence_kernel", "block_lstm"):
         sequence = (cell.fused_sequence if plan.path == "sequence_kernel"
-                    else cell.block_lstm_sequence)
+                    else functools.partial(_block_lstm, cell))
         whole = functools.partial(_fused, sequence, cell, inputs, initial_state, dp_mask,
                                   go_backwards, return_sequences, mask, probes,
                                   zero_output_for_mask)
@@ -139,10 +139,11 @@ def _fused(sequence, cell, inputs, initial_state, dp_mask, go_backwards, return_
     for tensors (``weights_read_once``)."""
     probes = dict(probes or {})
     sink = probes.pop(STATES_SINK, None)
-    xs, _, mask, probes = _time_major(cell, inputs, mask, probes, None, go_backwards, False)
+    mask, probes = _time_major_extras(mask, probes, go_backwards)
     kwargs = {} if mask is None and not probes else {"mask": mask, "probes": probes}
     with getattr(cell, "_weights_lock", None) or contextlib.nullcontext():
-        hidden, states = sequence(xs, list(initial_state), dp_mask, **kwargs)
+        hidden, states = sequence(inputs, list(initial_state), dp_mask, go_backwards=go_backwards,
+                                  **kwargs)
     if mask is None:  # the outputs are the hidden states
         last = states[0]
     else:  # the state, once a step has been unmasked (Keras's outputs start at zeros)
@@ -154,6 +155,14 @@ def _fused(sequence, cell, inputs, initial_state, dp_mask, go_backwards, return_
         sink.append(tf.transpose(tf.reverse(hidden, [0]) if go_backwards else hidden, [1, 0, 2]))
     outputs = tf.transpose(hidden, [1, 0, 2]) if return_sequences else None
     return last, outputs, list(states)
+
+
+def _block_lstm(cell, inputs, states, dropout_mask=None, go_backwards=False):
+    """``cell.block_lstm_sequence`` for batch-major ``inputs`` (it takes them time-major, in
+    processing order)."""
+    xs = tf.transpose(inputs, [1, 0, 2])
+    return cell.block_lstm_sequence(tf.reverse(xs, [0]) if go_backwards else xs, states,
+                                    dropout_mask)
 
 
 def _drop_sequence(result, return_sequences):
@@ -208,16 +217,21 @@ def _time_major(cell, inputs, mask, probes, dp_mask, go_backwards, hoist_inputs)
         project = None
     else:
         project = functools.partial(cell.project_inputs, dropout_mask=dp_mask)
+    mask, probes = _time_major_extras(mask, probes, go_backwards)
+    return tf.reverse(xp, [0]) if go_backwards else xp, project, mask, probes
+
+
+def _time_major_extras(mask, probes, go_backwards):
+    """``(mask [T, B], probes)`` time-major, in processing order."""
     if mask is not None:
         mask = tf.transpose(tf.cast(mask, tf.bool), [1, 0])  # [T, B]
     if probes:  # states [B, T, S] to time-major; the kernel probe [T, H, P] already is
         probes = {i: p if i == KERNEL_PROBE else tf.transpose(p, [1, 0, 2])
                   for i, p in probes.items()}
     if go_backwards:
-        xp = tf.reverse(xp, [0])
         mask = None if mask is None else tf.reverse(mask, [0])
         probes = {i: tf.reverse(p, [0]) for i, p in (probes or {}).items()}
-    return xp, project, mask, probes
+    return mask, probes
 
 
 def _unrolled(step, xp, mask, probes, states, out0, return_sequences, input_shape):

@@ -390,8 +390,36 @@ def _register_sequence_second_derivatives():
                     op.inputs, grads)
 
 
+def _register_projection_gradient():
+    """The gradient of ``KerasFancyrnnProject`` (``y[q, p] = x[p', q'] w``, the reverse attrs
+    reading an axis of ``x`` backwards): for ``x`` the same op on ``dy`` with ``w`` transposed
+    and the reverse attrs swapped; for ``w`` one matmul of ``x``'s rows, put in ``y``'s order,
+    with ``dy``'s. Its gradient is this again and TensorFlow's, so every order is exact."""
+    from keras_fancyrnn._tf import tf
+
+    @tf.RegisterGradient("KerasFancyrnnProject")
+    def _project(op, dy):
+        x, w = op.inputs
+        transpose_w, reverse_0, reverse_1 = (op.get_attr(name) for name in
+                                             ("transpose_w", "reverse_0", "reverse_1"))
+        dx = library().keras_fancyrnn_project(dy, w, transpose_w=not transpose_w,
+                                              reverse_0=reverse_1, reverse_1=reverse_0,
+                                              product=_attr(op, "product"))
+        rows = tf.transpose(x, [1, 0, 2])  # rows[q, p] = x[p, q]
+        reversed_axes = [a for a, r in ((0, reverse_1), (1, reverse_0)) if r]
+        if reversed_axes:
+            rows = tf.reverse(rows, reversed_axes)
+        rows = tf.reshape(rows, [-1, tf.shape(x)[-1]])
+        dy_rows = tf.reshape(dy, [-1, tf.shape(dy)[-1]])
+        dw = (tf.matmul(dy_rows, rows, transpose_a=True) if transpose_w
+              else tf.matmul(rows, dy_rows, transpose_a=True))
+        dw.set_shape(w.shape)
+        return dx, dw
+
+
 def register() -> None:
     """Registers every gradient above with TensorFlow (once, on the TensorFlow backend)."""
+    _register_projection_gradient()
     _register_gate_gradients()
     _register_sequence_gradients()
     _register_sequence_second_derivatives()

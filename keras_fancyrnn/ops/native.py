@@ -11,10 +11,10 @@ arithmetic. Two kinds of kernels remove that:
 - ``kernels/sequence.cc``: every timestep of an LSTM, GRU (either ``reset_after``) or tanh or
   ReLU SimpleRNN in one op (``lstm_sequence``, ``gru_sequence``, ``gru_before_sequence``,
   ``rnn_sequence``), and the step-by-step part of its gradient in another, which also sums the
-  bias gradient; ``project`` computes ``x W`` for all timesteps before it, and the weight
-  gradients are large matmuls after it. Masks and the monitor's probes run in them too; the
-  engine runs them wherever it does not need its loop (truncation, recurrent dropout, ``unroll``;
-  benchmarks/sequence_kernels.py).
+  bias gradient; ``project`` computes ``x W`` for all timesteps before it (from the layer's
+  batch-major input, time-major), and the weight gradients are large matmuls after it. Masks
+  and the monitor's probes run in them too; the engine runs them wherever it does not need its
+  loop (truncation, recurrent dropout, ``unroll``; benchmarks/sequence_kernels.py).
 - ``kernels/gates.cc``: the gate equations of ``LSTMCell.step`` and ``GRUCell.step`` in one op
   and their gradient in another, for the steps of the engine's loop (benchmarks/native_gates.py).
 
@@ -61,34 +61,13 @@ def gru_gates(xp, rec, h_prev):
     return library().keras_fancyrnn_gru_gates(xp, rec, h_prev)
 
 
-def project(x, kernel):
-    """``x W`` for time-major ``x`` ``[T, B, D]``: one matmul, with its gradient written here.
-    (The bias is the sequence kernels' input: their gradient kernels sum its gradient.)
-
-    TensorFlow's own gradient of a reshape keeps its input alive until the backward pass (for
-    its shape, where the batch size is unknown), so the ``[T, B, n]`` product would be held twice
-    and the sequence kernels could not write their output into it; this gradient needs only
-    ``x`` and ``W``."""
-    from keras_fancyrnn._tf import tf
-
-    @tf.custom_gradient
-    def projected(x, kernel):
-        shape = tf.shape(x)
-        flat = tf.reshape(x, [-1, x.shape[-1]])
-        y = tf.matmul(flat, kernel)
-
-        def grad(dy):
-            dflat = tf.reshape(dy, [-1, kernel.shape[-1]])
-            dx = tf.reshape(tf.matmul(dflat, kernel, transpose_b=True), shape)
-            return dx, tf.matmul(flat, dflat, transpose_a=True)
-
-        return tf.reshape(y, tf.concat([shape[:-1], tf.shape(kernel)[-1:]], axis=0)), grad
-
-    # A value, not the variable (read here, outside the custom gradient), so that the gradient
-    # reaches the variable through the read.
-    kernel = tf.identity(kernel)
-    y = projected(x, kernel)
-    return tf.ensure_shape(y, x.shape[:-1].concatenate(kernel.shape[-1:]))
+def project(x, kernel, go_backwards=False):
+    """``x W`` for batch-major ``x`` ``[B, T, D]``, time-major: ``[T, B, n]``, the steps in
+    reverse order with ``go_backwards``. One op (``KerasFancyrnnProject``) in place of a
+    transpose and a matmul, with its gradient registered in ``keras_fancyrnn.ops.gradients``
+    (the same op for ``x``). (The bias is the sequence kernels' input: their gradient kernels
+    sum its gradient.)"""
+    return library().keras_fancyrnn_project(x, kernel, reverse_1=go_backwards, product=product())
 
 
 def _bias(bias, xp):

@@ -12,6 +12,10 @@ SEQUENCE_OPS = {"SimpleRNN": "KerasFancyrnnRnnSequence", "LSTM": "KerasFancyrnnL
                 "GRU": "KerasFancyrnnGruSequence", "SimpleRNN-relu": "KerasFancyrnnRnnSequence",
                 "GRU-before": "KerasFancyrnnGruBeforeSequence"}
 
+#: The op that projects a layer's batch-major inputs to the sequence ops' time-major ``x W``
+#: (forward, and the gradient with respect to the inputs).
+PROJECT_OP = "KerasFancyrnnProject"
+
 #: Gates per unit (the width of ``x W`` over the units).
 GATES = {"LSTM": 4, "GRU": 3, "SimpleRNN": 1, "SimpleRNN-relu": 1, "GRU-before": 3}
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from graphs import traced_ops
-from kernel_kinds import GATES, SEQUENCE_OPS, layer_kind, mask_patterns
+from kernel_kinds import GATES, PROJECT_OP, SEQUENCE_OPS, layer_kind, mask_patterns
 from tolerance import assert_close, rounding_chain
 
 import keras_fancyrnn as fr
@@ -58,7 +58,7 @@ def test_masked_kernels_equal_keras(library, kind, go_backwards, zero_output_for
         return fn
 
     used = _kernel_ops(call(ours), x)
-    assert used == {SEQUENCE_OPS[kind], SEQUENCE_OPS[kind] + "Grad"}
+    assert used == {SEQUENCE_OPS[kind], SEQUENCE_OPS[kind] + "Grad", PROJECT_OP}
     (outs, grads), (outs_ref, grads_ref) = tf.function(call(ours))(x), call(theirs)(x)
     chain = rounding_chain(steps=T, batch=B, dim=D, units=H, gates=GATES[kind])
     for k, (y, y_ref) in enumerate(zip(outs, outs_ref, strict=True)):

@@ -16,6 +16,8 @@
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/platform/threadpool.h"
 
+#include "shard_pool.h"
+
 namespace keras_fancyrnn {
 
 using ::tensorflow::OpKernel;
@@ -108,7 +110,8 @@ inline int64_t NumShards(OpKernelContext* ctx, int64_t B) {
 }
 
 // Runs fn(lo, hi, s) for shard s = 0 .. NumShards - 1 with rows [lo, hi) of [0, B), one shard
-// per thread of the intra-op pool.
+// per thread: on the spinning workers of shard_pool.h, or where another op holds them, on
+// TensorFlow's intra-op pool.
 template <typename F>
 void ForEachShard(OpKernelContext* ctx, int64_t B, const F& fn) {
   const int64_t shards = NumShards(ctx, B);
@@ -116,6 +119,8 @@ void ForEachShard(OpKernelContext* ctx, int64_t B, const F& fn) {
     fn(int64_t{0}, B, int64_t{0});
     return;
   }
+  const auto shard = [&](int64_t s) { fn(B * s / shards, B * (s + 1) / shards, s); };
+  if (ShardPool::Get().Run(shards, shard)) return;
   // A cost per unit this large makes ParallelFor give every shard its own thread.
   ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
       shards, int64_t{1} << 40, [&](int64_t first, int64_t last) {

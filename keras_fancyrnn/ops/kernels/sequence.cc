@@ -1,24 +1,24 @@
 // Whole-sequence recurrences (keras_fancyrnn.ops.native): every timestep of an LSTM, GRU or
 // SimpleRNN layer in one op, and its gradient in another.
 //
-// The input projection x W is not here: the caller computes it for all timesteps as one large
-// TensorFlow matmul (oneDNN), and likewise the weight gradients sum_t x_t^T dz_t and
-// sum_t h_{t-1}^T dz_t. What is left is the part that must run step by step: h_{t-1} U
+// The input projection x W is an op of its own (Project, below) that runs before them for all
+// timesteps, and the weight gradients sum_t x_t^T dz_t and sum_t h_{t-1}^T dz_t are large
+// TensorFlow matmuls after them. What is left is the part that must run step by step: h_{t-1} U
 // (small_gemm.h), the gate equations (gate_math.h) and, backward, dz_t U^T. The input bias is
 // an input here, not added to x W, so that the gradient kernels can sum its gradient over the
 // steps while each step's rows are in cache (a separate sum re-reads all of dz from memory).
 // Batch rows do not interact, so the batch is split into one shard per thread of TensorFlow's
-// intra-op pool and each thread runs its rows through all timesteps without waiting for the
-// others.
+// intra-op pool (run by shard_pool.h's workers) and each thread runs its rows through all
+// timesteps without waiting for the others.
 //
 // Masks and the gradient monitor's probes run here too (see EndStep and CarriedGrad below).
 //
-// Long (over 400 lines): eight ops (the forward and the gradient of four recurrences) and their
-// registration, each written out for its cell; what they share is in the helpers above them and
+// Long (over 400 lines): nine ops (the forward and the gradient of four recurrences, and the
+// projection) and their registration, each written out for its cell; what they share is in the helpers above them and
 // in kernel_util.h, gate_math.h and small_gemm.h.
 //
-// Layouts are time-major: xp [T, B, k H], states [B, H], U [H, k H], sequences [T, B, H],
-// mask [T, B].
+// Layouts are time-major (but for the projection's input x [B, T, D]): xp [T, B, k H],
+// states [B, H], U [H, k H], sequences [T, B, H], mask [T, B].
 #include <algorithm>
 #include <string>
 #include <vector>
@@ -710,6 +710,55 @@ class RnnSequenceGrad : public SequenceOp {
   const bool relu_;
 };
 
+// ---------------------------------------------------------------------------------------------
+// The input projection, with the swap of the first two axes that takes a layer's batch-major x
+// to the time-major sequences above: x [P, Q, K] and w [K, N] (transpose_w: w [N, K], times
+// w^T) give y [Q, P, N], y[q, p] = x[p', q'] w, where p' = P - 1 - p if reverse_0 (else p) and
+// q' = Q - 1 - q if reverse_1 (else q). The forward projection is x [B, T, D] -> xp [T, B, kH]
+// (reverse_1: go_backwards); its gradient with respect to x is the same op on dxp with w
+// transposed and the two reverse attrs swapped. One op in place of a transpose and a matmul,
+// whose fixed costs are much of a call at small batches. Each thread takes a range of q; each q
+// is one product of P rows (rows Q K apart in x, N apart in y) with w's packed panels.
+template <typename T>
+class Project : public SequenceOp {
+ public:
+  explicit Project(OpKernelConstruction* ctx) : SequenceOp(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("transpose_w", &transpose_w_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("reverse_0", &reverse_0_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("reverse_1", &reverse_1_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    Shapes shapes(ctx);
+    if (!shapes.Check(0, {-1, -1, -1}) || !shapes.Check(1, {-1, -1})) return;
+    const Tensor& x = ctx->input(0);
+    const int64_t P = x.dim_size(0), Q = x.dim_size(1), K = x.dim_size(2);
+    const int64_t N = ctx->input(1).dim_size(transpose_w_ ? 0 : 1);
+    if (!shapes.Check(1, transpose_w_ ? std::initializer_list<int64_t>{N, K}
+                                       : std::initializer_list<int64_t>{K, N})) {
+      return;
+    }
+    T* y = Output<T>(ctx, 0, TensorShape({Q, P, N}));
+    if (!ctx->status().ok() || P * Q * N == 0) return;
+    if (K == 0) {
+      std::fill_n(y, P * Q * N, T(0));
+      return;
+    }
+    const RecurrentKernel<T> w(Ptr<T>(ctx, 1), K, N, transpose_w_, -1, product_);
+    const T* in = Ptr<T>(ctx, 0);
+    ForEachShard(ctx, Q, [&](int64_t lo, int64_t hi, int64_t) {
+      for (int64_t q = lo; q < hi; ++q) {
+        const int64_t q_in = reverse_1_ ? Q - 1 - q : q;
+        const T* first = in + ((reverse_0_ ? P - 1 : 0) * Q + q_in) * K;  // row p' of p = 0
+        w.Multiply(first, P, y + q * P * N, false, (reverse_0_ ? -1 : 1) * Q * K, N);
+      }
+    });
+  }
+
+ private:
+  bool transpose_w_ = false, reverse_0_ = false, reverse_1_ = false;
+};
+
 // Output shapes: [T, B, H] (T from input `sequence`, B and H from input `state`) for the outputs
 // `same_as_sequence`; input i's shape for each pair (output, i) of `same_as_input`; and for each
 // pair (output, i) of `column_sums` a vector as long as input i's rows ([T, B, w] -> [w]).
@@ -826,6 +875,25 @@ REGISTER_OP("KerasFancyrnnRnnSequenceGrad")
       return SequenceShapes(c, 1, 2, {}, {{0, 1}, {1, 2}, {3, 6}}, {{2, 1}});
     });
 
+REGISTER_OP("KerasFancyrnnProject")
+    .Input("x: T").Input("w: T")
+    .Output("y: T")
+    .Attr("T: {float, double}")
+    .Attr("transpose_w: bool = false")
+    .Attr("reverse_0: bool = false")
+    .Attr("reverse_1: bool = false")
+    .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
+    .SetShapeFn([](InferenceContext* c) {
+      bool transpose_w = false;
+      TF_RETURN_IF_ERROR(c->GetAttr("transpose_w", &transpose_w));
+      ::tensorflow::shape_inference::ShapeHandle x, w;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &x));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &w));
+      c->set_output(0, c->MakeShape({c->Dim(x, 1), c->Dim(x, 0),
+                                     c->Dim(w, transpose_w ? 0 : 1)}));
+      return absl::OkStatus();
+    });
+
 // The recurrent products this build can run, widest first (keras_fancyrnn.ops.native.products).
 REGISTER_OP("KerasFancyrnnProducts").Output("names: string").SetShapeFn([](InferenceContext* c) {
   c->set_output(0, c->Scalar());
@@ -852,5 +920,6 @@ KFR_REGISTER_KERNEL("KerasFancyrnnGruBeforeSequence", GruBeforeSequence)
 KFR_REGISTER_KERNEL("KerasFancyrnnGruBeforeSequenceGrad", GruBeforeSequenceGrad)
 KFR_REGISTER_KERNEL("KerasFancyrnnRnnSequence", RnnSequence)
 KFR_REGISTER_KERNEL("KerasFancyrnnRnnSequenceGrad", RnnSequenceGrad)
+KFR_REGISTER_KERNEL("KerasFancyrnnProject", Project)
 
 }  // namespace keras_fancyrnn

@@ -117,12 +117,15 @@ class RecurrentKernel {
     }
   }
 
+  // The default of Multiply's strides: rows contiguous.
+  static constexpr int64_t kDense = INT64_MIN;
+
   // c (n x N, rows ldc apart) = a (n x K, rows lda apart) B, or += with accumulate; by default
-  // the rows are contiguous.
-  void Multiply(const T* a, int64_t n, T* c, bool accumulate, int64_t lda = -1,
-                int64_t ldc = -1) const {
-    if (lda < 0) lda = K_;
-    if (ldc < 0) ldc = N_;
+  // the rows are contiguous. A stride may be negative (rows in reverse order).
+  void Multiply(const T* a, int64_t n, T* c, bool accumulate, int64_t lda = kDense,
+                int64_t ldc = kDense) const {
+    if (lda == kDense) lda = K_;
+    if (ldc == kDense) ldc = N_;
     if constexpr (std::is_same<T, float>::value) {
 #ifdef KERAS_FANCYRNN_AVX512
       if (product_ == Product::kAvx512) {
@@ -136,6 +139,10 @@ class RecurrentKernel {
         return;
       }
 #endif
+    }
+    if (n > 1 && (lda < 0 || ldc < 0)) {  // Eigen's maps take no negative stride: row by row
+      for (int64_t i = 0; i < n; ++i) Multiply(a + i * lda, 1, c + i * ldc, accumulate, K_, N_);
+      return;
     }
     using Strided = Eigen::OuterStride<>;
     Eigen::Map<const RowMat<T>, 0, Strided> A(a, n, K_, Strided(lda));
