@@ -27,10 +27,11 @@ TINY = {
     # odd shapes: partial row blocks and column panels, each product checked in double
     "small_gemm.py": ["--rounds=1", "--shapes=7x37x53,13x5x16"],
     "shard_start.py": ["--work_us=5", "--calls=5"],
+    "gate_rows.py": ["--rounds=1", "--hidden=5,37"],
 }
 ROWS = {"rnn_speed.py": 4, "fused_kernel.py": 2, "unused_features.py": 4, "native_gates.py": 2,
         "sequence_kernels.py": 2, "small_gemm.py": 4, "masked_speed.py": 4, "backend_speed.py": 4,
-        "shard_start.py": 2}
+        "shard_start.py": 2, "gate_rows.py": 2}
 
 
 @pytest.mark.parametrize("script", sorted(TINY))

@@ -18,14 +18,50 @@ using Out = Eigen::Map<Vec<T>>;
 
 // LSTM, gates i, f, c, o of z = x W + b + h_{t-1} U (z: 4H values, the others H):
 //   c = σ(z_f) c_prev + σ(z_i) tanh(z_c) [+ p],   h = σ(z_o) tanh(c).
-// p (may be null) is the diagnostics probe of c_t, added before c_t feeds h_t.
+// p (may be null) is the diagnostics probe of c_t, added before c_t feeds h_t. As Eigen array
+// expressions (LstmRow below runs this for double).
 template <typename T>
-inline void LstmRow(const T* z, const T* c_prev, const T* p, T* h, T* c, int64_t H) {
+inline void LstmRowExpressions(const T* z, const T* c_prev, const T* p, T* h, T* c, int64_t H) {
   Out<T> c_b(c, H);
   c_b = In<T>(z + H, H).logistic() * In<T>(c_prev, H) +
         In<T>(z, H).logistic() * In<T>(z + 2 * H, H).tanh();
   if (p != nullptr) c_b += In<T>(p, H);
   Out<T>(h, H) = In<T>(z + 3 * H, H).logistic() * c_b.tanh();
+}
+
+template <typename T>
+inline void LstmRow(const T* z, const T* c_prev, const T* p, T* h, T* c, int64_t H) {
+  LstmRowExpressions(z, c_prev, p, h, c, H);
+}
+
+// The same for float, one packet of units at a time: every gate of a packet from its z, then c
+// and h, with Eigen's packet logistic and tanh (the functions of the expressions above), in place
+// of the expressions' separate passes (benchmarks/gate_rows.py times both). The units past
+// the last whole packet go through the scalar functors.
+template <>
+inline void LstmRow<float>(const float* z, const float* c_prev, const float* p, float* h, float* c,
+                           int64_t H) {
+  namespace ei = Eigen::internal;
+  using Packet = ei::packet_traits<float>::type;
+  constexpr int64_t kWidth = ei::unpacket_traits<Packet>::size;
+  const ei::scalar_logistic_op<float> sigmoid;
+  const ei::scalar_tanh_op<float> tanh;
+  int64_t j = 0;
+  for (; j + kWidth <= H; j += kWidth) {
+    const Packet i = sigmoid.packetOp(ei::ploadu<Packet>(z + j));
+    const Packet f = sigmoid.packetOp(ei::ploadu<Packet>(z + H + j));
+    const Packet g = tanh.packetOp(ei::ploadu<Packet>(z + 2 * H + j));
+    const Packet o = sigmoid.packetOp(ei::ploadu<Packet>(z + 3 * H + j));
+    Packet c_j = ei::padd(ei::pmul(f, ei::ploadu<Packet>(c_prev + j)), ei::pmul(i, g));
+    if (p != nullptr) c_j = ei::padd(c_j, ei::ploadu<Packet>(p + j));
+    ei::pstoreu(c + j, c_j);
+    ei::pstoreu(h + j, ei::pmul(o, tanh.packetOp(c_j)));
+  }
+  for (; j < H; ++j) {
+    c[j] = sigmoid(z[H + j]) * c_prev[j] + sigmoid(z[j]) * tanh(z[2 * H + j]);
+    if (p != nullptr) c[j] += p[j];
+    h[j] = sigmoid(z[3 * H + j]) * tanh(c[j]);
+  }
 }
 
 // Scratch vectors of the LSTM's backward row (allocated once per thread, not per row).

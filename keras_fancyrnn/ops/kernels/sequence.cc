@@ -717,8 +717,11 @@ class RnnSequenceGrad : public SequenceOp {
 // q' = Q - 1 - q if reverse_1 (else q). The forward projection is x [B, T, D] -> xp [T, B, kH]
 // (reverse_1: go_backwards); its gradient with respect to x is the same op on dxp with w
 // transposed and the two reverse attrs swapped. One op in place of a transpose and a matmul,
-// whose fixed costs are much of a call at small batches. Each thread takes a range of q; each q
-// is one product of P rows (rows Q K apart in x, N apart in y) with w's packed panels.
+// whose fixed costs are much of a call at small batches. Each thread takes its shard of [0, P)
+// and for each p multiplies its Q rows (contiguous in x) with w's packed panels: forward, the
+// batch rows its shard of the sequence op runs next, so that each core reads x W from its own
+// cache. Where P is too small to split, each thread takes a range of q and multiplies its P
+// rows.
 template <typename T>
 class Project : public SequenceOp {
  public:
@@ -746,13 +749,23 @@ class Project : public SequenceOp {
     }
     const RecurrentKernel<T> w(Ptr<T>(ctx, 1), K, N, transpose_w_, -1, product_);
     const T* in = Ptr<T>(ctx, 0);
-    ForEachShard(ctx, Q, [&](int64_t lo, int64_t hi, int64_t) {
-      for (int64_t q = lo; q < hi; ++q) {
-        const int64_t q_in = reverse_1_ ? Q - 1 - q : q;
-        const T* first = in + ((reverse_0_ ? P - 1 : 0) * Q + q_in) * K;  // row p' of p = 0
-        w.Multiply(first, P, y + q * P * N, false, (reverse_0_ ? -1 : 1) * Q * K, N);
-      }
-    });
+    // x[p', q'] for p = 0 or q = 0, and the strides from one p or q to the next
+    const int64_t p_step = (reverse_0_ ? -1 : 1) * Q * K, q_step = (reverse_1_ ? -1 : 1) * K;
+    const T* first = in + ((reverse_0_ ? P - 1 : 0) * Q + (reverse_1_ ? Q - 1 : 0)) * K;
+    if (NumShards(ctx, P) > 1) {
+      // each p: its Q rows (contiguous in x, or in reverse) into rows P N apart of y
+      ForEachShard(ctx, P, [&](int64_t lo, int64_t hi, int64_t) {
+        for (int64_t p = lo; p < hi; ++p) {
+          w.Multiply(first + p * p_step, Q, y + p * N, false, q_step, P * N);
+        }
+      });
+    } else {  // too few rows p to split: each q, its P rows
+      ForEachShard(ctx, Q, [&](int64_t lo, int64_t hi, int64_t) {
+        for (int64_t q = lo; q < hi; ++q) {
+          w.Multiply(first + q * q_step, P, y + q * P * N, false, p_step, N);
+        }
+      });
+    }
   }
 
  private:
