@@ -296,11 +296,11 @@ class LstmSequence : public SequenceOp {
             *probe_c = OptionalPtr<T>(ctx, 7);
     const bool* mask = OptionalPtr<bool>(ctx, 5);
     const RecurrentKernel<T> u(Ptr<T>(ctx, 3), H, 4 * H, false, -1, product_);
-    const RowIn<T> b(Ptr<T>(ctx, 4), 4 * H);
+    const T* bias = Ptr<T>(ctx, 4);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
       for (int64_t t = 0; t < S; ++t) {
-        MatOut<T>(At(z, t, B, lo, 4 * H), hi - lo, 4 * H).rowwise() += b;
-        u.Multiply(Prev<T>(h, h_0, t, B, lo, H), hi - lo, At(z, t, B, lo, 4 * H), true);
+        u.Multiply(Prev<T>(h, h_0, t, B, lo, H), hi - lo, At(z, t, B, lo, 4 * H), true,
+                   RecurrentKernel<T>::kDense, RecurrentKernel<T>::kDense, bias);
         for (int64_t b = lo; b < hi; ++b) {
           LstmRow<T>(At(z, t, B, b, 4 * H), Prev<T>(c, c_0, t, B, b, H),
                      OptionalAt(probe_c, t, B, b, H), At(h, t, B, b, H), At(c, t, B, b, H), H);
@@ -402,9 +402,8 @@ class GruSequence : public SequenceOp {
       GruScratch<T> scratch(H);
       RowMat<T> xb(hi - lo, 3 * H);  // xp + b_in, this step's rows
       for (int64_t t = 0; t < S; ++t) {
-        MatOut<T> rec_t(At(rec, t, B, lo, 3 * H), hi - lo, 3 * H);
-        u.Multiply(Prev<T>(h, h_0, t, B, lo, H), hi - lo, rec_t.data(), false);
-        rec_t.rowwise() += b_rec;
+        u.Multiply(Prev<T>(h, h_0, t, B, lo, H), hi - lo, At(rec, t, B, lo, 3 * H), false,
+                   RecurrentKernel<T>::kDense, RecurrentKernel<T>::kDense, b_rec.data());
         AddBias(xp, b_in, t, B, lo, xb);
         for (int64_t b = lo; b < hi; ++b) {
           GruRow<T>(xb.row(b - lo).data(), At(rec, t, B, b, 3 * H), Prev<T>(h, h_0, t, B, b, H),
@@ -635,12 +634,12 @@ class RnnSequence : public SequenceOp {
     const T *h_0 = Ptr<T>(ctx, 1), *probe_h = OptionalPtr<T>(ctx, 5);
     const bool* mask = OptionalPtr<bool>(ctx, 4);
     const RecurrentKernel<T> u(Ptr<T>(ctx, 2), H, H, false, -1, product_);
-    const RowIn<T> b(Ptr<T>(ctx, 3), H);
+    const T* bias = Ptr<T>(ctx, 3);
     ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
       for (int64_t t = 0; t < S; ++t) {
         MatOut<T> h_t(At(h, t, B, lo, H), hi - lo, H);
-        h_t.rowwise() += b;
-        u.Multiply(Prev<T>(h, h_0, t, B, lo, H), hi - lo, h_t.data(), true);
+        u.Multiply(Prev<T>(h, h_0, t, B, lo, H), hi - lo, h_t.data(), true,
+                   RecurrentKernel<T>::kDense, RecurrentKernel<T>::kDense, bias);
         if (relu_) {
           h_t = h_t.cwiseMax(T(0));
         } else {

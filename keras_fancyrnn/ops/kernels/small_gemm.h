@@ -121,27 +121,30 @@ class RecurrentKernel {
   static constexpr int64_t kDense = INT64_MIN;
 
   // c (n x N, rows ldc apart) = a (n x K, rows lda apart) B, or += with accumulate; by default
-  // the rows are contiguous. A stride may be negative (rows in reverse order).
+  // the rows are contiguous. A stride may be negative (rows in reverse order). `bias` (N values,
+  // or null) is added to every row as the result is stored (a pass over c the fewer).
   void Multiply(const T* a, int64_t n, T* c, bool accumulate, int64_t lda = kDense,
-                int64_t ldc = kDense) const {
+                int64_t ldc = kDense, const T* bias = nullptr) const {
     if (lda == kDense) lda = K_;
     if (ldc == kDense) ldc = N_;
     if constexpr (std::is_same<T, float>::value) {
 #ifdef KERAS_FANCYRNN_AVX512
       if (product_ == Product::kAvx512) {
-        Panels<8, 32, &RecurrentKernel::Block8x32>(a, lda, n, c, ldc, accumulate);
+        Panels<8, 32, &RecurrentKernel::Block8x32>(a, lda, n, c, ldc, accumulate, bias);
         return;
       }
 #endif
 #ifdef KERAS_FANCYRNN_AVX2
       if (product_ == Product::kAvx2) {
-        Panels<6, 16, &RecurrentKernel::Block6x16>(a, lda, n, c, ldc, accumulate);
+        Panels<6, 16, &RecurrentKernel::Block6x16>(a, lda, n, c, ldc, accumulate, bias);
         return;
       }
 #endif
     }
     if (n > 1 && (lda < 0 || ldc < 0)) {  // Eigen's maps take no negative stride: row by row
-      for (int64_t i = 0; i < n; ++i) Multiply(a + i * lda, 1, c + i * ldc, accumulate, K_, N_);
+      for (int64_t i = 0; i < n; ++i) {
+        Multiply(a + i * lda, 1, c + i * ldc, accumulate, K_, N_, bias);
+      }
       return;
     }
     using Strided = Eigen::OuterStride<>;
@@ -151,11 +154,14 @@ class RecurrentKernel {
     Eigen::Map<const RowMat<T>, 0, Strided> b(transpose_ ? transposed_.data() : u_, K_, N_,
                                               Strided(transpose_ ? N_ : ldu_));
     if (accumulate) C.noalias() += A * b; else C.noalias() = A * b;
+    if (bias != nullptr) {
+      C.rowwise() += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(bias, N_);
+    }
   }
 
  private:
   using BlockFn = void (RecurrentKernel::*)(const float* const*, const float*, float*, int64_t,
-                                            int64_t, int64_t, bool) const;
+                                            int64_t, int64_t, bool, const float*) const;
 
   // f(std::integral_constant<int, rows>) for 1 <= rows <= kMax: a block compiled for each
   // height, chosen at run time.
@@ -173,9 +179,10 @@ class RecurrentKernel {
   // not six of 8 and one of 2), so that no block computes rows it does not store and none is
   // left with too few rows to keep the FMA units busy.
   template <int64_t kRows, int64_t kCols, BlockFn kBlock>
-  void Panels(const T* a_in, int64_t lda, int64_t n, T* c_in, int64_t ldc,
-              bool accumulate) const {
+  void Panels(const T* a_in, int64_t lda, int64_t n, T* c_in, int64_t ldc, bool accumulate,
+              const T* bias_in) const {
     const float* a = reinterpret_cast<const float*>(a_in);
+    const float* bias = reinterpret_cast<const float*>(bias_in);
     float* c = reinterpret_cast<float*>(c_in);
     const float* packed = reinterpret_cast<const float*>(packed_.get());
     const int64_t panels = (N_ + kCols - 1) / kCols;
@@ -191,17 +198,18 @@ class RecurrentKernel {
       const float* row[kRows];
       for (int64_t k = 0; k < rows; ++k) row[k] = a + (r + k) * lda;
       (this->*kBlock)(row, packed + p * K_ * kCols, c + r * ldc + p * kCols, ldc, rows,
-                      std::min(kCols, N_ - p * kCols), accumulate);
+                      std::min(kCols, N_ - p * kCols), accumulate,
+                      bias == nullptr ? nullptr : bias + p * kCols);
     }
   }
 
 #ifdef KERAS_FANCYRNN_AVX2
   // `rows` (1 to 6) rows of a times one 16-column panel, into `rows` rows and `cols` columns of
-  // c (rows ldc apart).
+  // c (rows ldc apart), plus `cols` values of bias (where not null).
   void Block6x16(const float* const* a, const float* panel, float* c, int64_t ldc,
-                 int64_t rows, int64_t cols, bool accumulate) const {
+                 int64_t rows, int64_t cols, bool accumulate, const float* bias) const {
     WithRows<6>(rows, [&](auto r) {
-      this->template BlockAvx2<decltype(r)::value>(a, panel, c, ldc, cols, accumulate);
+      this->template BlockAvx2<decltype(r)::value>(a, panel, c, ldc, cols, accumulate, bias);
     });
   }
 
@@ -209,7 +217,7 @@ class RecurrentKernel {
   // rows past R compile away), two loads of the panel and R broadcasts per k.
   template <int R>
   void BlockAvx2(const float* const* a, const float* panel, float* c, int64_t ldc, int64_t cols,
-                 bool accumulate) const {
+                 bool accumulate, const float* bias) const {
     constexpr int64_t kCols = 16;
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
            c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
@@ -240,10 +248,12 @@ class RecurrentKernel {
       _mm256_store_ps(out, result[r][0]);
       _mm256_store_ps(out + 8, result[r][1]);
       if (accumulate) {
-        for (int64_t j = 0; j < cols; ++j) c_r[j] += out[j];
-      } else {
-        std::copy_n(out, cols, c_r);
+        for (int64_t j = 0; j < cols; ++j) out[j] += c_r[j];
       }
+      if (bias != nullptr) {
+        for (int64_t j = 0; j < cols; ++j) out[j] += bias[j];
+      }
+      std::copy_n(out, cols, c_r);
     }
   }
 #endif
@@ -252,19 +262,29 @@ class RecurrentKernel {
   // `rows` (1 to 8) rows of a times one 32-column panel, into `rows` rows and `cols` columns of
   // c (rows ldc apart).
   void Block8x32(const float* const* a, const float* panel, float* c, int64_t ldc,
-                 int64_t rows, int64_t cols, bool accumulate) const {
+                 int64_t rows, int64_t cols, bool accumulate, const float* bias) const {
+    // A panel larger than L1's share (see Panels) streams from L2 at every block: prefetched
+    // (benchmarks/small_gemm.py: 8 x 256 x 1024 ran 5-8 % faster so; smaller panels, which stay
+    // in L1, did not gain).
+    const bool streamed = K_ * 32 * int64_t{sizeof(float)} > 16384;
     WithRows<8>(rows, [&](auto r) {
-      this->template BlockAvx512<decltype(r)::value>(a, panel, c, ldc, cols, accumulate);
+      if (streamed) {
+        this->template BlockAvx512<decltype(r)::value, true>(a, panel, c, ldc, cols, accumulate,
+                                                             bias);
+      } else {
+        this->template BlockAvx512<decltype(r)::value, false>(a, panel, c, ldc, cols,
+                                                              accumulate, bias);
+      }
     });
   }
 
   // R rows times a 32-column panel: 2 R named accumulators (so that they stay in registers; the
   // rows past R compile away), two loads of the panel and R broadcasts per k; partial columns
-  // through masked loads and stores.
-  template <int R>
+  // through masked loads and stores. kPrefetch: the panel's rows 8 k ahead are prefetched.
+  template <int R, bool kPrefetch>
   void BlockAvx512(const float* const* a, const float* panel, float* c, int64_t ldc,
-                   int64_t cols, bool accumulate) const {
-    constexpr int64_t kCols = 32;
+                   int64_t cols, bool accumulate, const float* bias) const {
+    constexpr int64_t kCols = 32, kAhead = 8 * kCols;
 #define KFR_ACC(r) __m512 c##r##0 = _mm512_setzero_ps(), c##r##1 = c##r##0;
     KFR_ACC(0) KFR_ACC(1) KFR_ACC(2) KFR_ACC(3) KFR_ACC(4) KFR_ACC(5) KFR_ACC(6) KFR_ACC(7)
 #undef KFR_ACC
@@ -273,6 +293,11 @@ class RecurrentKernel {
 #undef KFR_ROW
     const int64_t K = K_;
     for (int64_t k = 0; k < K; ++k) {
+      if constexpr (kPrefetch) {  // (past the panel's end: a hint, never a fault)
+        _mm_prefetch(reinterpret_cast<const char*>(panel + k * kCols + kAhead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(panel + k * kCols + kAhead + 16),
+                     _MM_HINT_T0);
+      }
       const __m512 b0 = _mm512_loadu_ps(panel + k * kCols);
       const __m512 b1 = _mm512_loadu_ps(panel + k * kCols + 16);
 #define KFR_FMA(r)                                   \
@@ -287,6 +312,9 @@ class RecurrentKernel {
     const __mmask16 m0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
     const __mmask16 m1 = cols >= 32 ? __mmask16(0xFFFF)
                          : cols > 16 ? __mmask16((1u << (cols - 16)) - 1) : __mmask16(0);
+    const __m512 b0 = bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m0, bias);
+    const __m512 b1 =
+        bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m1, bias + 16);
 #define KFR_STORE(r)                                                            \
   if constexpr (R > r) {                                                        \
     float* c_r = c + r * ldc;                                                   \
@@ -294,6 +322,10 @@ class RecurrentKernel {
     if (accumulate) {                                                           \
       v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, c_r));                   \
       v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, c_r + 16));              \
+    }                                                                           \
+    if (bias != nullptr) {                                                      \
+      v0 = _mm512_add_ps(v0, b0);                                               \
+      v1 = _mm512_add_ps(v1, b1);                                               \
     }                                                                           \
     _mm512_mask_storeu_ps(c_r, m0, v0);                                         \
     _mm512_mask_storeu_ps(c_r + 16, m1, v1);                                    \
