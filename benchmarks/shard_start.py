@@ -14,38 +14,19 @@ Needs a C++ compiler (the op is built against the installed TensorFlow).
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-from _timing import cpu_name  # noqa: E402
+from _native import build  # noqa: E402
+from _timing import cpu_name, emit  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("work_us", ["10", "50", "200"], "Busy work per shard, us.")
 flags.DEFINE_integer("calls", 300, "Calls per point (after 50 untimed).")
 flags.DEFINE_string("out", None, "Write the Markdown table here too.")
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-KERNELS = os.path.join(HERE, os.pardir, "keras_fancyrnn", "ops", "kernels")
-
-
-def build(directory: str) -> str:
-    import tensorflow as tf
-
-    from keras_fancyrnn.ops.build import compiler
-
-    command = compiler()
-    if not command:
-        raise SystemExit("no C++ compiler (g++ or $CXX) on PATH")
-    target = os.path.join(directory, "shard_start.so")
-    subprocess.run([*command, "-std=c++17", "-O2", "-shared", "-fPIC", "-w", "-I", KERNELS,
-                    os.path.join(HERE, "shard_start.cc"), "-o", target,
-                    *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()],
-                   check=True)
-    return target
 
 
 def main(argv):
@@ -55,7 +36,7 @@ def main(argv):
     rows = ["| shards run by | work per shard (us) | shard 0 starts | shard 1 starts "
             "(median, p90) | both done (median) |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as directory:
-        op = tf.load_op_library(build(directory)).shard_start
+        op = tf.load_op_library(build("shard_start.cc", directory, op_library=True)).shard_start
         x = tf.zeros([1])
         for us in (int(u) for u in FLAGS.work_us):
             for spinning in (False, True):
@@ -69,13 +50,7 @@ def main(argv):
                             f"{np.median(t[:, 1]):.1f}, {np.percentile(t[:, 1], 90):.1f} | "
                             f"{np.median(t[:, 2:].max(axis=1)):.1f} |")
                 print(rows[-1], flush=True)
-    table = "\n".join(rows + ["", f"CPU: {cpu_name()}, {os.cpu_count()} cores; "
-                                  f"TF {tf.__version__}."])
-    print(table.split("\n\n")[1])
-    if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            f.write(table + "\n")
-
+    emit(rows, f"\nCPU: {cpu_name()}, {os.cpu_count()} cores; TF {tf.__version__}.", FLAGS.out)
 
 if __name__ == "__main__":
     app.run(main)

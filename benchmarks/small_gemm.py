@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
-import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from _native import run  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -30,31 +29,10 @@ flags.DEFINE_list("shapes", ["8x128x128", "32x128x128", "128x128x128", "32x128x3
 flags.DEFINE_integer("rounds", 9, "Timed rounds per variant (median reported).")
 flags.DEFINE_string("out", None, "Write the Markdown table here too.")
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-KERNELS = os.path.join(HERE, os.pardir, "keras_fancyrnn", "ops", "kernels")
-
-
-def build(directory: str) -> str:
-    import tensorflow as tf
-
-    from keras_fancyrnn.ops.build import compiler, target_flags
-
-    command = compiler()
-    if not command:
-        raise SystemExit("no C++ compiler (g++ or $CXX) on PATH")
-    target = os.path.join(directory, "small_gemm")
-    subprocess.run([*command, "-std=c++17", "-O3", *target_flags(tuple(command)),
-                    "-w", "-I", KERNELS,
-                    "-I", tf.sysconfig.get_include(), os.path.join(HERE, "small_gemm.cc"),
-                    "-o", target], check=True)
-    return target
-
 
 def main(argv):
     del argv
-    with tempfile.TemporaryDirectory() as directory:
-        done = subprocess.run([build(directory), str(FLAGS.rounds), *FLAGS.shapes],
-                              capture_output=True, text=True)
+    done = run("small_gemm.cc", [str(FLAGS.rounds), *FLAGS.shapes], check=False)
     if done.returncode == 2:
         raise SystemExit(done.stderr)
     rows = ["| n | K | N | kernel | eigen GFLOP/s | avx2 block GFLOP/s | avx512 block GFLOP/s | "
