@@ -21,6 +21,11 @@ FMA), ``"eigen"`` (Eigen's matrix product, any CPU). float64 always uses Eigen's
 only in the order of float32 additions; ``keras_fancyrnn.ops.native.products()`` lists what this
 CPU runs, and asking for one it cannot is an error when the layers are traced.
 
+``spinning_workers`` (``KERAS_FANCYRNN_SPIN``, ``True``): whether the sequence kernels' shards
+run on the package's own worker threads, which spin for 2 ms after each kernel so that the next
+kernel's shards start at once; ``False`` runs them on TensorFlow's intra-op pool (for a machine
+shared with other work, where a spinning core costs more than it gains; docs/performance.md).
+
 ``native_kernels`` (``KERAS_FANCYRNN_NATIVE``, ``True``): whether the layers may run the C++
 kernels (``keras_fancyrnn.ops.native``) at all; ``False`` runs the same equations as TensorFlow ops.
 
@@ -52,6 +57,7 @@ _BOOL = (True, False)
 _SETTINGS: dict[str, tuple[str, Any, tuple]] = {
     "recurrent_product": ("KERAS_FANCYRNN_RECURRENT_PRODUCT", "auto",
                           ("auto", "avx512", "avx2", "eigen")),
+    "spinning_workers": ("KERAS_FANCYRNN_SPIN", True, _BOOL),
     "native_kernels": ("KERAS_FANCYRNN_NATIVE", True, _BOOL),
     "sequence_kernels": ("KERAS_FANCYRNN_SEQUENCE_KERNELS", True, _BOOL),
     "fused_on_cpu": ("KERAS_FANCYRNN_FUSED_ON_CPU", True, _BOOL),

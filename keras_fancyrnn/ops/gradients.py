@@ -274,6 +274,11 @@ def _vjp(function, inputs, grads):
     return [next(found) if x.dtype.is_floating else None for x in inputs]
 
 
+def _kernel_attrs(op) -> dict:
+    """A forward op's ``product`` and ``spin`` attrs, for its gradient op."""
+    return {"product": _attr(op, "product"), "spin": op.get_attr("spin")}
+
+
 def _attr(op, name: str) -> str:
     """A string attr of an op (``activation``, ``product``), as ``str``."""
     value = op.get_attr(name)
@@ -329,7 +334,7 @@ def _register_sequence_gradients():
         dh_last, dc_last = _zeros_for_none((dh_last, dc_last), last)
         dz, dh0, dc0, db, *dprobes = library().keras_fancyrnn_lstm_sequence_grad(
             _optional(dh, h), _optional(dc, c), _optional(dz, z), z, c, c0, u, dh_last, dc_last,
-            *extras, product=_attr(op, "product"))
+            *extras, **_kernel_attrs(op))
         return dz, dh0, dc0, _recurrent_kernel_gradient(h0, h, dz), db, None, *dprobes
 
     @tf.RegisterGradient("KerasFancyrnnGruSequence")
@@ -339,7 +344,7 @@ def _register_sequence_gradients():
         (dh_last,) = _zeros_for_none((dh_last,), (last,))
         dxp, drec, dh0, db_in, db_rec, dprobe = library().keras_fancyrnn_gru_sequence_grad(
             _optional(dh, h), _optional(drec, rec), xp, rec, h, h0, u, dh_last, b_in, *extras,
-            product=_attr(op, "product"))
+            **_kernel_attrs(op))
         return dxp, dh0, _recurrent_kernel_gradient(h0, h, drec), db_rec, db_in, None, dprobe
 
     @tf.RegisterGradient("KerasFancyrnnGruBeforeSequence")
@@ -349,7 +354,7 @@ def _register_sequence_gradients():
         (dh_last,) = _zeros_for_none((dh_last,), (last,))
         dxp, drec, dh0, db, dprobe = library().keras_fancyrnn_gru_before_sequence_grad(
             _optional(dh, h), _optional(drec, rec), _optional(drh, rh), xp, rec, h, h0, u,
-            dh_last, b, *extras, product=_attr(op, "product"))
+            dh_last, b, *extras, **_kernel_attrs(op))
         # rec = [h_{t-1} U_z, h_{t-1} U_r, rh_t U_h]
         units = h.shape[-1]
         du_h = tf.matmul(tf.reshape(rh, [-1, units]), tf.reshape(drec[..., 2 * units:],
@@ -364,7 +369,7 @@ def _register_sequence_gradients():
         (dh_last,) = _zeros_for_none((dh_last,), (last,))
         dz, dh0, db, dprobe = library().keras_fancyrnn_rnn_sequence_grad(
             _optional(dh, h), h, h0, u, dh_last, mask, probe, act,
-            activation=_attr(op, "activation"), product=_attr(op, "product"))
+            activation=_attr(op, "activation"), **_kernel_attrs(op))
         return dz, dh0, _recurrent_kernel_gradient(h0, h, dz), db, None, dprobe
 
 
@@ -404,7 +409,7 @@ def _register_projection_gradient():
                                              ("transpose_w", "reverse_0", "reverse_1"))
         dx = library().keras_fancyrnn_project(dy, w, transpose_w=not transpose_w,
                                               reverse_0=reverse_1, reverse_1=reverse_0,
-                                              product=_attr(op, "product"))
+                                              **_kernel_attrs(op))
         rows = tf.transpose(x, [1, 0, 2])  # rows[q, p] = x[p, q]
         reversed_axes = [a for a, r in ((0, reverse_1), (1, reverse_0)) if r]
         if reversed_axes:

@@ -67,7 +67,13 @@ def project(x, kernel, go_backwards=False):
     transpose and a matmul, with its gradient registered in ``keras_fancyrnn.ops.gradients``
     (the same op for ``x``). (The bias is the sequence kernels' input: their gradient kernels
     sum its gradient.)"""
-    return library().keras_fancyrnn_project(x, kernel, reverse_1=go_backwards, product=product())
+    return library().keras_fancyrnn_project(x, kernel, reverse_1=go_backwards, **_attrs())
+
+
+def _attrs() -> dict:
+    """The attrs every sequence op and the projection take from the settings now: ``product``
+    (``recurrent_product``) and ``spin`` (``spinning_workers``)."""
+    return {"product": product(), "spin": config.get("spinning_workers")}
 
 
 def _bias(bias, xp):
@@ -103,7 +109,7 @@ def lstm_sequence(xp, h0, c0, u, b=None, mask=None, probes=None):
     ``{0: [T, B, H], 1: [T, B, H]}`` added to ``h_t`` / ``c_t`` (before ``c_t`` feeds ``h_t``)
     at unmasked steps: their gradients are ``∂ℓ/∂h_t`` and ``∂ℓ/∂c_t``."""
     _, h, _, h_last, c_last = library().keras_fancyrnn_lstm_sequence(
-        xp, h0, c0, u, _bias(b, xp), *_extras(xp, mask, probes, 2), product=product())
+        xp, h0, c0, u, _bias(b, xp), *_extras(xp, mask, probes, 2), **_attrs())
     return h, [h_last, c_last]
 
 
@@ -113,7 +119,7 @@ def gru_sequence(xp, h0, u, b_rec=None, b_in=None, mask=None, probes=None):
     and the input bias ``b_in`` (``None``: none); ``mask`` and ``probes`` as ``lstm_sequence``."""
     h, _, h_last = library().keras_fancyrnn_gru_sequence(
         xp, h0, u, _bias(b_rec, xp), _bias(b_in, xp), *_extras(xp, mask, probes, 1),
-        product=product())
+        **_attrs())
     return h, [h_last]
 
 
@@ -122,7 +128,7 @@ def gru_before_sequence(xp, h0, u, b=None, mask=None, probes=None):
     ``(h [T, B, H], [h_T])`` from ``xp = x W`` ``[T, B, 3H]``, ``h0``, ``u`` and the bias ``b``
     (``None``: none); ``mask`` and ``probes`` as ``lstm_sequence``."""
     h, _, _, h_last = library().keras_fancyrnn_gru_before_sequence(
-        xp, h0, u, _bias(b, xp), *_extras(xp, mask, probes, 1), product=product())
+        xp, h0, u, _bias(b, xp), *_extras(xp, mask, probes, 1), **_attrs())
     return h, [h_last]
 
 
@@ -132,7 +138,7 @@ def rnn_sequence(xp, h0, u, activation="tanh", b=None, mask=None, probes=None):
     none); ``mask`` and ``probes`` as ``lstm_sequence``."""
     h, h_last, _ = library().keras_fancyrnn_rnn_sequence(
         xp, h0, u, _bias(b, xp), *_extras(xp, mask, probes, 1), activation=activation,
-        product=product())
+        **_attrs())
     return h, [h_last]
 
 

@@ -2,16 +2,14 @@
 (one holds the spinning workers, the others run their shards on TensorFlow's pool) give what
 the same op gives alone, and the numpy LSTM's values."""
 
-import os
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import keras_fancyrnn as fr
 from keras_fancyrnn.ops import native
 
 pytestmark = pytest.mark.skipif(
@@ -52,16 +50,30 @@ def test_ops_on_many_threads_at_once_equal_the_op_alone(library, rng):
         np.testing.assert_array_equal(h, alone)
 
 
-def test_kernels_without_spinning_workers_give_the_same_values():
-    """``KERAS_FANCYRNN_SPIN=0``: every shard on TensorFlow's pool, the same rows per shard, so
-    the same values to the bit."""
-    code = ("import numpy as np, tensorflow as tf\n"
-            "from keras_fancyrnn.ops import native\n"
-            "r = np.random.default_rng(5)\n"
-            "x = r.normal(size=(16, 9, 6)).astype('float32')\n"
-            "w = r.normal(size=(6, 8)).astype('float32')\n"
-            "print(native.project(tf.constant(x), tf.constant(w)).numpy().tobytes().hex())\n")
-    outputs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              timeout=300, env={**os.environ, "KERAS_FANCYRNN_SPIN": spin},
-                              check=True).stdout.split()[-1] for spin in ("0", "1")]
-    assert outputs[0] == outputs[1]
+def test_kernels_without_spinning_workers_give_the_same_values(rng):
+    """``spinning_workers=False`` (the ops' ``spin`` attr): every shard on TensorFlow's pool, the
+    same rows per shard, so the same values to the bit, forward and backward."""
+    x = tf.constant(rng.normal(size=(16, 9, 6)).astype("float32"))
+    w = tf.constant(rng.normal(size=(6, 8)).astype("float32"))
+    u = tf.constant(rng.normal(size=(2, 8)).astype("float32") / 2)
+    h0 = tf.zeros((16, 2))
+
+    def run():
+        @tf.function
+        def fn(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                h, _ = native.lstm_sequence(native.project(x, w), h0, h0, u)
+                loss = tf.reduce_sum(tf.sin(h))
+            return h, tape.gradient(loss, x)
+
+        spins = {n.attr["spin"].b for n in fn.get_concrete_function(x).graph.as_graph_def().node
+                 if n.op.startswith("KerasFancyrnn")}
+        return spins, [t.numpy() for t in fn(x)]
+
+    spins_on, on = run()
+    with fr.config.scope(spinning_workers=False):
+        spins_off, off = run()
+    assert spins_on == {True} and spins_off == {False}
+    for a, b in zip(on, off, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -110,17 +110,17 @@ inline int64_t NumShards(OpKernelContext* ctx, int64_t B) {
 }
 
 // Runs fn(lo, hi, s) for shard s = 0 .. NumShards - 1 with rows [lo, hi) of [0, B), one shard
-// per thread: on the spinning workers of shard_pool.h, or where another op holds them, on
-// TensorFlow's intra-op pool.
+// per thread: with `spin`, on the spinning workers of shard_pool.h unless another op holds them;
+// else on TensorFlow's intra-op pool.
 template <typename F>
-void ForEachShard(OpKernelContext* ctx, int64_t B, const F& fn) {
+void ForEachShard(OpKernelContext* ctx, int64_t B, const F& fn, bool spin = true) {
   const int64_t shards = NumShards(ctx, B);
   if (shards == 1) {
     fn(int64_t{0}, B, int64_t{0});
     return;
   }
   const auto shard = [&](int64_t s) { fn(B * s / shards, B * (s + 1) / shards, s); };
-  if (ShardPool::Get().Run(shards, shard)) return;
+  if (spin && ShardPool::Get().Run(shards, shard)) return;
   // A cost per unit this large makes ParallelFor give every shard its own thread.
   ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
       shards, int64_t{1} << 40, [&](int64_t first, int64_t last) {

@@ -104,13 +104,23 @@ Product ParseProduct(OpKernelConstruction* ctx) {
   return product;
 }
 
-// A sequence op: an OpKernel that knows its recurrent product.
+// A sequence op: an OpKernel that knows its recurrent product and whether its shards may run on
+// the spinning workers (its `spin` attr).
 class SequenceOp : public OpKernel {
  public:
-  explicit SequenceOp(OpKernelConstruction* ctx) : OpKernel(ctx), product_(ParseProduct(ctx)) {}
+  explicit SequenceOp(OpKernelConstruction* ctx) : OpKernel(ctx), product_(ParseProduct(ctx)) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("spin", &spin_));
+  }
 
  protected:
+  // ForEachShard with this op's `spin`.
+  template <typename F>
+  void Shards(OpKernelContext* ctx, int64_t B, const F& fn) const {
+    ForEachShard(ctx, B, fn, spin_);
+  }
+
   const Product product_;
+  bool spin_ = true;
 };
 
 // The state before step t: the initial state at t = 0, else the sequence's step t - 1.
@@ -297,7 +307,7 @@ class LstmSequence : public SequenceOp {
     const bool* mask = OptionalPtr<bool>(ctx, 5);
     const RecurrentKernel<T> u(Ptr<T>(ctx, 3), H, 4 * H, false, -1, product_);
     const T* bias = Ptr<T>(ctx, 4);
-    ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
+    Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
       for (int64_t t = 0; t < S; ++t) {
         u.Multiply(Prev<T>(h, h_0, t, B, lo, H), hi - lo, At(z, t, B, lo, 4 * H), true,
                    RecurrentKernel<T>::kDense, RecurrentKernel<T>::kDense, bias);
@@ -344,7 +354,7 @@ class LstmSequenceGrad : public SequenceOp {
     const bool* mask = OptionalPtr<bool>(ctx, 9);
     const RecurrentKernel<T> u_t(Ptr<T>(ctx, 6), 4 * H, H, true, -1, product_);
     ColumnSums<T> db_sums(ctx, B, 4 * H);
-    ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t s) {
+    Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t s) {
       // ∂ℓ/∂h_t through dz_{t+1} U^T, and ∂ℓ/∂c_t through c_{t+1}, for this shard's rows.
       CarriedGrad<T> dh_carry(dh0, dh_last, dh, mask, dprobe_h, B, H, lo, hi);
       CarriedGrad<T> dc_carry(dc0, dc_last, dc, mask, nullptr, B, H, lo, hi);
@@ -398,7 +408,7 @@ class GruSequence : public SequenceOp {
     const bool* mask = OptionalPtr<bool>(ctx, 5);
     const RecurrentKernel<T> u(Ptr<T>(ctx, 2), H, 3 * H, false, -1, product_);
     const RowIn<T> b_rec(Ptr<T>(ctx, 3), 3 * H), b_in(Ptr<T>(ctx, 4), 3 * H);
-    ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
+    Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
       GruScratch<T> scratch(H);
       RowMat<T> xb(hi - lo, 3 * H);  // xp + b_in, this step's rows
       for (int64_t t = 0; t < S; ++t) {
@@ -448,7 +458,7 @@ class GruSequenceGrad : public SequenceOp {
     const RecurrentKernel<T> u_t(Ptr<T>(ctx, 6), 3 * H, H, true, -1, product_);
     const RowIn<T> b_in(Ptr<T>(ctx, 8), 3 * H);
     ColumnSums<T> dxp_sums(ctx, B, 3 * H), drec_sums(ctx, B, 3 * H);
-    ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t s) {
+    Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t s) {
       const int64_t n = hi - lo;
       CarriedGrad<T> dh_carry(dh0, dh_last, dh, mask, dprobe_h, B, H, lo, hi);
       RowMat<T> direct(n, H);  // the part of ∂ℓ/∂h_{t-1} that does not pass through rec
@@ -504,7 +514,7 @@ class GruBeforeSequence : public SequenceOp {
     const RecurrentKernel<T> u_zr(u, H, 2 * H, false, 3 * H, product_),
         u_h(u + 2 * H, H, H, false, 3 * H, product_);
     const RowIn<T> bias(Ptr<T>(ctx, 3), 3 * H);
-    ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
+    Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
       const int64_t n = hi - lo;
       GruScratch<T> scratch(H);
       std::vector<T> z(n * H);
@@ -563,7 +573,7 @@ class GruBeforeSequenceGrad : public SequenceOp {
         u_zr_t(u, 2 * H, H, true, 3 * H, product_);
     const RowIn<T> bias(Ptr<T>(ctx, 9), 3 * H);
     ColumnSums<T> db_sums(ctx, B, 3 * H);
-    ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t s) {
+    Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t s) {
       const int64_t n = hi - lo;
       CarriedGrad<T> dh_carry(dh0, dh_last, dh, mask, dprobe_h, B, H, lo, hi);
       RowMat<T> direct(n, H), d_rh(n, H);
@@ -635,7 +645,7 @@ class RnnSequence : public SequenceOp {
     const bool* mask = OptionalPtr<bool>(ctx, 4);
     const RecurrentKernel<T> u(Ptr<T>(ctx, 2), H, H, false, -1, product_);
     const T* bias = Ptr<T>(ctx, 3);
-    ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
+    Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
       for (int64_t t = 0; t < S; ++t) {
         MatOut<T> h_t(At(h, t, B, lo, H), hi - lo, H);
         u.Multiply(Prev<T>(h, h_0, t, B, lo, H), hi - lo, h_t.data(), true,
@@ -682,7 +692,7 @@ class RnnSequenceGrad : public SequenceOp {
     const bool* mask = OptionalPtr<bool>(ctx, 5);
     const RecurrentKernel<T> u_t(Ptr<T>(ctx, 3), H, H, true, -1, product_);
     ColumnSums<T> db_sums(ctx, B, H);
-    ForEachShard(ctx, B, [&](int64_t lo, int64_t hi, int64_t s) {
+    Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t s) {
       const int64_t n = hi - lo;
       CarriedGrad<T> dh_carry(dh0, dh_last, dh, mask, dprobe_h, B, H, lo, hi);
       Vec<T> sigma(n * H);  // σ(z_t)
@@ -753,13 +763,13 @@ class Project : public SequenceOp {
     const T* first = in + ((reverse_0_ ? P - 1 : 0) * Q + (reverse_1_ ? Q - 1 : 0)) * K;
     if (NumShards(ctx, P) > 1) {
       // each p: its Q rows (contiguous in x, or in reverse) into rows P N apart of y
-      ForEachShard(ctx, P, [&](int64_t lo, int64_t hi, int64_t) {
+      Shards(ctx, P, [&](int64_t lo, int64_t hi, int64_t) {
         for (int64_t p = lo; p < hi; ++p) {
           w.Multiply(first + p * p_step, Q, y + p * N, false, q_step, P * N);
         }
       });
     } else {  // too few rows p to split: each q, its P rows
-      ForEachShard(ctx, Q, [&](int64_t lo, int64_t hi, int64_t) {
+      Shards(ctx, Q, [&](int64_t lo, int64_t hi, int64_t) {
         for (int64_t q = lo; q < hi; ++q) {
           w.Multiply(first + q * q_step, P, y + q * P * N, false, p_step, N);
         }
@@ -801,6 +811,7 @@ REGISTER_OP("KerasFancyrnnLstmSequence")
     .Output("z: T").Output("h: T").Output("c: T").Output("h_last: T").Output("c_last: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
+    .Attr("spin: bool = true")
     .SetShapeFn([](InferenceContext* c) {
       return SequenceShapes(c, 0, 1, {1, 2}, {{0, 0}, {3, 1}, {4, 1}});
     });
@@ -813,6 +824,7 @@ REGISTER_OP("KerasFancyrnnLstmSequenceGrad")
     .Output("dprobe_h: T").Output("dprobe_c: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
+    .Attr("spin: bool = true")
     .SetShapeFn([](InferenceContext* c) {
       return SequenceShapes(c, 3, 5, {}, {{0, 3}, {1, 5}, {2, 5}, {4, 10}, {5, 11}}, {{3, 3}});
     });
@@ -823,6 +835,7 @@ REGISTER_OP("KerasFancyrnnGruSequence")
     .Output("h: T").Output("rec: T").Output("h_last: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
+    .Attr("spin: bool = true")
     .SetShapeFn([](InferenceContext* c) {
       return SequenceShapes(c, 0, 1, {0}, {{1, 0}, {2, 1}});
     });
@@ -835,6 +848,7 @@ REGISTER_OP("KerasFancyrnnGruSequenceGrad")
     .Output("dprobe_h: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
+    .Attr("spin: bool = true")
     .SetShapeFn([](InferenceContext* c) {
       return SequenceShapes(c, 2, 5, {}, {{0, 2}, {1, 3}, {2, 5}, {5, 10}}, {{3, 2}, {4, 3}});
     });
@@ -845,6 +859,7 @@ REGISTER_OP("KerasFancyrnnGruBeforeSequence")
     .Output("h: T").Output("rec: T").Output("rh: T").Output("h_last: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
+    .Attr("spin: bool = true")
     .SetShapeFn([](InferenceContext* c) {
       return SequenceShapes(c, 0, 1, {0, 2}, {{1, 0}, {3, 1}});
     });
@@ -856,6 +871,7 @@ REGISTER_OP("KerasFancyrnnGruBeforeSequenceGrad")
     .Output("dxp: T").Output("drec: T").Output("dh0: T").Output("db: T").Output("dprobe_h: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
+    .Attr("spin: bool = true")
     .SetShapeFn([](InferenceContext* c) {
       return SequenceShapes(c, 3, 6, {}, {{0, 3}, {1, 4}, {2, 6}, {4, 11}}, {{3, 3}});
     });
@@ -866,6 +882,7 @@ REGISTER_OP("KerasFancyrnnRnnSequence")
     .Output("h: T").Output("h_last: T").Output("act: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
+    .Attr("spin: bool = true")
     .Attr("activation: {'tanh', 'relu'} = 'tanh'")
     .SetShapeFn([](InferenceContext* c) {
       std::string activation;
@@ -882,6 +899,7 @@ REGISTER_OP("KerasFancyrnnRnnSequenceGrad")
     .Output("dz: T").Output("dh0: T").Output("db: T").Output("dprobe_h: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
+    .Attr("spin: bool = true")
     .Attr("activation: {'tanh', 'relu'} = 'tanh'")
     .SetShapeFn([](InferenceContext* c) {
       return SequenceShapes(c, 1, 2, {}, {{0, 1}, {1, 2}, {3, 6}}, {{2, 1}});
@@ -895,6 +913,7 @@ REGISTER_OP("KerasFancyrnnProject")
     .Attr("reverse_0: bool = false")
     .Attr("reverse_1: bool = false")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
+    .Attr("spin: bool = true")
     .SetShapeFn([](InferenceContext* c) {
       bool transpose_w = false;
       TF_RETURN_IF_ERROR(c->GetAttr("transpose_w", &transpose_w));

@@ -9,7 +9,8 @@
 // workers, which torch uses, do the same.
 //
 // One op at a time uses the pool; an op that finds it busy (another op's shards, run by another
-// inter-op thread) gets false from Run and uses TensorFlow's pool instead.
+// inter-op thread) gets false from Run and uses TensorFlow's pool instead, as does an op whose
+// `spin` attr is false (keras_fancyrnn.config's `spinning_workers`).
 #ifndef KERAS_FANCYRNN_SHARD_POOL_H_
 #define KERAS_FANCYRNN_SHARD_POOL_H_
 
@@ -20,10 +21,8 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
-#include <cstdlib>
 #include <memory>
 #include <mutex>
-#include <string>
 #include <thread>
 #include <vector>
 
@@ -51,7 +50,7 @@ class ShardPool {
   // shard no worker has claimed: a worker that is slow to get a CPU delays nothing.
   template <typename F>
   bool Run(int64_t n, const F& fn) {
-    if (!enabled_ || getpid() != pid_) return false;
+    if (getpid() != pid_) return false;
     bool expected = false;
     if (!busy_.compare_exchange_strong(expected, true, std::memory_order_acquire)) return false;
     Grow(n - 1);
@@ -148,12 +147,7 @@ class ShardPool {
     std::thread thread_;
   };
 
-  // KERAS_FANCYRNN_SPIN=0 (read once): TensorFlow's pool always (docs/performance.md)
-  ShardPool() : pid_(getpid()), enabled_(!Off(std::getenv("KERAS_FANCYRNN_SPIN"))) {}
-
-  static bool Off(const char* value) {
-    return value != nullptr && (std::string(value) == "0" || std::string(value) == "false");
-  }
+  ShardPool() : pid_(getpid()) {}
 
   // At least `count` workers (only the thread holding busy_ calls this).
   void Grow(int64_t count) {
@@ -163,7 +157,6 @@ class ShardPool {
   }
 
   const pid_t pid_;
-  const bool enabled_;
   std::atomic<bool> busy_{false};
   std::vector<std::unique_ptr<Worker>> workers_;
 };
