@@ -124,7 +124,7 @@ void ForEachShard(OpKernelContext* ctx, int64_t B, const F& fn, bool spin = true
   // A cost per unit this large makes ParallelFor give every shard its own thread.
   ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
       shards, int64_t{1} << 40, [&](int64_t first, int64_t last) {
-        for (int64_t s = first; s < last; ++s) fn(B * s / shards, B * (s + 1) / shards, s);
+        for (int64_t s = first; s < last; ++s) shard(s);
       });
 }
 

@@ -407,13 +407,14 @@ class GruSequence : public SequenceOp {
     const T *xp = Ptr<T>(ctx, 0), *h_0 = Ptr<T>(ctx, 1), *probe_h = OptionalPtr<T>(ctx, 6);
     const bool* mask = OptionalPtr<bool>(ctx, 5);
     const RecurrentKernel<T> u(Ptr<T>(ctx, 2), H, 3 * H, false, -1, product_);
-    const RowIn<T> b_rec(Ptr<T>(ctx, 3), 3 * H), b_in(Ptr<T>(ctx, 4), 3 * H);
+    const T* b_rec = Ptr<T>(ctx, 3);
+    const RowIn<T> b_in(Ptr<T>(ctx, 4), 3 * H);
     Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
       GruScratch<T> scratch(H);
       RowMat<T> xb(hi - lo, 3 * H);  // xp + b_in, this step's rows
       for (int64_t t = 0; t < S; ++t) {
         u.Multiply(Prev<T>(h, h_0, t, B, lo, H), hi - lo, At(rec, t, B, lo, 3 * H), false,
-                   RecurrentKernel<T>::kDense, RecurrentKernel<T>::kDense, b_rec.data());
+                   RecurrentKernel<T>::kDense, RecurrentKernel<T>::kDense, b_rec);
         AddBias(xp, b_in, t, B, lo, xb);
         for (int64_t b = lo; b < hi; ++b) {
           GruRow<T>(xb.row(b - lo).data(), At(rec, t, B, b, 3 * H), Prev<T>(h, h_0, t, B, b, H),
