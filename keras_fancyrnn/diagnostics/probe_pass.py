@@ -46,6 +46,7 @@ from keras_fancyrnn.diagnostics.losses import (
 from keras_fancyrnn.diagnostics.targets import _is_fr_rnn, _Target, discover
 from keras_fancyrnn.engine import probes
 from keras_fancyrnn.errors import LayerSelectionError, ProbeDataError
+from keras_fancyrnn.ops import native
 
 
 def _rank(t) -> int | None:
@@ -294,21 +295,27 @@ class ProbePass:
             v.assign(s)
         curves, kernels = {}, {}
         for k, indices in collected.items():
-            # a wrapper's two directions
-            g = sum(ops.cast(grads[i], self._dtype) for i in indices) / scale
+            g = ops.cast(grads[indices[0]], self._dtype)
+            for i in indices[1:]:  # a wrapper's two directions
+                g = g + ops.cast(grads[i], self._dtype)
             if k in self._kernel_keys:  # [T, H, P]: step t's term of the kernel's gradient
-                kernels[k] = g
-            else:
-                curves[k] = _step_norms(g)  # [B, T]: aggregate averages over the valid steps
+                kernels[k] = g / scale
+            else:  # [B, T]: aggregate averages over the valid steps; a norm scales as g does
+                curves[k] = _step_norms(g) / scale
         return curves, masks, kernels, saturated
 
 
 def _step_norms(g):
-    """``‖g[b, t]‖₂`` ``[B, T]``, scaled by the max so that norms below ~1e-19 do not underflow
-    to 0 when squared."""
+    """``‖g[b, t]‖₂`` ``[B, T]``, without underflow for norms below ~1e-19 (whose squares a
+    float32 sum loses): on the C++ kernels one op (``native.row_norms``, a pass over ``g``), else
+    scaled by the max."""
     axes = tuple(range(2, len(g.shape)))
     if not axes:
         return ops.abs(g)
+    if native.usable(g.dtype):
+        shape = ops.shape(g)
+        rows = ops.reshape(g, (-1, int(np.prod([g.shape[a] for a in axes]))))
+        return ops.reshape(native.row_norms(rows), shape[:2])
     m = ops.max(ops.abs(g), axis=axes, keepdims=True)
     safe = ops.where(m > 0, m, ops.ones_like(m))
     return ops.max(ops.abs(g), axis=axes) * ops.sqrt(ops.sum(ops.square(g / safe), axis=axes))

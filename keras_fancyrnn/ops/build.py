@@ -27,7 +27,8 @@ from keras_fancyrnn import config
 from keras_fancyrnn.errors import ConfigError
 
 _KERNELS = os.path.join(os.path.dirname(__file__), "kernels")
-_SOURCES = [os.path.join(_KERNELS, name) for name in ("gates.cc", "sequence.cc")]
+_SOURCES = [os.path.join(_KERNELS, name)
+            for name in ("gates.cc", "norms.cc", "sequence.cc")]
 _HEADERS = [os.path.join(_KERNELS, name) for name in ("gate_math.h", "kernel_util.h",
                                                       "shard_pool.h", "small_gemm.h")]
 _log = logging.getLogger("keras_fancyrnn")

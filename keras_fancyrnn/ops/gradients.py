@@ -423,7 +423,12 @@ def _register_projection_gradient():
 
 
 def register() -> None:
-    """Registers every gradient above with TensorFlow (once, on the TensorFlow backend)."""
+    """Registers every gradient above with TensorFlow (once, on the TensorFlow backend), and
+    ``KerasFancyrnnRowNorms`` as not differentiable (the monitor reads norms, nothing
+    differentiates them)."""
+    from keras_fancyrnn._tf import tf
+
+    tf.no_gradient("KerasFancyrnnRowNorms")
     _register_projection_gradient()
     _register_gate_gradients()
     _register_sequence_gradients()

@@ -15,6 +15,8 @@ arithmetic. Two kinds of kernels remove that:
   batch-major input, time-major), and the weight gradients are large matmuls after it. Masks
   and the monitor's probes run in them too; the engine runs them wherever it does not need its
   loop (truncation, recurrent dropout, ``unroll``; benchmarks/sequence_kernels.py).
+- ``kernels/norms.cc``: the norm of every row of a matrix (``row_norms``), the monitor's
+  per-step gradient norms in one pass.
 - ``kernels/gates.cc``: the gate equations of ``LSTMCell.step`` and ``GRUCell.step`` in one op
   and their gradient in another, for the steps of the engine's loop (benchmarks/native_gates.py).
 
@@ -68,6 +70,13 @@ def project(x, kernel, go_backwards=False):
     (the same op for ``x``). (The bias is the sequence kernels' input: their gradient kernels
     sum its gradient.)"""
     return library().keras_fancyrnn_project(x, kernel, reverse_1=go_backwards, **_attrs())
+
+
+def row_norms(x):
+    """``‖x[r, :]‖₂`` ``[R]`` of every row of ``x`` ``[R, W]`` (float32 or float64), without
+    underflow for tiny rows (``kernels/norms.cc``). No gradient: the monitor reads its
+    gradient norms, it does not differentiate them."""
+    return library().keras_fancyrnn_row_norms(x)
 
 
 def _attrs() -> dict:
