@@ -1,7 +1,8 @@
-"""The LSTM's gate equations for a row of ``H`` units (``keras_fancyrnn/ops/kernels/gate_math.h``)
-two ways, in one process, alternating: as Eigen array expressions (what float64 runs) and one
-packet of units at a time with the same Eigen packet functions (what float32 runs); median ns
-per row on one core, the ratio, and the largest difference between their outputs.
+"""The LSTM's gate equations for a row of ``H`` units (``keras_fancyrnn/ops/kernels/gate_math.h``),
+forward and backward, two ways, in one process, alternating: as Eigen array expressions (what
+float64 runs) and one packet of units at a time with the same Eigen packet functions (what
+float32 runs); median ns per row on one core, the ratio, and the largest difference between
+their outputs.
 
     python benchmarks/gate_rows.py
     python benchmarks/gate_rows.py --hidden=64,256 --rounds=15
@@ -28,8 +29,8 @@ flags.DEFINE_string("out", None, "Write the Markdown table here too.")
 def main(argv):
     del argv
     done = run("gate_rows.cc", [str(FLAGS.rounds), *FLAGS.hidden])
-    rows = ["| H | expressions ns/row | packets ns/row | expressions/packets | max difference |",
-            "|---|---|---|---|---|", *done.stdout.splitlines()]
+    rows = ["| row | H | expressions ns/row | packets ns/row | expressions/packets | "
+            "max difference |", "|---|---|---|---|---|---|", *done.stdout.splitlines()]
     print("\n".join(rows))
     emit(rows, f"\nOne core, 8 rows a call. CPU: {cpu_name()}.", FLAGS.out)
 

@@ -119,3 +119,27 @@ def test_probes_in_the_kernels_equal_the_loops(library, kind, go_backwards, mask
             for k in range(n_states):
                 assert np.all(grads[k].numpy()[off] == 0), f"probe {k} at masked steps"
                 assert np.any(grads[k].numpy()[~off] != 0), f"probe {k} at unmasked steps"
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_lstm_probes_in_float32_rows_equal_the_loops(library, masked, rng):
+    """The float32 LSTM's gate rows run packets of units and the scalar expressions for the
+    units past the last whole packet (gate_math.h): 37 units take both at every vector width,
+    with the probes of h and c added and their gradients written in each. Against the loop in
+    float32, nonzero probes."""
+    units = 37
+    layer = fr.LSTM(units, return_sequences=True)
+    layer.build((B, T, D))
+    layer.set_weights([w + 0.3 * rng.normal(size=w.shape) for w in layer.get_weights()])
+    x = tf.constant(rng.normal(size=(B, T, D)).astype("float32"))
+    mask = tf.constant(mask_patterns(B, T, rng)) if masked else None
+    values = [(0.2 * rng.normal(size=(B, T, units))).astype("float32") for _ in range(2)]
+    fn = _probed(layer, x, mask, values)
+    assert "KerasFancyrnnLstmSequenceGrad" in _kernel_ops(fn, x)
+    out, grads = tf.function(fn)(x)
+    with fr.config.scope(sequence_kernels=False, native_kernels=False):
+        out_ref, grads_ref = tf.function(fn)(x)
+    chain = rounding_chain(steps=T, batch=B, dim=D, units=units, gates=4)
+    assert_close(out, out_ref, chain, name="output")
+    for k, (g, g_ref) in enumerate(zip(grads, grads_ref, strict=True)):
+        assert_close(g, g_ref, chain, name=f"gradient {k}")

@@ -73,25 +73,75 @@ struct LstmScratch {
 
 // Gradients dh, dc of h and c to dz (4H), dc_prev and, with a probe, dp. The gates and c are
 // recomputed from z and c_prev. dz may be z and dc_prev may be dc (each is read in full before
-// it is written).
+// it is written). As Eigen array expressions over n units whose gate blocks in z and dz are
+// `stride` apart (n = stride = H for a whole row; LstmRowGrad below runs this for double).
+template <typename T>
+inline void LstmRowGradExpressions(const T* dh, const T* dc, const T* z, const T* c_prev,
+                                   const T* p, T* dz, T* dc_prev, T* dp, int64_t n,
+                                   int64_t stride, LstmScratch<T>& s) {
+  const int64_t H = stride;
+  auto i = s.i.head(n), f = s.f.head(n), g = s.g.head(n), o = s.o.head(n), tc = s.tc.head(n),
+       dct = s.dct.head(n);
+  In<T> dh_b(dh, n), cp_b(c_prev, n);
+  i = In<T>(z, n).logistic();
+  f = In<T>(z + H, n).logistic();
+  g = In<T>(z + 2 * H, n).tanh();
+  o = In<T>(z + 3 * H, n).logistic();
+  tc = f * cp_b + i * g;
+  if (p != nullptr) tc += In<T>(p, n);
+  tc = tc.tanh();
+  dct = In<T>(dc, n) + dh_b * o * (T(1) - tc * tc);  // total ∂ℓ/∂c_t
+  Out<T>(dz, n) = dct * g * i * (T(1) - i);
+  Out<T>(dz + H, n) = dct * cp_b * f * (T(1) - f);
+  Out<T>(dz + 2 * H, n) = dct * i * (T(1) - g * g);
+  Out<T>(dz + 3 * H, n) = dh_b * tc * o * (T(1) - o);
+  Out<T>(dc_prev, n) = dct * f;
+  if (dp != nullptr) Out<T>(dp, n) = dct;
+}
+
 template <typename T>
 inline void LstmRowGrad(const T* dh, const T* dc, const T* z, const T* c_prev, const T* p, T* dz,
                         T* dc_prev, T* dp, int64_t H, LstmScratch<T>& s) {
-  In<T> dh_b(dh, H), cp_b(c_prev, H);
-  s.i = In<T>(z, H).logistic();
-  s.f = In<T>(z + H, H).logistic();
-  s.g = In<T>(z + 2 * H, H).tanh();
-  s.o = In<T>(z + 3 * H, H).logistic();
-  s.tc = s.f * cp_b + s.i * s.g;
-  if (p != nullptr) s.tc += In<T>(p, H);
-  s.tc = s.tc.tanh();
-  s.dct = In<T>(dc, H) + dh_b * s.o * (T(1) - s.tc * s.tc);  // total ∂ℓ/∂c_t
-  Out<T>(dz, H) = s.dct * s.g * s.i * (T(1) - s.i);
-  Out<T>(dz + H, H) = s.dct * cp_b * s.f * (T(1) - s.f);
-  Out<T>(dz + 2 * H, H) = s.dct * s.i * (T(1) - s.g * s.g);
-  Out<T>(dz + 3 * H, H) = dh_b * s.tc * s.o * (T(1) - s.o);
-  Out<T>(dc_prev, H) = s.dct * s.f;
-  if (dp != nullptr) Out<T>(dp, H) = s.dct;
+  LstmRowGradExpressions(dh, dc, z, c_prev, p, dz, dc_prev, dp, H, H, s);
+}
+
+// The same for float, one packet of units at a time, as LstmRow<float> (the products in the
+// expressions' order). A packet's z, dc are read before its dz, dc_prev are written, so the
+// same aliasing holds. The units past the last whole packet take the expressions above.
+template <>
+inline void LstmRowGrad<float>(const float* dh, const float* dc, const float* z,
+                               const float* c_prev, const float* p, float* dz, float* dc_prev,
+                               float* dp, int64_t H, LstmScratch<float>& s) {
+  namespace ei = Eigen::internal;
+  using Packet = ei::packet_traits<float>::type;
+  constexpr int64_t kWidth = ei::unpacket_traits<Packet>::size;
+  const ei::scalar_logistic_op<float> sigmoid;
+  const ei::scalar_tanh_op<float> tanh;
+  const Packet one = ei::pset1<Packet>(1.0f);
+  int64_t j = 0;
+  for (; j + kWidth <= H; j += kWidth) {
+    const Packet i = sigmoid.packetOp(ei::ploadu<Packet>(z + j));
+    const Packet f = sigmoid.packetOp(ei::ploadu<Packet>(z + H + j));
+    const Packet g = tanh.packetOp(ei::ploadu<Packet>(z + 2 * H + j));
+    const Packet o = sigmoid.packetOp(ei::ploadu<Packet>(z + 3 * H + j));
+    const Packet cp = ei::ploadu<Packet>(c_prev + j);
+    const Packet dh_j = ei::ploadu<Packet>(dh + j);
+    Packet tc = ei::padd(ei::pmul(f, cp), ei::pmul(i, g));
+    if (p != nullptr) tc = ei::padd(tc, ei::ploadu<Packet>(p + j));
+    tc = tanh.packetOp(tc);
+    const Packet dct = ei::padd(ei::ploadu<Packet>(dc + j),
+                                ei::pmul(ei::pmul(dh_j, o), ei::psub(one, ei::pmul(tc, tc))));
+    ei::pstoreu(dz + j, ei::pmul(ei::pmul(ei::pmul(dct, g), i), ei::psub(one, i)));
+    ei::pstoreu(dz + H + j, ei::pmul(ei::pmul(ei::pmul(dct, cp), f), ei::psub(one, f)));
+    ei::pstoreu(dz + 2 * H + j, ei::pmul(ei::pmul(dct, i), ei::psub(one, ei::pmul(g, g))));
+    ei::pstoreu(dz + 3 * H + j, ei::pmul(ei::pmul(ei::pmul(dh_j, tc), o), ei::psub(one, o)));
+    ei::pstoreu(dc_prev + j, ei::pmul(dct, f));
+    if (dp != nullptr) ei::pstoreu(dp + j, dct);
+  }
+  if (j == H) return;
+  auto at = [j](auto* v) { return v == nullptr ? nullptr : v + j; };  // the rest of the units
+  LstmRowGradExpressions<float>(dh + j, dc + j, z + j, c_prev + j, at(p), dz + j, dc_prev + j,
+                                at(dp), H - j, H, s);
 }
 
 // GRU, reset_after=True (Keras's default), blocks z, r, h of xp = x W + b_in and
