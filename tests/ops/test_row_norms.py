@@ -53,10 +53,11 @@ def test_row_norms_propagate_nan_and_inf(library):
         assert np.isnan(got[0]) and got[1] == np.inf and got[2] == 2.0
 
 
-def test_row_norms_of_empty_dimensions(library):
-    assert library.keras_fancyrnn_row_norms(tf.zeros((0, 5))).shape == (0,)
-    np.testing.assert_array_equal(library.keras_fancyrnn_row_norms(tf.zeros((3, 0))).numpy(),
-                                  np.zeros(3, "float32"))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_row_norms_of_empty_dimensions(library, dtype):
+    assert library.keras_fancyrnn_row_norms(tf.zeros((0, 5), dtype)).shape == (0,)
+    np.testing.assert_array_equal(
+        library.keras_fancyrnn_row_norms(tf.zeros((3, 0), dtype)).numpy(), np.zeros(3, dtype))
 
 
 def test_row_norms_reject_other_ranks(library):

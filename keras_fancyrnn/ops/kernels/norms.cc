@@ -7,6 +7,7 @@
 // float rows: the squares are summed in double, where no float's square underflows or overflows
 // (the smallest float squared is 2e-90, the largest 1.2e77). double rows: scaled by the row's
 // largest magnitude before squaring, as the Python fallback does.
+#include <Eigen/Core>
 #include <cmath>
 
 #include "kernel_util.h"
@@ -14,24 +15,19 @@
 namespace keras_fancyrnn {
 namespace {
 
+// (Eigen's reductions keep several partial sums in vector registers: one running sum would wait
+// for each addition's result.)
 inline double RowNorm(const float* row, int64_t n) {
-  double sum = 0.0;
-  for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(row[i]) * row[i];
-  return std::sqrt(sum);
+  return std::sqrt(Eigen::Map<const Eigen::ArrayXf>(row, n).cast<double>().square().sum());
 }
 
 inline double RowNorm(const double* row, int64_t n) {
-  double scale = 0.0;
-  for (int64_t i = 0; i < n; ++i) scale = std::max(scale, std::abs(row[i]));
-  if (scale == 0.0 || !std::isfinite(scale)) {
-    // 0 for a zero row; inf or nan as the plain sum would give them
-    double sum = 0.0;
-    for (int64_t i = 0; i < n; ++i) sum += row[i] * row[i];
-    return std::sqrt(sum);
-  }
-  double sum = 0.0;
-  for (int64_t i = 0; i < n; ++i) sum += (row[i] / scale) * (row[i] / scale);
-  return scale * std::sqrt(sum);
+  if (n == 0) return 0.0;
+  const Eigen::Map<const Eigen::ArrayXd> x(row, n);
+  const double scale = x.abs().maxCoeff();
+  // 0 for a zero row; inf or nan where the plain sum gives them
+  if (!(scale > 0.0) || !std::isfinite(scale)) return std::sqrt(x.square().sum());
+  return scale * std::sqrt((x / scale).square().sum());
 }
 
 // Input x [R, W]; output [R]: ‖x[r, :]‖₂ (0 for W = 0). A nan or inf in a row gives nan or inf.
