@@ -15,6 +15,7 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -96,19 +97,37 @@ class RecurrentKernel {
       return;
     }
     // B in panels of cols_ columns, the last one zero-padded. Copied in the order u is read
-    // (this runs at every op call: at H = 256 it is 1 MB of U).
+    // (this runs at every op call: at H = 256 it is 1 MB of U): U row by row, each row's
+    // pieces to every panel (panel by panel, the reads of a row's pieces are a row apart and
+    // the prefetchers miss them), each piece one fixed-size copy.
     const int64_t panels = (N + cols_ - 1) / cols_;
     packed_.reset(new T[panels * K * cols_]);  // not zeroed: every element is written below
+    if (!transpose) {
+      const int64_t whole = N / cols_;  // panels without padding
+      for (int64_t k = 0; k < K; ++k) {
+        const T* row = u + k * ldu_;
+        T* out = packed_.get() + k * cols_;  // panel p's row k: out + p K cols_
+        const auto pieces = [&](auto width) {
+          for (int64_t p = 0; p < whole; ++p) {
+            std::memcpy(out + p * K * cols_, row + p * width, sizeof(T) * width);
+          }
+        };
+        if (cols_ == 32) {
+          pieces(std::integral_constant<int64_t, 32>{});
+        } else {
+          pieces(std::integral_constant<int64_t, 16>{});
+        }
+        if (whole < panels) {
+          std::copy_n(row + whole * cols_, N - whole * cols_, out + whole * K * cols_);
+          std::fill_n(out + whole * K * cols_ + N - whole * cols_, cols_ - (N - whole * cols_),
+                      T(0));
+        }
+      }
+      return;
+    }
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t j0 = p * cols_, width = std::min(N - j0, cols_);
       T* panel = packed_.get() + p * K * cols_;
-      if (!transpose) {
-        for (int64_t k = 0; k < K; ++k) {
-          std::copy_n(u + k * ldu_ + j0, width, panel + k * cols_);
-          std::fill_n(panel + k * cols_ + width, cols_ - width, T(0));
-        }
-        continue;
-      }
       if (width < cols_) std::fill_n(panel, K * cols_, T(0));
       for (int64_t j = 0; j < width; ++j) {  // row j0 + j of u is column j of the panel
         const T* row = u + (j0 + j) * ldu_;
