@@ -1,8 +1,9 @@
 // The recurrent product of the sequence kernels (keras_fancyrnn/ops/kernels/small_gemm.h,
 // RecurrentKernel::Multiply: c = a U or a U^T for a shard's few rows) two ways in one process:
 // Eigen's product and the register blocks this CPU can run (AVX2/FMA, AVX-512), alternating,
-// median GFLOP/s per shape on one core. Each result is first checked against a plain
-// double-precision product.
+// median GFLOP/s per shape on one core; and the widest block's packing of U (what each op call
+// does once), median us, from 8 copies of U in turn (as an op finds U: not in this core's
+// caches). Each result is first checked against a plain double-precision product.
 //
 //   small_gemm ROUNDS nxKxN [nxKxN ...]     (run through benchmarks/small_gemm.py)
 //
@@ -65,6 +66,21 @@ double Median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+// Microseconds to build `product`'s kernel (pack U into panels), median of 64, each from the
+// next of 8 copies of u.
+double PackMicroseconds(const std::vector<float>& u, int64_t K, int64_t N, bool transpose,
+                        Product product) {
+  const std::vector<std::vector<float>> copies(8, u);
+  std::vector<double> times;
+  for (int r = 0; r < 64; ++r) {
+    const auto start = std::chrono::steady_clock::now();
+    const Kernel kernel(copies[r % 8].data(), K, N, transpose, -1, product);
+    times.push_back(std::chrono::duration<double, std::micro>(
+        std::chrono::steady_clock::now() - start).count());
+  }
+  return Median(times);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -116,8 +132,10 @@ int main(int argc, char** argv) {
         best = std::max(best, g);
         std::snprintf(cells[v - 1], sizeof cells[v - 1], "%.1f", g);
       }
-      std::printf("| %ld | %ld | %ld | %s | %.1f | %s | %s | %.2f | %.1e |\n", n, K, N,
-                  transpose ? "U^T" : "U", g_eigen, cells[0], cells[1], best / g_eigen, err);
+      const double pack = PackMicroseconds(u, K, N, transpose, keras_fancyrnn::kWidestProduct);
+      std::printf("| %ld | %ld | %ld | %s | %.1f | %s | %s | %.2f | %.1f | %.1e |\n", n, K, N,
+                  transpose ? "U^T" : "U", g_eigen, cells[0], cells[1], best / g_eigen, pack,
+                  err);
     }
   }
   return ok ? 0 : 1;

@@ -2,8 +2,10 @@
 way this CPU can run it, in one process, alternating: Eigen's product, the AVX2/FMA register
 block (6 x 16) and the AVX-512 one (8 x 32), median GFLOP/s on one core for a shard's shapes
 (``n`` batch rows, ``K`` x ``N`` recurrent kernel), each result first checked against a
-double-precision product. This is the measurement behind the header's rule (the AVX-512 block
-where the CPU has AVX-512, else the AVX2 block where it has AVX2/FMA, else Eigen).
+double-precision product; and the time the widest block takes to pack ``U`` (or ``U^T``) into
+its panels, which every op call does once. This is the measurement behind the header's rule
+(the AVX-512 block where the CPU has AVX-512, else the AVX2 block where it has AVX2/FMA, else
+Eigen).
 
     python benchmarks/small_gemm.py
     python benchmarks/small_gemm.py --shapes=32x128x512 --rounds=15
@@ -36,8 +38,8 @@ def main(argv):
     if done.returncode == 2:
         raise SystemExit(done.stderr)
     rows = ["| n | K | N | kernel | eigen GFLOP/s | avx2 block GFLOP/s | avx512 block GFLOP/s | "
-            "fastest/eigen | max rel. error |",
-            "|---|---|---|---|---|---|---|---|---|", *done.stdout.splitlines(), "",
+            "fastest/eigen | widest block's packing us | max rel. error |",
+            "|---|---|---|---|---|---|---|---|---|---|", *done.stdout.splitlines(), "",
             f"One core. Machine: {platform.machine()}, {os.cpu_count()} cores; "
             f"{_isa()}."]
     table = "\n".join(rows)
