@@ -31,7 +31,7 @@ TINY = {
 }
 ROWS = {"rnn_speed.py": 4, "fused_kernel.py": 2, "unused_features.py": 4, "native_gates.py": 2,
         "sequence_kernels.py": 2, "small_gemm.py": 4, "masked_speed.py": 4, "backend_speed.py": 4,
-        "shard_start.py": 2, "gate_rows.py": 2}
+        "shard_start.py": 2, "gate_rows.py": 4}
 
 
 @pytest.mark.parametrize("script", sorted(TINY))
