@@ -259,20 +259,27 @@ class RecurrentKernel {
       KFR_ROW(0) KFR_ROW(1) KFR_ROW(2) KFR_ROW(3) KFR_ROW(4) KFR_ROW(5)
 #undef KFR_ROW
     }
+    // partial columns through masked loads and stores (lane j on where j < cols)
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols)), lane);
+    const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols) - 8), lane);
+    const __m256 b0 = bias == nullptr ? _mm256_setzero_ps() : _mm256_maskload_ps(bias, m0);
+    const __m256 b1 = bias == nullptr ? _mm256_setzero_ps() : _mm256_maskload_ps(bias + 8, m1);
     const __m256 result[6][2] = {{c00, c01}, {c10, c11}, {c20, c21},
                                  {c30, c31}, {c40, c41}, {c50, c51}};
     for (int r = 0; r < R; ++r) {
       float* c_r = c + r * ldc;
-      alignas(32) float out[kCols];
-      _mm256_store_ps(out, result[r][0]);
-      _mm256_store_ps(out + 8, result[r][1]);
+      __m256 v0 = result[r][0], v1 = result[r][1];
       if (accumulate) {
-        for (int64_t j = 0; j < cols; ++j) out[j] += c_r[j];
+        v0 = _mm256_add_ps(v0, _mm256_maskload_ps(c_r, m0));
+        v1 = _mm256_add_ps(v1, _mm256_maskload_ps(c_r + 8, m1));
       }
       if (bias != nullptr) {
-        for (int64_t j = 0; j < cols; ++j) out[j] += bias[j];
+        v0 = _mm256_add_ps(v0, b0);
+        v1 = _mm256_add_ps(v1, b1);
       }
-      std::copy_n(out, cols, c_r);
+      _mm256_maskstore_ps(c_r, m0, v0);
+      _mm256_maskstore_ps(c_r + 8, m1, v1);
     }
   }
 #endif
