@@ -72,3 +72,12 @@ def measured_rounding(low, high, dtype) -> float:
     error = float(np.max(np.abs(np.asarray(low, np.float64) - np.asarray(high, np.float64)),
                          initial=0.0))
     return error * np.finfo(dtype).eps / np.finfo(np.float32).eps
+
+
+def assert_each_close(actual, desired, desired_64, chain: int, label: str) -> None:
+    """``assert_close`` of each ``actual[k]`` to the float32 reference ``desired[k]``, with the
+    reference's own rounding on the case (``measured_rounding`` against its float64 result
+    ``desired_64[k]``) as the measured part of the bound; ``label`` names them (``output k``)."""
+    for k, (a, d, d_64) in enumerate(zip(actual, desired, desired_64, strict=True)):
+        assert_close(a, d, chain, name=f"{label} {k}",
+                     measured=measured_rounding(d, d_64, "float32"))

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from graphs import traced_ops
 from kernel_kinds import GATES, PROJECT_OP, SEQUENCE_OPS, layer_kind, mask_patterns
-from tolerance import assert_close, measured_rounding, rounding_chain
+from tolerance import assert_close, assert_each_close, rounding_chain
 
 import keras_fancyrnn as fr
 from keras_fancyrnn.engine import probes as fr_probes
@@ -69,12 +69,8 @@ def test_masked_kernels_equal_keras(library, kind, go_backwards, zero_output_for
     x, states[:] = tf.cast(x, "float64"), [tf.cast(s, "float64") for s in states]
     outs_64, grads_64 = call(exact)(x)
     chain = rounding_chain(steps=T, batch=B, dim=D, units=H, gates=GATES[kind])
-    for k, (y, y_ref, y_64) in enumerate(zip(outs, outs_ref, outs_64, strict=True)):
-        assert_close(y, y_ref, chain, name=f"output {k}",
-                     measured=measured_rounding(y_ref, y_64, "float32"))
-    for k, (g, g_ref, g_64) in enumerate(zip(grads, grads_ref, grads_64, strict=True)):
-        assert_close(g, g_ref, chain, name=f"gradient {k}",
-                     measured=measured_rounding(g_ref, g_64, "float32"))
+    assert_each_close(outs, outs_ref, outs_64, chain, "output")
+    assert_each_close(grads, grads_ref, grads_64, chain, "gradient")
 
 
 def _probed(layer, x, mask, probe_values):

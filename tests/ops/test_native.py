@@ -11,7 +11,7 @@ import tensorflow as tf
 from gradcheck import assert_gradients_match_finite_differences
 from graphs import traced_nodes, traced_ops
 from kernel_kinds import GATES, SEQUENCE_OPS, layer_kind, mask_patterns
-from tolerance import assert_close, measured_rounding, rounding_chain
+from tolerance import assert_close, assert_each_close, rounding_chain
 
 import keras_fancyrnn as fr
 from keras_fancyrnn.engine import probes as fr_probes
@@ -306,12 +306,8 @@ def test_sequence_kernels_equal_keras(library, kind, go_backwards, product, rng)
     x, states[:] = tf.cast(x, "float64"), [tf.cast(s, "float64") for s in states]
     outs_64, grads_64 = call(exact)(x)
     chain = rounding_chain(steps=7, batch=9, dim=8, units=6, gates=GATES[kind])  # float32
-    for k, (y, y_ref, y_64) in enumerate(zip(outs, outs_ref, outs_64, strict=True)):
-        assert_close(y, y_ref, chain, name=f"output {k}",
-                     measured=measured_rounding(y_ref, y_64, "float32"))
-    for k, (g, g_ref, g_64) in enumerate(zip(grads, grads_ref, grads_64, strict=True)):
-        assert_close(g, g_ref, chain, name=f"gradient {k}",
-                     measured=measured_rounding(g_ref, g_64, "float32"))
+    assert_each_close(outs, outs_ref, outs_64, chain, "output")
+    assert_each_close(grads, grads_ref, grads_64, chain, "gradient")
 
 
 def _sequence_loss(library, kind, weights, mask=None):

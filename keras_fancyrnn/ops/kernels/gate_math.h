@@ -34,6 +34,26 @@ inline void LstmRow(const T* z, const T* c_prev, const T* p, T* h, T* c, int64_t
   LstmRowExpressions(z, c_prev, p, h, c, H);
 }
 
+// The float rows' packets: Eigen's packet of floats for this build's widest vectors.
+namespace packets {
+namespace ei = Eigen::internal;
+using Packet = ei::packet_traits<float>::type;
+constexpr int64_t kWidth = ei::unpacket_traits<Packet>::size;
+
+// The activated gates i, f, g, o of units [j, j + kWidth) from z (4H values).
+struct LstmGates {
+  LstmGates(const float* z, int64_t H, int64_t j) {
+    const ei::scalar_logistic_op<float> sigmoid;
+    const ei::scalar_tanh_op<float> tanh;
+    i = sigmoid.packetOp(ei::ploadu<Packet>(z + j));
+    f = sigmoid.packetOp(ei::ploadu<Packet>(z + H + j));
+    g = tanh.packetOp(ei::ploadu<Packet>(z + 2 * H + j));
+    o = sigmoid.packetOp(ei::ploadu<Packet>(z + 3 * H + j));
+  }
+  Packet i, f, g, o;
+};
+}  // namespace packets
+
 // The same for float, one packet of units at a time: every gate of a packet from its z, then c
 // and h, with Eigen's packet logistic and tanh (the functions of the expressions above), in place
 // of the expressions' separate passes (benchmarks/gate_rows.py times both). The units past
@@ -41,17 +61,12 @@ inline void LstmRow(const T* z, const T* c_prev, const T* p, T* h, T* c, int64_t
 template <>
 inline void LstmRow<float>(const float* z, const float* c_prev, const float* p, float* h, float* c,
                            int64_t H) {
-  namespace ei = Eigen::internal;
-  using Packet = ei::packet_traits<float>::type;
-  constexpr int64_t kWidth = ei::unpacket_traits<Packet>::size;
+  using namespace packets;  // NOLINT: Packet, kWidth, ei
   const ei::scalar_logistic_op<float> sigmoid;
   const ei::scalar_tanh_op<float> tanh;
   int64_t j = 0;
   for (; j + kWidth <= H; j += kWidth) {
-    const Packet i = sigmoid.packetOp(ei::ploadu<Packet>(z + j));
-    const Packet f = sigmoid.packetOp(ei::ploadu<Packet>(z + H + j));
-    const Packet g = tanh.packetOp(ei::ploadu<Packet>(z + 2 * H + j));
-    const Packet o = sigmoid.packetOp(ei::ploadu<Packet>(z + 3 * H + j));
+    const auto [i, f, g, o] = LstmGates(z, H, j);
     Packet c_j = ei::padd(ei::pmul(f, ei::ploadu<Packet>(c_prev + j)), ei::pmul(i, g));
     if (p != nullptr) c_j = ei::padd(c_j, ei::ploadu<Packet>(p + j));
     ei::pstoreu(c + j, c_j);
@@ -112,18 +127,12 @@ template <>
 inline void LstmRowGrad<float>(const float* dh, const float* dc, const float* z,
                                const float* c_prev, const float* p, float* dz, float* dc_prev,
                                float* dp, int64_t H, LstmScratch<float>& s) {
-  namespace ei = Eigen::internal;
-  using Packet = ei::packet_traits<float>::type;
-  constexpr int64_t kWidth = ei::unpacket_traits<Packet>::size;
-  const ei::scalar_logistic_op<float> sigmoid;
+  using namespace packets;  // NOLINT: Packet, kWidth, ei
   const ei::scalar_tanh_op<float> tanh;
   const Packet one = ei::pset1<Packet>(1.0f);
   int64_t j = 0;
   for (; j + kWidth <= H; j += kWidth) {
-    const Packet i = sigmoid.packetOp(ei::ploadu<Packet>(z + j));
-    const Packet f = sigmoid.packetOp(ei::ploadu<Packet>(z + H + j));
-    const Packet g = tanh.packetOp(ei::ploadu<Packet>(z + 2 * H + j));
-    const Packet o = sigmoid.packetOp(ei::ploadu<Packet>(z + 3 * H + j));
+    const auto [i, f, g, o] = LstmGates(z, H, j);
     const Packet cp = ei::ploadu<Packet>(c_prev + j);
     const Packet dh_j = ei::ploadu<Packet>(dh + j);
     Packet tc = ei::padd(ei::pmul(f, cp), ei::pmul(i, g));
