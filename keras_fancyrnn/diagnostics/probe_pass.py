@@ -312,10 +312,10 @@ def _step_norms(g):
     axes = tuple(range(2, len(g.shape)))
     if not axes:
         return ops.abs(g)
-    if native.usable(g.dtype):
-        shape = ops.shape(g)
-        rows = ops.reshape(g, (-1, int(np.prod([g.shape[a] for a in axes]))))
-        return ops.reshape(native.row_norms(rows), shape[:2])
+    width = [g.shape[a] for a in axes]
+    if None not in width and native.usable(g.dtype):
+        rows = ops.reshape(g, (-1, int(np.prod(width))))
+        return ops.reshape(native.row_norms(rows), ops.shape(g)[:2])
     m = ops.max(ops.abs(g), axis=axes, keepdims=True)
     safe = ops.where(m > 0, m, ops.ones_like(m))
     return ops.max(ops.abs(g), axis=axes) * ops.sqrt(ops.sum(ops.square(g / safe), axis=axes))

@@ -72,21 +72,26 @@ def test_row_norms_reject_other_ranks(library):
 
 def test_step_norms_on_the_kernel_equal_the_scaled_keras_ops(rng, monkeypatch):
     """``probe_pass._step_norms`` of [B, T, H] and [B, T, H, W] gradients (a ConvLSTM's), in a
-    traced function with an unknown batch size, as the probe pass runs it; against the same
-    function with the kernel path turned off."""
+    traced function with an unknown batch size and length, as the probe pass runs it; against
+    the same function with the kernel path turned off."""
     g3 = rng.normal(size=(5, 7, 11)).astype("float32")
     g3[1, 2] *= 1e-30  # below float32's squares
     g4 = rng.normal(size=(5, 7, 3, 4)).astype("float32")
 
-    def norms(*gs):
+    def norms(*gs):  # batch and length unknown while traced (a model of any length)
         fn = tf.function(lambda *a: [probe_pass._step_norms(g) for g in a])
-        specs = [tf.TensorSpec((None, *g.shape[1:]), g.dtype) for g in gs]
-        return [v.numpy() for v in fn.get_concrete_function(*specs)(*gs)]
+        specs = [tf.TensorSpec((None, None, *g.shape[2:]), g.dtype) for g in gs]
+        concrete = fn.get_concrete_function(*specs)
+        kernel_ops = {op.type for op in concrete.graph.get_operations()} & {
+            "KerasFancyrnnRowNorms"}
+        return [v.numpy() for v in concrete(*gs)], kernel_ops
 
     assert native.usable("float32")
-    got = norms(g3, g4)
+    got, used = norms(g3, g4)
+    assert used == {"KerasFancyrnnRowNorms"}
     monkeypatch.setattr(probe_pass.native, "usable", lambda dtype: False)
-    want = norms(g3, g4)
+    want, used = norms(g3, g4)
+    assert not used
     for a, b, g in zip(got, want, (g3, g4)):
         assert a.shape == b.shape == g.shape[:2]
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
