@@ -267,19 +267,26 @@ class RecurrentKernel {
     const __m256 b1 = bias == nullptr ? _mm256_setzero_ps() : _mm256_maskload_ps(bias + 8, m1);
     const __m256 result[6][2] = {{c00, c01}, {c10, c11}, {c20, c21},
                                  {c30, c31}, {c40, c41}, {c50, c51}};
+    // (a whole panel without masks: masked stores are slow on some AVX2 CPUs, AMD's Zen 1-3)
+    const bool whole = cols == kCols;
     for (int r = 0; r < R; ++r) {
       float* c_r = c + r * ldc;
       __m256 v0 = result[r][0], v1 = result[r][1];
       if (accumulate) {
-        v0 = _mm256_add_ps(v0, _mm256_maskload_ps(c_r, m0));
-        v1 = _mm256_add_ps(v1, _mm256_maskload_ps(c_r + 8, m1));
+        v0 = _mm256_add_ps(v0, whole ? _mm256_loadu_ps(c_r) : _mm256_maskload_ps(c_r, m0));
+        v1 = _mm256_add_ps(v1, whole ? _mm256_loadu_ps(c_r + 8) : _mm256_maskload_ps(c_r + 8, m1));
       }
       if (bias != nullptr) {
         v0 = _mm256_add_ps(v0, b0);
         v1 = _mm256_add_ps(v1, b1);
       }
-      _mm256_maskstore_ps(c_r, m0, v0);
-      _mm256_maskstore_ps(c_r + 8, m1, v1);
+      if (whole) {
+        _mm256_storeu_ps(c_r, v0);
+        _mm256_storeu_ps(c_r + 8, v1);
+      } else {
+        _mm256_maskstore_ps(c_r, m0, v0);
+        _mm256_maskstore_ps(c_r + 8, m1, v1);
+      }
     }
   }
 #endif
