@@ -313,7 +313,7 @@ def _step_norms(g):
     if not axes:
         return ops.abs(g)
     width = [g.shape[a] for a in axes]
-    if None not in width and native.usable(g.dtype):
+    if None not in width and np.prod(width) > 0 and native.usable(g.dtype):
         rows = ops.reshape(g, (-1, int(np.prod(width))))
         return ops.reshape(native.row_norms(rows), ops.shape(g)[:2])
     m = ops.max(ops.abs(g), axis=axes, keepdims=True)

@@ -41,8 +41,8 @@ using Packet = ei::packet_traits<float>::type;
 constexpr int64_t kWidth = ei::unpacket_traits<Packet>::size;
 
 // The activated gates i, f, g, o of units [j, j + kWidth) from z (4H values).
-struct LstmGates {
-  LstmGates(const float* z, int64_t H, int64_t j) {
+struct LstmGatePackets {
+  LstmGatePackets(const float* z, int64_t H, int64_t j) {
     const ei::scalar_logistic_op<float> sigmoid;
     const ei::scalar_tanh_op<float> tanh;
     i = sigmoid.packetOp(ei::ploadu<Packet>(z + j));
@@ -66,7 +66,7 @@ inline void LstmRow<float>(const float* z, const float* c_prev, const float* p, 
   const ei::scalar_tanh_op<float> tanh;
   int64_t j = 0;
   for (; j + kWidth <= H; j += kWidth) {
-    const auto [i, f, g, o] = LstmGates(z, H, j);
+    const auto [i, f, g, o] = LstmGatePackets(z, H, j);
     Packet c_j = ei::padd(ei::pmul(f, ei::ploadu<Packet>(c_prev + j)), ei::pmul(i, g));
     if (p != nullptr) c_j = ei::padd(c_j, ei::ploadu<Packet>(p + j));
     ei::pstoreu(c + j, c_j);
@@ -132,7 +132,7 @@ inline void LstmRowGrad<float>(const float* dh, const float* dc, const float* z,
   const Packet one = ei::pset1<Packet>(1.0f);
   int64_t j = 0;
   for (; j + kWidth <= H; j += kWidth) {
-    const auto [i, f, g, o] = LstmGates(z, H, j);
+    const auto [i, f, g, o] = LstmGatePackets(z, H, j);
     const Packet cp = ei::ploadu<Packet>(c_prev + j);
     const Packet dh_j = ei::ploadu<Packet>(dh + j);
     Packet tc = ei::padd(ei::pmul(f, cp), ei::pmul(i, g));
