@@ -111,7 +111,7 @@ def main(argv):
     print(f"median fit with monitor:    {with_:.3f} s")
     overhead = 100 * (with_ / without - 1)
     print(f"overhead ratio: {with_ / without:.4f} ({overhead:+.2f} %; goal <= +2 %)")
-    # each trial's two fits ran back to back: their ratio is immune to drift between trials
+    # each trial's two fits ran back to back: their ratio is less sensitive to drift
     paired = statistics.median(w / wo for w, wo in zip(times["with"], times["without"]))
     print(f"median of the trials' ratios: {paired:.4f} ({100 * (paired - 1):+.2f} %)")
     cpu_ratio = statistics.median(cpu["with"]) / statistics.median(cpu["without"])
