@@ -1,7 +1,8 @@
 // The recurrent product of the sequence kernels (keras_fancyrnn/ops/kernels/small_gemm.h,
-// RecurrentKernel::Multiply: c = a U or a U^T for a shard's few rows) two ways in one process:
-// Eigen's product and the register blocks this CPU can run (AVX2/FMA, AVX-512), alternating,
-// median GFLOP/s per shape on one core; and the widest block's packing of U (what each op call
+// RecurrentKernel::Multiply: c = a U or a U^T for a shard's few rows) every way in one process:
+// Eigen's product and the register blocks this CPU can run (AVX2/FMA; AVX-512 with 32- and with
+// 48-column panels, and which of the two the kernel picks), alternating, median GFLOP/s per
+// shape on one core; and the widest block's packing of U (what each op call
 // does once), median us, from 8 copies of U in turn (as an op finds U: not in this core's
 // caches). Each result is first checked against a plain double-precision product.
 //
@@ -31,7 +32,7 @@ namespace {
 // further apart into rows 5 further apart, accumulating (as the sequence kernels use blocks of
 // wider matrices): both of Multiply's modes and every stride are checked.
 double RelativeError(const std::vector<float>& a, const std::vector<float>& u, int64_t n,
-                     int64_t K, int64_t N, bool transpose, Product product) {
+                     int64_t K, int64_t N, bool transpose, Product product, int64_t width) {
   const int64_t rows = transpose ? N : K, cols = transpose ? K : N, ldu = cols + 2;
   const int64_t lda = K + 3, ldc = N + 5;
   std::vector<float> wide_u(rows * ldu, 0.0f), strided(n * lda, 0.0f), c(n * ldc, 0.5f);
@@ -39,7 +40,7 @@ double RelativeError(const std::vector<float>& a, const std::vector<float>& u, i
     std::copy_n(u.data() + i * cols, cols, wide_u.data() + i * ldu);
   }
   for (int64_t i = 0; i < n; ++i) std::copy_n(a.data() + i * K, K, strided.data() + i * lda);
-  const Kernel kernel(wide_u.data(), K, N, transpose, ldu, product);
+  const Kernel kernel(wide_u.data(), K, N, transpose, ldu, product, width);
   kernel.Multiply(strided.data(), n, c.data(), true, lda, ldc);
   double err = 0, scale = 0;
   for (int64_t i = 0; i < n; ++i) {
@@ -105,16 +106,18 @@ int main(int argc, char** argv) {
       for (auto& v : u) v = normal(gen);
       const double flops = 2.0 * n * K * N;
       const int reps = std::max<int>(1, int(2e7 / flops));
-      // per variant: checked error, then alternating timed rounds (one vector per variant)
-      std::vector<std::vector<double>> times(3);
+      // per variant: checked error, then alternating timed rounds (one vector per variant):
+      // Eigen's, the AVX2 block, the AVX-512 block with 32- and with 48-column panels
+      const Product products[4] = {Product::kEigen, Product::kAvx2, Product::kAvx512,
+                                   Product::kAvx512};
+      const int64_t widths[4] = {0, 0, 32, 48};
+      std::vector<std::vector<double>> times(4);
       double err = 0;
-      const Product products[3] = {Product::kEigen, Product::kAvx2, Product::kAvx512};
       std::vector<Kernel> kernels;
-      kernels.reserve(3);
-      for (Product product : products) {
-        if (!Compiled(product)) break;
-        kernels.emplace_back(u.data(), K, N, transpose, -1, product);
-        err = std::max(err, RelativeError(a, u, n, K, N, transpose, product));
+      kernels.reserve(4);
+      for (int v = 0; v < 4 && Compiled(products[v]); ++v) {
+        kernels.emplace_back(u.data(), K, N, transpose, -1, products[v], widths[v]);
+        err = std::max(err, RelativeError(a, u, n, K, N, transpose, products[v], widths[v]));
       }
       for (int r = 0; r < rounds; ++r) {
         for (size_t v = 0; v < kernels.size(); ++v) {
@@ -124,18 +127,24 @@ int main(int argc, char** argv) {
       ok = ok && err < 1e-5;
       const double g_eigen = flops / Median(times[0]) / 1e9;
       double best = g_eigen;
-      char cells[2][32];
-      for (int v = 1; v <= 2; ++v) {
+      char cells[3][32];
+      for (int v = 1; v <= 3; ++v) {
         std::snprintf(cells[v - 1], sizeof cells[v - 1], "n/a");
         if (times[v].empty()) continue;
         const double g = flops / Median(times[v]) / 1e9;
         best = std::max(best, g);
         std::snprintf(cells[v - 1], sizeof cells[v - 1], "%.1f", g);
       }
+      // the panels the AVX-512 block takes for this shape when the op chooses
+      char chosen[8] = "n/a";
+      if (Compiled(Product::kAvx512)) {
+        const Kernel auto_width(u.data(), K, N, transpose, -1, Product::kAvx512);
+        std::snprintf(chosen, sizeof chosen, "%ld", long(auto_width.panel_width()));
+      }
       const double pack = PackMicroseconds(u, K, N, transpose, keras_fancyrnn::kWidestProduct);
-      std::printf("| %ld | %ld | %ld | %s | %.1f | %s | %s | %.2f | %.1f | %.1e |\n", n, K, N,
-                  transpose ? "U^T" : "U", g_eigen, cells[0], cells[1], best / g_eigen, pack,
-                  err);
+      std::printf("| %ld | %ld | %ld | %s | %.1f | %s | %s | %s | %s | %.2f | %.1f | %.1e |\n", n,
+                  K, N, transpose ? "U^T" : "U", g_eigen, cells[0], cells[1], cells[2], chosen,
+                  best / g_eigen, pack, err);
     }
   }
   return ok ? 0 : 1;

@@ -2,8 +2,8 @@
 // few batch rows of a state or gradient (n x K), B is the recurrent kernel U or its transpose,
 // the same for every timestep. Three ways to compute it, chosen per op at run time (the ops'
 // `product` attr; keras_fancyrnn.config's `recurrent_product`):
-// - the AVX-512 register block, up to 8 rows x 32 columns, B packed once per op into column
-//   panels;
+// - the AVX-512 register block, up to 8 rows x 48 or 32 columns (Avx512Width), B packed once
+//   per op into column panels;
 // - the AVX2/FMA register block, up to 6 rows x 16 columns (BLIS's Haswell kernel's shape);
 // - Eigen's product (compiled with -march=native), which repacks B at every call.
 // A block is compiled in where the build's target CPU (this one: -march=native) has its
@@ -75,17 +75,19 @@ constexpr bool Compiled(Product product) {
 // B (K x N) for repeated products: U (transpose = false) or U^T (transpose = true) of a
 // row-major u of shape [K, N] or [N, K], whose rows are ldu apart (by default N or K: a whole
 // matrix; more for a block of columns of a wider one, such as the GRU's U_h in [U_z U_r U_h]).
-// `product` must be Compiled(); for double it is Eigen's whatever is asked.
+// `product` must be Compiled(); for double it is Eigen's whatever is asked. `panel_width` (32 or
+// 48) fixes the AVX-512 block's panels (for benchmarks/small_gemm.cc); 0: Avx512Width's choice.
 // For Eigen's product U^T is copied once, row-major: Eigen packs B at every product anyway, and
 // packs a row-major B faster (benchmarks/small_gemm.py).
 template <typename T>
 class RecurrentKernel {
  public:
   RecurrentKernel(const T* u, int64_t K, int64_t N, bool transpose, int64_t ldu = -1,
-                  Product product = kWidestProduct)
+                  Product product = kWidestProduct, int64_t panel_width = 0)
       : u_(u), K_(K), N_(N), transpose_(transpose), ldu_(ldu >= 0 ? ldu : transpose ? K : N),
         product_(std::is_same<T, float>::value ? product : Product::kEigen),
-        cols_(product_ == Product::kAvx512 ? 32 : 16) {
+        cols_(product_ != Product::kAvx512 ? 16
+              : panel_width == 32 || panel_width == 48 ? panel_width : Avx512Width(K, N)) {
     if (product_ == Product::kEigen) {
       if (transpose) {
         transposed_.resize(K * N);
@@ -112,7 +114,9 @@ class RecurrentKernel {
             std::memcpy(out + p * K * cols_, row + p * width, sizeof(T) * width);
           }
         };
-        if (cols_ == 32) {
+        if (cols_ == 48) {
+          pieces(std::integral_constant<int64_t, 48>{});
+        } else if (cols_ == 32) {
           pieces(std::integral_constant<int64_t, 32>{});
         } else {
           pieces(std::integral_constant<int64_t, 16>{});
@@ -136,6 +140,9 @@ class RecurrentKernel {
     }
   }
 
+  // The width of the register block's column panels.
+  int64_t panel_width() const { return cols_; }
+
   // The default of Multiply's strides: rows contiguous.
   static constexpr int64_t kDense = INT64_MIN;
 
@@ -149,7 +156,11 @@ class RecurrentKernel {
     if constexpr (std::is_same<T, float>::value) {
 #ifdef KERAS_FANCYRNN_AVX512
       if (product_ == Product::kAvx512) {
-        Panels<8, 32, &RecurrentKernel::Block8x32>(a, lda, n, c, ldc, accumulate, bias);
+        if (cols_ == 48) {
+          Panels<8, 48, &RecurrentKernel::Block8xN<48>>(a, lda, n, c, ldc, accumulate, bias);
+        } else {
+          Panels<8, 32, &RecurrentKernel::Block8xN<32>>(a, lda, n, c, ldc, accumulate, bias);
+        }
         return;
       }
 #endif
@@ -179,6 +190,17 @@ class RecurrentKernel {
   }
 
  private:
+  // The AVX-512 block's panel width for a K x N B: 48 columns where that takes fewer panels than 32
+  // (each panel costs a broadcast of every row of A per k; 24 accumulators do more FMAs per load:
+  // benchmarks/small_gemm.py) and such a panel still fits in L1 beside the rows of A (K <= 85) or
+  // none would (K > 128: panels stream from L2 either way); else 32, whose 16 KB panel fits where a
+  // 48-column one would not.
+  static int64_t Avx512Width(int64_t K, int64_t N) {
+    const bool fits = K * 48 * int64_t{sizeof(float)} <= 16384,
+               streams = K * 32 * int64_t{sizeof(float)} > 16384;
+    return (N + 47) / 48 < (N + 31) / 32 && (fits || streams) ? 48 : 32;
+  }
+
   using BlockFn = void (RecurrentKernel::*)(const float* const*, const float*, float*, int64_t,
                                             int64_t, int64_t, bool, const float*) const;
 
@@ -292,33 +314,47 @@ class RecurrentKernel {
 #endif
 
 #ifdef KERAS_FANCYRNN_AVX512
-  // `rows` (1 to 8) rows of a times one 32-column panel, into `rows` rows and `cols` columns of
-  // c (rows ldc apart).
-  void Block8x32(const float* const* a, const float* panel, float* c, int64_t ldc,
-                 int64_t rows, int64_t cols, bool accumulate, const float* bias) const {
+  // `rows` (1 to 8) rows of a times one panel of kWidth (32 or 48) columns, into `rows` rows and
+  // `cols` columns of c (rows ldc apart).
+  template <int64_t kWidth>
+  void Block8xN(const float* const* a, const float* panel, float* c, int64_t ldc, int64_t rows,
+                int64_t cols, bool accumulate, const float* bias) const {
     // A panel larger than L1's share (see Panels) streams from L2 at every block: prefetched
     // (benchmarks/small_gemm.py: 8 x 256 x 1024 ran 5-8 % faster so; smaller panels, which stay
     // in L1, did not gain).
-    const bool streamed = K_ * 32 * int64_t{sizeof(float)} > 16384;
+    const bool streamed = K_ * kWidth * int64_t{sizeof(float)} > 16384;
     WithRows<8>(rows, [&](auto r) {
-      if (streamed) {
-        this->template BlockAvx512<decltype(r)::value, true>(a, panel, c, ldc, cols, accumulate,
-                                                             bias);
+      constexpr int R = decltype(r)::value;
+      // a partial last panel: only the vectors it has columns in
+      const auto vectors = [&](auto z) {
+        constexpr int Z = decltype(z)::value;
+        if (streamed) {
+          this->template BlockAvx512<R, Z, kWidth, true>(a, panel, c, ldc, cols, accumulate,
+                                                         bias);
+        } else {
+          this->template BlockAvx512<R, Z, kWidth, false>(a, panel, c, ldc, cols, accumulate,
+                                                          bias);
+        }
+      };
+      if (kWidth > 32 && cols > 32) {
+        vectors(std::integral_constant<int, 3>{});
+      } else if (cols > 16) {
+        vectors(std::integral_constant<int, 2>{});
       } else {
-        this->template BlockAvx512<decltype(r)::value, false>(a, panel, c, ldc, cols,
-                                                              accumulate, bias);
+        vectors(std::integral_constant<int, 1>{});
       }
     });
   }
 
-  // R rows times a 32-column panel: 2 R named accumulators (so that they stay in registers; the
-  // rows past R compile away), two loads of the panel and R broadcasts per k; partial columns
-  // through masked loads and stores. kPrefetch: the panel's rows 8 k ahead are prefetched.
-  template <int R, bool kPrefetch>
+  // R rows times Z 16-column vectors of a panel whose rows are kWidth apart: Z R named
+  // accumulators (so that they stay in registers; the rows and vectors past R and Z compile
+  // away), Z loads of the panel and R broadcasts per k; partial columns through masked loads
+  // and stores. kPrefetch: the panel's rows 8 k ahead are prefetched.
+  template <int R, int Z, int64_t kWidth, bool kPrefetch>
   void BlockAvx512(const float* const* a, const float* panel, float* c, int64_t ldc,
                    int64_t cols, bool accumulate, const float* bias) const {
-    constexpr int64_t kCols = 32, kAhead = 8 * kCols;
-#define KFR_ACC(r) __m512 c##r##0 = _mm512_setzero_ps(), c##r##1 = c##r##0;
+    constexpr int64_t kAhead = 8 * kWidth;
+#define KFR_ACC(r) __m512 c##r##0 = _mm512_setzero_ps(), c##r##1 = c##r##0, c##r##2 = c##r##0;
     KFR_ACC(0) KFR_ACC(1) KFR_ACC(2) KFR_ACC(3) KFR_ACC(4) KFR_ACC(5) KFR_ACC(6) KFR_ACC(7)
 #undef KFR_ACC
 #define KFR_ROW(r) const float* a##r = a[R > r ? r : 0];
@@ -326,46 +362,52 @@ class RecurrentKernel {
 #undef KFR_ROW
     const int64_t K = K_;
     for (int64_t k = 0; k < K; ++k) {
+      const float* b = panel + k * kWidth;
       if constexpr (kPrefetch) {  // (past the panel's end: a hint, never a fault)
-        _mm_prefetch(reinterpret_cast<const char*>(panel + k * kCols + kAhead), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(panel + k * kCols + kAhead + 16),
-                     _MM_HINT_T0);
+        const char* ahead = reinterpret_cast<const char*>(b + kAhead);
+        _mm_prefetch(ahead, _MM_HINT_T0);
+        if constexpr (Z > 1) _mm_prefetch(ahead + 64, _MM_HINT_T0);
+        if constexpr (Z > 2) _mm_prefetch(ahead + 128, _MM_HINT_T0);
       }
-      const __m512 b0 = _mm512_loadu_ps(panel + k * kCols);
-      const __m512 b1 = _mm512_loadu_ps(panel + k * kCols + 16);
-#define KFR_FMA(r)                                   \
-  if constexpr (R > r) {                             \
-    const __m512 x = _mm512_set1_ps(a##r[k]);        \
-    c##r##0 = _mm512_fmadd_ps(x, b0, c##r##0);       \
-    c##r##1 = _mm512_fmadd_ps(x, b1, c##r##1);       \
+      const __m512 b0 = _mm512_loadu_ps(b);
+      const __m512 b1 = Z > 1 ? _mm512_loadu_ps(b + 16) : b0;
+      const __m512 b2 = Z > 2 ? _mm512_loadu_ps(b + 32) : b0;
+#define KFR_FMA(r)                                                   \
+  if constexpr (R > r) {                                             \
+    const __m512 x = _mm512_set1_ps(a##r[k]);                        \
+    c##r##0 = _mm512_fmadd_ps(x, b0, c##r##0);                       \
+    if constexpr (Z > 1) c##r##1 = _mm512_fmadd_ps(x, b1, c##r##1);  \
+    if constexpr (Z > 2) c##r##2 = _mm512_fmadd_ps(x, b2, c##r##2);  \
   }
       KFR_FMA(0) KFR_FMA(1) KFR_FMA(2) KFR_FMA(3) KFR_FMA(4) KFR_FMA(5) KFR_FMA(6) KFR_FMA(7)
 #undef KFR_FMA
     }
-    const __mmask16 m0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
-    const __mmask16 m1 = cols >= 32 ? __mmask16(0xFFFF)
-                         : cols > 16 ? __mmask16((1u << (cols - 16)) - 1) : __mmask16(0);
-    const __m512 b0 = bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m0, bias);
-    const __m512 b1 =
-        bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m1, bias + 16);
-#define KFR_STORE(r)                                                            \
-  if constexpr (R > r) {                                                        \
-    float* c_r = c + r * ldc;                                                   \
-    __m512 v0 = c##r##0, v1 = c##r##1;                                          \
-    if (accumulate) {                                                           \
-      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, c_r));                   \
-      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, c_r + 16));              \
-    }                                                                           \
-    if (bias != nullptr) {                                                      \
-      v0 = _mm512_add_ps(v0, b0);                                               \
-      v1 = _mm512_add_ps(v1, b1);                                               \
-    }                                                                           \
-    _mm512_mask_storeu_ps(c_r, m0, v0);                                         \
-    _mm512_mask_storeu_ps(c_r + 16, m1, v1);                                    \
+    // the lanes of vector z that hold columns (all of them but in a partial panel's last)
+    const auto lanes = [cols](int64_t z) {
+      const int64_t n = std::min<int64_t>(16, std::max<int64_t>(0, cols - 16 * z));
+      return n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+    };
+    const __mmask16 m0 = lanes(0), m1 = lanes(1), m2 = lanes(2);
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512 bias0 = bias == nullptr ? zero : _mm512_maskz_loadu_ps(m0, bias);
+    const __m512 bias1 = bias == nullptr || Z < 2 ? zero : _mm512_maskz_loadu_ps(m1, bias + 16);
+    const __m512 bias2 = bias == nullptr || Z < 3 ? zero : _mm512_maskz_loadu_ps(m2, bias + 32);
+#define KFR_STORE_VECTOR(r, z)                                          \
+  if constexpr (Z > z) {                                              \
+    __m512 v = c##r##z;                                               \
+    if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m##z, c_r + 16 * z)); \
+    if (bias != nullptr) v = _mm512_add_ps(v, bias##z);               \
+    _mm512_mask_storeu_ps(c_r + 16 * z, m##z, v);                     \
+  }
+#define KFR_STORE(r)                                                    \
+  if constexpr (R > r) {                                              \
+    float* c_r = c + r * ldc;                                         \
+    KFR_STORE_VECTOR(r, 0) KFR_STORE_VECTOR(r, 1) KFR_STORE_VECTOR(r, 2) \
   }
     KFR_STORE(0) KFR_STORE(1) KFR_STORE(2) KFR_STORE(3) KFR_STORE(4) KFR_STORE(5) KFR_STORE(6)
     KFR_STORE(7)
 #undef KFR_STORE
+#undef KFR_STORE_VECTOR
   }
 #endif
 
