@@ -24,15 +24,15 @@ TINY = {
                         "--hidden=4", "--input_dim=3", "--repeats=1", "--steps=1"],
     "backend_speed.py": ["--sizes=4x5", "--hidden=4", "--input_dim=3", "--repeats=1",
                          "--steps=1"],
-    # odd shapes: partial row blocks and column panels (of the AVX-512 block's 48-column panels:
-    # one, two and three vectors of the last; and of its 32-column ones), each product checked
-    # in double
-    "small_gemm.py": ["--rounds=1", "--shapes=7x37x53,13x5x16,3x130x170,9x100x120"],
+    # odd shapes: partial row blocks and column panels (the AVX-512 block's 48-column panels
+    # whole, and with one or two vectors in the last; its 32-column ones), each product checked
+    # in double (every variant, both panel widths)
+    "small_gemm.py": ["--rounds=1", "--shapes=7x37x53,13x5x16,3x130x170,9x100x112,8x40x96"],
     "shard_start.py": ["--work_us=5", "--calls=5"],
     "gate_rows.py": ["--rounds=1", "--hidden=5,37"],
 }
 ROWS = {"rnn_speed.py": 4, "fused_kernel.py": 2, "unused_features.py": 4, "native_gates.py": 2,
-        "sequence_kernels.py": 2, "small_gemm.py": 8, "masked_speed.py": 4, "backend_speed.py": 4,
+        "sequence_kernels.py": 2, "small_gemm.py": 10, "masked_speed.py": 4, "backend_speed.py": 4,
         "shard_start.py": 2, "gate_rows.py": 4}
 
 

@@ -87,7 +87,7 @@ class RecurrentKernel {
       : u_(u), K_(K), N_(N), transpose_(transpose), ldu_(ldu >= 0 ? ldu : transpose ? K : N),
         product_(std::is_same<T, float>::value ? product : Product::kEigen),
         cols_(product_ != Product::kAvx512 ? 16
-              : panel_width == 32 || panel_width == 48 ? panel_width : Avx512Width(K, N)) {
+              : panel_width == 32 || panel_width == 48 ? panel_width : Avx512Width(N)) {
     if (product_ == Product::kEigen) {
       if (transpose) {
         transposed_.resize(K * N);
@@ -190,16 +190,11 @@ class RecurrentKernel {
   }
 
  private:
-  // The AVX-512 block's panel width for a K x N B: 48 columns where that takes fewer panels than 32
-  // (each panel costs a broadcast of every row of A per k; 24 accumulators do more FMAs per load:
-  // benchmarks/small_gemm.py) and such a panel still fits in L1 beside the rows of A (K <= 85) or
-  // none would (K > 128: panels stream from L2 either way); else 32, whose 16 KB panel fits where a
-  // 48-column one would not.
-  static int64_t Avx512Width(int64_t K, int64_t N) {
-    const bool fits = K * 48 * int64_t{sizeof(float)} <= 16384,
-               streams = K * 32 * int64_t{sizeof(float)} > 16384;
-    return (N + 47) / 48 < (N + 31) / 32 && (fits || streams) ? 48 : 32;
-  }
+  // The AVX-512 block's panel width for N columns: 48 where that takes fewer panels than 32 (each
+  // panel costs a broadcast of every row of A per k, and 24 accumulators do more FMAs per load:
+  // benchmarks/small_gemm.py), else 32 (N = 53 or 64: the zero-padded last 48-column panel costs
+  // more than it saves).
+  static int64_t Avx512Width(int64_t N) { return (N + 47) / 48 < (N + 31) / 32 ? 48 : 32; }
 
   using BlockFn = void (RecurrentKernel::*)(const float* const*, const float*, float*, int64_t,
                                             int64_t, int64_t, bool, const float*) const;
