@@ -450,9 +450,11 @@ def test_sequence_kernels_reject_bad_shapes_naming_the_input(library):
 
 @pytest.mark.parametrize("kind", SEQUENCE_OPS)
 def test_sequence_kernels_equal_keras_at_a_larger_size(library, kind, product, rng):
-    """37 units: whole and partial 16-, 32- and 48-column panels of the float32 product
-    (forward, 4·37 or 3·37 columns; backward, 37); batch 13: shards of 6 and 7 rows, so full
-    six-row blocks and a padded remainder (and a short eight-row block)."""
+    """37 units: whole and partial column panels of the float32 product, 16 columns wide for
+    the AVX2 block and 48 for the AVX-512 one, whose last panel has three vectors (37 columns,
+    backward), two (74, GRU before) or one (111, 148: forward, 3·37 or 4·37 columns); batch 13:
+    shards of 6 and 7 rows, so full six-row blocks and a padded remainder (and a short eight-row
+    block)."""
     name, extra = layer_kind(kind)
     ours = getattr(fr, name)(37, return_sequences=True, **extra)
     theirs = getattr(keras.layers, name)(37, return_sequences=True, **extra)

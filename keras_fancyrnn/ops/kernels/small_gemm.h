@@ -75,8 +75,9 @@ constexpr bool Compiled(Product product) {
 // B (K x N) for repeated products: U (transpose = false) or U^T (transpose = true) of a
 // row-major u of shape [K, N] or [N, K], whose rows are ldu apart (by default N or K: a whole
 // matrix; more for a block of columns of a wider one, such as the GRU's U_h in [U_z U_r U_h]).
-// `product` must be Compiled(); for double it is Eigen's whatever is asked. `panel_width` (32 or
-// 48) fixes the AVX-512 block's panels (for benchmarks/small_gemm.cc); 0: Avx512Width's choice.
+// `product` must be Compiled(); for double it is Eigen's whatever is asked. `panel_width` 32 or
+// 48 fixes the AVX-512 block's panels (for benchmarks/small_gemm.cc); any other value leaves
+// them to Avx512Width.
 // For Eigen's product U^T is copied once, row-major: Eigen packs B at every product anyway, and
 // packs a row-major B faster (benchmarks/small_gemm.py).
 template <typename T>
@@ -140,7 +141,8 @@ class RecurrentKernel {
     }
   }
 
-  // The width of the register block's column panels.
+  // The width of the register block's column panels (16 for the AVX2 block; Eigen's product
+  // has none).
   int64_t panel_width() const { return cols_; }
 
   // The default of Multiply's strides: rows contiguous.
@@ -191,9 +193,9 @@ class RecurrentKernel {
 
  private:
   // The AVX-512 block's panel width for N columns: 48 where that takes fewer panels than 32 (each
-  // panel costs a broadcast of every row of A per k, and 24 accumulators do more FMAs per load:
-  // benchmarks/small_gemm.py), else 32 (N = 53 or 64: the zero-padded last 48-column panel costs
-  // more than it saves).
+  // panel costs a broadcast of every row of A per k, so 24 accumulators do more FMAs per
+  // broadcast: benchmarks/small_gemm.py), else 32 (N <= 32 or 49 to 64, as many panels either
+  // way: the zero-padded last 48-column one costs more than it saves).
   static int64_t Avx512Width(int64_t N) { return (N + 47) / 48 < (N + 31) / 32 ? 48 : 32; }
 
   using BlockFn = void (RecurrentKernel::*)(const float* const*, const float*, float*, int64_t,
@@ -315,8 +317,7 @@ class RecurrentKernel {
   void Block8xN(const float* const* a, const float* panel, float* c, int64_t ldc, int64_t rows,
                 int64_t cols, bool accumulate, const float* bias) const {
     // A panel larger than L1's share (see Panels) streams from L2 at every block: prefetched
-    // (benchmarks/small_gemm.py: 8 x 256 x 1024 ran 5-8 % faster so; smaller panels, which stay
-    // in L1, did not gain).
+    // (benchmarks/small_gemm.py; panels that stay in L1 did not gain).
     const bool streamed = K_ * kWidth * int64_t{sizeof(float)} > 16384;
     WithRows<8>(rows, [&](auto r) {
       constexpr int R = decltype(r)::value;
@@ -331,13 +332,11 @@ class RecurrentKernel {
                                                           bias);
         }
       };
-      if (kWidth > 32 && cols > 32) {
-        vectors(std::integral_constant<int, 3>{});
-      } else if (cols > 16) {
-        vectors(std::integral_constant<int, 2>{});
-      } else {
-        vectors(std::integral_constant<int, 1>{});
+      if constexpr (kWidth > 32) {
+        if (cols > 32) return vectors(std::integral_constant<int, 3>{});
       }
+      if (cols > 16) return vectors(std::integral_constant<int, 2>{});
+      vectors(std::integral_constant<int, 1>{});
     });
   }
 
@@ -387,17 +386,17 @@ class RecurrentKernel {
     const __m512 bias0 = bias == nullptr ? zero : _mm512_maskz_loadu_ps(m0, bias);
     const __m512 bias1 = bias == nullptr || Z < 2 ? zero : _mm512_maskz_loadu_ps(m1, bias + 16);
     const __m512 bias2 = bias == nullptr || Z < 3 ? zero : _mm512_maskz_loadu_ps(m2, bias + 32);
-#define KFR_STORE_VECTOR(r, z)                                          \
-  if constexpr (Z > z) {                                              \
-    __m512 v = c##r##z;                                               \
+#define KFR_STORE_VECTOR(r, z)                                                      \
+  if constexpr (Z > z) {                                                            \
+    __m512 v = c##r##z;                                                             \
     if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m##z, c_r + 16 * z)); \
-    if (bias != nullptr) v = _mm512_add_ps(v, bias##z);               \
-    _mm512_mask_storeu_ps(c_r + 16 * z, m##z, v);                     \
+    if (bias != nullptr) v = _mm512_add_ps(v, bias##z);                             \
+    _mm512_mask_storeu_ps(c_r + 16 * z, m##z, v);                                   \
   }
-#define KFR_STORE(r)                                                    \
-  if constexpr (R > r) {                                              \
-    float* c_r = c + r * ldc;                                         \
-    KFR_STORE_VECTOR(r, 0) KFR_STORE_VECTOR(r, 1) KFR_STORE_VECTOR(r, 2) \
+#define KFR_STORE(r)                                                                \
+  if constexpr (R > r) {                                                            \
+    float* c_r = c + r * ldc;                                                       \
+    KFR_STORE_VECTOR(r, 0) KFR_STORE_VECTOR(r, 1) KFR_STORE_VECTOR(r, 2)            \
   }
     KFR_STORE(0) KFR_STORE(1) KFR_STORE(2) KFR_STORE(3) KFR_STORE(4) KFR_STORE(5) KFR_STORE(6)
     KFR_STORE(7)
