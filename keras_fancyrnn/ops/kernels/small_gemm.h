@@ -198,6 +198,10 @@ class RecurrentKernel {
   // way: the zero-padded last 48-column one costs more than it saves).
   static int64_t Avx512Width(int64_t N) { return (N + 47) / 48 < (N + 31) / 32 ? 48 : 32; }
 
+  // Whether a panel `width` columns wide (K_ rows) fits in L1's share beside a block of A: then
+  // Panels runs each panel over every block of rows, else the block prefetches it from L2.
+  bool PanelInL1(int64_t width) const { return K_ * width * int64_t{sizeof(float)} <= 16384; }
+
   using BlockFn = void (RecurrentKernel::*)(const float* const*, const float*, float*, int64_t,
                                             int64_t, int64_t, bool, const float*) const;
 
@@ -227,7 +231,7 @@ class RecurrentKernel {
     // Where a panel fits in L1 beside a block of A, each panel once, times every block of rows
     // (benchmarks/small_gemm.py: 32 x 128 x 512 ran 10-15 % faster so); a larger panel would
     // push A's block out, so then each block of rows once, times every panel.
-    const bool panel_outer = K_ * kCols * int64_t{sizeof(float)} <= 16384;
+    const bool panel_outer = PanelInL1(kCols);
     const int64_t blocks = (n + kRows - 1) / kRows;
     for (int64_t i = 0; i < panels * blocks; ++i) {
       const int64_t p = panel_outer ? i / blocks : i % panels;
@@ -318,7 +322,7 @@ class RecurrentKernel {
                 int64_t cols, bool accumulate, const float* bias) const {
     // A panel larger than L1's share (see Panels) streams from L2 at every block: prefetched
     // (benchmarks/small_gemm.py; panels that stay in L1 did not gain).
-    const bool streamed = K_ * kWidth * int64_t{sizeof(float)} > 16384;
+    const bool streamed = !PanelInL1(kWidth);
     WithRows<8>(rows, [&](auto r) {
       constexpr int R = decltype(r)::value;
       // a partial last panel: only the vectors it has columns in
