@@ -40,7 +40,7 @@ double RelativeError(const std::vector<float>& a, const std::vector<float>& u, i
     std::copy_n(u.data() + i * cols, cols, wide_u.data() + i * ldu);
   }
   for (int64_t i = 0; i < n; ++i) std::copy_n(a.data() + i * K, K, strided.data() + i * lda);
-  const Kernel kernel(wide_u.data(), K, N, transpose, ldu, product, width);
+  const Kernel kernel(wide_u.data(), K, N, transpose, ldu, product, n, width);
   kernel.Multiply(strided.data(), n, c.data(), true, lda, ldc);
   double err = 0, scale = 0;
   for (int64_t i = 0; i < n; ++i) {
@@ -67,15 +67,15 @@ double Median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-// Microseconds to build `product`'s kernel (pack U into panels), median of 64, each from the
-// next of 8 copies of u.
-double PackMicroseconds(const std::vector<float>& u, int64_t K, int64_t N, bool transpose,
-                        Product product) {
+// Microseconds to build `product`'s kernel for products of n rows (pack U into panels), median
+// of 64, each from the next of 8 copies of u.
+double PackMicroseconds(const std::vector<float>& u, int64_t n, int64_t K, int64_t N,
+                        bool transpose, Product product) {
   const std::vector<std::vector<float>> copies(8, u);
   std::vector<double> times;
   for (int r = 0; r < 64; ++r) {
     const auto start = std::chrono::steady_clock::now();
-    const Kernel kernel(copies[r % 8].data(), K, N, transpose, -1, product);
+    const Kernel kernel(copies[r % 8].data(), K, N, transpose, -1, product, n);
     times.push_back(std::chrono::duration<double, std::micro>(
         std::chrono::steady_clock::now() - start).count());
   }
@@ -107,16 +107,17 @@ int main(int argc, char** argv) {
       const double flops = 2.0 * n * K * N;
       const int reps = std::max<int>(1, int(2e7 / flops));
       // per variant: checked error, then alternating timed rounds (one vector per variant):
-      // Eigen's, the AVX2 block, the AVX-512 block with 32- and with 48-column panels
-      const Product products[4] = {Product::kEigen, Product::kAvx2, Product::kAvx512,
-                                   Product::kAvx512};
-      const int64_t widths[4] = {0, 0, 32, 48};
-      std::vector<std::vector<double>> times(4);
+      // Eigen's, the AVX2 block with 16- and with 24-column panels, the AVX-512 block with 32-
+      // and with 48-column panels
+      const Product products[5] = {Product::kEigen, Product::kAvx2, Product::kAvx2,
+                                   Product::kAvx512, Product::kAvx512};
+      const int64_t widths[5] = {0, 16, 24, 32, 48};
+      std::vector<std::vector<double>> times(5);
       double err = 0;
       std::vector<Kernel> kernels;
-      kernels.reserve(4);
-      for (int v = 0; v < 4 && Compiled(products[v]); ++v) {
-        kernels.emplace_back(u.data(), K, N, transpose, -1, products[v], widths[v]);
+      kernels.reserve(5);
+      for (int v = 0; v < 5 && Compiled(products[v]); ++v) {
+        kernels.emplace_back(u.data(), K, N, transpose, -1, products[v], n, widths[v]);
         err = std::max(err, RelativeError(a, u, n, K, N, transpose, products[v], widths[v]));
       }
       for (int r = 0; r < rounds; ++r) {
@@ -127,24 +128,26 @@ int main(int argc, char** argv) {
       ok = ok && err < 1e-5;
       const double g_eigen = flops / Median(times[0]) / 1e9;
       double best = g_eigen;
-      char cells[3][32];
-      for (int v = 1; v <= 3; ++v) {
+      char cells[4][32];
+      for (int v = 1; v <= 4; ++v) {
         std::snprintf(cells[v - 1], sizeof cells[v - 1], "n/a");
         if (times[v].empty()) continue;
         const double g = flops / Median(times[v]) / 1e9;
         best = std::max(best, g);
         std::snprintf(cells[v - 1], sizeof cells[v - 1], "%.1f", g);
       }
-      // the panels the AVX-512 block takes for this shape when the op chooses
-      char chosen[8] = "n/a";
-      if (Compiled(Product::kAvx512)) {
-        const Kernel auto_width(u.data(), K, N, transpose, -1, Product::kAvx512);
-        std::snprintf(chosen, sizeof chosen, "%ld", long(auto_width.panel_width()));
+      // the panels each block takes for this shape when the op chooses
+      char chosen[2][8] = {"n/a", "n/a"};
+      for (int i = 0; i < 2; ++i) {
+        const Product block = i == 0 ? Product::kAvx2 : Product::kAvx512;
+        if (!Compiled(block)) continue;
+        const Kernel auto_width(u.data(), K, N, transpose, -1, block, n);
+        std::snprintf(chosen[i], sizeof chosen[i], "%ld", long(auto_width.panel_width()));
       }
-      const double pack = PackMicroseconds(u, K, N, transpose, keras_fancyrnn::kWidestProduct);
-      std::printf("| %ld | %ld | %ld | %s | %.1f | %s | %s | %s | %s | %.2f | %.1f | %.1e |\n", n,
-                  K, N, transpose ? "U^T" : "U", g_eigen, cells[0], cells[1], cells[2], chosen,
-                  best / g_eigen, pack, err);
+      const double pack = PackMicroseconds(u, n, K, N, transpose, keras_fancyrnn::kWidestProduct);
+      std::printf("| %ld | %ld | %ld | %s | %.1f | %s | %s | %s | %s | %s | %s | %.2f | %.1f | "
+                  "%.1e |\n", n, K, N, transpose ? "U^T" : "U", g_eigen, cells[0], cells[1],
+                  chosen[0], cells[2], cells[3], chosen[1], best / g_eigen, pack, err);
     }
   }
   return ok ? 0 : 1;

@@ -1,6 +1,7 @@
 """The recurrent product of the sequence kernels (``keras_fancyrnn/ops/kernels/small_gemm.h``) every
 way this CPU can run it, in one process, alternating: Eigen's product, the AVX2/FMA register block
-(6 x 16) and the AVX-512 one (8 x 48 or 8 x 32, by the kernel's shape), median GFLOP/s on one core
+(4 x 24 or 6 x 16, by the rows of a product) and the AVX-512 one (8 x 48 or 8 x 32, by the
+kernel's shape), each with both its panel widths, median GFLOP/s on one core
 for a shard's shapes (``n`` batch rows, ``K`` x ``N`` recurrent kernel), each result first checked
 against a double-precision product; and the time the widest block takes to pack ``U`` (or ``U^T``)
 into its panels, which every op call does once. This is the measurement behind the header's rule
@@ -37,10 +38,11 @@ def main(argv):
     done = run("small_gemm.cc", [str(FLAGS.rounds), *FLAGS.shapes], check=False)
     if done.returncode == 2:
         raise SystemExit(done.stderr)
-    rows = ["| n | K | N | kernel | eigen GFLOP/s | avx2 block GFLOP/s | avx512 8x32 GFLOP/s | "
-            "avx512 8x48 GFLOP/s | avx512 panels chosen | fastest/eigen | "
-            "widest block's packing us | max rel. error |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|", *done.stdout.splitlines(), "",
+    rows = ["| n | K | N | kernel | eigen GFLOP/s | avx2 6x16 GFLOP/s | avx2 4x24 GFLOP/s | "
+            "avx2 panels chosen | avx512 8x32 GFLOP/s | avx512 8x48 GFLOP/s | "
+            "avx512 panels chosen | fastest/eigen | widest block's packing us | max rel. error |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            *done.stdout.splitlines(), "",
             f"One core. Machine: {platform.machine()}, {os.cpu_count()} cores; "
             f"{_isa()}."]
     table = "\n".join(rows)

@@ -26,14 +26,16 @@ TINY = {
                          "--steps=1"],
     # odd shapes: partial row blocks (1 to 8 rows) and column panels (the AVX-512 block's
     # 48-column panels whole, and with one, two or three vectors in the last; its 32-column
-    # ones), each product checked in double (every variant, both panel widths)
+    # ones; the AVX2 block's 24- and 16-column ones likewise, 24-column ones streamed from L2
+    # at K = 180 and 200), each product checked in double (every variant, both panel widths
+    # of each block)
     "small_gemm.py": ["--rounds=1", "--shapes=7x37x53,13x5x16,3x130x170,9x100x112,8x40x96,"
-                      "1x37x40,2x100x87"],
+                      "1x37x40,2x100x87,6x200x44,4x180x23"],
     "shard_start.py": ["--work_us=5", "--calls=5"],
     "gate_rows.py": ["--rounds=1", "--hidden=5,37"],
 }
 ROWS = {"rnn_speed.py": 4, "fused_kernel.py": 2, "unused_features.py": 4, "native_gates.py": 2,
-        "sequence_kernels.py": 2, "small_gemm.py": 14, "masked_speed.py": 4, "backend_speed.py": 4,
+        "sequence_kernels.py": 2, "small_gemm.py": 18, "masked_speed.py": 4, "backend_speed.py": 4,
         "shard_start.py": 2, "gate_rows.py": 4}
 
 

@@ -109,6 +109,12 @@ inline int64_t NumShards(OpKernelContext* ctx, int64_t B) {
   return std::max<int64_t>(1, std::min<int64_t>(pool->NumThreads(), B / kMinRowsPerShard));
 }
 
+// The most rows one of those shards has.
+inline int64_t RowsPerShard(OpKernelContext* ctx, int64_t B) {
+  const int64_t shards = NumShards(ctx, B);
+  return (B + shards - 1) / shards;
+}
+
 // Runs fn(lo, hi, s) for shard s = 0 .. NumShards - 1 with rows [lo, hi) of [0, B), one shard
 // per thread: with `spin`, on the spinning workers of shard_pool.h unless another op holds them;
 // else on TensorFlow's intra-op pool.

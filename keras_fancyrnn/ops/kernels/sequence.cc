@@ -119,6 +119,14 @@ class SequenceOp : public OpKernel {
     ForEachShard(ctx, B, fn, spin_);
   }
 
+  // U (K x N), or U^T of a u [N, K] with transpose, rows ldu apart, for this op's products:
+  // each a shard's rows of a batch of B.
+  template <typename T>
+  RecurrentKernel<T> Recurrent(OpKernelContext* ctx, int64_t B, const T* u, int64_t K, int64_t N,
+                               bool transpose, int64_t ldu = -1) const {
+    return RecurrentKernel<T>(u, K, N, transpose, ldu, product_, RowsPerShard(ctx, B));
+  }
+
   const Product product_;
   bool spin_ = true;
 };
@@ -305,7 +313,7 @@ class LstmSequence : public SequenceOp {
     const T *h_0 = Ptr<T>(ctx, 1), *c_0 = Ptr<T>(ctx, 2), *probe_h = OptionalPtr<T>(ctx, 6),
             *probe_c = OptionalPtr<T>(ctx, 7);
     const bool* mask = OptionalPtr<bool>(ctx, 5);
-    const RecurrentKernel<T> u(Ptr<T>(ctx, 3), H, 4 * H, false, -1, product_);
+    const auto u = Recurrent(ctx, B, Ptr<T>(ctx, 3), H, 4 * H, false);
     const T* bias = Ptr<T>(ctx, 4);
     Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
       for (int64_t t = 0; t < S; ++t) {
@@ -352,7 +360,7 @@ class LstmSequenceGrad : public SequenceOp {
             *c_0 = Ptr<T>(ctx, 5), *dh_last = Ptr<T>(ctx, 7), *dc_last = Ptr<T>(ctx, 8),
             *probe_c = OptionalPtr<T>(ctx, 11);
     const bool* mask = OptionalPtr<bool>(ctx, 9);
-    const RecurrentKernel<T> u_t(Ptr<T>(ctx, 6), 4 * H, H, true, -1, product_);
+    const auto u_t = Recurrent(ctx, B, Ptr<T>(ctx, 6), 4 * H, H, true);
     ColumnSums<T> db_sums(ctx, B, 4 * H);
     Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t s) {
       // ∂ℓ/∂h_t through dz_{t+1} U^T, and ∂ℓ/∂c_t through c_{t+1}, for this shard's rows.
@@ -406,7 +414,7 @@ class GruSequence : public SequenceOp {
     if (!ctx->status().ok()) return;
     const T *xp = Ptr<T>(ctx, 0), *h_0 = Ptr<T>(ctx, 1), *probe_h = OptionalPtr<T>(ctx, 6);
     const bool* mask = OptionalPtr<bool>(ctx, 5);
-    const RecurrentKernel<T> u(Ptr<T>(ctx, 2), H, 3 * H, false, -1, product_);
+    const auto u = Recurrent(ctx, B, Ptr<T>(ctx, 2), H, 3 * H, false);
     const T* b_rec = Ptr<T>(ctx, 3);
     const RowIn<T> b_in(Ptr<T>(ctx, 4), 3 * H);
     Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
@@ -456,7 +464,7 @@ class GruSequenceGrad : public SequenceOp {
             *rec = Ptr<T>(ctx, 3), *h = Ptr<T>(ctx, 4), *h_0 = Ptr<T>(ctx, 5),
             *dh_last = Ptr<T>(ctx, 7);
     const bool* mask = OptionalPtr<bool>(ctx, 9);
-    const RecurrentKernel<T> u_t(Ptr<T>(ctx, 6), 3 * H, H, true, -1, product_);
+    const auto u_t = Recurrent(ctx, B, Ptr<T>(ctx, 6), 3 * H, H, true);
     const RowIn<T> b_in(Ptr<T>(ctx, 8), 3 * H);
     ColumnSums<T> dxp_sums(ctx, B, 3 * H), drec_sums(ctx, B, 3 * H);
     Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t s) {
@@ -512,8 +520,8 @@ class GruBeforeSequence : public SequenceOp {
     const T *xp = Ptr<T>(ctx, 0), *h_0 = Ptr<T>(ctx, 1), *u = Ptr<T>(ctx, 2),
             *probe_h = OptionalPtr<T>(ctx, 5);
     const bool* mask = OptionalPtr<bool>(ctx, 4);
-    const RecurrentKernel<T> u_zr(u, H, 2 * H, false, 3 * H, product_),
-        u_h(u + 2 * H, H, H, false, 3 * H, product_);
+    const auto u_zr = Recurrent(ctx, B, u, H, 2 * H, false, 3 * H);
+    const auto u_h = Recurrent(ctx, B, u + 2 * H, H, H, false, 3 * H);
     const RowIn<T> bias(Ptr<T>(ctx, 3), 3 * H);
     Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
       const int64_t n = hi - lo;
@@ -570,8 +578,8 @@ class GruBeforeSequenceGrad : public SequenceOp {
             *dh_last = Ptr<T>(ctx, 8);
     const bool* mask = OptionalPtr<bool>(ctx, 10);
     // U_h^T and [U_z U_r]^T
-    const RecurrentKernel<T> u_h_t(u + 2 * H, H, H, true, 3 * H, product_),
-        u_zr_t(u, 2 * H, H, true, 3 * H, product_);
+    const auto u_h_t = Recurrent(ctx, B, u + 2 * H, H, H, true, 3 * H);
+    const auto u_zr_t = Recurrent(ctx, B, u, 2 * H, H, true, 3 * H);
     const RowIn<T> bias(Ptr<T>(ctx, 9), 3 * H);
     ColumnSums<T> db_sums(ctx, B, 3 * H);
     Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t s) {
@@ -644,7 +652,7 @@ class RnnSequence : public SequenceOp {
     if (h != Ptr<T>(ctx, 0)) std::copy_n(Ptr<T>(ctx, 0), xp.NumElements(), h);
     const T *h_0 = Ptr<T>(ctx, 1), *probe_h = OptionalPtr<T>(ctx, 5);
     const bool* mask = OptionalPtr<bool>(ctx, 4);
-    const RecurrentKernel<T> u(Ptr<T>(ctx, 2), H, H, false, -1, product_);
+    const auto u = Recurrent(ctx, B, Ptr<T>(ctx, 2), H, H, false);
     const T* bias = Ptr<T>(ctx, 3);
     Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
       for (int64_t t = 0; t < S; ++t) {
@@ -691,7 +699,7 @@ class RnnSequenceGrad : public SequenceOp {
     T* dprobe_h = ProbeGrad<T>(ctx, 3, 6);
     if (!ctx->status().ok()) return;
     const bool* mask = OptionalPtr<bool>(ctx, 5);
-    const RecurrentKernel<T> u_t(Ptr<T>(ctx, 3), H, H, true, -1, product_);
+    const auto u_t = Recurrent(ctx, B, Ptr<T>(ctx, 3), H, H, true);
     ColumnSums<T> db_sums(ctx, B, H);
     Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t s) {
       const int64_t n = hi - lo;
@@ -757,12 +765,15 @@ class Project : public SequenceOp {
       std::fill_n(y, P * Q * N, T(0));
       return;
     }
-    const RecurrentKernel<T> w(Ptr<T>(ctx, 1), K, N, transpose_w_, -1, product_);
+    // shards of p, each product Q rows; or, too few p to split, shards of q, each P rows
+    const bool shard_p = NumShards(ctx, P) > 1;
+    const RecurrentKernel<T> w(Ptr<T>(ctx, 1), K, N, transpose_w_, -1, product_,
+                               shard_p ? Q : P);
     const T* in = Ptr<T>(ctx, 0);
     // x[p', q'] for p = 0 or q = 0, and the strides from one p or q to the next
     const int64_t p_step = (reverse_0_ ? -1 : 1) * Q * K, q_step = (reverse_1_ ? -1 : 1) * K;
     const T* first = in + ((reverse_0_ ? P - 1 : 0) * Q + (reverse_1_ ? Q - 1 : 0)) * K;
-    if (NumShards(ctx, P) > 1) {
+    if (shard_p) {
       // each p: its Q rows (contiguous in x, or in reverse) into rows P N apart of y
       Shards(ctx, P, [&](int64_t lo, int64_t hi, int64_t) {
         for (int64_t p = lo; p < hi; ++p) {

@@ -4,7 +4,8 @@
 // `product` attr; keras_fancyrnn.config's `recurrent_product`):
 // - the AVX-512 register block, up to 8 rows x 48 or 32 columns (Avx512Width), B packed once
 //   per op into column panels;
-// - the AVX2/FMA register block, up to 6 rows x 16 columns (BLIS's Haswell kernel's shape);
+// - the AVX2/FMA register block, up to 4 rows x 24 columns or 6 rows x 16 (Avx2Width), B
+//   packed likewise;
 // - Eigen's product (compiled with -march=native), which repacks B at every call.
 // A block is compiled in where the build's target CPU (this one: -march=native) has its
 // instructions; "auto" picks the widest compiled in. The blocks are for float; double always
@@ -75,20 +76,24 @@ constexpr bool Compiled(Product product) {
 // B (K x N) for repeated products: U (transpose = false) or U^T (transpose = true) of a
 // row-major u of shape [K, N] or [N, K], whose rows are ldu apart (by default N or K: a whole
 // matrix; more for a block of columns of a wider one, such as the GRU's U_h in [U_z U_r U_h]).
-// `product` must be Compiled(); for double it is Eigen's whatever is asked. `panel_width` 32 or
-// 48 fixes the AVX-512 block's panels (for benchmarks/small_gemm.cc); any other value leaves
-// them to Avx512Width.
+// `product` must be Compiled(); for double it is Eigen's whatever is asked. `rows`: the most rows
+// a Multiply will take (a shard's; 0 where not known), for the AVX2 block's panels (Avx2Width).
+// `panel_width` 16 or 24 for the AVX2 block, 32 or 48 for the AVX-512 one, fixes the panels (for
+// benchmarks/small_gemm.cc); any other value leaves them to Avx2Width and Avx512Width.
 // For Eigen's product U^T is copied once, row-major: Eigen packs B at every product anyway, and
 // packs a row-major B faster (benchmarks/small_gemm.py).
 template <typename T>
 class RecurrentKernel {
  public:
   RecurrentKernel(const T* u, int64_t K, int64_t N, bool transpose, int64_t ldu = -1,
-                  Product product = kWidestProduct, int64_t panel_width = 0)
+                  Product product = kWidestProduct, int64_t rows = 0, int64_t panel_width = 0)
       : u_(u), K_(K), N_(N), transpose_(transpose), ldu_(ldu >= 0 ? ldu : transpose ? K : N),
         product_(std::is_same<T, float>::value ? product : Product::kEigen),
-        cols_(product_ != Product::kAvx512 ? 16
-              : panel_width == 32 || panel_width == 48 ? panel_width : Avx512Width(N)) {
+        cols_(product_ == Product::kAvx512
+                  ? (panel_width == 32 || panel_width == 48 ? panel_width : Avx512Width(N))
+              : product_ == Product::kAvx2
+                  ? (panel_width == 16 || panel_width == 24 ? panel_width : Avx2Width(rows))
+                  : 16) {
     if (product_ == Product::kEigen) {
       if (transpose) {
         transposed_.resize(K * N);
@@ -119,6 +124,8 @@ class RecurrentKernel {
           pieces(std::integral_constant<int64_t, 48>{});
         } else if (cols_ == 32) {
           pieces(std::integral_constant<int64_t, 32>{});
+        } else if (cols_ == 24) {
+          pieces(std::integral_constant<int64_t, 24>{});
         } else {
           pieces(std::integral_constant<int64_t, 16>{});
         }
@@ -141,8 +148,7 @@ class RecurrentKernel {
     }
   }
 
-  // The width of the register block's column panels (16 for the AVX2 block; Eigen's product
-  // has none).
+  // The width of the register block's column panels (Eigen's product has none).
   int64_t panel_width() const { return cols_; }
 
   // The default of Multiply's strides: rows contiguous.
@@ -168,7 +174,11 @@ class RecurrentKernel {
 #endif
 #ifdef KERAS_FANCYRNN_AVX2
       if (product_ == Product::kAvx2) {
-        Panels<6, 16, &RecurrentKernel::Block6x16>(a, lda, n, c, ldc, accumulate, bias);
+        if (cols_ == 24) {
+          Panels<4, 24, &RecurrentKernel::BlockAvx2Rows<24>>(a, lda, n, c, ldc, accumulate, bias);
+        } else {
+          Panels<6, 16, &RecurrentKernel::BlockAvx2Rows<16>>(a, lda, n, c, ldc, accumulate, bias);
+        }
         return;
       }
 #endif
@@ -197,6 +207,17 @@ class RecurrentKernel {
   // broadcast: benchmarks/small_gemm.py), else 32 (N <= 32 or 49 to 64, as many panels either
   // way: the zero-padded last 48-column one costs more than it saves).
   static int64_t Avx512Width(int64_t N) { return (N + 47) / 48 < (N + 31) / 32 ? 48 : 32; }
+
+  // The AVX2 block's panel width for products of up to `rows` rows (0: not known): 24 columns,
+  // in blocks of up to 4 rows (12 accumulators, 3 loads and 4 broadcasts per 12 FMAs), unless
+  // 16 columns in blocks of up to 6 rows keep more accumulators per block (5 or 6 rows: 10 or
+  // 12 against 6 or 9; benchmarks/small_gemm.py).
+  static int64_t Avx2Width(int64_t rows) {
+    if (rows <= 0) return 24;
+    const int64_t blocks_16 = (rows + 5) / 6, blocks_24 = (rows + 3) / 4;
+    // accumulators per block: 2 rows / blocks_16 against 3 rows / blocks_24
+    return 2 * blocks_24 > 3 * blocks_16 ? 16 : 24;
+  }
 
   // Whether a panel `width` columns wide (K_ rows) fits in L1's share beside a block of A: then
   // Panels runs each panel over every block of rows, else the block prefetches it from L2.
@@ -246,71 +267,102 @@ class RecurrentKernel {
   }
 
 #ifdef KERAS_FANCYRNN_AVX2
-  // `rows` (1 to 6) rows of a times one 16-column panel, into `rows` rows and `cols` columns of
-  // c (rows ldc apart), plus `cols` values of bias (where not null).
-  void Block6x16(const float* const* a, const float* panel, float* c, int64_t ldc,
-                 int64_t rows, int64_t cols, bool accumulate, const float* bias) const {
-    WithRows<6>(rows, [&](auto r) {
-      this->template BlockAvx2<decltype(r)::value>(a, panel, c, ldc, cols, accumulate, bias);
+  // `rows` (1 to 6 for 16-column panels, 1 to 4 for 24) rows of a times one panel of kWidth
+  // columns, into `rows` rows and `cols` columns of c (rows ldc apart).
+  template <int64_t kWidth>
+  void BlockAvx2Rows(const float* const* a, const float* panel, float* c, int64_t ldc,
+                     int64_t rows, int64_t cols, bool accumulate, const float* bias) const {
+    // A 24-column panel larger than L1's share streams from L2 at every block: prefetched
+    // (benchmarks/small_gemm.py; 16-column ones did not gain).
+    const bool streamed = kWidth == 24 && !PanelInL1(kWidth);
+    WithRows<kWidth == 24 ? 4 : 6>(rows, [&](auto r) {
+      constexpr int R = decltype(r)::value;
+      // a partial last panel: only the vectors it has columns in
+      const auto vectors = [&](auto z) {
+        constexpr int Z = decltype(z)::value;
+        if (streamed) {
+          this->template BlockAvx2<R, Z, kWidth, true>(a, panel, c, ldc, cols, accumulate, bias);
+        } else {
+          this->template BlockAvx2<R, Z, kWidth, false>(a, panel, c, ldc, cols, accumulate, bias);
+        }
+      };
+      if constexpr (kWidth > 16) {
+        if (cols > 16) return vectors(std::integral_constant<int, 3>{});
+      }
+      if (cols > 8) return vectors(std::integral_constant<int, 2>{});
+      vectors(std::integral_constant<int, 1>{});
     });
   }
 
-  // R rows times a 16-column panel: 2 R named accumulators (so that they stay in registers; the
-  // rows past R compile away), two loads of the panel and R broadcasts per k.
-  template <int R>
+  // R rows times Z 8-column vectors of a panel whose rows are kWidth apart: Z R named
+  // accumulators (so that they stay in registers; the rows and vectors past R and Z compile
+  // away), Z loads of the panel and R broadcasts per k. kPrefetch: the panel's rows 8 k ahead
+  // are prefetched.
+  template <int R, int Z, int64_t kWidth, bool kPrefetch>
   void BlockAvx2(const float* const* a, const float* panel, float* c, int64_t ldc, int64_t cols,
                  bool accumulate, const float* bias) const {
-    constexpr int64_t kCols = 16;
-    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
-           c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-    const float* a0 = a[0];
-    const float* a1 = a[R > 1 ? 1 : 0];
-    const float* a2 = a[R > 2 ? 2 : 0];
-    const float* a3 = a[R > 3 ? 3 : 0];
-    const float* a4 = a[R > 4 ? 4 : 0];
-    const float* a5 = a[R > 5 ? 5 : 0];
+#define KFR_ACC(r) __m256 c##r##0 = _mm256_setzero_ps(), c##r##1 = c##r##0, c##r##2 = c##r##0;
+    KFR_ACC(0) KFR_ACC(1) KFR_ACC(2) KFR_ACC(3) KFR_ACC(4) KFR_ACC(5)
+#undef KFR_ACC
+#define KFR_ROW(r) const float* a##r = a[R > r ? r : 0];
+    KFR_ROW(0) KFR_ROW(1) KFR_ROW(2) KFR_ROW(3) KFR_ROW(4) KFR_ROW(5)
+#undef KFR_ROW
     const int64_t K = K_;
     for (int64_t k = 0; k < K; ++k) {
-      const __m256 b0 = _mm256_loadu_ps(panel + k * kCols);
-      const __m256 b1 = _mm256_loadu_ps(panel + k * kCols + 8);
-#define KFR_ROW(r)                                     \
-  if constexpr (R > r) {                               \
-    const __m256 x = _mm256_broadcast_ss(a##r + k);    \
-    c##r##0 = _mm256_fmadd_ps(x, b0, c##r##0);         \
-    c##r##1 = _mm256_fmadd_ps(x, b1, c##r##1);         \
+      const float* b = panel + k * kWidth;
+      if constexpr (kPrefetch) {  // (past the panel's end: a hint, never a fault)
+        const char* ahead = reinterpret_cast<const char*>(b + 8 * kWidth);
+        _mm_prefetch(ahead, _MM_HINT_T0);
+        if constexpr (Z > 1) _mm_prefetch(ahead + 64, _MM_HINT_T0);
+      }
+      const __m256 b0 = _mm256_loadu_ps(b);
+      const __m256 b1 = Z > 1 ? _mm256_loadu_ps(b + 8) : b0;
+      const __m256 b2 = Z > 2 ? _mm256_loadu_ps(b + 16) : b0;
+#define KFR_FMA(r)                                                   \
+  if constexpr (R > r) {                                             \
+    const __m256 x = _mm256_broadcast_ss(a##r + k);                  \
+    c##r##0 = _mm256_fmadd_ps(x, b0, c##r##0);                       \
+    if constexpr (Z > 1) c##r##1 = _mm256_fmadd_ps(x, b1, c##r##1);  \
+    if constexpr (Z > 2) c##r##2 = _mm256_fmadd_ps(x, b2, c##r##2);  \
   }
-      KFR_ROW(0) KFR_ROW(1) KFR_ROW(2) KFR_ROW(3) KFR_ROW(4) KFR_ROW(5)
-#undef KFR_ROW
+      KFR_FMA(0) KFR_FMA(1) KFR_FMA(2) KFR_FMA(3) KFR_FMA(4) KFR_FMA(5)
+#undef KFR_FMA
     }
-    // partial columns through masked loads and stores (lane j on where j < cols)
+    // Vector z holds min(8, cols - 8 z) columns: whole vectors through plain loads and stores,
+    // a partial one through masked ones (lane j on where j < its columns; masked stores are slow
+    // on some AVX2 CPUs, AMD's Zen 1-3, so only a partial vector takes them).
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols)), lane);
-    const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols) - 8), lane);
-    const __m256 b0 = bias == nullptr ? _mm256_setzero_ps() : _mm256_maskload_ps(bias, m0);
-    const __m256 b1 = bias == nullptr ? _mm256_setzero_ps() : _mm256_maskload_ps(bias + 8, m1);
-    const __m256 result[6][2] = {{c00, c01}, {c10, c11}, {c20, c21},
-                                 {c30, c31}, {c40, c41}, {c50, c51}};
-    // (a whole panel without masks: masked stores are slow on some AVX2 CPUs, AMD's Zen 1-3)
-    const bool whole = cols == kCols;
-    for (int r = 0; r < R; ++r) {
-      float* c_r = c + r * ldc;
-      __m256 v0 = result[r][0], v1 = result[r][1];
-      if (accumulate) {
-        v0 = _mm256_add_ps(v0, whole ? _mm256_loadu_ps(c_r) : _mm256_maskload_ps(c_r, m0));
-        v1 = _mm256_add_ps(v1, whole ? _mm256_loadu_ps(c_r + 8) : _mm256_maskload_ps(c_r + 8, m1));
-      }
-      if (bias != nullptr) {
-        v0 = _mm256_add_ps(v0, b0);
-        v1 = _mm256_add_ps(v1, b1);
-      }
-      if (whole) {
-        _mm256_storeu_ps(c_r, v0);
-        _mm256_storeu_ps(c_r + 8, v1);
-      } else {
-        _mm256_maskstore_ps(c_r, m0, v0);
-        _mm256_maskstore_ps(c_r + 8, m1, v1);
-      }
-    }
+    const auto lanes = [&](int z) {
+      return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols) - 8 * z), lane);
+    };
+    const __m256i m0 = lanes(0), m1 = lanes(1), m2 = lanes(2);
+    const bool whole0 = cols >= 8, whole1 = cols >= 16, whole2 = cols >= 24;
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256 bias0 = bias == nullptr ? zero : _mm256_maskload_ps(bias, m0);
+    const __m256 bias1 = bias == nullptr || Z < 2 ? zero : _mm256_maskload_ps(bias + 8, m1);
+    const __m256 bias2 = bias == nullptr || Z < 3 ? zero : _mm256_maskload_ps(bias + 16, m2);
+#define KFR_STORE_VECTOR(r, z)                                                       \
+  if constexpr (Z > z) {                                                             \
+    __m256 v = c##r##z;                                                              \
+    float* out = c_r + 8 * z;                                                        \
+    if (accumulate) {                                                                \
+      v = _mm256_add_ps(v, whole##z ? _mm256_loadu_ps(out) : _mm256_maskload_ps(out, m##z)); \
+    }                                                                                \
+    if (bias != nullptr) v = _mm256_add_ps(v, bias##z);                              \
+    if (whole##z) {                                                                  \
+      _mm256_storeu_ps(out, v);                                                      \
+    } else {                                                                         \
+      _mm256_maskstore_ps(out, m##z, v);                                             \
+    }                                                                                \
+  }
+#define KFR_STORE(r)                                                                 \
+  if constexpr (R > r) {                                                             \
+    float* c_r = c + r * ldc;                                                        \
+    KFR_STORE_VECTOR(r, 0) KFR_STORE_VECTOR(r, 1) KFR_STORE_VECTOR(r, 2)             \
+  }
+    KFR_STORE(0) KFR_STORE(1) KFR_STORE(2) KFR_STORE(3) KFR_STORE(4) KFR_STORE(5)
+#undef KFR_STORE
+#undef KFR_STORE_VECTOR
   }
 #endif
 
