@@ -141,9 +141,15 @@ class RecurrentKernel {
       const int64_t j0 = p * cols_, width = std::min(N - j0, cols_);
       T* panel = packed_.get() + p * K * cols_;
       if (width < cols_) std::fill_n(panel, K * cols_, T(0));
-      for (int64_t j = 0; j < width; ++j) {  // row j0 + j of u is column j of the panel
-        const T* row = u + (j0 + j) * ldu_;
-        for (int64_t k = 0; k < K; ++k) panel[k * cols_ + j] = row[k];
+      // Row j0 + j of u is column j of the panel, copied 16 k at a time: a 16-value run of a
+      // row of u (one cache line) per column, into 16 panel rows that stay in L1 until every
+      // column has written them (a whole column at a time wrote K lines per column).
+      for (int64_t k0 = 0; k0 < K; k0 += 16) {
+        const int64_t k1 = std::min(K, k0 + 16);
+        for (int64_t j = 0; j < width; ++j) {
+          const T* row = u + (j0 + j) * ldu_;
+          for (int64_t k = k0; k < k1; ++k) panel[k * cols_ + j] = row[k];
+        }
       }
     }
   }
