@@ -1,9 +1,9 @@
 // The recurrent product of the sequence kernels (keras_fancyrnn/ops/kernels/small_gemm.h,
 // RecurrentKernel::Multiply: c = a U or a U^T for a shard's few rows) every way in one process:
-// Eigen's product and the register blocks this CPU can run (AVX2/FMA; AVX-512 with 32- and with
-// 48-column panels, and which of the two the kernel picks), alternating, median GFLOP/s per
-// shape on one core; and the widest block's packing of U (what each op call
-// does once), median us, from 8 copies of U in turn (as an op finds U: not in this core's
+// Eigen's product and the register blocks this CPU can run (AVX2/FMA with 16- and with 24-column
+// panels; AVX-512 with 32- and with 48-column panels; and the width each block picks for the
+// shape), alternating, median GFLOP/s per shape on one core; and the widest block's packing of U
+// (what each op call does once), median us, from 8 copies of U in turn (as an op finds U: not in this core's
 // caches). Each result is first checked against a plain double-precision product.
 //
 //   small_gemm ROUNDS nxKxN [nxKxN ...]     (run through benchmarks/small_gemm.py)

@@ -39,8 +39,8 @@ class ShardPool {
   // How long a worker spins after its last shard before it blocks: longer than the gaps between
   // a training or inference step's kernels and between two steps' calls (a few hundred us).
   static constexpr std::chrono::microseconds kSpin{2000};
-  // How much longer than its own shards took an op's thread waits for the workers before it
-  // yields its CPU at times (Run).
+  // How long an op's thread, done with its own shards, waits for the workers before it yields
+  // its CPU at times (Run).
   static constexpr std::chrono::microseconds kPatience{1000};
 
   // The process's pool.
@@ -62,15 +62,12 @@ class ShardPool {
     Job job{&Call<F>, &fn, n};
     job.active.store(n - 1, std::memory_order_relaxed);
     for (int64_t w = 0; w < n - 1; ++w) workers_[w]->Give(&job);
-    const auto start = Clock::now();
     job.RunShards();
-    // How long to wait for the workers before yielding this CPU: a worker running on another CPU
-    // ends within about the time this thread took for its own shards; one that takes much
-    // longer may be waiting for a CPU, perhaps this one. Yielding sooner costs more than it
-    // saves: the CPU often goes to another of TensorFlow's threads for tens of us or more, while
-    // the worker is done (benchmarks/results/2026-12-05_patience_and_avx2_panels.md).
+    // A worker running on another CPU ends soon after this thread; one that is kPatience late
+    // may be waiting for a CPU, perhaps this one, so only then does this thread yield its own.
+    // Yielding sooner cost more than it saved: the CPU often went to another of TensorFlow's
+    // threads for tens of us or more, while the worker was done (benchmarks/results/).
     const auto waiting_since = Clock::now();
-    const auto patience = (waiting_since - start) + kPatience;
     // A worker that has not taken the job yet never will; one that has is running a shard or
     // about to find none left.
     for (int64_t w = 0; w < n - 1; ++w) {
@@ -78,7 +75,7 @@ class ShardPool {
     }
     for (int64_t spins = 1; job.active.load(std::memory_order_acquire) != 0; ++spins) {
       Pause();
-      if (spins % 64 == 0 && Clock::now() - waiting_since > patience) sched_yield();
+      if (spins % 64 == 0 && Clock::now() - waiting_since > kPatience) sched_yield();
     }
     busy_.store(false, std::memory_order_release);
     return true;

@@ -217,7 +217,7 @@ class RecurrentKernel {
   // The AVX2 block's panel width for products of up to `rows` rows (0: not known): 24 columns,
   // in blocks of up to 4 rows (12 accumulators, 3 loads and 4 broadcasts per 12 FMAs), unless
   // 16 columns in blocks of up to 6 rows keep more accumulators per block (5 or 6 rows: 10 or
-  // 12 against 6 or 9; benchmarks/small_gemm.py).
+  // 12 against 6 or 9; also 17-18, 29-30, ...; benchmarks/small_gemm.py).
   static int64_t Avx2Width(int64_t rows) {
     if (rows <= 0) return 24;
     const int64_t blocks_16 = (rows + 5) / 6, blocks_24 = (rows + 3) / 4;
@@ -272,9 +272,19 @@ class RecurrentKernel {
     }
   }
 
+#if defined(KERAS_FANCYRNN_AVX2) || defined(KERAS_FANCYRNN_AVX512)
+  // Prefetches kLines cache lines from p into L1 (a hint: past the panel's end it never faults).
+  template <int kLines>
+  static void PrefetchLines(const float* p) {
+    const char* line = reinterpret_cast<const char*>(p);
+    for (int i = 0; i < kLines; ++i) _mm_prefetch(line + 64 * i, _MM_HINT_T0);
+  }
+#endif
+
 #ifdef KERAS_FANCYRNN_AVX2
   // `rows` (1 to 6 for 16-column panels, 1 to 4 for 24) rows of a times one panel of kWidth
-  // columns, into `rows` rows and `cols` columns of c (rows ldc apart).
+  // columns, into `rows` rows and `cols` columns of c (rows ldc apart), plus `cols` values of
+  // bias (where not null).
   template <int64_t kWidth>
   void BlockAvx2Rows(const float* const* a, const float* panel, float* c, int64_t ldc,
                      int64_t rows, int64_t cols, bool accumulate, const float* bias) const {
@@ -316,11 +326,7 @@ class RecurrentKernel {
     const int64_t K = K_;
     for (int64_t k = 0; k < K; ++k) {
       const float* b = panel + k * kWidth;
-      if constexpr (kPrefetch) {  // (past the panel's end: a hint, never a fault)
-        const char* ahead = reinterpret_cast<const char*>(b + 8 * kWidth);
-        _mm_prefetch(ahead, _MM_HINT_T0);
-        if constexpr (Z > 1) _mm_prefetch(ahead + 64, _MM_HINT_T0);
-      }
+      if constexpr (kPrefetch) PrefetchLines<(Z > 1 ? 2 : 1)>(b + 8 * kWidth);
       const __m256 b0 = _mm256_loadu_ps(b);
       const __m256 b1 = Z > 1 ? _mm256_loadu_ps(b + 8) : b0;
       const __m256 b2 = Z > 2 ? _mm256_loadu_ps(b + 16) : b0;
@@ -347,24 +353,24 @@ class RecurrentKernel {
     const __m256 bias0 = bias == nullptr ? zero : _mm256_maskload_ps(bias, m0);
     const __m256 bias1 = bias == nullptr || Z < 2 ? zero : _mm256_maskload_ps(bias + 8, m1);
     const __m256 bias2 = bias == nullptr || Z < 3 ? zero : _mm256_maskload_ps(bias + 16, m2);
-#define KFR_STORE_VECTOR(r, z)                                                       \
-  if constexpr (Z > z) {                                                             \
-    __m256 v = c##r##z;                                                              \
-    float* out = c_r + 8 * z;                                                        \
-    if (accumulate) {                                                                \
-      v = _mm256_add_ps(v, whole##z ? _mm256_loadu_ps(out) : _mm256_maskload_ps(out, m##z)); \
-    }                                                                                \
-    if (bias != nullptr) v = _mm256_add_ps(v, bias##z);                              \
-    if (whole##z) {                                                                  \
-      _mm256_storeu_ps(out, v);                                                      \
-    } else {                                                                         \
-      _mm256_maskstore_ps(out, m##z, v);                                             \
-    }                                                                                \
+#define KFR_STORE_VECTOR(r, z)                                                                \
+  if constexpr (Z > z) {                                                                      \
+    __m256 v = c##r##z;                                                                       \
+    float* out = c_r + 8 * z;                                                                 \
+    if (accumulate) {                                                                         \
+      v = _mm256_add_ps(v, whole##z ? _mm256_loadu_ps(out) : _mm256_maskload_ps(out, m##z));  \
+    }                                                                                         \
+    if (bias != nullptr) v = _mm256_add_ps(v, bias##z);                                       \
+    if (whole##z) {                                                                           \
+      _mm256_storeu_ps(out, v);                                                               \
+    } else {                                                                                  \
+      _mm256_maskstore_ps(out, m##z, v);                                                      \
+    }                                                                                         \
   }
-#define KFR_STORE(r)                                                                 \
-  if constexpr (R > r) {                                                             \
-    float* c_r = c + r * ldc;                                                        \
-    KFR_STORE_VECTOR(r, 0) KFR_STORE_VECTOR(r, 1) KFR_STORE_VECTOR(r, 2)             \
+#define KFR_STORE(r)                                                                          \
+  if constexpr (R > r) {                                                                      \
+    float* c_r = c + r * ldc;                                                                 \
+    KFR_STORE_VECTOR(r, 0) KFR_STORE_VECTOR(r, 1) KFR_STORE_VECTOR(r, 2)                      \
   }
     KFR_STORE(0) KFR_STORE(1) KFR_STORE(2) KFR_STORE(3) KFR_STORE(4) KFR_STORE(5)
 #undef KFR_STORE
@@ -419,12 +425,7 @@ class RecurrentKernel {
     const int64_t K = K_;
     for (int64_t k = 0; k < K; ++k) {
       const float* b = panel + k * kWidth;
-      if constexpr (kPrefetch) {  // (past the panel's end: a hint, never a fault)
-        const char* ahead = reinterpret_cast<const char*>(b + kAhead);
-        _mm_prefetch(ahead, _MM_HINT_T0);
-        if constexpr (Z > 1) _mm_prefetch(ahead + 64, _MM_HINT_T0);
-        if constexpr (Z > 2) _mm_prefetch(ahead + 128, _MM_HINT_T0);
-      }
+      if constexpr (kPrefetch) PrefetchLines<Z>(b + kAhead);
       const __m512 b0 = _mm512_loadu_ps(b);
       const __m512 b1 = Z > 1 ? _mm512_loadu_ps(b + 16) : b0;
       const __m512 b2 = Z > 2 ? _mm512_loadu_ps(b + 32) : b0;
