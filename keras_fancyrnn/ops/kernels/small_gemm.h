@@ -10,6 +10,10 @@
 // A block is compiled in where the build's target CPU (this one: -march=native) has its
 // instructions; "auto" picks the widest compiled in. The blocks are for float; double always
 // takes Eigen's product. benchmarks/small_gemm.py measures all three side by side.
+//
+// Long (over 400 lines): one class, whose packing, width rules and two register blocks (each
+// written out for its instruction set) only Multiply uses; split, they would be one class's
+// private parts in several files.
 #ifndef KERAS_FANCYRNN_SMALL_GEMM_H_
 #define KERAS_FANCYRNN_SMALL_GEMM_H_
 
