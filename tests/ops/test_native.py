@@ -450,11 +450,12 @@ def test_sequence_kernels_reject_bad_shapes_naming_the_input(library):
 
 @pytest.mark.parametrize("kind", SEQUENCE_OPS)
 def test_sequence_kernels_equal_keras_at_a_larger_size(library, kind, product, rng):
-    """37 units: whole and partial column panels of the float32 product, 16 columns wide for
-    the AVX2 block and 48 for the AVX-512 one, whose last panel has three vectors (37 columns,
-    backward), two (74, GRU before) or one (111, 148: forward, 3·37 or 4·37 columns); batch 13:
-    shards of 6 and 7 rows, so full six-row blocks and a padded remainder (and a short eight-row
-    block)."""
+    """37 units: whole and partial column panels of the float32 product: the AVX-512 block's 48
+    columns wide, whose last panel has three vectors (37 columns, backward), two (74, GRU
+    before) or one (111, 148: forward, 3·37 or 4·37 columns); the AVX2 block's 24 columns wide
+    (shards of up to 7 rows), whose last panel has two vectors (37, 111) or one (74, 148).
+    Batch 13: shards of 6 and 7 rows, so row blocks of 3 and 4 (AVX2) and short eight-row blocks
+    (AVX-512)."""
     name, extra = layer_kind(kind)
     ours = getattr(fr, name)(37, return_sequences=True, **extra)
     theirs = getattr(keras.layers, name)(37, return_sequences=True, **extra)
