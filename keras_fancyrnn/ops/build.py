@@ -30,7 +30,8 @@ _KERNELS = os.path.join(os.path.dirname(__file__), "kernels")
 _SOURCES = [os.path.join(_KERNELS, name)
             for name in ("gates.cc", "norms.cc", "sequence.cc")]
 _HEADERS = [os.path.join(_KERNELS, name) for name in ("gate_math.h", "kernel_util.h",
-                                                      "shard_pool.h", "small_gemm.h")]
+                                                      "outer_sum.h", "shard_pool.h",
+                                                      "small_gemm.h")]
 _log = logging.getLogger("keras_fancyrnn")
 _lock = threading.Lock()
 _state = {"tried": False, "library": None, "error": None, "products": None}

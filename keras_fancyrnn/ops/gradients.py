@@ -214,10 +214,17 @@ def _first(stacked, default):
     return tf.cond(tf.shape(stacked)[0] > 0, lambda: stacked[0], lambda: default)
 
 
-def _recurrent_kernel_gradient(h0, h, dz):
-    """``sum_t h_{t-1}^T dz_t`` (``h_{-1} = h0``): ``h0^T dz_0`` plus one
+def _recurrent_kernel_gradient(op, h0, h, dz):
+    """``sum_t h_{t-1}^T dz_t`` (``h_{-1} = h0``) for the sequence op ``op``: the weight
+    gradient kernel, with ``op``'s product and workers."""
+    return library().keras_fancyrnn_recurrent_weight_grad(h0, h, dz, **_kernel_attrs(op))
+
+
+def recurrent_kernel_gradient_reference(h0, h, dz):
+    """``sum_t h_{t-1}^T dz_t`` (``h_{-1} = h0``) in TensorFlow ops: ``h0^T dz_0`` plus one
     ``[H, (T-1)·B] x [(T-1)·B, n]`` matmul over slices, which share the sequences' memory (a
-    concatenation ``[h0, h_0, ...]`` would copy all of ``h``)."""
+    concatenation ``[h0, h_0, ...]`` would copy all of ``h``). The equations of
+    ``KerasFancyrnnRecurrentWeightGrad``, and its gradient."""
     from keras_fancyrnn._tf import tf
 
     rest = tf.matmul(tf.reshape(h[:-1], [-1, h.shape[-1]]), tf.reshape(dz[1:], [-1, dz.shape[-1]]),
@@ -317,8 +324,8 @@ def _register_sequence_gradients():
     from keras_fancyrnn._tf import tf
 
     # The sequence kernels. Their gradient kernels run the step-by-step part of backpropagation
-    # through time and sum the bias gradients; the recurrent kernel's gradient is one large
-    # matmul here.
+    # through time and sum the bias gradients; the recurrent kernel's gradient is one op of
+    # its own here (KerasFancyrnnRecurrentWeightGrad).
 
     # Gradients of sequence outputs nobody used (None in a graph) go to the kernels as empty
     # markers, not as [T, B, ...] zeros: a layer that returns only its final state then sends no
@@ -335,7 +342,8 @@ def _register_sequence_gradients():
         dz, dh0, dc0, db, *dprobes = library().keras_fancyrnn_lstm_sequence_grad(
             _optional(dh, h), _optional(dc, c), _optional(dz, z), z, c, c0, u, dh_last, dc_last,
             *extras, **_kernel_attrs(op))
-        return dz, dh0, dc0, _recurrent_kernel_gradient(h0, h, dz), db, None, *dprobes
+        du = _recurrent_kernel_gradient(op, h0, h, dz)
+        return dz, dh0, dc0, du, db, None, *dprobes
 
     @tf.RegisterGradient("KerasFancyrnnGruSequence")
     def _gru_sequence(op, dh, drec, dh_last):
@@ -345,7 +353,8 @@ def _register_sequence_gradients():
         dxp, drec, dh0, db_in, db_rec, dprobe = library().keras_fancyrnn_gru_sequence_grad(
             _optional(dh, h), _optional(drec, rec), xp, rec, h, h0, u, dh_last, b_in, *extras,
             **_kernel_attrs(op))
-        return dxp, dh0, _recurrent_kernel_gradient(h0, h, drec), db_rec, db_in, None, dprobe
+        du = _recurrent_kernel_gradient(op, h0, h, drec)
+        return dxp, dh0, du, db_rec, db_in, None, dprobe
 
     @tf.RegisterGradient("KerasFancyrnnGruBeforeSequence")
     def _gru_before_sequence(op, dh, drec, drh, dh_last):
@@ -359,7 +368,7 @@ def _register_sequence_gradients():
         units = h.shape[-1]
         du_h = tf.matmul(tf.reshape(rh, [-1, units]), tf.reshape(drec[..., 2 * units:],
                                                                  [-1, units]), transpose_a=True)
-        du_zr = _recurrent_kernel_gradient(h0, h, drec[..., :2 * units])
+        du_zr = _recurrent_kernel_gradient(op, h0, h, drec[..., :2 * units])
         return dxp, dh0, tf.concat([du_zr, du_h], axis=1), db, None, dprobe
 
     @tf.RegisterGradient("KerasFancyrnnRnnSequence")
@@ -370,7 +379,7 @@ def _register_sequence_gradients():
         dz, dh0, db, dprobe = library().keras_fancyrnn_rnn_sequence_grad(
             _optional(dh, h), h, h0, u, dh_last, mask, probe, act,
             activation=_attr(op, "activation"), **_kernel_attrs(op))
-        return dz, dh0, _recurrent_kernel_gradient(h0, h, dz), db, None, dprobe
+        return dz, dh0, _recurrent_kernel_gradient(op, h0, h, dz), db, None, dprobe
 
 
 def _register_sequence_second_derivatives():
@@ -395,6 +404,23 @@ def _register_sequence_second_derivatives():
                     op.inputs, grads)
 
 
+def projection_weight_gradient_reference(x, dy, transpose_w=False, reverse_0=False,
+                                         reverse_1=False):
+    """The gradient of ``KerasFancyrnnProject``'s ``w`` in TensorFlow ops: one matmul of ``x``'s
+    rows, put in ``dy``'s order, with ``dy``'s. The equations of
+    ``KerasFancyrnnProjectWeightGrad``, and its gradient."""
+    from keras_fancyrnn._tf import tf
+
+    rows = tf.transpose(x, [1, 0, 2])  # rows[q, p] = x[p, q]
+    reversed_axes = [a for a, r in ((0, reverse_1), (1, reverse_0)) if r]
+    if reversed_axes:
+        rows = tf.reverse(rows, reversed_axes)
+    rows = tf.reshape(rows, [-1, tf.shape(x)[-1]])
+    dy_rows = tf.reshape(dy, [-1, tf.shape(dy)[-1]])
+    return (tf.matmul(dy_rows, rows, transpose_a=True) if transpose_w
+            else tf.matmul(rows, dy_rows, transpose_a=True))
+
+
 def _register_projection_gradient():
     """The gradient of ``KerasFancyrnnProject`` (``y[q, p] = x[p', q'] w``, the reverse attrs
     reading an axis of ``x`` backwards): for ``x`` the same op on ``dy`` with ``w`` transposed
@@ -410,16 +436,27 @@ def _register_projection_gradient():
         dx = library().keras_fancyrnn_project(dy, w, transpose_w=not transpose_w,
                                               reverse_0=reverse_1, reverse_1=reverse_0,
                                               **_kernel_attrs(op))
-        rows = tf.transpose(x, [1, 0, 2])  # rows[q, p] = x[p, q]
-        reversed_axes = [a for a, r in ((0, reverse_1), (1, reverse_0)) if r]
-        if reversed_axes:
-            rows = tf.reverse(rows, reversed_axes)
-        rows = tf.reshape(rows, [-1, tf.shape(x)[-1]])
-        dy_rows = tf.reshape(dy, [-1, tf.shape(dy)[-1]])
-        dw = (tf.matmul(dy_rows, rows, transpose_a=True) if transpose_w
-              else tf.matmul(rows, dy_rows, transpose_a=True))
+        dw = library().keras_fancyrnn_project_weight_grad(
+            x, dy, transpose_w=transpose_w, reverse_0=reverse_0, reverse_1=reverse_1,
+            **_kernel_attrs(op))
         dw.set_shape(w.shape)
         return dx, dw
+
+
+def _register_weight_gradient_gradients():
+    """The gradients of the weight gradient kernels: their equations in TensorFlow ops."""
+    from keras_fancyrnn._tf import tf
+
+    @tf.RegisterGradient("KerasFancyrnnRecurrentWeightGrad")
+    def _recurrent(op, ddu):
+        return _vjp(lambda *inputs: [recurrent_kernel_gradient_reference(*inputs)], op.inputs,
+                    [ddu])
+
+    @tf.RegisterGradient("KerasFancyrnnProjectWeightGrad")
+    def _project(op, ddw):
+        attrs = [op.get_attr(name) for name in ("transpose_w", "reverse_0", "reverse_1")]
+        return _vjp(lambda x, dy: [projection_weight_gradient_reference(x, dy, *attrs)],
+                    op.inputs, [ddw])
 
 
 def register() -> None:
@@ -433,3 +470,4 @@ def register() -> None:
     _register_gate_gradients()
     _register_sequence_gradients()
     _register_sequence_second_derivatives()
+    _register_weight_gradient_gradients()

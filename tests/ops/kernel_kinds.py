@@ -16,6 +16,9 @@ SEQUENCE_OPS = {"SimpleRNN": "KerasFancyrnnRnnSequence", "LSTM": "KerasFancyrnnL
 #: (forward, and the gradient with respect to the inputs).
 PROJECT_OP = "KerasFancyrnnProject"
 
+#: The ops of the weight gradients, ``dW`` of the projection and ``dU`` of a recurrence.
+WEIGHT_GRAD_OPS = {"KerasFancyrnnProjectWeightGrad", "KerasFancyrnnRecurrentWeightGrad"}
+
 #: Gates per unit (the width of ``x W`` over the units).
 GATES = {"LSTM": 4, "GRU": 3, "SimpleRNN": 1, "SimpleRNN-relu": 1, "GRU-before": 3}
 

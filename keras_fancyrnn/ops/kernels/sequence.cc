@@ -2,8 +2,8 @@
 // SimpleRNN layer in one op, and its gradient in another.
 //
 // The input projection x W is an op of its own (Project, below) that runs before them for all
-// timesteps, and the weight gradients sum_t x_t^T dz_t and sum_t h_{t-1}^T dz_t are large
-// TensorFlow matmuls after them. What is left is the part that must run step by step: h_{t-1} U
+// timesteps, and the weight gradients sum_t x_t^T dz_t and sum_t h_{t-1}^T dz_t are ops of
+// their own after them (ProjectWeightGrad, RecurrentWeightGrad; outer_sum.h). What is left is the part that must run step by step: h_{t-1} U
 // (small_gemm.h), the gate equations (gate_math.h) and, backward, dz_t U^T. The input bias is
 // an input here, not added to x W, so that the gradient kernels can sum its gradient over the
 // steps while each step's rows are in cache (a separate sum re-reads all of dz from memory).
@@ -13,9 +13,10 @@
 //
 // Masks and the gradient monitor's probes run here too (see EndStep and CarriedGrad below).
 //
-// Long (over 400 lines): nine ops (the forward and the gradient of four recurrences, and the
-// projection) and their registration, each written out for its cell; what they share is in the helpers above them and
-// in kernel_util.h, gate_math.h and small_gemm.h.
+// Long (over 400 lines): eleven ops (the forward and the gradient of four recurrences, the
+// projection and the two weight gradients) and their registration, each written out for its
+// cell; what they share is in the helpers above them and in kernel_util.h, gate_math.h,
+// small_gemm.h and outer_sum.h.
 //
 // Layouts are time-major (but for the projection's input x [B, T, D]): xp [T, B, k H],
 // states [B, H], U [H, k H], sequences [T, B, H], mask [T, B].
@@ -25,6 +26,7 @@
 
 #include "gate_math.h"
 #include "kernel_util.h"
+#include "outer_sum.h"
 #include "small_gemm.h"
 
 namespace keras_fancyrnn {
@@ -793,6 +795,93 @@ class Project : public SequenceOp {
   bool transpose_w_ = false, reverse_0_ = false, reverse_1_ = false;
 };
 
+// ---------------------------------------------------------------------------------------------
+// The weight gradients, sums of outer products of row pairs (outer_sum.h), each thread taking
+// its share of C's blocks. ProjectWeightGrad: the projection's, dw = sum_{q,p} x[p', q']^T dy[q, p]
+// for x [P, Q, K], dy [Q, P, N] and Project's attrs ([K, N], or its transpose [N, K] with
+// transpose_w). RecurrentWeightGrad: a recurrence's, du = sum_t h_{t-1}^T dz_t for h0 [B, H],
+// h [T, B, H] (h_{-1} = h0) and dz [T, B, N]: [H, N]. In place of the transpose of x and the
+// matmuls (oneDNN's, on TensorFlow's threads) they replace.
+template <typename T>
+class WeightGrad : public SequenceOp {
+ protected:
+  using SequenceOp::SequenceOp;
+
+  // out [K, N] = sum_m a[m]^T b[m]: the pairs' rows.
+  void Sum(OpKernelContext* ctx, int64_t K, int64_t N, const std::vector<const T*>& a,
+           const std::vector<const T*>& b, T* out) const {
+    const OuterSum<T> sum(product_, static_cast<int64_t>(a.size()), K, N, a.data(), b.data(),
+                          out);
+    Shards(ctx, sum.Items(), [&](int64_t lo, int64_t hi, int64_t) { sum.Run(lo, hi); });
+  }
+};
+
+template <typename T>
+class ProjectWeightGrad : public WeightGrad<T> {
+ public:
+  explicit ProjectWeightGrad(OpKernelConstruction* ctx) : WeightGrad<T>(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("transpose_w", &transpose_w_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("reverse_0", &reverse_0_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("reverse_1", &reverse_1_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    Shapes shapes(ctx);
+    if (!shapes.Check(0, {-1, -1, -1})) return;
+    const Tensor& x = ctx->input(0);
+    const int64_t P = x.dim_size(0), Q = x.dim_size(1), K = x.dim_size(2);
+    if (!shapes.Check(1, {Q, P, -1})) return;
+    const int64_t N = ctx->input(1).dim_size(2);
+    T* dw = Output<T>(ctx, 0, transpose_w_ ? TensorShape({N, K}) : TensorShape({K, N}));
+    if (!ctx->status().ok()) return;
+    std::vector<const T*> rows_x(P * Q), rows_dy(P * Q);
+    const T* in = Ptr<T>(ctx, 0);
+    const T* dy = Ptr<T>(ctx, 1);
+    for (int64_t q = 0; q < Q; ++q) {
+      const int64_t q_in = reverse_1_ ? Q - 1 - q : q;
+      for (int64_t p = 0; p < P; ++p) {
+        rows_x[q * P + p] = in + ((reverse_0_ ? P - 1 - p : p) * Q + q_in) * K;
+        rows_dy[q * P + p] = dy + (q * P + p) * N;
+      }
+    }
+    if (transpose_w_) {
+      this->Sum(ctx, N, K, rows_dy, rows_x, dw);
+    } else {
+      this->Sum(ctx, K, N, rows_x, rows_dy, dw);
+    }
+  }
+
+ private:
+  bool transpose_w_ = false, reverse_0_ = false, reverse_1_ = false;
+};
+
+template <typename T>
+class RecurrentWeightGrad : public WeightGrad<T> {
+ public:
+  using WeightGrad<T>::WeightGrad;
+
+  void Compute(OpKernelContext* ctx) override {
+    Shapes shapes(ctx);
+    if (!shapes.Check(0, {-1, -1})) return;
+    const int64_t B = ctx->input(0).dim_size(0), H = ctx->input(0).dim_size(1);
+    if (!shapes.Check(1, {-1, B, H})) return;
+    const int64_t S = ctx->input(1).dim_size(0);
+    if (!shapes.Check(2, {S, B, -1})) return;
+    const int64_t N = ctx->input(2).dim_size(2);
+    T* du = Output<T>(ctx, 0, TensorShape({H, N}));
+    if (!ctx->status().ok()) return;
+    const T *h0 = Ptr<T>(ctx, 0), *h = Ptr<T>(ctx, 1), *dz = Ptr<T>(ctx, 2);
+    std::vector<const T*> rows_h(S * B), rows_dz(S * B);
+    for (int64_t t = 0; t < S; ++t) {
+      for (int64_t b = 0; b < B; ++b) {
+        rows_h[t * B + b] = Prev<T>(h, h0, t, B, b, H);
+        rows_dz[t * B + b] = At(dz, t, B, b, N);
+      }
+    }
+    this->Sum(ctx, H, N, rows_h, rows_dz, du);
+  }
+};
+
 // Output shapes: [T, B, H] (T from input `sequence`, B and H from input `state`) for the outputs
 // `same_as_sequence`; input i's shape for each pair (output, i) of `same_as_input`; and for each
 // pair (output, i) of `column_sums` a vector as long as input i's rows ([T, B, w] -> [w]).
@@ -937,6 +1026,40 @@ REGISTER_OP("KerasFancyrnnProject")
       return absl::OkStatus();
     });
 
+REGISTER_OP("KerasFancyrnnProjectWeightGrad")
+    .Input("x: T").Input("dy: T")
+    .Output("dw: T")
+    .Attr("T: {float, double}")
+    .Attr("transpose_w: bool = false")
+    .Attr("reverse_0: bool = false")
+    .Attr("reverse_1: bool = false")
+    .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
+    .Attr("spin: bool = true")
+    .SetShapeFn([](InferenceContext* c) {
+      bool transpose_w = false;
+      TF_RETURN_IF_ERROR(c->GetAttr("transpose_w", &transpose_w));
+      ::tensorflow::shape_inference::ShapeHandle x, dy;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &x));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 3, &dy));
+      auto k = c->Dim(x, 2), n = c->Dim(dy, 2);
+      c->set_output(0, transpose_w ? c->Matrix(n, k) : c->Matrix(k, n));
+      return absl::OkStatus();
+    });
+
+REGISTER_OP("KerasFancyrnnRecurrentWeightGrad")
+    .Input("h0: T").Input("h: T").Input("dz: T")
+    .Output("du: T")
+    .Attr("T: {float, double}")
+    .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
+    .Attr("spin: bool = true")
+    .SetShapeFn([](InferenceContext* c) {
+      ::tensorflow::shape_inference::ShapeHandle h0, dz;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &h0));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 3, &dz));
+      c->set_output(0, c->Matrix(c->Dim(h0, 1), c->Dim(dz, 2)));
+      return absl::OkStatus();
+    });
+
 // The recurrent products this build can run, widest first (keras_fancyrnn.ops.native.products).
 REGISTER_OP("KerasFancyrnnProducts").Output("names: string").SetShapeFn([](InferenceContext* c) {
   c->set_output(0, c->Scalar());
@@ -964,5 +1087,7 @@ KFR_REGISTER_KERNEL("KerasFancyrnnGruBeforeSequenceGrad", GruBeforeSequenceGrad)
 KFR_REGISTER_KERNEL("KerasFancyrnnRnnSequence", RnnSequence)
 KFR_REGISTER_KERNEL("KerasFancyrnnRnnSequenceGrad", RnnSequenceGrad)
 KFR_REGISTER_KERNEL("KerasFancyrnnProject", Project)
+KFR_REGISTER_KERNEL("KerasFancyrnnProjectWeightGrad", ProjectWeightGrad)
+KFR_REGISTER_KERNEL("KerasFancyrnnRecurrentWeightGrad", RecurrentWeightGrad)
 
 }  // namespace keras_fancyrnn

@@ -1,0 +1,247 @@
+// The weight gradients of the sequence kernels and the projection (sequence.cc): C (K x N) =
+// sum over m of a_m^T b_m, the outer products of M pairs of rows (a_m: K values, b_m: N values).
+// Each row is found through a pointer, so the pairs need no common layout: U's gradient pairs
+// h_{t-1} (h_0's rows at t = 0) with dz_t, W's pairs a batch-major x with a time-major dy, and
+// neither is copied into one matrix first.
+//
+// For float with a register block compiled in (the ops' `product`), C is computed in blocks of
+// rows x columns held in registers (AVX-512: up to 8 x 48, AVX2: up to 4 x 24) while a chunk of
+// pairs streams through them: per pair, the block's columns of b_m are loaded and each of its
+// rows of a_m broadcast. A chunk's columns of b (kChunk pairs: 24 KB for AVX-512) stay in L1
+// while every block of rows takes them, and the next chunk adds into C. Double, and Eigen's
+// product, gather the rows into two matrices and run Eigen's A^T B.
+#ifndef KERAS_FANCYRNN_OUTER_SUM_H_
+#define KERAS_FANCYRNN_OUTER_SUM_H_
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "small_gemm.h"
+
+namespace keras_fancyrnn {
+
+template <typename T>
+class OuterSum {
+ public:
+  // c [K, N] (rows N apart) will get sum_m a[m]^T b[m] for m < M.
+  OuterSum(Product product, int64_t M, int64_t K, int64_t N, const T* const* a,
+           const T* const* b, T* c)
+      : M_(M), K_(K), N_(N), a_(a), b_(b), c_(c),
+        product_(std::is_same<T, float>::value ? product : Product::kEigen),
+        rows_(product_ == Product::kAvx512 ? 8 : 4), cols_(product_ == Product::kAvx512 ? 48 : 24),
+        vector_(product_ == Product::kAvx512 ? 16 : 8), blocks_((K + rows_ - 1) / rows_) {}
+
+  // The pieces of work Run splits: C's columns in vectors (16 for the AVX-512 block, 8 for
+  // AVX2), each with all of C's rows (one piece for Eigen's product, which runs whole). Threads
+  // that take equal ranges of them take equal work, and b's columns are what most of the data
+  // is (N = 4 H of U's gradient's against K = H).
+  int64_t Items() const {
+    return product_ == Product::kEigen ? 1 : (N_ + vector_ - 1) / vector_;
+  }
+
+  // Items [lo, hi) of C: threads may run disjoint ranges at once (they write disjoint columns).
+  void Run(int64_t lo, int64_t hi) const {
+    if (K_ == 0 || N_ == 0) return;
+    if (product_ == Product::kEigen) return RunEigen();
+    if constexpr (std::is_same<T, float>::value) {
+      // Chunk by chunk of pairs (no pairs: one empty chunk, which stores zeros), each panel of
+      // the range's columns (cols_ wide, the last one narrower) times every block of rows over
+      // the chunk, added to what the chunks before it left in C. A chunk's rows of a and b are
+      // first copied into consecutive memory, a's by blocks of rows (kChunk x rows_ values of a
+      // block in a row), b's by panels (kChunk x cols_, zero-padded): in place, their rows are
+      // often a multiple of 1 or 4 KB apart, would share a few of L1's sets and miss at every
+      // block. The next rows of b are prefetched as a panel is copied.
+      const int64_t j_lo = lo * vector_, j_hi = std::min(N_, hi * vector_);
+      std::vector<float> a_chunk(blocks_ * kChunk * rows_, 0.0f), b_chunk(kChunk * cols_);
+      for (int64_t m = 0; m == 0 || m < M_; m += kChunk) {
+        const int64_t n = std::min(M_, m + kChunk) - m;
+        for (int64_t k = 0; k < n; ++k) {
+          Copy(reinterpret_cast<const float*>(a_[m + k]), K_, rows_, kChunk * rows_,
+               a_chunk.data() + k * rows_);
+        }
+        for (int64_t j = j_lo; j < j_hi; j += cols_) {
+          const int64_t cols = std::min(cols_, j_hi - j);
+          for (int64_t k = 0; k < n; ++k) {
+            if (k + kAhead < n) {
+              const char* ahead = reinterpret_cast<const char*>(b_[m + k + kAhead] + j);
+              for (int64_t at = 0; at < cols * 4; at += 64) _mm_prefetch(ahead + at, _MM_HINT_T0);
+            }
+            float* row = b_chunk.data() + k * cols_;
+            Copy(reinterpret_cast<const float*>(b_[m + k]) + j, cols, cols_, cols_, row);
+            std::fill(row + cols, row + cols_, 0.0f);
+          }
+          for (int64_t i = 0; i < K_; i += rows_) {
+            Block(a_chunk.data() + i * kChunk, b_chunk.data(), n, i, std::min(rows_, K_ - i), j,
+                  cols, m > 0);
+          }
+        }
+      }
+    }
+  }
+
+ private:
+  static constexpr int64_t kChunk = 128;
+  static constexpr int64_t kAhead = 8;  // rows of b prefetched ahead
+
+  // n values of `from` into pieces of `piece` values, `stride` apart from `to` on (a fixed-size
+  // copy per piece where the piece is whole: a call of memmove per piece cost more than it copied)
+  static void Copy(const float* from, int64_t n, int64_t piece, int64_t stride, float* to) {
+    const auto pieces = [&](auto size) {
+      int64_t i = 0;
+      for (; i + size <= n; i += size, to += stride) std::memcpy(to, from + i, sizeof(float) * size);
+      if (i < n) std::memcpy(to, from + i, sizeof(float) * (n - i));
+    };
+    switch (piece) {
+      case 4: return pieces(std::integral_constant<int64_t, 4>{});
+      case 8: return pieces(std::integral_constant<int64_t, 8>{});
+      case 24: return pieces(std::integral_constant<int64_t, 24>{});
+      default: return pieces(std::integral_constant<int64_t, 48>{});
+    }
+  }
+
+  void RunEigen() const {
+    RowMat<T> a(M_, K_), b(M_, N_);
+    for (int64_t m = 0; m < M_; ++m) {
+      a.row(m) = Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(a_[m], K_);
+      b.row(m) = Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(b_[m], N_);
+    }
+    MatOut<T>(c_, K_, N_).noalias() = a.transpose() * b;
+  }
+
+  // f(std::integral_constant<int, n>) for 1 <= n <= kMax, n chosen at run time.
+  template <int kMax, typename F>
+  static void With(int64_t n, const F& f) {
+    if constexpr (kMax > 1) {
+      if (n < kMax) return With<kMax - 1>(n, f);
+    }
+    f(std::integral_constant<int, kMax>{});
+  }
+
+  // Rows [i, i + rows) and columns [j, j + cols) of C over the n pairs of a chunk (a: the
+  // block's rows of a_m, rows_ apart; b: the panel's columns of b_m, cols_ apart): set, or
+  // added to what C holds with `accumulate`.
+  void Block(const float* a, const float* b, int64_t n, int64_t i, int64_t rows, int64_t j,
+             int64_t cols, bool accumulate) const {
+#ifdef KERAS_FANCYRNN_AVX512
+    if (product_ == Product::kAvx512) {
+      return With<8>(rows, [&](auto r) {
+        With<3>((cols + 15) / 16, [&](auto z) {
+          BlockAvx512<decltype(r)::value, decltype(z)::value>(a, b, n, i, j, cols,
+                                                              accumulate);
+        });
+      });
+    }
+#endif
+#ifdef KERAS_FANCYRNN_AVX2
+    With<4>(rows, [&](auto r) {
+      With<3>((cols + 7) / 8, [&](auto z) {
+        BlockAvx2<decltype(r)::value, decltype(z)::value>(a, b, n, i, j, cols,
+                                                            accumulate);
+      });
+    });
+#endif
+  }
+
+#ifdef KERAS_FANCYRNN_AVX512
+  // R rows x Z 16-column vectors; the last vector's columns past `cols` are masked off.
+  template <int R, int Z>
+  void BlockAvx512(const float* a, const float* b, int64_t n, int64_t i, int64_t j,
+                   int64_t cols, bool accumulate) const {
+    const int64_t tail = cols - 16 * (Z - 1);  // columns of the last vector (1 to 16)
+    const __mmask16 last = tail == 16 ? __mmask16(0xFFFF) : __mmask16((1u << tail) - 1);
+    __m512 acc[R][Z];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 3
+      for (int z = 0; z < Z; ++z) acc[r][z] = _mm512_setzero_ps();
+    }
+    for (int64_t m = 0; m < n; ++m) {
+      const float* bm = b + m * 48;
+      const float* am = a + m * 8;
+      __m512 v[Z];
+#pragma GCC unroll 3
+      for (int z = 0; z < Z; ++z) v[z] = _mm512_loadu_ps(bm + 16 * z);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512 x = _mm512_set1_ps(am[r]);
+#pragma GCC unroll 3
+        for (int z = 0; z < Z; ++z) acc[r][z] = _mm512_fmadd_ps(x, v[z], acc[r][z]);
+      }
+    }
+    float* c = reinterpret_cast<float*>(c_) + i * N_ + j;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 3
+      for (int z = 0; z < Z; ++z) {
+        const __mmask16 mask = z + 1 < Z ? __mmask16(0xFFFF) : last;
+        float* out = c + r * N_ + 16 * z;
+        __m512 sum = acc[r][z];
+        if (accumulate) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, out));
+        _mm512_mask_storeu_ps(out, mask, sum);
+      }
+    }
+  }
+#endif
+
+#ifdef KERAS_FANCYRNN_AVX2
+  // R rows x Z 8-column vectors; the last vector's columns past `cols` are masked off (masked
+  // loads and stores only where it is partial: they are slow on some AVX2 CPUs).
+  template <int R, int Z>
+  void BlockAvx2(const float* a, const float* b, int64_t n, int64_t i, int64_t j,
+                 int64_t cols, bool accumulate) const {
+    const int tail = static_cast<int>(cols - 8 * (Z - 1));  // columns of the last vector (1-8)
+    const bool whole = tail == 8;
+    const __m256i last = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256 acc[R][Z];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 3
+      for (int z = 0; z < Z; ++z) acc[r][z] = _mm256_setzero_ps();
+    }
+    for (int64_t m = 0; m < n; ++m) {
+      const float* bm = b + m * 24;
+      const float* am = a + m * 4;
+      __m256 v[Z];
+#pragma GCC unroll 3
+      for (int z = 0; z < Z; ++z) v[z] = _mm256_loadu_ps(bm + 8 * z);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m256 x = _mm256_broadcast_ss(am + r);
+#pragma GCC unroll 3
+        for (int z = 0; z < Z; ++z) acc[r][z] = _mm256_fmadd_ps(x, v[z], acc[r][z]);
+      }
+    }
+    float* c = reinterpret_cast<float*>(c_) + i * N_ + j;
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 3
+      for (int z = 0; z < Z; ++z) {
+        float* out = c + r * N_ + 8 * z;
+        __m256 sum = acc[r][z];
+        if (z + 1 < Z || whole) {
+          if (accumulate) sum = _mm256_add_ps(sum, _mm256_loadu_ps(out));
+          _mm256_storeu_ps(out, sum);
+        } else {
+          if (accumulate) sum = _mm256_add_ps(sum, _mm256_maskload_ps(out, last));
+          _mm256_maskstore_ps(out, last, sum);
+        }
+      }
+    }
+  }
+#endif
+
+  const int64_t M_, K_, N_;
+  const T* const* a_;
+  const T* const* b_;
+  T* c_;
+  const Product product_;
+  const int64_t rows_, cols_, vector_, blocks_;
+};
+
+}  // namespace keras_fancyrnn
+
+#endif  // KERAS_FANCYRNN_OUTER_SUM_H_

@@ -1,0 +1,148 @@
+"""The weight gradient ops (``KerasFancyrnnProjectWeightGrad``,
+``KerasFancyrnnRecurrentWeightGrad``: sums of outer products of row pairs,
+``keras_fancyrnn/ops/kernels/outer_sum.h``) against
+float64 numpy, with every recurrent product; their own gradients against float64 finite
+differences; and their errors. The layers' gradients through them are checked against
+``keras.layers`` in ``test_native.py``."""
+
+import itertools
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_fancyrnn.ops import native
+
+pytestmark = pytest.mark.skipif(
+    native.compiler() is None or shutil.which(native.compiler()[0]) is None,
+    reason="no C++ compiler: the layers run their plain ops (tested everywhere else)")
+
+ATTRS = [dict(zip(("transpose_w", "reverse_0", "reverse_1"), v))
+         for v in itertools.product([False, True], repeat=3)]
+
+
+def _projection_reference(x, dy, transpose_w, reverse_0, reverse_1):
+    """``sum_{q,p} x[p', q']^T dy[q, p]`` in float64 (``[K, N]``, or ``[N, K]``): the rows of
+    ``x`` swapped and read backwards as the projection reads them, times ``dy``'s."""
+    rows = np.swapaxes(x, 0, 1)
+    if reverse_1:
+        rows = rows[::-1]
+    if reverse_0:
+        rows = rows[:, ::-1]
+    pairs = x.shape[0] * x.shape[1]
+    dw = rows.reshape(pairs, x.shape[-1]).T @ dy.reshape(pairs, dy.shape[-1])
+    return dw.T if transpose_w else dw
+
+
+def _recurrent_reference(h0, h, dz):
+    """``sum_t h_{t-1}^T dz_t`` in float64, ``h_{-1} = h0``."""
+    previous = np.concatenate([h0[None], h[:-1]])[:len(h)]
+    pairs = dz.shape[0] * dz.shape[1]
+    return previous.reshape(pairs, h0.shape[-1]).T @ dz.reshape(pairs, dz.shape[-1])
+
+
+def _bound(dtype, pairs, magnitude):
+    """How far a sum of ``pairs`` products may be from the exact one: within ``M u sum |a||b|``
+    for any order of the sum (Higham, Thm 3.1), plus the rounding of both inputs to ``dtype``."""
+    return (pairs + 2) * np.finfo(dtype).eps / 2 * magnitude
+
+
+# 11 x 13 = 143 pairs: two chunks of the register blocks' 128, so that the second adds to the
+# first; 37 rows and 53 columns: every block height and a partial last panel and vector
+@pytest.mark.parametrize("attrs", ATTRS, ids=lambda a: "-".join(k for k, v in a.items() if v)
+                         or "plain")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_projection_weight_gradient_equals_numpy(library, product, dtype, attrs, rng):
+    x, dy = rng.normal(size=(13, 11, 37)), rng.normal(size=(11, 13, 53))
+    dw = library.keras_fancyrnn_project_weight_grad(tf.constant(x, dtype), tf.constant(dy, dtype),
+                                                    product=product, **attrs).numpy()
+    want = _projection_reference(x, dy, **attrs)
+    assert dw.shape == want.shape == ((53, 37) if attrs["transpose_w"] else (37, 53))
+    bound = _bound(dtype, 143, _projection_reference(np.abs(x), np.abs(dy), **attrs))
+    assert np.all(np.abs(dw - want) <= bound)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(11, 13, 37, 53), (50, 16, 64, 256), (1, 3, 9, 17),
+                                   (3, 2, 5, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_recurrent_weight_gradient_equals_numpy(library, product, dtype, shape, rng):
+    steps, batch, units, width = shape
+    h0 = rng.normal(size=(batch, units))
+    h, dz = rng.normal(size=(steps, batch, units)), rng.normal(size=(steps, batch, width))
+    du = library.keras_fancyrnn_recurrent_weight_grad(
+        tf.constant(h0, dtype), tf.constant(h, dtype), tf.constant(dz, dtype),
+        product=product).numpy()
+    want = _recurrent_reference(h0, h, dz)
+    assert du.shape == want.shape == (units, width)
+    bound = _bound(dtype, steps * batch, _recurrent_reference(np.abs(h0), np.abs(h), np.abs(dz)))
+    assert np.all(np.abs(du - want) <= bound)
+
+
+def test_weight_gradients_of_empty_and_single_dimensions(library, product, rng):
+    """No pairs give zeros; no rows or columns, an empty result."""
+    for shape, n in [((4, 0, 3), 5), ((0, 3, 3), 5), ((4, 3, 0), 5), ((4, 3, 2), 0),
+                     ((1, 1, 1), 1)]:
+        x, dy = rng.normal(size=shape), rng.normal(size=(shape[1], shape[0], n))
+        dw = library.keras_fancyrnn_project_weight_grad(
+            tf.constant(x, "float32"), tf.constant(dy, "float32"), product=product).numpy()
+        assert dw.shape == (shape[2], n)
+        np.testing.assert_allclose(dw, _projection_reference(x, dy, False, False, False),
+                                   rtol=1e-6, atol=1e-6)
+    h0 = rng.normal(size=(3, 4)).astype("float32")
+    du = library.keras_fancyrnn_recurrent_weight_grad(
+        h0, np.zeros((0, 3, 4), "float32"), np.zeros((0, 3, 6), "float32"),
+        product=product).numpy()
+    np.testing.assert_array_equal(du, np.zeros((4, 6)))
+
+
+def test_recurrent_weight_gradient_second_derivatives_equal_finite_differences(library, rng):
+    """The op's own gradient (its equations in TensorFlow ops): finite differences with respect
+    to all three inputs."""
+    h0, h, dz = rng.normal(size=(3, 4)), rng.normal(size=(5, 3, 4)), rng.normal(size=(5, 3, 6))
+    weights = rng.normal(size=(4, 6))
+
+    def loss(h0, h, dz):
+        return tf.reduce_sum(tf.sin(library.keras_fancyrnn_recurrent_weight_grad(h0, h, dz))
+                             * weights)
+
+    theoretical, numerical = tf.test.compute_gradient(
+        loss, [tf.constant(h0), tf.constant(h), tf.constant(dz)], delta=1e-6)
+    for got, want in zip(theoretical, numerical, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("attrs", [ATTRS[0], ATTRS[-1], ATTRS[3]],
+                         ids=["plain", "all", "reversed"])
+def test_projection_weight_gradient_second_derivatives_equal_finite_differences(library, attrs,
+                                                                               rng):
+    x, dy = rng.normal(size=(3, 4, 5)), rng.normal(size=(4, 3, 6))
+    weights = rng.normal(size=(6, 5) if attrs["transpose_w"] else (5, 6))
+
+    def loss(x, dy):
+        dw = library.keras_fancyrnn_project_weight_grad(x, dy, **attrs)
+        return tf.reduce_sum(tf.sin(dw) * weights)
+
+    theoretical, numerical = tf.test.compute_gradient(loss, [tf.constant(x), tf.constant(dy)],
+                                                      delta=1e-6)
+    for got, want in zip(theoretical, numerical, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
+
+
+def test_weight_gradients_reject_bad_shapes_naming_the_input(library):
+    op = "KerasFancyrnnProjectWeightGrad"
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=rf"{op}: input dy must have shape \[7, 5, \?\], got \[5,7,8\]"):
+        library.keras_fancyrnn_project_weight_grad(tf.zeros((5, 7, 3)), tf.zeros((5, 7, 8)))
+    op = "KerasFancyrnnRecurrentWeightGrad"
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=rf"{op}: input h must have shape \[\?, 3, 4\], got \[6,3,5\]"):
+        library.keras_fancyrnn_recurrent_weight_grad(tf.zeros((3, 4)), tf.zeros((6, 3, 5)),
+                                                     tf.zeros((6, 3, 8)))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=rf"{op}: input dz must have shape \[6, 3, \?\], got \[5,3,8\]"):
+        library.keras_fancyrnn_recurrent_weight_grad(tf.zeros((3, 4)), tf.zeros((6, 3, 4)),
+                                                     tf.zeros((5, 3, 8)))
+    with pytest.raises(ValueError, match="must be rank 3"):  # traced: the shape function's check
+        tf.function(library.keras_fancyrnn_recurrent_weight_grad).get_concrete_function(
+            tf.TensorSpec((3, 4)), tf.TensorSpec((6, 3, 4)), tf.TensorSpec((6, 8)))
