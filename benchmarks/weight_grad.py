@@ -1,7 +1,7 @@
 """The weight gradient ops (``keras_fancyrnn/ops/kernels/outer_sum.h``) against what they
 replace: TensorFlow's transpose of ``x`` and matmul for the projection's ``dW = sum_t x_t^T dz_t``,
 and its matmuls for a recurrence's ``dU = sum_t h_{t-1}^T dz_t`` (``keras_fancyrnn.ops.gradients``'
-``*_reference`` functions). Each is one ``tf.function`` call, timed in one process, alternating,
+``*_reference`` functions). Each is one ``tf.function`` call (its inputs captured), timed in one process, alternating,
 medians; the table gives us per call (less an empty function's), GFLOP/s, and the largest
 difference between the two results relative to the largest value. Points are an LSTM's
 (``N = 4 H``); ``--gates=3`` gives a GRU's, ``--gates=1`` a SimpleRNN's.
@@ -50,21 +50,14 @@ def main(argv):
             return tf.constant(rng.normal(size=shape).astype("float32"))
 
         x, dz, h0, h = tensor(B, T, D), tensor(T, B, N), tensor(B, H), tensor(T, B, H)
-        # name: (the op, TensorFlow's ops, their inputs, K)
-        pairs = {"dW": (library.keras_fancyrnn_project_weight_grad,
-                        gradients.projection_weight_gradient_reference, (x, dz), D),
-                 "dU": (library.keras_fancyrnn_recurrent_weight_grad,
-                        gradients.recurrent_kernel_gradient_reference, (h0, h, dz), H)}
-        pairs = {name: (tf.function(ours), tf.function(theirs), args, K)
-                 for name, (ours, theirs, args, K) in pairs.items()}
-        runners = {"empty": _runner(tf.function(lambda: tf.zeros([1])), ())}
-        for name, (ours, theirs, args, _) in pairs.items():
-            runners[name + " ops"] = _runner(ours, args)
-            runners[name + " tf"] = _runner(theirs, args)
+        pairs = _pairs(tf, library, gradients, x, dz, h0, h)
+        runners = {"empty": _runner(tf.function(lambda: tf.zeros([1])))}
+        for name, (ours, theirs, _) in pairs.items():
+            runners[name + " ops"], runners[name + " tf"] = _runner(ours), _runner(theirs)
         rate = time_alternating(runners, FLAGS.repeats, FLAGS.steps)
         base = 1 / rate["empty"]
-        for name, (ours, theirs, args, K) in pairs.items():
-            a, b = ours(*args).numpy(), theirs(*args).numpy()
+        for name, (ours, theirs, K) in pairs.items():
+            a, b = ours().numpy(), theirs().numpy()
             diff = np.abs(a - b).max() / np.abs(b).max()
             t_ours, t_tf = 1 / rate[name + " ops"] - base, 1 / rate[name + " tf"] - base
             flops = 2 * B * T * K * N
@@ -77,10 +70,22 @@ def main(argv):
          f"CPU: {cpu_name()}.", FLAGS.out)
 
 
-def _runner(fn, args):
+def _pairs(tf, library, gradients, x, dz, h0, h):
+    """name: (the op, TensorFlow's ops, K), each a ``tf.function`` of no arguments: the inputs are
+    captured, as a model's tensors are inside its step (arguments would add the cost of binding
+    them in Python, about 200 us here, to every call)."""
+    return {"dW": (tf.function(lambda: library.keras_fancyrnn_project_weight_grad(x, dz)),
+                   tf.function(lambda: gradients.projection_weight_gradient_reference(x, dz)),
+                   x.shape[-1]),
+            "dU": (tf.function(lambda: library.keras_fancyrnn_recurrent_weight_grad(h0, h, dz)),
+                   tf.function(lambda: gradients.recurrent_kernel_gradient_reference(h0, h, dz)),
+                   h.shape[-1])}
+
+
+def _runner(fn):
     def run(n):
         for _ in range(n):
-            fn(*args).numpy()
+            fn().numpy()
     return run
 
 
