@@ -1,10 +1,11 @@
 """The weight gradient ops (``keras_fancyrnn/ops/kernels/outer_sum.h``) against what they
-replace: TensorFlow's transpose of ``x`` and matmul for the projection's ``dW = sum_t x_t^T dz_t``,
-and its matmuls for a recurrence's ``dU = sum_t h_{t-1}^T dz_t`` (``keras_fancyrnn.ops.gradients``'
-``*_reference`` functions). Each is one ``tf.function`` call (its inputs captured), timed in one process, alternating,
-medians; the table gives us per call (less an empty function's), GFLOP/s, and the largest
-difference between the two results relative to the largest value. Points are an LSTM's
-(``N = 4 H``); ``--gates=3`` gives a GRU's, ``--gates=1`` a SimpleRNN's.
+replace: TensorFlow's transpose of ``x`` and matmul for the projection's
+``dW = sum_t x_t^T dz_t``, and its matmuls for a recurrence's ``dU = sum_t h_{t-1}^T dz_t``
+(``keras_fancyrnn.ops.gradients``' ``*_reference`` functions). Each is one ``tf.function`` call
+(its inputs captured), timed in one process, alternating, medians; the table gives us per call
+(less an empty function's), GFLOP/s, and the largest difference between the two results
+relative to the largest value. Points are an LSTM's (``N = 4 H``); ``--gates=3`` gives a GRU's,
+``--gates=1`` a SimpleRNN's.
 
     python benchmarks/weight_grad.py
     python benchmarks/weight_grad.py --points=16x50x128x256 --repeats=11

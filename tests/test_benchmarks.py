@@ -33,10 +33,12 @@ TINY = {
                       "1x37x40,2x100x87,6x200x44,4x180x23"],
     "shard_start.py": ["--work_us=5", "--calls=5"],
     "gate_rows.py": ["--rounds=1", "--hidden=5,37"],
+    # 3 x 45 = 135 pairs: two chunks; 37 and 13 rows, 52 columns: partial blocks and panels
+    "weight_grad.py": ["--points=3x45x37x13", "--repeats=1", "--steps=1"],
 }
 ROWS = {"rnn_speed.py": 4, "fused_kernel.py": 2, "unused_features.py": 4, "native_gates.py": 2,
         "sequence_kernels.py": 2, "small_gemm.py": 18, "masked_speed.py": 4, "backend_speed.py": 4,
-        "shard_start.py": 2, "gate_rows.py": 4}
+        "shard_start.py": 2, "gate_rows.py": 4, "weight_grad.py": 2}
 
 
 @pytest.mark.parametrize("script", sorted(TINY))
@@ -53,6 +55,8 @@ def test_benchmark_runs_and_writes_its_table(script, tmp_path):
     assert len(body) == ROWS[script]
     if script == "gate_rows.py":  # the backward rows' packets compute the expressions' values
         assert all(ln.split("|")[-2].strip() == "0" for ln in body if "backward" in ln), body
+    if script == "weight_grad.py":  # the ops' results against TensorFlow's matmuls
+        assert all(float(ln.split("|")[-2]) < 1e-5 for ln in body), body
     if script == "fused_kernel.py":  # the equality check it prints: the V2 kernel matches
         assert "Equality: outputs" in lines[-1]
         equal = lines[-1].split("Equality: outputs ")[1]

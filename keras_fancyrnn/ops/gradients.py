@@ -424,8 +424,9 @@ def projection_weight_gradient_reference(x, dy, transpose_w=False, reverse_0=Fal
 def _register_projection_gradient():
     """The gradient of ``KerasFancyrnnProject`` (``y[q, p] = x[p', q'] w``, the reverse attrs
     reading an axis of ``x`` backwards): for ``x`` the same op on ``dy`` with ``w`` transposed
-    and the reverse attrs swapped; for ``w`` one matmul of ``x``'s rows, put in ``y``'s order,
-    with ``dy``'s. Its gradient is this again and TensorFlow's, so every order is exact."""
+    and the reverse attrs swapped; for ``w`` ``KerasFancyrnnProjectWeightGrad``, the sum of
+    ``x``'s rows times ``dy``'s in ``y``'s order. Their gradients are these again and TensorFlow's
+    ops, so every order is exact."""
     from keras_fancyrnn._tf import tf
 
     @tf.RegisterGradient("KerasFancyrnnProject")

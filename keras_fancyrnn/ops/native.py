@@ -12,7 +12,8 @@ arithmetic. Two kinds of kernels remove that:
   ReLU SimpleRNN in one op (``lstm_sequence``, ``gru_sequence``, ``gru_before_sequence``,
   ``rnn_sequence``), and the step-by-step part of its gradient in another, which also sums the
   bias gradient; ``project`` computes ``x W`` for all timesteps before it (from the layer's
-  batch-major input, time-major), and the weight gradients are large matmuls after it. Masks
+  batch-major input, time-major), and the weight gradients ``dW`` and ``dU`` are ops of their
+  own after it (``kernels/outer_sum.h``; registered in ``gradients.py``). Masks
   and the monitor's probes run in them too; the engine runs them wherever it does not need its
   loop (truncation, recurrent dropout, ``unroll``; benchmarks/sequence_kernels.py).
 - ``kernels/norms.cc``: the norm of every row of a matrix (``row_norms``), the monitor's

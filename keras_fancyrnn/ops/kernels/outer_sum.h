@@ -34,55 +34,68 @@ class OuterSum {
         rows_(product_ == Product::kAvx512 ? 8 : 4), cols_(product_ == Product::kAvx512 ? 48 : 24),
         vector_(product_ == Product::kAvx512 ? 16 : 8), blocks_((K + rows_ - 1) / rows_) {}
 
-  // The pieces of work Run splits: C's columns in vectors (16 for the AVX-512 block, 8 for
-  // AVX2), each with all of C's rows (one piece for Eigen's product, which runs whole). Threads
-  // that take equal ranges of them take equal work, and b's columns are what most of the data
-  // is (N = 4 H of U's gradient's against K = H).
+  // Whether threads split the pairs, each summing its own into a C of its own that the op adds
+  // up after, rather than C's columns, each copying every pair's row of a (below): where
+  // M > 3 N those copies cost more than the adding.
+  bool SplitPairs() const { return product_ != Product::kEigen && M_ > 3 * N_; }
+
+  // The pieces of work Run splits: pairs (SplitPairs), or C's columns in vectors (16 for the
+  // AVX-512 block, 8 for AVX2), each with all of C's rows; one piece for Eigen's product, which
+  // runs whole. Threads that take equal ranges of them take equal work.
   int64_t Items() const {
-    return product_ == Product::kEigen ? 1 : (N_ + vector_ - 1) / vector_;
+    if (product_ == Product::kEigen) return 1;
+    return SplitPairs() ? M_ : (N_ + vector_ - 1) / vector_;
   }
 
-  // Items [lo, hi) of C: threads may run disjoint ranges at once (they write disjoint columns).
-  void Run(int64_t lo, int64_t hi) const {
+  // Items [lo, hi): C's columns, or with SplitPairs the sum over pairs [lo, hi) into `partial`
+  // [K, N]. Threads may run disjoint ranges at once.
+  void Run(int64_t lo, int64_t hi, T* partial = nullptr) const {
     if (K_ == 0 || N_ == 0) return;
     if (product_ == Product::kEigen) return RunEigen();
     if constexpr (std::is_same<T, float>::value) {
-      // Chunk by chunk of pairs (no pairs: one empty chunk, which stores zeros), each panel of
-      // the range's columns (cols_ wide, the last one narrower) times every block of rows over
-      // the chunk, added to what the chunks before it left in C. A chunk's rows of a and b are
-      // first copied into consecutive memory, a's by blocks of rows (kChunk x rows_ values of a
-      // block in a row), b's by panels (kChunk x cols_, zero-padded): in place, their rows are
-      // often a multiple of 1 or 4 KB apart, would share a few of L1's sets and miss at every
-      // block. The next rows of b are prefetched as a panel is copied.
-      const int64_t j_lo = lo * vector_, j_hi = std::min(N_, hi * vector_);
-      std::vector<float> a_chunk(blocks_ * kChunk * rows_, 0.0f), b_chunk(kChunk * cols_);
-      for (int64_t m = 0; m == 0 || m < M_; m += kChunk) {
-        const int64_t n = std::min(M_, m + kChunk) - m;
-        for (int64_t k = 0; k < n; ++k) {
-          Copy(reinterpret_cast<const float*>(a_[m + k]), K_, rows_, kChunk * rows_,
-               a_chunk.data() + k * rows_);
-        }
-        for (int64_t j = j_lo; j < j_hi; j += cols_) {
-          const int64_t cols = std::min(cols_, j_hi - j);
-          for (int64_t k = 0; k < n; ++k) {
-            if (k + kAhead < n) {
-              const char* ahead = reinterpret_cast<const char*>(b_[m + k + kAhead] + j);
-              for (int64_t at = 0; at < cols * 4; at += 64) _mm_prefetch(ahead + at, _MM_HINT_T0);
-            }
-            float* row = b_chunk.data() + k * cols_;
-            Copy(reinterpret_cast<const float*>(b_[m + k]) + j, cols, cols_, cols_, row);
-            std::fill(row + cols, row + cols_, 0.0f);
-          }
-          for (int64_t i = 0; i < K_; i += rows_) {
-            Block(a_chunk.data() + i * kChunk, b_chunk.data(), n, i, std::min(rows_, K_ - i), j,
-                  cols, m > 0);
-          }
-        }
+      if (SplitPairs()) {
+        Sum(lo, hi, 0, N_, partial);
+      } else {
+        Sum(0, M_, lo * vector_, std::min(N_, hi * vector_), c_);
       }
     }
   }
 
  private:
+  // Columns [j_lo, j_hi) of c [K, N] = the sum over pairs [m_lo, m_hi) (zeros for none). Chunk by
+  // chunk of pairs, each panel of the columns (cols_ wide, the last one narrower) times every
+  // block of rows over the chunk, added to what the chunks before it left in c. A chunk's rows
+  // of a and b are first copied into consecutive memory, a's by blocks of rows (kChunk x rows_
+  // values of a block in a row), b's by panels (kChunk x cols_, zero-padded): in place, their
+  // rows are often a multiple of 1 or 4 KB apart, would share a few of L1's sets and miss at
+  // every block. The next rows of b are prefetched as a panel is copied.
+  void Sum(int64_t m_lo, int64_t m_hi, int64_t j_lo, int64_t j_hi, float* c) const {
+    std::vector<float> a_chunk(blocks_ * kChunk * rows_, 0.0f), b_chunk(kChunk * cols_);
+    for (int64_t m = m_lo; m == m_lo || m < m_hi; m += kChunk) {
+      const int64_t n = std::min(m_hi, m + kChunk) - m;
+      for (int64_t k = 0; k < n; ++k) {
+        Copy(reinterpret_cast<const float*>(a_[m + k]), K_, rows_, kChunk * rows_,
+             a_chunk.data() + k * rows_);
+      }
+      for (int64_t j = j_lo; j < j_hi; j += cols_) {
+        const int64_t cols = std::min(cols_, j_hi - j);
+        for (int64_t k = 0; k < n; ++k) {
+          if (k + kAhead < n) {
+            const char* ahead = reinterpret_cast<const char*>(b_[m + k + kAhead] + j);
+            for (int64_t at = 0; at < cols * 4; at += 64) __builtin_prefetch(ahead + at);
+          }
+          float* row = b_chunk.data() + k * cols_;
+          Copy(reinterpret_cast<const float*>(b_[m + k]) + j, cols, cols_, cols_, row);
+          std::fill(row + cols, row + cols_, 0.0f);
+        }
+        for (int64_t i = 0; i < K_; i += rows_) {
+          Block(a_chunk.data() + i * kChunk, b_chunk.data(), n, c + i * N_ + j,
+                std::min(rows_, K_ - i), cols, m > m_lo);
+        }
+      }
+    }
+  }
+
   static constexpr int64_t kChunk = 128;
   static constexpr int64_t kAhead = 8;  // rows of b prefetched ahead
 
@@ -120,17 +133,16 @@ class OuterSum {
     f(std::integral_constant<int, kMax>{});
   }
 
-  // Rows [i, i + rows) and columns [j, j + cols) of C over the n pairs of a chunk (a: the
-  // block's rows of a_m, rows_ apart; b: the panel's columns of b_m, cols_ apart): set, or
-  // added to what C holds with `accumulate`.
-  void Block(const float* a, const float* b, int64_t n, int64_t i, int64_t rows, int64_t j,
-             int64_t cols, bool accumulate) const {
+  // `rows` rows and `cols` columns of C from c on (rows N apart) over the n pairs of a chunk
+  // (a: the block's rows of a_m, rows_ apart; b: the panel's columns of b_m, cols_ apart): set,
+  // or added to what they hold with `accumulate`.
+  void Block(const float* a, const float* b, int64_t n, float* c, int64_t rows, int64_t cols,
+             bool accumulate) const {
 #ifdef KERAS_FANCYRNN_AVX512
     if (product_ == Product::kAvx512) {
       return With<8>(rows, [&](auto r) {
         With<3>((cols + 15) / 16, [&](auto z) {
-          BlockAvx512<decltype(r)::value, decltype(z)::value>(a, b, n, i, j, cols,
-                                                              accumulate);
+          BlockAvx512<decltype(r)::value, decltype(z)::value>(a, b, n, c, cols, accumulate);
         });
       });
     }
@@ -138,8 +150,7 @@ class OuterSum {
 #ifdef KERAS_FANCYRNN_AVX2
     With<4>(rows, [&](auto r) {
       With<3>((cols + 7) / 8, [&](auto z) {
-        BlockAvx2<decltype(r)::value, decltype(z)::value>(a, b, n, i, j, cols,
-                                                            accumulate);
+        BlockAvx2<decltype(r)::value, decltype(z)::value>(a, b, n, c, cols, accumulate);
       });
     });
 #endif
@@ -148,8 +159,8 @@ class OuterSum {
 #ifdef KERAS_FANCYRNN_AVX512
   // R rows x Z 16-column vectors; the last vector's columns past `cols` are masked off.
   template <int R, int Z>
-  void BlockAvx512(const float* a, const float* b, int64_t n, int64_t i, int64_t j,
-                   int64_t cols, bool accumulate) const {
+  void BlockAvx512(const float* a, const float* b, int64_t n, float* c, int64_t cols,
+                   bool accumulate) const {
     const int64_t tail = cols - 16 * (Z - 1);  // columns of the last vector (1 to 16)
     const __mmask16 last = tail == 16 ? __mmask16(0xFFFF) : __mmask16((1u << tail) - 1);
     __m512 acc[R][Z];
@@ -171,7 +182,6 @@ class OuterSum {
         for (int z = 0; z < Z; ++z) acc[r][z] = _mm512_fmadd_ps(x, v[z], acc[r][z]);
       }
     }
-    float* c = reinterpret_cast<float*>(c_) + i * N_ + j;
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 3
@@ -190,8 +200,8 @@ class OuterSum {
   // R rows x Z 8-column vectors; the last vector's columns past `cols` are masked off (masked
   // loads and stores only where it is partial: they are slow on some AVX2 CPUs).
   template <int R, int Z>
-  void BlockAvx2(const float* a, const float* b, int64_t n, int64_t i, int64_t j,
-                 int64_t cols, bool accumulate) const {
+  void BlockAvx2(const float* a, const float* b, int64_t n, float* c, int64_t cols,
+                 bool accumulate) const {
     const int tail = static_cast<int>(cols - 8 * (Z - 1));  // columns of the last vector (1-8)
     const bool whole = tail == 8;
     const __m256i last = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail),
@@ -215,7 +225,6 @@ class OuterSum {
         for (int z = 0; z < Z; ++z) acc[r][z] = _mm256_fmadd_ps(x, v[z], acc[r][z]);
       }
     }
-    float* c = reinterpret_cast<float*>(c_) + i * N_ + j;
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 3

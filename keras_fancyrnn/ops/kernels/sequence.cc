@@ -807,12 +807,20 @@ class WeightGrad : public SequenceOp {
  protected:
   using SequenceOp::SequenceOp;
 
-  // out [K, N] = sum_m a[m]^T b[m]: the pairs' rows.
+  // out [K, N] = sum_m a[m]^T b[m]: the pairs' rows. Where the threads split the pairs, the
+  // first sums its own into `out`, each other into a C of its own, added to `out` in order.
   void Sum(OpKernelContext* ctx, int64_t K, int64_t N, const std::vector<const T*>& a,
            const std::vector<const T*>& b, T* out) const {
     const OuterSum<T> sum(product_, static_cast<int64_t>(a.size()), K, N, a.data(), b.data(),
                           out);
-    Shards(ctx, sum.Items(), [&](int64_t lo, int64_t hi, int64_t) { sum.Run(lo, hi); });
+    const int64_t shards = NumShards(ctx, sum.Items());
+    std::vector<T> partial(sum.SplitPairs() ? (shards - 1) * K * N : 0);
+    Shards(ctx, sum.Items(), [&](int64_t lo, int64_t hi, int64_t s) {
+      sum.Run(lo, hi, s == 0 ? out : partial.data() + (s - 1) * K * N);
+    });
+    for (size_t at = 0; at < partial.size(); at += K * N) {
+      Out<T>(out, K * N) += In<T>(partial.data() + at, K * N);
+    }
   }
 };
 
