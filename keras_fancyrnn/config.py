@@ -17,9 +17,11 @@ Settings:
 the recurrent products ``h_{t-1} U`` and ``dz_t U^T`` for float32: ``"auto"`` (default: the widest
 of the following this CPU runs), ``"avx512"`` (an 8 x 48 or 8 x 32 register block, CPUs with
 AVX-512F), ``"avx2"`` (a 4 x 24 or 6 x 16 register block, CPUs with AVX2 and FMA), ``"eigen"``
-(Eigen's matrix product, any CPU). float64 always uses Eigen's. They differ only in the order of
-float32 additions; ``keras_fancyrnn.ops.native.products()`` lists what this CPU runs, and asking
-for one it cannot is an error when the layers are traced.
+(Eigen's matrix product, any CPU). float64 always uses Eigen's. The weight gradients ``dW`` and
+``dU`` follow it: the same instruction set's register blocks, or with ``"eigen"`` (and float64)
+TensorFlow's matmuls. They differ only in the order of float32 additions;
+``keras_fancyrnn.ops.native.products()`` lists what this CPU runs, and asking for one it cannot is
+an error when the layers are traced.
 
 ``spinning_workers`` (``KERAS_FANCYRNN_SPIN``, ``True``): whether the sequence kernels' shards
 run on the package's own worker threads, which spin for 2 ms after each kernel so that the next

@@ -56,7 +56,9 @@ def test_benchmark_runs_and_writes_its_table(script, tmp_path):
     if script == "gate_rows.py":  # the backward rows' packets compute the expressions' values
         assert all(ln.split("|")[-2].strip() == "0" for ln in body if "backward" in ln), body
     if script == "weight_grad.py":  # the ops' results against TensorFlow's matmuls
-        assert all(float(ln.split("|")[-2]) < 1e-5 for ln in body), body
+        # float32 sums of 135 normal products, relative to the largest: each within
+        # 135 u sum |a||b| (about 135 u 0.64 x 135) of the exact sum, the largest about 2 x 135^0.5
+        assert all(float(ln.split("|")[-2]) < 2 * 135 * 2**-24 * 0.64 * 135 / 23 for ln in body)
     if script == "fused_kernel.py":  # the equality check it prints: the V2 kernel matches
         assert "Equality: outputs" in lines[-1]
         equal = lines[-1].split("Equality: outputs ")[1]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 
-from keras_fancyrnn.ops.build import library
+from keras_fancyrnn.ops.build import library, products
 
 # ----------------------------------------------------------------------------------------------
 # Gradients. The kernels' backward equations, written again with TensorFlow ops, serve as the
@@ -216,8 +216,26 @@ def _first(stacked, default):
 
 def _recurrent_kernel_gradient(op, h0, h, dz):
     """``sum_t h_{t-1}^T dz_t`` (``h_{-1} = h0``) for the sequence op ``op``: the weight
-    gradient kernel, with ``op``'s product and workers."""
-    return library().keras_fancyrnn_recurrent_weight_grad(h0, h, dz, **_kernel_attrs(op))
+    gradient kernel, with ``op``'s product and workers (see ``_register_blocks``)."""
+    if _register_blocks(op, dz.dtype):
+        du = library().keras_fancyrnn_recurrent_weight_grad(h0, h, dz, **_kernel_attrs(op))
+    else:
+        du = recurrent_kernel_gradient_reference(h0, h, dz)
+    du.set_shape([h0.shape[-1], dz.shape[-1]])
+    return du
+
+
+def _register_blocks(op, dtype) -> bool:
+    """Whether the weight gradient kernels run a register block for ``op``'s product: float32,
+    and ``avx512`` or ``avx2`` (``auto``: the widest this CPU runs). For float64 and Eigen's
+    product they would run one Eigen product on one thread, so TensorFlow's matmuls (on all of
+    its threads) take those."""
+    from keras_fancyrnn._tf import tf
+
+    product = _attr(op, "product")
+    if product == "auto":
+        product = (products() or ["eigen"])[0]
+    return dtype == tf.float32 and product != "eigen"
 
 
 def recurrent_kernel_gradient_reference(h0, h, dz):
@@ -425,8 +443,9 @@ def _register_projection_gradient():
     """The gradient of ``KerasFancyrnnProject`` (``y[q, p] = x[p', q'] w``, the reverse attrs
     reading an axis of ``x`` backwards): for ``x`` the same op on ``dy`` with ``w`` transposed
     and the reverse attrs swapped; for ``w`` ``KerasFancyrnnProjectWeightGrad``, the sum of
-    ``x``'s rows times ``dy``'s in ``y``'s order. Their gradients are these again and TensorFlow's
-    ops, so every order is exact."""
+    ``x``'s rows times ``dy``'s in ``y``'s order (or its equations in TensorFlow ops: see
+    ``_register_blocks``). Their gradients are these again and TensorFlow's ops, so every order
+    is exact."""
     from keras_fancyrnn._tf import tf
 
     @tf.RegisterGradient("KerasFancyrnnProject")
@@ -437,9 +456,12 @@ def _register_projection_gradient():
         dx = library().keras_fancyrnn_project(dy, w, transpose_w=not transpose_w,
                                               reverse_0=reverse_1, reverse_1=reverse_0,
                                               **_kernel_attrs(op))
-        dw = library().keras_fancyrnn_project_weight_grad(
-            x, dy, transpose_w=transpose_w, reverse_0=reverse_0, reverse_1=reverse_1,
-            **_kernel_attrs(op))
+        if _register_blocks(op, dy.dtype):
+            dw = library().keras_fancyrnn_project_weight_grad(
+                x, dy, transpose_w=transpose_w, reverse_0=reverse_0, reverse_1=reverse_1,
+                **_kernel_attrs(op))
+        else:
+            dw = projection_weight_gradient_reference(x, dy, transpose_w, reverse_0, reverse_1)
         dw.set_shape(w.shape)
         return dx, dw
 

@@ -1,7 +1,22 @@
 """The kinds of recurrence the C++ kernels run, as the kernel tests name them, and the mask
 patterns they are tested with."""
 
+import itertools
+import shutil
+
 import numpy as np
+import pytest
+
+from keras_fancyrnn.ops import native
+
+
+def needs_compiler(instead: str):
+    """The mark of a module of kernel tests: skipped where no C++ compiler can build the kernels
+    (``instead``: what runs then, tested everywhere else)."""
+    return pytest.mark.skipif(
+        native.compiler() is None or shutil.which(native.compiler()[0]) is None,
+        reason=f"no C++ compiler: {instead} (tested everywhere else)")
+
 
 #: Test kinds beyond the layer names: the IRNN's activation (the SimpleRNN's sequence kernel) and
 #: the GRU with the reset gate before the product (a sequence kernel of its own).
@@ -16,8 +31,19 @@ SEQUENCE_OPS = {"SimpleRNN": "KerasFancyrnnRnnSequence", "LSTM": "KerasFancyrnnL
 #: (forward, and the gradient with respect to the inputs).
 PROJECT_OP = "KerasFancyrnnProject"
 
-#: The ops of the weight gradients, ``dW`` of the projection and ``dU`` of a recurrence.
-WEIGHT_GRAD_OPS = {"KerasFancyrnnProjectWeightGrad", "KerasFancyrnnRecurrentWeightGrad"}
+#: Every combination of the projection ops' three attrs (``KerasFancyrnnProject`` and the
+#: gradient of its ``w``).
+PROJECT_ATTRS = [dict(zip(("transpose_w", "reverse_0", "reverse_1"), v))
+                 for v in itertools.product([False, True], repeat=3)]
+
+def weight_grad_ops() -> set[str]:
+    """The ops of the float32 weight gradients (``dW`` of the projection, ``dU`` of a recurrence)
+    with the ``recurrent_product`` set now: none with Eigen's (TensorFlow's matmuls then)."""
+    name = native.product()
+    if name == "auto":
+        name = native.products()[0]
+    return (set() if name == "eigen"
+            else {"KerasFancyrnnProjectWeightGrad", "KerasFancyrnnRecurrentWeightGrad"})
 
 #: Gates per unit (the width of ``x W`` over the units).
 GATES = {"LSTM": 4, "GRU": 3, "SimpleRNN": 1, "SimpleRNN-relu": 1, "GRU-before": 3}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from graphs import traced_ops
-from kernel_kinds import GATES, PROJECT_OP, SEQUENCE_OPS, WEIGHT_GRAD_OPS, layer_kind, mask_patterns
+from kernel_kinds import GATES, PROJECT_OP, SEQUENCE_OPS, layer_kind, mask_patterns, weight_grad_ops
 from tolerance import assert_close, assert_each_close, rounding_chain
 
 import keras_fancyrnn as fr
@@ -60,7 +60,7 @@ def test_masked_kernels_equal_keras(library, kind, go_backwards, zero_output_for
 
     used = _kernel_ops(call(ours), x)
     assert used == {SEQUENCE_OPS[kind], SEQUENCE_OPS[kind] + "Grad", PROJECT_OP,
-                    *WEIGHT_GRAD_OPS}
+                    *weight_grad_ops()}
     (outs, grads), (outs_ref, grads_ref) = tf.function(call(ours))(x), call(theirs)(x)
     # Keras's own rounding on this case: its float32 results against float64 (tests/tolerance.py;
     # the ReLU RNN's gradients can grow along the recurrence, and their rounding with them)

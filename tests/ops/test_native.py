@@ -2,7 +2,6 @@
 versions of the LSTM / GRU equations, float64 finite differences, keras.layers with copied
 weights, and the cells' plain TensorFlow ops (second derivatives)."""
 
-import shutil
 
 import keras
 import numpy as np
@@ -10,16 +9,14 @@ import pytest
 import tensorflow as tf
 from gradcheck import assert_gradients_match_finite_differences
 from graphs import traced_nodes, traced_ops
-from kernel_kinds import GATES, SEQUENCE_OPS, layer_kind, mask_patterns
+from kernel_kinds import GATES, SEQUENCE_OPS, layer_kind, mask_patterns, needs_compiler
 from tolerance import assert_close, assert_each_close, rounding_chain
 
 import keras_fancyrnn as fr
 from keras_fancyrnn.engine import probes as fr_probes
 from keras_fancyrnn.ops import build, gradients, native
 
-pytestmark = pytest.mark.skipif(
-    native.compiler() is None or shutil.which(native.compiler()[0]) is None,
-    reason="no C++ compiler: the layers run their plain ops (tested everywhere else)")
+pytestmark = needs_compiler("the layers run their plain ops")
 
 
 def sigmoid(x):

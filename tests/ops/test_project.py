@@ -2,23 +2,17 @@
 against numpy's product of the swapped, reversed arrays, its gradients against float64 finite
 differences (first and second order), and its errors."""
 
-import itertools
-import shutil
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from kernel_kinds import PROJECT_OP
+from kernel_kinds import PROJECT_ATTRS, PROJECT_OP, needs_compiler
 
 from keras_fancyrnn.ops import native
 
-pytestmark = pytest.mark.skipif(
-    native.compiler() is None or shutil.which(native.compiler()[0]) is None,
-    reason="no C++ compiler: the layers run their plain ops (tested everywhere else)")
+pytestmark = needs_compiler("the layers run their plain ops")
 
-# every combination of the op's three attrs
-ATTRS = [dict(zip(("transpose_w", "reverse_0", "reverse_1"), v))
-         for v in itertools.product([False, True], repeat=3)]
+ATTRS = PROJECT_ATTRS
 
 
 def _reference(x, w, transpose_w, reverse_0, reverse_1):

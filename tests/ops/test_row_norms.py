@@ -3,19 +3,17 @@ Python's ``math.hypot`` (scaled, so it neither underflows nor overflows), and th
 per-step norms through it against the scaled Keras-ops path it replaces."""
 
 import math
-import shutil
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from kernel_kinds import needs_compiler
 
 from keras_fancyrnn.diagnostics import probe_pass
 from keras_fancyrnn.ops import native
 
-pytestmark = pytest.mark.skipif(
-    native.compiler() is None or shutil.which(native.compiler()[0]) is None,
-    reason="no C++ compiler: the monitor runs its Keras-ops norms (tested everywhere else)")
+pytestmark = needs_compiler("the monitor runs its Keras-ops norms")
 
 
 def _hypot(rows):

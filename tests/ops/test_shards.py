@@ -2,19 +2,16 @@
 (one holds the spinning workers, the others run their shards on TensorFlow's pool) give what
 the same op gives alone, and the numpy LSTM's values."""
 
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pytest
 import tensorflow as tf
+from kernel_kinds import needs_compiler
 
 import keras_fancyrnn as fr
 from keras_fancyrnn.ops import native
 
-pytestmark = pytest.mark.skipif(
-    native.compiler() is None or shutil.which(native.compiler()[0]) is None,
-    reason="no C++ compiler: the layers run their plain ops (tested everywhere else)")
+pytestmark = needs_compiler("the layers run their plain ops")
 
 
 def _lstm_numpy(xp, h, c, u, b):

@@ -8,8 +8,10 @@
 // rows x columns held in registers (AVX-512: up to 8 x 48, AVX2: up to 4 x 24) while a chunk of
 // pairs streams through them: per pair, the block's columns of b_m are loaded and each of its
 // rows of a_m broadcast. A chunk's columns of b (kChunk pairs: 24 KB for AVX-512) stay in L1
-// while every block of rows takes them, and the next chunk adds into C. Double, and Eigen's
-// product, gather the rows into two matrices and run Eigen's A^T B.
+// while every block of rows takes them, and the next chunk adds into C. Threads split C's
+// columns, or the pairs (SplitPairs). Double, and Eigen's product, gather the rows into two
+// matrices and run Eigen's A^T B on one thread (the layers send those to TensorFlow's matmuls
+// instead: keras_fancyrnn/ops/gradients.py).
 #ifndef KERAS_FANCYRNN_OUTER_SUM_H_
 #define KERAS_FANCYRNN_OUTER_SUM_H_
 
@@ -26,18 +28,21 @@ namespace keras_fancyrnn {
 template <typename T>
 class OuterSum {
  public:
-  // c [K, N] (rows N apart) will get sum_m a[m]^T b[m] for m < M.
+  // c [K, N] (rows N apart) will get sum_m a[m]^T b[m] for m < M, on up to `threads` threads.
   OuterSum(Product product, int64_t M, int64_t K, int64_t N, const T* const* a,
-           const T* const* b, T* c)
-      : M_(M), K_(K), N_(N), a_(a), b_(b), c_(c),
+           const T* const* b, T* c, int64_t threads)
+      : M_(M), K_(K), N_(N), threads_(threads), a_(a), b_(b), c_(c),
         product_(std::is_same<T, float>::value ? product : Product::kEigen),
         rows_(product_ == Product::kAvx512 ? 8 : 4), cols_(product_ == Product::kAvx512 ? 48 : 24),
         vector_(product_ == Product::kAvx512 ? 16 : 8), blocks_((K + rows_ - 1) / rows_) {}
 
   // Whether threads split the pairs, each summing its own into a C of its own that the op adds
-  // up after, rather than C's columns, each copying every pair's row of a (below): where
-  // M > 3 N those copies cost more than the adding.
-  bool SplitPairs() const { return product_ != Product::kEigen && M_ > 3 * N_; }
+  // up after, rather than C's columns, each copying every pair's row of a (below). Per thread,
+  // the copies cost about M K and the adding (threads - 1) K N; on two threads the pairs split
+  // paid where M > 3 N (benchmarks/results/2026-12-05_weight_gradient_ops.md).
+  bool SplitPairs() const {
+    return product_ != Product::kEigen && threads_ > 1 && M_ > 3 * (threads_ - 1) * N_;
+  }
 
   // The pieces of work Run splits: pairs (SplitPairs), or C's columns in vectors (16 for the
   // AVX-512 block, 8 for AVX2), each with all of C's rows; one piece for Eigen's product, which
@@ -104,7 +109,9 @@ class OuterSum {
   static void Copy(const float* from, int64_t n, int64_t piece, int64_t stride, float* to) {
     const auto pieces = [&](auto size) {
       int64_t i = 0;
-      for (; i + size <= n; i += size, to += stride) std::memcpy(to, from + i, sizeof(float) * size);
+      for (; i + size <= n; i += size, to += stride) {
+        std::memcpy(to, from + i, sizeof(float) * size);
+      }
       if (i < n) std::memcpy(to, from + i, sizeof(float) * (n - i));
     };
     switch (piece) {
@@ -138,112 +145,108 @@ class OuterSum {
   // or added to what they hold with `accumulate`.
   void Block(const float* a, const float* b, int64_t n, float* c, int64_t rows, int64_t cols,
              bool accumulate) const {
-#ifdef KERAS_FANCYRNN_AVX512
-    if (product_ == Product::kAvx512) {
-      return With<8>(rows, [&](auto r) {
-        With<3>((cols + 15) / 16, [&](auto z) {
-          BlockAvx512<decltype(r)::value, decltype(z)::value>(a, b, n, c, cols, accumulate);
+    const auto block = [&](auto isa) {
+      using Isa = decltype(isa);
+      With<Isa::kRows>(rows, [&](auto r) {
+        With<3>((cols + Isa::kWidth - 1) / Isa::kWidth, [&](auto z) {
+          BlockOf<Isa, decltype(r)::value, decltype(z)::value>(a, b, n, c, cols, accumulate);
         });
       });
-    }
-#endif
-#ifdef KERAS_FANCYRNN_AVX2
-    With<4>(rows, [&](auto r) {
-      With<3>((cols + 7) / 8, [&](auto z) {
-        BlockAvx2<decltype(r)::value, decltype(z)::value>(a, b, n, c, cols, accumulate);
-      });
-    });
-#endif
-  }
-
+    };
 #ifdef KERAS_FANCYRNN_AVX512
-  // R rows x Z 16-column vectors; the last vector's columns past `cols` are masked off.
-  template <int R, int Z>
-  void BlockAvx512(const float* a, const float* b, int64_t n, float* c, int64_t cols,
-                   bool accumulate) const {
-    const int64_t tail = cols - 16 * (Z - 1);  // columns of the last vector (1 to 16)
-    const __mmask16 last = tail == 16 ? __mmask16(0xFFFF) : __mmask16((1u << tail) - 1);
-    __m512 acc[R][Z];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 3
-      for (int z = 0; z < Z; ++z) acc[r][z] = _mm512_setzero_ps();
-    }
-    for (int64_t m = 0; m < n; ++m) {
-      const float* bm = b + m * 48;
-      const float* am = a + m * 8;
-      __m512 v[Z];
-#pragma GCC unroll 3
-      for (int z = 0; z < Z; ++z) v[z] = _mm512_loadu_ps(bm + 16 * z);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const __m512 x = _mm512_set1_ps(am[r]);
-#pragma GCC unroll 3
-        for (int z = 0; z < Z; ++z) acc[r][z] = _mm512_fmadd_ps(x, v[z], acc[r][z]);
-      }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 3
-      for (int z = 0; z < Z; ++z) {
-        const __mmask16 mask = z + 1 < Z ? __mmask16(0xFFFF) : last;
-        float* out = c + r * N_ + 16 * z;
-        __m512 sum = acc[r][z];
-        if (accumulate) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, out));
-        _mm512_mask_storeu_ps(out, mask, sum);
-      }
-    }
+    if (product_ == Product::kAvx512) return block(Avx512{});
+#endif
+#ifdef KERAS_FANCYRNN_AVX2
+    block(Avx2{});
+#endif
   }
+
+  // The vector operations of a block, per instruction set: Lanes(n) masks the first n of a
+  // vector's kWidth floats, for the partial last vector of a panel (masked loads and stores
+  // only there: on some AVX2 CPUs they are slow).
+#ifdef KERAS_FANCYRNN_AVX512
+  struct Avx512 {
+    using V = __m512;
+    using Mask = __mmask16;
+    static constexpr int kWidth = 16, kRows = 8;
+    static Mask Lanes(int64_t n) { return n >= 16 ? Mask(0xFFFF) : Mask((1u << n) - 1); }
+    static V Zero() { return _mm512_setzero_ps(); }
+    static V Load(const float* p) { return _mm512_loadu_ps(p); }
+    static V LoadPart(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+    static V Broadcast(const float* p) { return _mm512_set1_ps(*p); }
+    static V Fma(V x, V y, V acc) { return _mm512_fmadd_ps(x, y, acc); }
+    static V Add(V x, V y) { return _mm512_add_ps(x, y); }
+    static void Store(float* p, V v) { _mm512_storeu_ps(p, v); }
+    static void StorePart(float* p, Mask m, V v) { _mm512_mask_storeu_ps(p, m, v); }
+  };
+#endif
+#ifdef KERAS_FANCYRNN_AVX2
+  struct Avx2 {
+    using V = __m256;
+    using Mask = __m256i;
+    static constexpr int kWidth = 8, kRows = 4;
+    static Mask Lanes(int64_t n) {
+      return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    }
+    static V Zero() { return _mm256_setzero_ps(); }
+    static V Load(const float* p) { return _mm256_loadu_ps(p); }
+    static V LoadPart(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
+    static V Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+    static V Fma(V x, V y, V acc) { return _mm256_fmadd_ps(x, y, acc); }
+    static V Add(V x, V y) { return _mm256_add_ps(x, y); }
+    static void Store(float* p, V v) { _mm256_storeu_ps(p, v); }
+    static void StorePart(float* p, Mask m, V v) { _mm256_maskstore_ps(p, m, v); }
+  };
 #endif
 
-#ifdef KERAS_FANCYRNN_AVX2
-  // R rows x Z 8-column vectors; the last vector's columns past `cols` are masked off (masked
-  // loads and stores only where it is partial: they are slow on some AVX2 CPUs).
-  template <int R, int Z>
-  void BlockAvx2(const float* a, const float* b, int64_t n, float* c, int64_t cols,
-                 bool accumulate) const {
-    const int tail = static_cast<int>(cols - 8 * (Z - 1));  // columns of the last vector (1-8)
-    const bool whole = tail == 8;
-    const __m256i last = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail),
-                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    __m256 acc[R][Z];
-#pragma GCC unroll 4
+  // R rows x Z vectors (R Z accumulators in registers; the loops are unrolled so that they
+  // stay there): per pair, Z loads of b and R broadcasts of a. The chunks' strides are the
+  // widest block's: Isa::kRows values of a and 3 Isa::kWidth of b per pair.
+  template <typename Isa, int R, int Z>
+  void BlockOf(const float* a, const float* b, int64_t n, float* c, int64_t cols,
+               bool accumulate) const {
+    using V = typename Isa::V;
+    constexpr int W = Isa::kWidth;
+    const int64_t tail = cols - W * (Z - 1);  // columns of the last vector (1 to W)
+    const auto last = Isa::Lanes(tail);
+    V acc[R][Z];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 3
-      for (int z = 0; z < Z; ++z) acc[r][z] = _mm256_setzero_ps();
+      for (int z = 0; z < Z; ++z) acc[r][z] = Isa::Zero();
     }
     for (int64_t m = 0; m < n; ++m) {
-      const float* bm = b + m * 24;
-      const float* am = a + m * 4;
-      __m256 v[Z];
+      const float* bm = b + m * 3 * W;
+      const float* am = a + m * Isa::kRows;
+      V v[Z];
 #pragma GCC unroll 3
-      for (int z = 0; z < Z; ++z) v[z] = _mm256_loadu_ps(bm + 8 * z);
-#pragma GCC unroll 4
+      for (int z = 0; z < Z; ++z) v[z] = Isa::Load(bm + W * z);
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        const __m256 x = _mm256_broadcast_ss(am + r);
+        const V x = Isa::Broadcast(am + r);
 #pragma GCC unroll 3
-        for (int z = 0; z < Z; ++z) acc[r][z] = _mm256_fmadd_ps(x, v[z], acc[r][z]);
+        for (int z = 0; z < Z; ++z) acc[r][z] = Isa::Fma(x, v[z], acc[r][z]);
       }
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 3
       for (int z = 0; z < Z; ++z) {
-        float* out = c + r * N_ + 8 * z;
-        __m256 sum = acc[r][z];
-        if (z + 1 < Z || whole) {
-          if (accumulate) sum = _mm256_add_ps(sum, _mm256_loadu_ps(out));
-          _mm256_storeu_ps(out, sum);
+        float* out = c + r * N_ + W * z;
+        V sum = acc[r][z];
+        if (z + 1 < Z || tail == W) {
+          if (accumulate) sum = Isa::Add(sum, Isa::Load(out));
+          Isa::Store(out, sum);
         } else {
-          if (accumulate) sum = _mm256_add_ps(sum, _mm256_maskload_ps(out, last));
-          _mm256_maskstore_ps(out, last, sum);
+          if (accumulate) sum = Isa::Add(sum, Isa::LoadPart(out, last));
+          Isa::StorePart(out, last, sum);
         }
       }
     }
   }
-#endif
 
-  const int64_t M_, K_, N_;
+  const int64_t M_, K_, N_, threads_;
   const T* const* a_;
   const T* const* b_;
   T* c_;

@@ -3,8 +3,10 @@
 //
 // The input projection x W is an op of its own (Project, below) that runs before them for all
 // timesteps, and the weight gradients sum_t x_t^T dz_t and sum_t h_{t-1}^T dz_t are ops of
-// their own after them (ProjectWeightGrad, RecurrentWeightGrad; outer_sum.h). What is left is the part that must run step by step: h_{t-1} U
-// (small_gemm.h), the gate equations (gate_math.h) and, backward, dz_t U^T. The input bias is
+// their own after them (ProjectWeightGrad, RecurrentWeightGrad; outer_sum.h; the GRU with
+// reset_after=False takes TensorFlow's matmul for its U_h). What is left is the part that must
+// run step by step: h_{t-1} U (small_gemm.h), the gate equations (gate_math.h) and, backward,
+// dz_t U^T. The input bias is
 // an input here, not added to x W, so that the gradient kernels can sum its gradient over the
 // steps while each step's rows are in cache (a separate sum re-reads all of dz from memory).
 // Batch rows do not interact, so the batch is split into one shard per thread of TensorFlow's
@@ -21,6 +23,8 @@
 // Layouts are time-major (but for the projection's input x [B, T, D]): xp [T, B, k H],
 // states [B, H], U [H, k H], sequences [T, B, H], mask [T, B].
 #include <algorithm>
+#include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -797,29 +801,32 @@ class Project : public SequenceOp {
 
 // ---------------------------------------------------------------------------------------------
 // The weight gradients, sums of outer products of row pairs (outer_sum.h), each thread taking
-// its share of C's blocks. ProjectWeightGrad: the projection's, dw = sum_{q,p} x[p', q']^T dy[q, p]
-// for x [P, Q, K], dy [Q, P, N] and Project's attrs ([K, N], or its transpose [N, K] with
-// transpose_w). RecurrentWeightGrad: a recurrence's, du = sum_t h_{t-1}^T dz_t for h0 [B, H],
-// h [T, B, H] (h_{-1} = h0) and dz [T, B, N]: [H, N]. In place of the transpose of x and the
-// matmuls (oneDNN's, on TensorFlow's threads) they replace.
+// its share of C's columns or of the pairs. ProjectWeightGrad: the projection's,
+// dw = sum_{q,p} x[p', q']^T dy[q, p] for x [P, Q, K], dy [Q, P, N] and Project's attrs ([K, N],
+// or its transpose [N, K] with transpose_w). RecurrentWeightGrad: a recurrence's,
+// du = sum_t h_{t-1}^T dz_t for h0 [B, H], h [T, B, H] (h_{-1} = h0) and dz [T, B, N]: [H, N].
+// In place of the transpose of x and the matmuls (oneDNN's, on TensorFlow's threads) they
+// replace.
 template <typename T>
 class WeightGrad : public SequenceOp {
  protected:
   using SequenceOp::SequenceOp;
 
   // out [K, N] = sum_m a[m]^T b[m]: the pairs' rows. Where the threads split the pairs, the
-  // first sums its own into `out`, each other into a C of its own, added to `out` in order.
+  // first sums its own into `out`, each other into a C of its own (each writes all of it),
+  // added to `out` in order.
   void Sum(OpKernelContext* ctx, int64_t K, int64_t N, const std::vector<const T*>& a,
            const std::vector<const T*>& b, T* out) const {
     const OuterSum<T> sum(product_, static_cast<int64_t>(a.size()), K, N, a.data(), b.data(),
-                          out);
+                          out, NumShards(ctx, std::numeric_limits<int64_t>::max()));
     const int64_t shards = NumShards(ctx, sum.Items());
-    std::vector<T> partial(sum.SplitPairs() ? (shards - 1) * K * N : 0);
+    const int64_t parts = sum.SplitPairs() ? shards - 1 : 0;
+    std::unique_ptr<T[]> partial(new T[parts * K * N]);
     Shards(ctx, sum.Items(), [&](int64_t lo, int64_t hi, int64_t s) {
-      sum.Run(lo, hi, s == 0 ? out : partial.data() + (s - 1) * K * N);
+      sum.Run(lo, hi, s == 0 || parts == 0 ? out : partial.get() + (s - 1) * K * N);
     });
-    for (size_t at = 0; at < partial.size(); at += K * N) {
-      Out<T>(out, K * N) += In<T>(partial.data() + at, K * N);
+    for (int64_t p = 0; p < parts; ++p) {
+      Out<T>(out, K * N) += In<T>(partial.get() + p * K * N, K * N);
     }
   }
 };
@@ -1014,15 +1021,19 @@ REGISTER_OP("KerasFancyrnnRnnSequenceGrad")
       return SequenceShapes(c, 1, 2, {}, {{0, 1}, {1, 2}, {3, 6}}, {{2, 1}});
     });
 
+// The attrs of the projection and of the gradient of its w.
+#define KFR_PROJECT_ATTRS                                       \
+  .Attr("T: {float, double}")                                   \
+  .Attr("transpose_w: bool = false")                            \
+  .Attr("reverse_0: bool = false")                              \
+  .Attr("reverse_1: bool = false")                              \
+  .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'") \
+  .Attr("spin: bool = true")
+
 REGISTER_OP("KerasFancyrnnProject")
     .Input("x: T").Input("w: T")
     .Output("y: T")
-    .Attr("T: {float, double}")
-    .Attr("transpose_w: bool = false")
-    .Attr("reverse_0: bool = false")
-    .Attr("reverse_1: bool = false")
-    .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
-    .Attr("spin: bool = true")
+    KFR_PROJECT_ATTRS
     .SetShapeFn([](InferenceContext* c) {
       bool transpose_w = false;
       TF_RETURN_IF_ERROR(c->GetAttr("transpose_w", &transpose_w));
@@ -1037,12 +1048,7 @@ REGISTER_OP("KerasFancyrnnProject")
 REGISTER_OP("KerasFancyrnnProjectWeightGrad")
     .Input("x: T").Input("dy: T")
     .Output("dw: T")
-    .Attr("T: {float, double}")
-    .Attr("transpose_w: bool = false")
-    .Attr("reverse_0: bool = false")
-    .Attr("reverse_1: bool = false")
-    .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
-    .Attr("spin: bool = true")
+    KFR_PROJECT_ATTRS
     .SetShapeFn([](InferenceContext* c) {
       bool transpose_w = false;
       TF_RETURN_IF_ERROR(c->GetAttr("transpose_w", &transpose_w));
