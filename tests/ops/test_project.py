@@ -6,6 +6,7 @@ differences (first and second order), and its errors."""
 import numpy as np
 import pytest
 import tensorflow as tf
+from gradcheck import assert_tape_matches_finite_differences
 from kernel_kinds import PROJECT_ATTRS, PROJECT_OP, needs_compiler
 
 from keras_fancyrnn.ops import native
@@ -69,10 +70,7 @@ def test_projection_gradients_equal_finite_differences(library, attrs, rng):
         y = library.keras_fancyrnn_project(x, w, **attrs)
         return tf.reduce_sum(tf.sin(y) * weights)
 
-    theoretical, numerical = tf.test.compute_gradient(loss, [tf.constant(x), tf.constant(w)],
-                                                      delta=1e-6)
-    for got, want in zip(theoretical, numerical, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
+    assert_tape_matches_finite_differences(loss, [x, w])
 
 
 @pytest.mark.parametrize("attrs", [ATTRS[0], ATTRS[-1]], ids=["plain", "all"])
@@ -88,10 +86,7 @@ def test_projection_second_derivatives_equal_finite_differences(library, attrs, 
         dx, dw = tape.gradient(loss, [x, w])
         return tf.reduce_sum(dx ** 2) + tf.reduce_sum(tf.cos(dw))
 
-    theoretical, numerical = tf.test.compute_gradient(penalty, [tf.constant(x), tf.constant(w)],
-                                                      delta=1e-6)
-    for got, want in zip(theoretical, numerical, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert_tape_matches_finite_differences(penalty, [x, w], rtol=1e-5, atol=1e-7)
 
 
 def test_project_goes_backwards_like_reversing_the_time_major_input(rng):
