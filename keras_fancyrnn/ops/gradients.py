@@ -2,7 +2,9 @@
 
 The backward kernels give first derivatives; their own gradients (second derivatives, e.g. a
 gradient penalty) are the same equations written with TensorFlow ops here, so every order is
-exact. Long (over 400 lines): those equations for every op, each next to its registration.
+exact. Long (over 400 lines): those equations for every op (the weight gradients' among them,
+which also stand in for their ops under float64 and Eigen's product), each next to its
+registration; split, each registration would import its equations from another module.
 """
 
 from __future__ import annotations
