@@ -3,7 +3,10 @@
 On this project's CPU machines torch 2.13 and 2.14 crashed (segmentation fault in its first
 optimizer, which imports ``torch._dynamo``) when TensorFlow had been imported first; with torch
 and ``torch._dynamo`` loaded first, both work side by side. The benchmark scripts that time
-torch import this module before keras."""
+torch import this module before keras. It applies ``_isa`` (``KERAS_FANCYRNN_BENCH_ISA``) first:
+the instruction set must be set before either library loads."""
+
+import _isa  # noqa: F401  (before torch and TensorFlow: see the module)
 
 try:
     import torch

@@ -10,6 +10,7 @@ the best of its readings before and after the grid).
     python benchmarks/rnn_speed.py                       # LSTM, B=64 T=100 D=H=128, train
     python benchmarks/rnn_speed.py --cells=lstm,gru,simple_rnn --modes=train,predict \
         --batch=16,64 --time=50,200 --hidden=64,256 --jit=auto,off --out=bench.md
+    KERAS_FANCYRNN_BENCH_ISA=avx2 python benchmarks/rnn_speed.py   # everything at AVX2 (_isa.py)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import _isa  # noqa: E402  (before torch and keras: see the module)
 import _torch_first  # noqa: E402, F401  (before keras: see the module)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -111,7 +113,8 @@ def main(argv):
     footer = (f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
               f"TF {tf.__version__}, Keras {keras.__version__}"
               f"{', torch ' + __import__('torch').__version__ if have_torch else ''}; "
-              f"1024x1024 matmul roofline {roof:.0f} GFLOP/s; process peak RSS {peak_mb:.0f} MB; "
+              f"1024x1024 matmul roofline {roof:.0f} GFLOP/s; {_isa.describe()}; "
+              f"process peak RSS {peak_mb:.0f} MB; "
               f"{time.strftime('%Y-%m-%d')}.")
     emit(rows, footer, FLAGS.out)
 

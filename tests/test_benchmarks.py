@@ -63,3 +63,22 @@ def test_benchmark_runs_and_writes_its_table(script, tmp_path):
         assert "Equality: outputs" in lines[-1]
         equal = lines[-1].split("Equality: outputs ")[1]
         assert float(equal.split(",")[0]) < 1e-5
+
+
+def test_narrow_isa_reaches_every_library():
+    """KERAS_FANCYRNN_BENCH_ISA=avx2 limits this package's build, oneDNN, torch's kernels and MKL
+    (torch's matmuls) alike; an unknown value is an error that names the variable."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import _isa
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    env = {"KERAS_FANCYRNN_BENCH_ISA": "AVX2", "KERAS_FANCYRNN_CXXFLAGS": "-O2"}
+    assert _isa.apply(env) == "avx2"
+    assert _isa.apply(env) == "avx2"  # twice: the flag is not appended again
+    assert env == {"KERAS_FANCYRNN_BENCH_ISA": "AVX2",
+                   "KERAS_FANCYRNN_CXXFLAGS": "-O2 -mno-avx512f", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                   "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert _isa.apply({}) is None
+    with pytest.raises(ValueError, match="KERAS_FANCYRNN_BENCH_ISA='sse2'"):
+        _isa.apply({"KERAS_FANCYRNN_BENCH_ISA": "sse2"})
