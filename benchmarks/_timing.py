@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import time
 
+import _isa
 import numpy as np
 
 
@@ -55,7 +56,10 @@ def time_alternating(runners, repeats: int, steps: int, round_seconds: float = 0
 
 
 def emit(rows: list[str], footer: str, out: str | None) -> None:
-    """Prints the footer (rows were printed as they came) and writes the table to ``out``."""
+    """Prints the footer (rows were printed as they came) and writes the table to ``out``; with
+    ``KERAS_FANCYRNN_BENCH_ISA`` set, the footer says so (``_isa.py``)."""
+    if _isa.ISA and _isa.describe() not in footer:
+        footer += f"\n{_isa.describe()}."
     print(footer)
     if out:
         with open(out, "w") as f:

@@ -65,20 +65,23 @@ def test_benchmark_runs_and_writes_its_table(script, tmp_path):
         assert float(equal.split(",")[0]) < 1e-5
 
 
-def test_narrow_isa_reaches_every_library():
+def test_narrow_isa_reaches_every_library(monkeypatch):
     """KERAS_FANCYRNN_BENCH_ISA=avx2 limits this package's build, oneDNN, torch's kernels and MKL
     (torch's matmuls) alike; an unknown value is an error that names the variable."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import _isa
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    env = {"KERAS_FANCYRNN_BENCH_ISA": "AVX2", "KERAS_FANCYRNN_CXXFLAGS": "-O2"}
+    monkeypatch.delenv("KERAS_FANCYRNN_BENCH_ISA", raising=False)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import _isa
+
+    env = {"KERAS_FANCYRNN_BENCH_ISA": "AVX2", "KERAS_FANCYRNN_CXXFLAGS": "-O2 '-DX=a b'"}
     assert _isa.apply(env) == "avx2"
     assert _isa.apply(env) == "avx2"  # twice: the flag is not appended again
     assert env == {"KERAS_FANCYRNN_BENCH_ISA": "AVX2",
-                   "KERAS_FANCYRNN_CXXFLAGS": "-O2 -mno-avx512f", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                   "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-    assert _isa.apply({}) is None
-    with pytest.raises(ValueError, match="KERAS_FANCYRNN_BENCH_ISA='sse2'"):
-        _isa.apply({"KERAS_FANCYRNN_BENCH_ISA": "sse2"})
+                   "KERAS_FANCYRNN_CXXFLAGS": "-O2 '-DX=a b' -mno-avx512f",
+                   "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                   "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert _isa.apply({"KERAS_FANCYRNN_BENCH_ISA": ""}) is None
+    with pytest.raises(ValueError, match="KERAS_FANCYRNN_BENCH_ISA='SSE2'"):
+        _isa.apply({"KERAS_FANCYRNN_BENCH_ISA": "SSE2"})
+    assert "widest" in _isa.describe()
+    monkeypatch.setenv("KERAS_FANCYRNN_BENCH_ISA", "avx2")
+    assert _isa.describe() == "everything at AVX2 (KERAS_FANCYRNN_BENCH_ISA=avx2)"
