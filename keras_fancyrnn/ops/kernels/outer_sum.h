@@ -75,12 +75,13 @@ class OuterSum {
   // rows are often a multiple of 1 or 4 KB apart, would share a few of L1's sets and miss at
   // every block. The next rows of b are prefetched as a panel is copied.
   void Sum(int64_t m_lo, int64_t m_hi, int64_t j_lo, int64_t j_hi, float* c) const {
-    std::vector<float> a_chunk(blocks_ * kChunk * rows_, 0.0f), b_chunk(kChunk * cols_);
+    const AlignedArray<float> a_chunk(blocks_ * kChunk * rows_), b_chunk(kChunk * cols_);
+    std::fill_n(a_chunk.get(), blocks_ * kChunk * rows_, 0.0f);
     for (int64_t m = m_lo; m == m_lo || m < m_hi; m += kChunk) {
       const int64_t n = std::min(m_hi, m + kChunk) - m;
       for (int64_t k = 0; k < n; ++k) {
         Copy(reinterpret_cast<const float*>(a_[m + k]), K_, rows_, kChunk * rows_,
-             a_chunk.data() + k * rows_);
+             a_chunk.get() + k * rows_);
       }
       for (int64_t j = j_lo; j < j_hi; j += cols_) {
         const int64_t cols = std::min(cols_, j_hi - j);
@@ -89,12 +90,12 @@ class OuterSum {
             const char* ahead = reinterpret_cast<const char*>(b_[m + k + kAhead] + j);
             for (int64_t at = 0; at < cols * 4; at += 64) __builtin_prefetch(ahead + at);
           }
-          float* row = b_chunk.data() + k * cols_;
+          float* row = b_chunk.get() + k * cols_;
           Copy(reinterpret_cast<const float*>(b_[m + k]) + j, cols, cols_, cols_, row);
           std::fill(row + cols, row + cols_, 0.0f);
         }
         for (int64_t i = 0; i < K_; i += rows_) {
-          Block(a_chunk.data() + i * kChunk, b_chunk.data(), n, c + i * N_ + j,
+          Block(a_chunk.get() + i * kChunk, b_chunk.get(), n, c + i * N_ + j,
                 std::min(rows_, K_ - i), cols, m > m_lo);
         }
       }
