@@ -1,9 +1,10 @@
 """The recurrent product of the sequence kernels (``keras_fancyrnn/ops/kernels/small_gemm.h``) every
 way this CPU can run it, in one process, alternating: Eigen's product, the AVX2/FMA register block
 (4 x 24 or 6 x 16, by the rows of a product) and the AVX-512 one (8 x 48 or 8 x 32, by the
-kernel's shape), each with both its panel widths, median GFLOP/s on one core
-for a shard's shapes (``n`` batch rows, ``K`` x ``N`` recurrent kernel), each result first checked
-against a double-precision product; and the time the widest block takes to pack ``U`` (or ``U^T``)
+kernel's shape), each with both its panel widths, median GFLOP/s on one core (each round after
+one untimed product: the ops reuse their packed U at every step) for a shard's shapes (``n``
+batch rows, ``K`` x ``N`` recurrent kernel), each result first checked against a
+double-precision product; and the time the widest block takes to pack ``U`` (or ``U^T``)
 into its panels, which every op call does once. This is the measurement behind the header's rule
 (the AVX-512 block where the CPU has AVX-512, else the AVX2 block where it has AVX2/FMA, else
 Eigen).
