@@ -58,7 +58,7 @@ double RelativeError(const std::vector<float>& a, const std::vector<float>& u, i
 
 // Seconds per product, after one untimed product: the op reuses its packed U at every step, so
 // the panels are in cache from its second step on (timed cold, the panels of a large U came from
-// L3 while the other variants' panels had taken L2; benchmarks/results/, 2026-12-06).
+// L3 while the other variants' panels had taken L2: benchmarks/results/).
 double Seconds(const Kernel& kernel, const float* a, int64_t n, float* c, int reps) {
   kernel.Multiply(a, n, c, false);
   const auto start = std::chrono::steady_clock::now();
