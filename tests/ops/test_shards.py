@@ -2,9 +2,12 @@
 (one holds the spinning workers, the others run their shards on TensorFlow's pool) give what
 the same op gives alone, and the numpy LSTM's values."""
 
+import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from kernel_kinds import needs_compiler
 
@@ -74,3 +77,35 @@ def test_kernels_without_spinning_workers_give_the_same_values(rng):
     assert spins_on == {True} and spins_off == {False}
     for a, b in zip(on, off, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
+                    reason="an op's thread steps aside from a worker's CPU only on Linux, with "
+                    "two or more CPUs")
+def test_ops_give_their_threads_back_the_cpus_they_may_run_on(library, rng):
+    """An op's thread that finds itself on a worker's CPU leaves that CPU out of its affinity for
+    the op's length (shard_pool.h's StepAside), then takes its own affinity back: after many
+    two-shard ops, every thread of the process may run on every CPU it could before, and the
+    values are the op's alone."""
+    allowed = os.sched_getaffinity(0)
+    x = tf.constant(rng.normal(size=(16, 20, 8)).astype("float32"))
+    w = tf.constant(rng.normal(size=(8, 32)).astype("float32"))
+    u = tf.constant(rng.normal(size=(8, 32)).astype("float32") / 3)
+    h0 = tf.zeros((16, 8))
+
+    @tf.function
+    def last_h():
+        return native.lstm_sequence(native.project(x, w), h0, h0, u)[1][0]
+
+    first = last_h().numpy()
+    for _ in range(300):
+        np.testing.assert_array_equal(last_h().numpy(), first)
+    narrowed = {}
+    for task in map(int, os.listdir("/proc/self/task")):
+        try:
+            cpus = os.sched_getaffinity(task)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            continue
+        if cpus != allowed:
+            narrowed[task] = cpus
+    assert not narrowed, f"threads left without some of the CPUs {sorted(allowed)}: {narrowed}"

@@ -8,6 +8,12 @@
 // CPU to any other runnable thread every few us), then block until the next op. OpenMP's
 // workers, which torch uses, do the same.
 //
+// The scheduler often wakes an op's thread onto the CPU where a worker spins: the worker then
+// waits in that CPU's queue while another CPU idles (a thread that ran recently is left where it
+// is), and the op's thread runs every shard itself, one after the other. So an op's thread that
+// finds itself on the CPU a worker last ran on steps aside: it leaves that CPU out of its own
+// affinity for the op's length (StepAside), and the worker starts there at once.
+//
 // One op at a time uses the pool; an op that finds it busy (another op's shards, run by another
 // inter-op thread) gets false from Run and uses TensorFlow's pool instead, as does an op whose
 // `spin` attr is false (keras_fancyrnn.config's `spinning_workers`).
@@ -62,6 +68,7 @@ class ShardPool {
     Job job{&Call<F>, &fn, n};
     job.active.store(n - 1, std::memory_order_relaxed);
     for (int64_t w = 0; w < n - 1; ++w) workers_[w]->Give(&job);
+    const StepAside aside(WorkerOnMyCpu(n - 1));
     job.RunShards();
     // A worker running on another CPU ends soon after this thread; one that is kPatience late
     // may be waiting for a CPU, perhaps this one, so only then does this thread yield its own.
@@ -82,6 +89,48 @@ class ShardPool {
   }
 
  private:
+  // While alive, the calling thread runs on any CPU of its affinity but `cpu` (none: -1, or where
+  // `cpu` is its only one); its own affinity again after.
+  class StepAside {
+   public:
+    explicit StepAside(int cpu) {
+#if defined(__linux__)
+      if (cpu < 0 || sched_getaffinity(0, sizeof(saved_), &saved_) != 0) return;
+      cpu_set_t others = saved_;
+      CPU_CLR(cpu, &others);
+      moved_ = CPU_COUNT(&others) > 0 && sched_setaffinity(0, sizeof(others), &others) == 0;
+#else
+      (void)cpu;
+#endif
+    }
+    ~StepAside() {
+#if defined(__linux__)
+      if (moved_) sched_setaffinity(0, sizeof(saved_), &saved_);
+#endif
+    }
+    StepAside(const StepAside&) = delete;
+    StepAside& operator=(const StepAside&) = delete;
+
+   private:
+#if defined(__linux__)
+    cpu_set_t saved_;
+#endif
+    bool moved_ = false;
+  };
+
+  // The calling thread's CPU if one of the first `count` workers last ran there, else -1.
+  int WorkerOnMyCpu(int64_t count) const {
+#if defined(__linux__)
+    const int mine = sched_getcpu();
+    for (int64_t w = 0; w < count; ++w) {
+      if (mine >= 0 && workers_[w]->cpu() == mine) return mine;
+    }
+#else
+    (void)count;
+#endif
+    return -1;
+  }
+
   struct Job {
     Job(void (*call)(const void*, int64_t), const void* fn, int64_t n) : call(call), fn(fn), n(n) {}
 
@@ -124,6 +173,10 @@ class ShardPool {
       }
     }
 
+    // The CPU the worker last ran on, as of its last few us of spinning or its last job (-1:
+    // not known).
+    int cpu() const { return cpu_.load(std::memory_order_relaxed); }
+
     // Takes `job` back if the worker has not taken it.
     bool Retract(Job* job) { return job_.compare_exchange_strong(job, nullptr); }
 
@@ -134,7 +187,8 @@ class ShardPool {
         Job* job = nullptr;
         for (int64_t spins = 1; (job = job_.exchange(nullptr)) == nullptr; ++spins) {
           Pause();
-          if (spins % 64 != 0) continue;  // every few us: the clock, and a yield
+          if (spins % 64 != 0) continue;  // every few us: the clock, the CPU, and a yield
+          NoteCpu();
           if (Clock::now() - idle_since < kSpin) {
             sched_yield();  // to any thread waiting for this CPU
             continue;
@@ -144,13 +198,21 @@ class ShardPool {
           wake_.wait(lock, [this] { return job_.load() != nullptr; });
           sleeping_.store(false, std::memory_order_relaxed);
         }
+        NoteCpu();
         job->RunShards();
         job->active.fetch_sub(1, std::memory_order_release);  // the last use of the job
       }
     }
 
+    void NoteCpu() {
+#if defined(__linux__)
+      cpu_.store(sched_getcpu(), std::memory_order_relaxed);
+#endif
+    }
+
     std::atomic<Job*> job_{nullptr};
     std::atomic<bool> sleeping_{false};
+    std::atomic<int> cpu_{-1};
     std::mutex mutex_;
     std::condition_variable wake_;
     std::thread thread_;
