@@ -58,17 +58,18 @@ class ShardPool {
   // Runs fn(s) for s in [0, n) and returns when all are done; false (running nothing) where
   // another op holds the pool or this process is a fork of the one that started the workers.
   // The calling thread and n - 1 workers claim shards in turn, so the calling thread runs every
-  // shard no worker has claimed: a worker that is slow to get a CPU delays nothing.
+  // shard no worker has claimed: a worker that is slow to get a CPU delays nothing. The calling
+  // thread's affinity may leave out the workers' CPUs until Run returns (StepAside).
   template <typename F>
   bool Run(int64_t n, const F& fn) {
     if (getpid() != pid_) return false;
     bool expected = false;
     if (!busy_.compare_exchange_strong(expected, true, std::memory_order_acquire)) return false;
-    Grow(n - 1);
+    Grow(n - 1);  // before StepAside: a new worker starts with its creator's affinity
     Job job{&Call<F>, &fn, n};
     job.active.store(n - 1, std::memory_order_relaxed);
     for (int64_t w = 0; w < n - 1; ++w) workers_[w]->Give(&job);
-    const StepAside aside(WorkerOnMyCpu(n - 1));
+    const StepAside aside(workers_, n - 1);
     job.RunShards();
     // A worker running on another CPU ends soon after this thread; one that is kPatience late
     // may be waiting for a CPU, perhaps this one, so only then does this thread yield its own.
@@ -89,48 +90,6 @@ class ShardPool {
   }
 
  private:
-  // While alive, the calling thread runs on any CPU of its affinity but `cpu` (none: -1, or where
-  // `cpu` is its only one); its own affinity again after.
-  class StepAside {
-   public:
-    explicit StepAside(int cpu) {
-#if defined(__linux__)
-      if (cpu < 0 || sched_getaffinity(0, sizeof(saved_), &saved_) != 0) return;
-      cpu_set_t others = saved_;
-      CPU_CLR(cpu, &others);
-      moved_ = CPU_COUNT(&others) > 0 && sched_setaffinity(0, sizeof(others), &others) == 0;
-#else
-      (void)cpu;
-#endif
-    }
-    ~StepAside() {
-#if defined(__linux__)
-      if (moved_) sched_setaffinity(0, sizeof(saved_), &saved_);
-#endif
-    }
-    StepAside(const StepAside&) = delete;
-    StepAside& operator=(const StepAside&) = delete;
-
-   private:
-#if defined(__linux__)
-    cpu_set_t saved_;
-#endif
-    bool moved_ = false;
-  };
-
-  // The calling thread's CPU if one of the first `count` workers last ran there, else -1.
-  int WorkerOnMyCpu(int64_t count) const {
-#if defined(__linux__)
-    const int mine = sched_getcpu();
-    for (int64_t w = 0; w < count; ++w) {
-      if (mine >= 0 && workers_[w]->cpu() == mine) return mine;
-    }
-#else
-    (void)count;
-#endif
-    return -1;
-  }
-
   struct Job {
     Job(void (*call)(const void*, int64_t), const void* fn, int64_t n) : call(call), fn(fn), n(n) {}
 
@@ -173,8 +132,7 @@ class ShardPool {
       }
     }
 
-    // The CPU the worker last ran on, as of its last few us of spinning or its last job (-1:
-    // not known).
+    // The CPU the worker ran on when it last spun or took a job (-1: not known).
     int cpu() const { return cpu_.load(std::memory_order_relaxed); }
 
     // Takes `job` back if the worker has not taken it.
@@ -216,6 +174,51 @@ class ShardPool {
     std::mutex mutex_;
     std::condition_variable wake_;
     std::thread thread_;
+  };
+
+  // Where the calling thread is on a CPU that one of the first `count` workers last ran on:
+  // while alive, the thread runs on the CPUs of its affinity that none of them last ran on (were
+  // that none, on all but its own); after, on those of its affinity before, unless someone else
+  // set its affinity meanwhile. Does nothing where a call fails or the thread has no other CPU.
+  class StepAside {
+   public:
+    StepAside(const std::vector<std::unique_ptr<Worker>>& workers, int64_t count) {
+#if defined(__linux__)
+      const int mine = sched_getcpu();
+      bool on_theirs = false;
+      for (int64_t w = 0; w < count; ++w) on_theirs |= mine >= 0 && workers[w]->cpu() == mine;
+      if (!on_theirs || sched_getaffinity(0, sizeof(saved_), &saved_) != 0) return;
+      set_ = saved_;
+      for (int64_t w = 0; w < count; ++w) {
+        const int cpu = workers[w]->cpu();
+        if (cpu >= 0 && cpu < CPU_SETSIZE) CPU_CLR(cpu, &set_);
+      }
+      if (CPU_COUNT(&set_) == 0) {
+        set_ = saved_;
+        CPU_CLR(mine, &set_);
+      }
+      moved_ = CPU_COUNT(&set_) > 0 && sched_setaffinity(0, sizeof(set_), &set_) == 0;
+#else
+      (void)workers;
+      (void)count;
+#endif
+    }
+    ~StepAside() {
+#if defined(__linux__)
+      cpu_set_t now;
+      if (moved_ && sched_getaffinity(0, sizeof(now), &now) == 0 && CPU_EQUAL(&now, &set_)) {
+        sched_setaffinity(0, sizeof(saved_), &saved_);
+      }
+#endif
+    }
+    StepAside(const StepAside&) = delete;
+    StepAside& operator=(const StepAside&) = delete;
+
+   private:
+#if defined(__linux__)
+    cpu_set_t saved_, set_;
+#endif
+    bool moved_ = false;
   };
 
   ShardPool() : pid_(getpid()) {}
