@@ -95,8 +95,8 @@ def _affinities():
                     reason="an op's thread steps aside from a worker's CPU only on Linux, with "
                     "two or more CPUs")
 def test_ops_give_their_threads_back_the_cpus_they_may_run_on(library, rng):
-    """An op's thread that finds itself on a worker's CPU leaves that CPU out of its affinity for
-    the op's length (shard_pool.h's StepAside), then takes its own affinity back: while many
+    """An op's thread that finds itself on a worker's CPU leaves the workers' CPUs out of its
+    affinity for the op's length (shard_pool.h's StepAside), then takes its own back: while many
     sharded ops run, some thread is seen without some of its CPUs; after them, every thread may
     run on the CPUs it could before (a new one: on the process's), and the values are the op's
     alone."""

@@ -11,8 +11,8 @@
 // The scheduler often wakes an op's thread onto the CPU where a worker spins: the worker then
 // waits in that CPU's queue while another CPU idles (a thread that ran recently is left where it
 // is), and the op's thread runs every shard itself, one after the other. So an op's thread that
-// finds itself on the CPU a worker last ran on steps aside: it leaves that CPU out of its own
-// affinity for the op's length (StepAside), and the worker starts there at once.
+// finds itself on the CPU a worker last ran on steps aside: it leaves the workers' CPUs out of
+// its own affinity for the op's length (StepAside), and the worker starts there at once.
 //
 // One op at a time uses the pool; an op that finds it busy (another op's shards, run by another
 // inter-op thread) gets false from Run and uses TensorFlow's pool instead, as does an op whose
