@@ -299,7 +299,8 @@ class RecurrentCell(SeedStateSaving, keras.layers.Layer, DropoutRNNCell):
     def fused_sequence(self, inputs, states, dropout_mask=None, mask=None, probes=None,
                        go_backwards=False):
         """All timesteps in one kernel: ``x W`` for the whole sequence as one product, into
-        time-major order (``native.project``), then ``sequence_kernel``, which adds the bias.
+        time-major order (``native.project``), then ``sequence_kernel``, which adds the bias (the
+        LSTM's op projects its inputs itself: ``LSTMCell.fused_sequence``).
         ``inputs``: batch-major ``[B, T, D]``, processed last step first with ``go_backwards``;
         ``dropout_mask``: ``None`` or one ``[B, D]`` mask; ``mask`` ``[T, B]`` and ``probes``
         ``{state index: [T, B, units]}`` time-major in processing order, as

@@ -354,16 +354,19 @@ def _register_sequence_gradients():
     # Each forward kernel's last inputs are its mask (no gradient) and probes, whose gradients
     # are the backward kernel's last outputs.
 
+    # The LSTM's op projects its inputs itself: dz is the gradient of x W + b, which the
+    # projection's gradient takes on to x and W.
     @tf.RegisterGradient("KerasFancyrnnLstmSequence")
     def _lstm_sequence(op, dz, dh, dc, dh_last, dc_last):
-        _, h0, c0, u, _, *extras = op.inputs
+        x, w, h0, c0, u, _, *extras = op.inputs
         z, h, c, *last = op.outputs
         dh_last, dc_last = _zeros_for_none((dh_last, dc_last), last)
         dz, dh0, dc0, db, *dprobes = library().keras_fancyrnn_lstm_sequence_grad(
             _optional(dh, h), _optional(dc, c), _optional(dz, z), z, c, c0, u, dh_last, dc_last,
             *extras, **_kernel_attrs(op))
         du = _recurrent_kernel_gradient(op, h0, h, dz)
-        return dz, dh0, dc0, du, db, None, *dprobes
+        dx, dw = _projection_gradients(op, x, w, dz, reverse_1=op.get_attr("reverse"))
+        return dx, dw, dh0, dc0, du, db, None, *dprobes
 
     @tf.RegisterGradient("KerasFancyrnnGruSequence")
     def _gru_sequence(op, dh, drec, dh_last):
@@ -453,19 +456,26 @@ def _register_projection_gradient():
     @tf.RegisterGradient("KerasFancyrnnProject")
     def _project(op, dy):
         x, w = op.inputs
-        transpose_w, reverse_0, reverse_1 = (op.get_attr(name) for name in
-                                             ("transpose_w", "reverse_0", "reverse_1"))
-        dx = library().keras_fancyrnn_project(dy, w, transpose_w=not transpose_w,
-                                              reverse_0=reverse_1, reverse_1=reverse_0,
-                                              **_kernel_attrs(op))
-        if _register_blocks(op, dy.dtype):
-            dw = library().keras_fancyrnn_project_weight_grad(
-                x, dy, transpose_w=transpose_w, reverse_0=reverse_0, reverse_1=reverse_1,
-                **_kernel_attrs(op))
-        else:
-            dw = projection_weight_gradient_reference(x, dy, transpose_w, reverse_0, reverse_1)
-        dw.set_shape(w.shape)
-        return dx, dw
+        return _projection_gradients(op, x, w, dy, *(op.get_attr(name) for name in
+                                                     ("transpose_w", "reverse_0", "reverse_1")))
+
+
+def _projection_gradients(op, x, w, dy, transpose_w=False, reverse_0=False, reverse_1=False):
+    """``(dx, dw)`` of ``y[q, p] = x[p', q'] w`` (``KerasFancyrnnProject``'s, with its attrs) from
+    ``dy``, with ``op``'s product and workers: for ``x`` the same op on ``dy`` with ``w``
+    transposed and the reverse attrs swapped; for ``w`` ``KerasFancyrnnProjectWeightGrad`` (or
+    its equations in TensorFlow ops: see ``_register_blocks``)."""
+    dx = library().keras_fancyrnn_project(dy, w, transpose_w=not transpose_w,
+                                          reverse_0=reverse_1, reverse_1=reverse_0,
+                                          **_kernel_attrs(op))
+    if _register_blocks(op, dy.dtype):
+        dw = library().keras_fancyrnn_project_weight_grad(
+            x, dy, transpose_w=transpose_w, reverse_0=reverse_0, reverse_1=reverse_1,
+            **_kernel_attrs(op))
+    else:
+        dw = projection_weight_gradient_reference(x, dy, transpose_w, reverse_0, reverse_1)
+    dw.set_shape(w.shape)
+    return dx, dw
 
 
 def _register_weight_gradient_gradients():

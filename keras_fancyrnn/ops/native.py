@@ -12,8 +12,10 @@ arithmetic. Two kinds of kernels remove that:
   ReLU SimpleRNN in one op (``lstm_sequence``, ``gru_sequence``, ``gru_before_sequence``,
   ``rnn_sequence``), and the step-by-step part of its gradient in another, which also sums the
   bias gradient; ``project`` computes ``x W`` for all timesteps before it (from the layer's
-  batch-major input, time-major), and the weight gradients ``dW`` and ``dU`` are ops of their
-  own after it (``kernels/outer_sum.h``; registered in ``gradients.py``). Masks
+  batch-major input, time-major; the LSTM's op takes ``x`` and ``W`` and projects a few steps at
+  a time itself, writing its ``[T, B, ...]`` outputs only where a gradient reads them), and the
+  weight gradients ``dW`` and ``dU`` are ops of their own after it (``kernels/outer_sum.h``;
+  registered in ``gradients.py``). Masks
   and the monitor's probes run in them too; the engine runs them wherever it does not need its
   loop (truncation, recurrent dropout, ``unroll``; benchmarks/sequence_kernels.py).
 - ``kernels/norms.cc``: the norm of every row of a matrix (``row_norms``), the monitor's
@@ -87,7 +89,8 @@ def _attrs() -> dict:
 
 
 def _bias(bias, xp):
-    """The bias input of a sequence kernel: ``bias``, or zeros as wide as ``xp``'s rows."""
+    """The bias input of a sequence kernel: ``bias``, or zeros as wide as ``xp``'s rows (or
+    ``W``'s columns)."""
     from keras_fancyrnn._tf import tf
 
     if bias is None:
@@ -111,15 +114,22 @@ def _extras(xp, mask, probes, states: int):
                      else tf.convert_to_tensor(probes[i], xp.dtype) for i in range(states)]
 
 
-def lstm_sequence(xp, h0, c0, u, b=None, mask=None, probes=None):
-    """All steps of an LSTM: ``(h [T, B, H], [h_T, c_T])`` from ``xp = x W`` ``[T, B, 4H]``
-    (time-major), the initial states ``h0``, ``c0``, the recurrent kernel ``u`` and the bias
-    ``b`` (``None``: none). ``mask`` ``[T, B]``: at a false step a row keeps its states (the
-    returned ``h`` is the state sequence; the layer makes the outputs). ``probes``:
-    ``{0: [T, B, H], 1: [T, B, H]}`` added to ``h_t`` / ``c_t`` (before ``c_t`` feeds ``h_t``)
-    at unmasked steps: their gradients are ``∂ℓ/∂h_t`` and ``∂ℓ/∂c_t``."""
+def lstm_sequence(x, w, h0, c0, u, b=None, mask=None, probes=None, go_backwards=False):
+    """All steps of an LSTM: ``(h [T, B, H], [h_T, c_T])`` from the batch-major input ``x``
+    ``[B, T, D]``, processed last step first with ``go_backwards``, the input kernel ``w``
+    ``[D, 4H]``, the initial states ``h0``, ``c0``, the recurrent kernel ``u`` and the bias
+    ``b`` (``None``: none). The op projects ``x`` itself, a few steps ahead of the recurrence
+    (``x W`` for all steps is never held where no gradient needs it). ``mask`` ``[T, B]``
+    (time-major, in processing order): at a false step a row keeps its states (the returned
+    ``h`` is the state sequence; the layer makes the outputs). ``probes``: ``{0: [T, B, H],
+    1: [T, B, H]}`` added to ``h_t`` / ``c_t`` (before ``c_t`` feeds ``h_t``) at unmasked steps:
+    their gradients are ``∂ℓ/∂h_t`` and ``∂ℓ/∂c_t``."""
+    from keras_fancyrnn._tf import tf
+
+    w = tf.convert_to_tensor(w)
     _, h, _, h_last, c_last = library().keras_fancyrnn_lstm_sequence(
-        xp, h0, c0, u, _bias(b, xp), *_extras(xp, mask, probes, 2), **_attrs())
+        x, w, h0, c0, u, _bias(b, w), *_extras(w, mask, probes, 2), reverse=go_backwards,
+        **_attrs())
     return h, [h_last, c_last]
 
 

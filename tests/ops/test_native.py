@@ -107,10 +107,10 @@ def _assert_kernels_equal_plain_ops(fn, x, op, monkeypatch, rtol, atol):
 
 def _copied(kind, rng, **kwargs):
     kind, extra = layer_kind(kind)
-    kwargs = {**extra, **kwargs}
+    kwargs = {"return_sequences": True, **extra, **kwargs}
     keras.utils.set_random_seed(int(rng.integers(2**31)))  # Keras's initializers: one case a seed
-    ours = getattr(fr, kind)(6, return_sequences=True, **kwargs)
-    theirs = getattr(keras.layers, kind)(6, return_sequences=True, **kwargs)
+    ours = getattr(fr, kind)(6, **kwargs)
+    theirs = getattr(keras.layers, kind)(6, **kwargs)
     ours.build((4, 9, 8))
     theirs.build((4, 9, 8))
     weights = [w + 0.3 * rng.normal(size=w.shape) for w in theirs.get_weights()]
@@ -310,14 +310,15 @@ def test_sequence_kernels_equal_keras(library, kind, go_backwards, product, rng)
 def _sequence_loss(library, kind, weights, mask=None):
     """A float64 loss of the raw sequence op that uses every output (also ``z`` / ``rec`` and the
     final states, so every gradient input of the gradient kernels is exercised), as a function
-    of ``xp``, the rest and the probes; ``mask`` ``[T, B]`` or ``None``."""
+    of ``xp`` (the LSTM: ``x`` and ``w``), the rest and the probes; ``mask`` ``[T, B]`` or
+    ``None``."""
     mask = tf.zeros([0], tf.bool) if mask is None else tf.constant(mask)
 
     def last(*states):
         return sum(tf.reduce_sum(tf.sin((k + 2) * s)) for k, s in enumerate(states))
 
-    def lstm(xp, h0, c0, u, b, p_h, p_c):
-        z, h, c, h_last, c_last = library.keras_fancyrnn_lstm_sequence(xp, h0, c0, u, b, mask,
+    def lstm(x, w, h0, c0, u, b, p_h, p_c):  # its op projects batch-major x itself
+        z, h, c, h_last, c_last = library.keras_fancyrnn_lstm_sequence(x, w, h0, c0, u, b, mask,
                                                                        p_h, p_c)
         return tf.reduce_sum(h * weights[0] + c * c * weights[1]) + tf.reduce_sum(
             tf.sin(z)[..., :1]) + last(h_last, c_last)
@@ -352,7 +353,12 @@ def test_sequence_kernel_gradients_equal_finite_differences(library, kind, maske
     mask = mask_patterns(batch, steps, rng).T if masked else None
     loss = _sequence_loss(library, kind, weights, mask)
     rest = [tf.Variable(0.5 * rng.normal(size=(batch, units)))]
-    if kind == "LSTM":
+    if kind == "LSTM":  # x [B, T, D] and w [D, 4H] in place of xp (steps 9: two chunks of steps)
+        steps, dim = 9, 2
+        weights = rng.normal(size=(2, steps, batch, units))
+        mask = mask_patterns(batch, steps, rng).T if masked else None
+        loss = _sequence_loss(library, kind, weights, mask)
+        rest.insert(0, tf.Variable(0.5 * rng.normal(size=(dim, gates * units))))
         rest.append(tf.Variable(rng.normal(size=(batch, units))))
     rest.append(tf.Variable(0.5 * rng.normal(size=(units, gates * units))))
     # the biases: b (b_rec and b_in for the GRU), whose gradients the kernels sum
@@ -361,7 +367,8 @@ def test_sequence_kernel_gradients_equal_finite_differences(library, kind, maske
     # the probes of h (and c), added after each step
     rest.extend(tf.Variable(0.3 * rng.normal(size=(steps, batch, units)))
                 for _ in range(2 if kind == "LSTM" else 1))
-    xp = rng.normal(size=(steps, batch, gates * units))
+    xp = (rng.normal(size=(batch, steps, dim)) if kind == "LSTM"
+          else rng.normal(size=(steps, batch, gates * units)))
     assert_gradients_match_finite_differences(lambda xp: loss(xp, *rest), xp, rest, rng)
 
 
@@ -419,9 +426,16 @@ def test_masked_second_derivatives_equal_keras(library, kind, rng):
 def test_sequence_kernels_reject_bad_shapes_naming_the_input(library):
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"KerasFancyrnnLstmSequence: input u must have shape \[3, 12\]"):
-        library.keras_fancyrnn_lstm_sequence(tf.zeros((5, 2, 12)), tf.zeros((2, 3)),
-                                             tf.zeros((2, 3)), tf.zeros((3, 9)), tf.zeros((12,)),
-                                             tf.zeros([0], tf.bool), tf.zeros([0]), tf.zeros([0]))
+        native.lstm_sequence(tf.zeros((2, 5, 4)), tf.zeros((4, 12)), tf.zeros((2, 3)),
+                             tf.zeros((2, 3)), tf.zeros((3, 9)))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"KerasFancyrnnLstmSequence: input w must have shape \[4, 12\]"):
+        native.lstm_sequence(tf.zeros((2, 5, 4)), tf.zeros((5, 12)), tf.zeros((2, 3)),
+                             tf.zeros((2, 3)), tf.zeros((3, 12)))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"KerasFancyrnnLstmSequence: input x must have shape \[2, \?, \?\]"):
+        native.lstm_sequence(tf.zeros((3, 5, 4)), tf.zeros((4, 12)), tf.zeros((2, 3)),
+                             tf.zeros((2, 3)), tf.zeros((3, 12)))
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"KerasFancyrnnGruSequence: input mask must have shape \[5, 2\]"):
         native.gru_sequence(tf.zeros((5, 2, 9)), tf.zeros((2, 3)), tf.zeros((3, 9)),
@@ -479,6 +493,40 @@ def test_sequence_kernels_equal_keras_at_a_larger_size(library, kind, product, r
         assert_close(a, b, chain, name=f"output {k}" if k == 0 else f"gradient {k - 1}")
 
 
+@pytest.mark.parametrize("steps", [1, 8, 17])
+@pytest.mark.parametrize("go_backwards", [False, True])
+def test_lstm_kernel_in_a_graph_without_gradients_equals_keras(library, steps, go_backwards,
+                                                              product, rng):
+    """In a graph that differentiates nothing (inference), the LSTM's op keeps only a few steps
+    of x W, h and c, writing just what the graph reads: its outputs and final states, with and
+    without a mask (every pattern), equal keras.layers' with copied weights, with each recurrent
+    product. 8 steps are one of the op's chunks of projected steps, 17 two and a part; batch 13
+    splits into shards of 6 and 7 rows."""
+    x = tf.constant(rng.normal(size=(13, steps, 8)).astype("float32"))
+    states = [tf.constant(rng.normal(size=(13, 6)).astype("float32")) for _ in range(2)]
+    for return_sequences in (False, True):
+        for mask in (None, tf.constant(mask_patterns(13, steps, rng))):
+            ours, theirs = _copied("LSTM", rng, go_backwards=go_backwards, return_state=True,
+                                   return_sequences=return_sequences)
+
+            def call(layer, mask=mask):
+                return lambda x: layer(x, initial_state=states, mask=mask)
+
+            used = _native_ops(call(ours), x)
+            assert SEQUENCE_OPS["LSTM"] in used and "KerasFancyrnnProject" not in used, used
+            assert _products_in(call(ours), x) == {product}
+            exact = keras.layers.LSTM(6, return_sequences=return_sequences, return_state=True,
+                                      go_backwards=go_backwards, dtype="float64")
+            exact.build(x.shape)
+            exact.set_weights(theirs.get_weights())
+            want_64 = exact(tf.cast(x, "float64"), mask=mask,
+                            initial_state=[tf.cast(s, "float64") for s in states])
+            chain = rounding_chain(steps=steps, batch=13, dim=8, units=6)
+            assert_each_close(tf.function(call(ours))(x), call(theirs)(x), want_64, chain,
+                              f"output (return_sequences={return_sequences}, "
+                              f"masked={mask is not None})")
+
+
 def test_gradients_of_unused_sequence_outputs_are_not_materialised(library, rng):
     """TensorFlow fills zeros for the unused outputs of an op with a gradient (here the h and c
     sequences and z of a layer that returns only its last output); the gradient kernel gets the
@@ -522,9 +570,10 @@ def test_sequence_kernels_with_no_timesteps(library, kind):
     batch, units = 3, 4
     gates = GATES[kind]
     xp = tf.zeros((0, batch, gates * units), tf.float64)
+    x, w = tf.zeros((batch, 0, 2), tf.float64), tf.ones((2, gates * units), tf.float64)
     u = tf.fill((units, gates * units), tf.constant(0.1, tf.float64))
     h0 = tf.constant(np.linspace(-1, 1, batch * units).reshape(batch, units))
-    run = {"LSTM": lambda h0: native.lstm_sequence(xp, h0, h0 + 1, u),
+    run = {"LSTM": lambda h0: native.lstm_sequence(x, w, h0, h0 + 1, u),
            "GRU": lambda h0: native.gru_sequence(xp, h0, u, tf.zeros((3 * units,), tf.float64)),
            "SimpleRNN": lambda h0: native.rnn_sequence(xp, h0, u),
            "SimpleRNN-relu": lambda h0: native.rnn_sequence(xp, h0, u, "relu"),

@@ -2,8 +2,9 @@
 // SimpleRNN layer in one op, and its gradient in another.
 //
 // The input projection x W is an op of its own (Project, below) that runs before them for all
-// timesteps, and the weight gradients sum_t x_t^T dz_t and sum_t h_{t-1}^T dz_t are ops of
-// their own after them (ProjectWeightGrad, RecurrentWeightGrad; outer_sum.h; the GRU with
+// timesteps, but for the LSTM, whose op projects its inputs itself a few steps ahead of the
+// recurrence (StepInputs); the weight gradients sum_t x_t^T dz_t and sum_t h_{t-1}^T dz_t are
+// ops of their own after them (ProjectWeightGrad, RecurrentWeightGrad; outer_sum.h; the GRU with
 // reset_after=False takes TensorFlow's matmul for its U_h). What is left is the part that must
 // run step by step: h_{t-1} U (small_gemm.h), the gate equations (gate_math.h) and, backward,
 // dz_t U^T. The input bias is
@@ -13,15 +14,15 @@
 // intra-op pool (run by shard_pool.h's workers) and each thread runs its rows through all
 // timesteps without waiting for the others.
 //
-// Masks and the gradient monitor's probes run here too (see EndStep and CarriedGrad below).
+// Masks and the gradient monitor's probes run here too (see StateSteps and CarriedGrad below).
 //
 // Long (over 400 lines): eleven ops (the forward and the gradient of four recurrences, the
 // projection and the two weight gradients) and their registration, each written out for its
 // cell; what they share is in the helpers above them and in kernel_util.h, gate_math.h,
 // small_gemm.h and outer_sum.h.
 //
-// Layouts are time-major (but for the projection's input x [B, T, D]): xp [T, B, k H],
-// states [B, H], U [H, k H], sequences [T, B, H], mask [T, B].
+// Layouts are time-major (but for the inputs x [B, T, D] of the projection and the LSTM):
+// xp [T, B, k H], states [B, H], U [H, k H], sequences [T, B, H], mask [T, B].
 #include <algorithm>
 #include <limits>
 #include <memory>
@@ -143,14 +144,6 @@ inline const T* Prev(const T* seq, const T* initial, int64_t t, int64_t B, int64
   return t == 0 ? initial + b * w : At(seq, t - 1, B, b, w);
 }
 
-// Rows [lo, hi) of the state after the last step (the initial state if there is no step) into
-// `last` [B, H].
-template <typename T>
-void CopyLast(const T* seq, const T* initial, int64_t S, int64_t B, int64_t H, int64_t lo,
-              int64_t hi, T* last) {
-  std::copy_n(Prev<T>(seq, initial, S, B, lo, H), (hi - lo) * H, last + lo * H);
-}
-
 // Rows [lo, hi) of an optional [T, B, H] gradient at step t added to `carry` (rows lo.. of it).
 template <typename T>
 void AddStep(const T* grad, int64_t t, int64_t B, int64_t H, int64_t lo, int64_t hi, T* carry) {
@@ -164,19 +157,92 @@ void AddStep(const T* grad, int64_t t, int64_t B, int64_t H, int64_t lo, int64_t
 // added to its state after the step, before the mask, so that its gradient is the total
 // ∂ℓ/∂s_t at unmasked steps and 0 at masked ones (keras_fancyrnn.engine.probes).
 
-// The end of forward step t for rows [lo, hi) of state sequence `seq`: the probe added (where
-// not null) and, at masked rows, the state before the step put back.
+// One shard's rows [lo, hi) of a forward op's state sequence [T, B, H]: in the op's output
+// `seq`, or, where `seq` is null (the graph reads no output but the final state), in a ring of
+// the last two steps' rows, so that an inference call holds no [T, B, H] sequence (StepInputs
+// says why that matters).
 template <typename T>
-void EndStep(const bool* mask, const T* probe, T* seq, const T* initial, int64_t t, int64_t B,
-             int64_t H, int64_t lo, int64_t hi) {
-  if (probe != nullptr) {
-    Out<T>(At(seq, t, B, lo, H), (hi - lo) * H) += In<T>(At(probe, t, B, lo, H), (hi - lo) * H);
+class StateSteps {
+ public:
+  StateSteps(T* seq, const T* initial, int64_t B, int64_t H, int64_t lo, int64_t hi)
+      : seq_(seq), initial_(initial), B_(B), H_(H), lo_(lo), n_(hi - lo),
+        ring_(seq == nullptr ? 2 * n_ * H : 0) {}
+
+  // Row b of the state after step t.
+  T* At(int64_t t, int64_t b) {
+    return seq_ != nullptr ? keras_fancyrnn::At(seq_, t, B_, b, H_)
+                           : ring_.get() + ((t & 1) * n_ + b - lo_) * H_;
   }
-  if (mask == nullptr) return;
-  for (int64_t b = lo; b < hi; ++b) {
-    if (!mask[t * B + b]) std::copy_n(Prev<T>(seq, initial, t, B, b, H), H, At(seq, t, B, b, H));
+
+  // Row b of the state before step t (the initial state at t = 0); rows lo.. are contiguous.
+  const T* Prev(int64_t t, int64_t b) { return t == 0 ? initial_ + b * H_ : At(t - 1, b); }
+
+  // The end of step t: the probe added (where not null) and, at masked rows, the state before
+  // the step put back.
+  void EndStep(const bool* mask, const T* probe, int64_t t) {
+    if (probe != nullptr) {
+      Out<T>(At(t, lo_), n_ * H_) += In<T>(keras_fancyrnn::At(probe, t, B_, lo_, H_), n_ * H_);
+    }
+    if (mask == nullptr) return;
+    for (int64_t b = lo_; b < lo_ + n_; ++b) {
+      if (!mask[t * B_ + b]) std::copy_n(Prev(t, b), H_, At(t, b));
+    }
   }
-}
+
+  // The rows of the state after the last of S steps into `last` [B, H].
+  void CopyLast(int64_t S, T* last) { std::copy_n(Prev(S, lo_), n_ * H_, last + lo_ * H_); }
+
+ private:
+  T* const seq_;
+  const T* const initial_;
+  const int64_t B_, H_, lo_, n_;
+  AlignedArray<T> ring_;
+};
+
+// One shard's rows [lo, hi) of x W for every step of a forward op, computed kChunk steps at a
+// time as the recurrence reaches them (x [B, S, D]; step t reads x[:, t], or x[:, S - 1 - t]
+// with `reverse`): into the op's output `seq` [S, B, N] where the graph reads it (a gradient
+// does), else into a scratch of kChunk steps. An inference call then never holds the projected
+// sequence: the caches its [S, B, N] values took (with the [S, B, H] states, 2 MB at B=16, T=50,
+// D=128, H=64) slowed the Python and TensorFlow work of the rest of the call, which then found
+// its own data evicted (benchmarks/results/2026-12-06_projection_inside.md).
+template <typename T>
+class StepInputs {
+ public:
+  // (4 to 16 steps measured alike at B = 16 and 64, one step a little slower at B = 64,
+  // H = 256; more steps hold more of the sequence)
+  static constexpr int64_t kChunk = 8;
+
+  StepInputs(const RecurrentKernel<T>& w, const T* x, int64_t S, int64_t D, bool reverse, T* seq,
+             int64_t B, int64_t N, int64_t lo, int64_t hi)
+      : w_(w), x_(x), S_(S), D_(D), reverse_(reverse), seq_(seq), B_(B), N_(N), lo_(lo),
+        n_(hi - lo), scratch_(seq == nullptr ? kChunk * n_ * N : 0) {}
+
+  // Rows lo.. of step t (contiguous, N apart). The steps must be asked for in order.
+  T* Step(int64_t t) {
+    if (t % kChunk == 0) {
+      // each step's n rows of x are S D apart: one product of n rows per step
+      for (int64_t k = t; k < std::min(S_, t + kChunk); ++k) {
+        const T* rows = x_ + (lo_ * S_ + (reverse_ ? S_ - 1 - k : k)) * D_;
+        w_.Multiply(rows, n_, Rows(k), false, S_ * D_, N_);
+      }
+    }
+    return Rows(t);
+  }
+
+ private:
+  T* Rows(int64_t t) {
+    return seq_ != nullptr ? At(seq_, t, B_, lo_, N_) : scratch_.get() + (t % kChunk) * n_ * N_;
+  }
+
+  const RecurrentKernel<T>& w_;
+  const T* const x_;
+  const int64_t S_, D_;
+  const bool reverse_;
+  T* const seq_;
+  const int64_t B_, N_, lo_, n_;
+  AlignedArray<T> scratch_;
+};
 
 // One shard's gradient with respect to a state (rows [lo, hi)), carried back through time in
 // `carry`, which starts as the gradient of the final state. Begin(t) makes it the total ∂ℓ/∂s_t
@@ -291,51 +357,79 @@ inline T* OptionalAt(T* p, int64_t t, int64_t B, int64_t b, int64_t w) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// LSTM. Inputs xp [T, B, 4H] (x W), h0, c0 [B, H], u [H, 4H], b [4H], mask, probe_h, probe_c.
-// Outputs z = xp + b + h_{t-1} U [T, B, 4H] (in xp's buffer where TensorFlow allows), h, c
-// [T, B, H], and the final h_T, c_T [B, H] (their own outputs, so that a layer that returns only
-// them sends no [T, B, H] gradient back). The bias is added here, not to x W, so that the
-// gradient kernel can sum its gradient while each step's dz is in cache. The probe of c is added
-// before c_t feeds h_t.
+// LSTM. Inputs x [B, T, D] (batch-major), w [D, 4H], h0, c0 [B, H], u [H, 4H], b [4H], mask,
+// probe_h, probe_c; attr `reverse`: the steps in reverse order (go_backwards). Outputs
+// z = x_t w + b + h_{t-1} U [T, B, 4H], h, c [T, B, H], and the final h_T, c_T [B, H] (their own
+// outputs, so that a layer that returns only them sends no [T, B, H] gradient back). z, h and c
+// are written only where the graph reads them (OpKernelContext::output_required: a gradient
+// does; a graph that runs only inference does not), else they are empty and the op keeps only
+// a few steps of them (StepInputs, StateSteps). The bias is added here, not to x W, so that the
+// gradient kernel can sum its gradient while each step's dz is in cache. The probe of c is
+// added before c_t feeds h_t.
+
+// Output i of a forward op: of `shape` where the graph reads it, else empty (null).
+template <typename T>
+T* SequenceOutput(OpKernelContext* ctx, int i, const TensorShape& shape) {
+  const bool required = ctx->output_required(i);
+  T* out = Output<T>(ctx, i, required ? shape : TensorShape({0}));
+  return required ? out : nullptr;
+}
 
 template <typename T>
 class LstmSequence : public SequenceOp {
  public:
-  using SequenceOp::SequenceOp;
+  explicit LstmSequence(OpKernelConstruction* ctx) : SequenceOp(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("reverse", &reverse_));
+  }
 
   void Compute(OpKernelContext* ctx) override {
+    Shapes shapes(ctx);
+    if (!shapes.Check(2, {-1, -1}) || !shapes.Check(0, {ctx->input(2).dim_size(0), -1, -1})) {
+      return;
+    }
     Dims d;
-    if (!Prepare(ctx, 1, 0, {{0, Is::kSequence, 4}, {2, Is::kState}, {3, Is::kKernel, 4},
-                 {4, Is::kBias, 4}, {5, Is::kMask}, {6, Is::kProbe}, {7, Is::kProbe}}, &d)) return;
-    const int64_t S = d.S, B = d.B, H = d.H;
-    const Tensor& xp = ctx->input(0);
-    T* z = Output<T>(ctx, 0, xp.shape(), 0);
-    T* h = Output<T>(ctx, 1, TensorShape({S, B, H}));
-    T* c = Output<T>(ctx, 2, TensorShape({S, B, H}));
-    T* h_last = Output<T>(ctx, 3, ctx->input(1).shape());
-    T* c_last = Output<T>(ctx, 4, ctx->input(1).shape());
+    d.B = ctx->input(2).dim_size(0);
+    d.H = ctx->input(2).dim_size(1);
+    d.S = ctx->input(0).dim_size(1);
+    const int64_t S = d.S, B = d.B, H = d.H, D = ctx->input(0).dim_size(2);
+    if (!shapes.Check(1, {D, 4 * H}) ||
+        !CheckInputs(shapes, d, {{3, Is::kState}, {4, Is::kKernel, 4}, {5, Is::kBias, 4},
+                                 {6, Is::kMask}, {7, Is::kProbe}, {8, Is::kProbe}})) {
+      return;
+    }
+    T* z = SequenceOutput<T>(ctx, 0, TensorShape({S, B, 4 * H}));
+    T* h = SequenceOutput<T>(ctx, 1, TensorShape({S, B, H}));
+    T* c = SequenceOutput<T>(ctx, 2, TensorShape({S, B, H}));
+    T* h_last = Output<T>(ctx, 3, ctx->input(2).shape());
+    T* c_last = Output<T>(ctx, 4, ctx->input(2).shape());
     if (!ctx->status().ok()) return;
-    if (z != Ptr<T>(ctx, 0)) std::copy_n(Ptr<T>(ctx, 0), xp.NumElements(), z);
-    const T *h_0 = Ptr<T>(ctx, 1), *c_0 = Ptr<T>(ctx, 2), *probe_h = OptionalPtr<T>(ctx, 6),
-            *probe_c = OptionalPtr<T>(ctx, 7);
-    const bool* mask = OptionalPtr<bool>(ctx, 5);
-    const auto u = Recurrent(ctx, B, Ptr<T>(ctx, 3), H, 4 * H, false);
-    const T* bias = Ptr<T>(ctx, 4);
+    const T *x = Ptr<T>(ctx, 0), *h_0 = Ptr<T>(ctx, 2), *c_0 = Ptr<T>(ctx, 3),
+            *probe_h = OptionalPtr<T>(ctx, 7), *probe_c = OptionalPtr<T>(ctx, 8);
+    const bool* mask = OptionalPtr<bool>(ctx, 6);
+    const auto w = Recurrent(ctx, B, Ptr<T>(ctx, 1), D, 4 * H, false);
+    const auto u = Recurrent(ctx, B, Ptr<T>(ctx, 4), H, 4 * H, false);
+    const T* bias = Ptr<T>(ctx, 5);
     Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
+      StepInputs<T> zs(w, x, S, D, reverse_, z, B, 4 * H, lo, hi);
+      StateSteps<T> hs(h, h_0, B, H, lo, hi), cs(c, c_0, B, H, lo, hi);
       for (int64_t t = 0; t < S; ++t) {
-        u.Multiply(Prev<T>(h, h_0, t, B, lo, H), hi - lo, At(z, t, B, lo, 4 * H), true,
-                   RecurrentKernel<T>::kDense, RecurrentKernel<T>::kDense, bias);
+        T* z_t = zs.Step(t);  // x_t w, rows lo..
+        u.Multiply(hs.Prev(t, lo), hi - lo, z_t, true, RecurrentKernel<T>::kDense,
+                   RecurrentKernel<T>::kDense, bias);
         for (int64_t b = lo; b < hi; ++b) {
-          LstmRow<T>(At(z, t, B, b, 4 * H), Prev<T>(c, c_0, t, B, b, H),
-                     OptionalAt(probe_c, t, B, b, H), At(h, t, B, b, H), At(c, t, B, b, H), H);
+          LstmRow<T>(z_t + (b - lo) * 4 * H, cs.Prev(t, b), OptionalAt(probe_c, t, B, b, H),
+                     hs.At(t, b), cs.At(t, b), H);
         }
-        EndStep<T>(mask, probe_h, h, h_0, t, B, H, lo, hi);
-        EndStep<T>(mask, nullptr, c, c_0, t, B, H, lo, hi);
+        hs.EndStep(mask, probe_h, t);
+        cs.EndStep(mask, nullptr, t);
       }
-      CopyLast<T>(h, h_0, S, B, H, lo, hi, h_last);
-      CopyLast<T>(c, c_0, S, B, H, lo, hi, c_last);
+      hs.CopyLast(S, h_last);
+      cs.CopyLast(S, c_last);
     });
   }
+
+ private:
+  bool reverse_ = false;
 };
 
 // Inputs dh, dc (gradients of the h and c sequences), dz_in (of the z output; each empty where
@@ -426,17 +520,18 @@ class GruSequence : public SequenceOp {
     Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
       GruScratch<T> scratch(H);
       RowMat<T> xb(hi - lo, 3 * H);  // xp + b_in, this step's rows
+      StateSteps<T> hs(h, h_0, B, H, lo, hi);
       for (int64_t t = 0; t < S; ++t) {
-        u.Multiply(Prev<T>(h, h_0, t, B, lo, H), hi - lo, At(rec, t, B, lo, 3 * H), false,
+        u.Multiply(hs.Prev(t, lo), hi - lo, At(rec, t, B, lo, 3 * H), false,
                    RecurrentKernel<T>::kDense, RecurrentKernel<T>::kDense, b_rec);
         AddBias(xp, b_in, t, B, lo, xb);
         for (int64_t b = lo; b < hi; ++b) {
-          GruRow<T>(xb.row(b - lo).data(), At(rec, t, B, b, 3 * H), Prev<T>(h, h_0, t, B, b, H),
-                    At(h, t, B, b, H), H, scratch);
+          GruRow<T>(xb.row(b - lo).data(), At(rec, t, B, b, 3 * H), hs.Prev(t, b), hs.At(t, b), H,
+                    scratch);
         }
-        EndStep<T>(mask, probe_h, h, h_0, t, B, H, lo, hi);
+        hs.EndStep(mask, probe_h, t);
       }
-      CopyLast<T>(h, h_0, S, B, H, lo, hi, h_last);
+      hs.CopyLast(S, h_last);
     });
   }
 };
@@ -534,24 +629,23 @@ class GruBeforeSequence : public SequenceOp {
       GruScratch<T> scratch(H);
       std::vector<T> z(n * H);
       RowMat<T> xb(n, 3 * H);  // xp + b, this step's rows
+      StateSteps<T> hs(h, h_0, B, H, lo, hi);
       for (int64_t t = 0; t < S; ++t) {
         T* rec_t = At(rec, t, B, lo, 3 * H);
-        u_zr.Multiply(Prev<T>(h, h_0, t, B, lo, H), n, rec_t, false, H, 3 * H);
+        u_zr.Multiply(hs.Prev(t, lo), n, rec_t, false, H, 3 * H);
         AddBias(xp, bias, t, B, lo, xb);
         for (int64_t b = lo; b < hi; ++b) {
-          GruBeforeGates<T>(xb.row(b - lo).data(), At(rec, t, B, b, 3 * H),
-                            Prev<T>(h, h_0, t, B, b, H), z.data() + (b - lo) * H,
-                            At(rh, t, B, b, H), H);
+          GruBeforeGates<T>(xb.row(b - lo).data(), At(rec, t, B, b, 3 * H), hs.Prev(t, b),
+                            z.data() + (b - lo) * H, At(rh, t, B, b, H), H);
         }
         u_h.Multiply(At(rh, t, B, lo, H), n, rec_t + 2 * H, false, H, 3 * H);
         for (int64_t b = lo; b < hi; ++b) {
-          GruBeforeRow<T>(xb.row(b - lo).data(), At(rec, t, B, b, 3 * H),
-                          Prev<T>(h, h_0, t, B, b, H), z.data() + (b - lo) * H,
-                          At(h, t, B, b, H), H, scratch);
+          GruBeforeRow<T>(xb.row(b - lo).data(), At(rec, t, B, b, 3 * H), hs.Prev(t, b),
+                          z.data() + (b - lo) * H, hs.At(t, b), H, scratch);
         }
-        EndStep<T>(mask, probe_h, h, h_0, t, B, H, lo, hi);
+        hs.EndStep(mask, probe_h, t);
       }
-      CopyLast<T>(h, h_0, S, B, H, lo, hi, h_last);
+      hs.CopyLast(S, h_last);
     });
   }
 };
@@ -661,19 +755,20 @@ class RnnSequence : public SequenceOp {
     const auto u = Recurrent(ctx, B, Ptr<T>(ctx, 2), H, H, false);
     const T* bias = Ptr<T>(ctx, 3);
     Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
+      StateSteps<T> hs(h, h_0, B, H, lo, hi);
       for (int64_t t = 0; t < S; ++t) {
-        MatOut<T> h_t(At(h, t, B, lo, H), hi - lo, H);
-        u.Multiply(Prev<T>(h, h_0, t, B, lo, H), hi - lo, h_t.data(), true,
-                   RecurrentKernel<T>::kDense, RecurrentKernel<T>::kDense, bias);
+        MatOut<T> h_t(hs.At(t, lo), hi - lo, H);
+        u.Multiply(hs.Prev(t, lo), hi - lo, h_t.data(), true, RecurrentKernel<T>::kDense,
+                   RecurrentKernel<T>::kDense, bias);
         if (relu_) {
           h_t = h_t.cwiseMax(T(0));
         } else {
           h_t = h_t.array().tanh().matrix();
         }
         if (act != nullptr) std::copy_n(h_t.data(), h_t.size(), At(act, t, B, lo, H));
-        EndStep<T>(mask, probe_h, h, h_0, t, B, H, lo, hi);
+        hs.EndStep(mask, probe_h, t);
       }
-      CopyLast<T>(h, h_0, S, B, H, lo, hi, h_last);
+      hs.CopyLast(S, h_last);
     });
   }
 
@@ -922,14 +1017,24 @@ absl::Status SequenceShapes(InferenceContext* ctx, int sequence, int state,
 }  // namespace
 
 REGISTER_OP("KerasFancyrnnLstmSequence")
-    .Input("xp: T").Input("h0: T").Input("c0: T").Input("u: T").Input("b: T")
+    .Input("x: T").Input("w: T").Input("h0: T").Input("c0: T").Input("u: T").Input("b: T")
     .Input("mask: bool").Input("probe_h: T").Input("probe_c: T")
     .Output("z: T").Output("h: T").Output("c: T").Output("h_last: T").Output("c_last: T")
     .Attr("T: {float, double}")
     .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
     .Attr("spin: bool = true")
+    .Attr("reverse: bool = false")
     .SetShapeFn([](InferenceContext* c) {
-      return SequenceShapes(c, 0, 1, {1, 2}, {{0, 0}, {3, 1}, {4, 1}});
+      // (z, h and c where the graph reads them: see LstmSequence)
+      ::tensorflow::shape_inference::ShapeHandle x, w, state;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &x));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &w));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &state));
+      const auto steps = c->Dim(x, 1), batch = c->Dim(state, 0);
+      c->set_output(0, c->MakeShape({steps, batch, c->Dim(w, 1)}));
+      for (int k : {1, 2}) c->set_output(k, c->MakeShape({steps, batch, c->Dim(state, 1)}));
+      for (int k : {3, 4}) c->set_output(k, state);
+      return absl::OkStatus();
     });
 
 REGISTER_OP("KerasFancyrnnLstmSequenceGrad")
