@@ -6,9 +6,9 @@ side in one process, alternating, medians.
 The prediction: a step of the loop is a TensorFlow matmul, the gate kernel and the loop's own
 control-flow and TensorArray ops (and in training their gradients and accumulators), each with
 TensorFlow's per-op overhead; the sequence kernel keeps only the arithmetic, runs each thread's
-batch rows through all timesteps without synchronising, and moves ``x W``, ``dx``, ``dW`` and
-``dU`` out of the time loop into four large products (the projection op, twice, and the two
-weight gradient ops).
+batch rows through all timesteps without synchronising, computes ``x W`` a few steps ahead of
+the recurrence in the same op, and moves ``dx``, ``dW`` and ``dU`` out of the time loop into
+three large products (the projection op and the two weight gradient ops).
 
     python benchmarks/sequence_kernels.py                     # all three cells; B=64 T=100 D=H=128
     python benchmarks/sequence_kernels.py --batch=16,256 --hidden=64,256 --out=seq.md

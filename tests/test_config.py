@@ -117,16 +117,16 @@ def test_switches_are_booleans_from_the_environment_too(monkeypatch):
 
 
 def test_switches_choose_the_path(rng):
-    """The settings reach the layers when they are traced: the sequence kernel (after the
-    projection op) by default, the step loop with the gate kernels without sequence kernels, no
-    C++ op without native kernels."""
+    """The settings reach the layers when they are traced: the sequence kernel (which projects
+    its inputs itself) by default, the step loop with the gate kernels without sequence kernels,
+    no C++ op without native kernels."""
     x = tf.constant(rng.normal(size=(3, 6, 4)).astype("float32"))
 
     def ops(layer):
         return {op for op in traced_ops(layer, x) if op.startswith("KerasFancyrnn")}
 
     if native.library() is not None:
-        assert ops(fr.GRU(5)) == {"KerasFancyrnnProject", "KerasFancyrnnGruSequence"}
+        assert ops(fr.GRU(5)) == {"KerasFancyrnnGruSequence"}
         with fr.config.scope(sequence_kernels=False):
             assert ops(fr.GRU(5)) == {"KerasFancyrnnGruGates"}
     with fr.config.scope(native_kernels=False):

@@ -298,19 +298,18 @@ class RecurrentCell(SeedStateSaving, keras.layers.Layer, DropoutRNNCell):
 
     def fused_sequence(self, inputs, states, dropout_mask=None, mask=None, probes=None,
                        go_backwards=False):
-        """All timesteps in one kernel: ``x W`` for the whole sequence as one product, into
-        time-major order (``native.project``), then ``sequence_kernel``, which adds the bias (the
-        LSTM's op projects its inputs itself: ``LSTMCell.fused_sequence``).
-        ``inputs``: batch-major ``[B, T, D]``, processed last step first with ``go_backwards``;
+        """All timesteps in one kernel (the cell's ``sequence_kernel``), which computes ``x W``
+        itself and adds the bias. ``inputs``: batch-major ``[B, T, D]``, processed last step
+        first with ``go_backwards``;
         ``dropout_mask``: ``None`` or one ``[B, D]`` mask; ``mask`` ``[T, B]`` and ``probes``
         ``{state index: [T, B, units]}`` time-major in processing order, as
         ``keras_fancyrnn.ops.native.lstm_sequence`` takes them. Returns ``(hidden states
         [T, B, units], final states)``, in processing order."""
         if dropout_mask is not None:
             inputs = inputs * ops.expand_dims(dropout_mask, 1)  # one [B, D] mask for every step
-        xp = native.project(inputs, ops.convert_to_tensor(self.kernel), go_backwards)
         bias = None if self.input_bias is None else ops.convert_to_tensor(self.input_bias)
-        return self.sequence_kernel(xp, list(states), bias, mask=mask, probes=probes)
+        return self.sequence_kernel(inputs, ops.convert_to_tensor(self.kernel), list(states),
+                                    bias, mask=mask, probes=probes, go_backwards=go_backwards)
 
     def get_config(self):
         config = {

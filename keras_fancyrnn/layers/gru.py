@@ -76,16 +76,18 @@ class GRUCell(RecurrentCell):
         return h, [h]
 
 
-    def sequence_kernel(self, xp, states, bias=None, mask=None, probes=None):
-        """``step`` over all of ``xp = x W`` ``[T, B, 3·units]`` plus the input bias ``bias`` in
-        one C++ op (tanh/sigmoid; either ``reset_after``), with ``mask`` and ``probes``
-        (``native.gru_sequence``)."""
-        kernel = ops.convert_to_tensor(self.recurrent_kernel)
+    def sequence_kernel(self, inputs, kernel, states, bias=None, mask=None, probes=None,
+                        go_backwards=False):
+        """``step`` over all of batch-major ``inputs`` in one C++ op (tanh/sigmoid; either
+        ``reset_after``), which projects them with ``kernel`` and adds the input bias ``bias``
+        itself, with ``mask`` and ``probes`` (``native.gru_sequence``)."""
+        u = ops.convert_to_tensor(self.recurrent_kernel)
         if not self.reset_after:
-            return native.gru_before_sequence(xp, states[0], kernel, bias, mask=mask,
-                                              probes=probes)
+            return native.gru_before_sequence(inputs, kernel, states[0], u, bias, mask=mask,
+                                              probes=probes, go_backwards=go_backwards)
         b_rec = None if self.bias is None else ops.convert_to_tensor(self.bias)[1]
-        return native.gru_sequence(xp, states[0], kernel, b_rec, bias, mask=mask, probes=probes)
+        return native.gru_sequence(inputs, kernel, states[0], u, b_rec, bias, mask=mask,
+                                   probes=probes, go_backwards=go_backwards)
 
     def get_config(self):
         return {

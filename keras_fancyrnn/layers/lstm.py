@@ -84,17 +84,13 @@ class LSTMCell(RecurrentCell):
     fused_max_macs = 450_000
     fused_max_macs_plain_loop = 1_300_000
 
-    def fused_sequence(self, inputs, states, dropout_mask=None, mask=None, probes=None,
-                       go_backwards=False):
-        """``RecurrentCell.fused_sequence`` in one C++ op (tanh/sigmoid,
-        ``native.lstm_sequence``), which projects ``x W`` itself a few steps ahead of the
-        recurrence: where nothing differentiates the call (inference), no ``[T, B, ...]``
-        sequence is written but the one returned."""
-        if dropout_mask is not None:
-            inputs = inputs * ops.expand_dims(dropout_mask, 1)  # one [B, D] mask for every step
-        bias = None if self.bias is None else ops.convert_to_tensor(self.bias)
-        return native.lstm_sequence(inputs, ops.convert_to_tensor(self.kernel), states[0],
-                                    states[1], ops.convert_to_tensor(self.recurrent_kernel), bias,
+    def sequence_kernel(self, inputs, kernel, states, bias=None, mask=None, probes=None,
+                        go_backwards=False):
+        """``step`` over all of batch-major ``inputs`` in one C++ op (tanh/sigmoid), which
+        projects them with ``kernel`` and adds ``bias`` itself, with ``mask`` and ``probes``
+        (``native.lstm_sequence``)."""
+        return native.lstm_sequence(inputs, kernel, states[0], states[1],
+                                    ops.convert_to_tensor(self.recurrent_kernel), bias,
                                     mask=mask, probes=probes, go_backwards=go_backwards)
 
     def block_lstm_batch_limit(self, input_dim, dtype):

@@ -43,11 +43,15 @@ class SimpleRNNCell(RecurrentCell):
             return "tanh"
         return "relu" if self.activation is keras.activations.relu else None
 
-    def sequence_kernel(self, xp, states, bias=None, mask=None, probes=None):
-        """``step`` over all of ``xp = x W`` ``[T, B, units]`` plus ``bias`` in one C++ op (tanh
-        or ReLU), with ``mask`` and ``probes`` (``native.rnn_sequence``)."""
-        return native.rnn_sequence(xp, states[0], ops.convert_to_tensor(self.recurrent_kernel),
-                                   self._kernel_activation(), bias, mask=mask, probes=probes)
+    def sequence_kernel(self, inputs, kernel, states, bias=None, mask=None, probes=None,
+                        go_backwards=False):
+        """``step`` over all of batch-major ``inputs`` in one C++ op (tanh or ReLU), which
+        projects them with ``kernel`` and adds ``bias`` itself, with ``mask`` and ``probes``
+        (``native.rnn_sequence``)."""
+        return native.rnn_sequence(inputs, kernel, states[0],
+                                   ops.convert_to_tensor(self.recurrent_kernel),
+                                   self._kernel_activation(), bias, mask=mask, probes=probes,
+                                   go_backwards=go_backwards)
 
 
 @keras.saving.register_keras_serializable(package="keras_fancyrnn")

@@ -354,8 +354,9 @@ def _register_sequence_gradients():
     # Each forward kernel's last inputs are its mask (no gradient) and probes, whose gradients
     # are the backward kernel's last outputs.
 
-    # The LSTM's op projects its inputs itself: dz is the gradient of x W + b, which the
+    # Each forward op projects its inputs itself: the gradient of x W (dz, dxp), which the
     # projection's gradient takes on to x and W.
+
     @tf.RegisterGradient("KerasFancyrnnLstmSequence")
     def _lstm_sequence(op, dz, dh, dc, dh_last, dc_last):
         x, w, h0, c0, u, _, *extras = op.inputs
@@ -365,24 +366,24 @@ def _register_sequence_gradients():
             _optional(dh, h), _optional(dc, c), _optional(dz, z), z, c, c0, u, dh_last, dc_last,
             *extras, **_kernel_attrs(op))
         du = _recurrent_kernel_gradient(op, h0, h, dz)
-        dx, dw = _projection_gradients(op, x, w, dz, reverse_1=op.get_attr("reverse"))
-        return dx, dw, dh0, dc0, du, db, None, *dprobes
+        return (*_input_gradients(op, dz), dh0, dc0, du, db, None, *dprobes)
 
     @tf.RegisterGradient("KerasFancyrnnGruSequence")
-    def _gru_sequence(op, dh, drec, dh_last):
-        xp, h0, u, _, b_in, *extras = op.inputs
-        h, rec, last = op.outputs
+    def _gru_sequence(op, dh, drec, dh_last, dxp_out):
+        _, _, h0, u, _, b_in, *extras = op.inputs
+        h, rec, last, xp = op.outputs
         (dh_last,) = _zeros_for_none((dh_last,), (last,))
         dxp, drec, dh0, db_in, db_rec, dprobe = library().keras_fancyrnn_gru_sequence_grad(
             _optional(dh, h), _optional(drec, rec), xp, rec, h, h0, u, dh_last, b_in, *extras,
             **_kernel_attrs(op))
         du = _recurrent_kernel_gradient(op, h0, h, drec)
-        return dxp, dh0, du, db_rec, db_in, None, dprobe
+        return (*_input_gradients(op, _plus(dxp, dxp_out)), dh0, du, db_rec, db_in, None,
+                dprobe)
 
     @tf.RegisterGradient("KerasFancyrnnGruBeforeSequence")
-    def _gru_before_sequence(op, dh, drec, drh, dh_last):
-        xp, h0, u, b, *extras = op.inputs
-        h, rec, rh, last = op.outputs
+    def _gru_before_sequence(op, dh, drec, drh, dh_last, dxp_out):
+        _, _, h0, u, b, *extras = op.inputs
+        h, rec, rh, last, xp = op.outputs
         (dh_last,) = _zeros_for_none((dh_last,), (last,))
         dxp, drec, dh0, db, dprobe = library().keras_fancyrnn_gru_before_sequence_grad(
             _optional(dh, h), _optional(drec, rec), _optional(drh, rh), xp, rec, h, h0, u,
@@ -392,17 +393,19 @@ def _register_sequence_gradients():
         du_h = tf.matmul(tf.reshape(rh, [-1, units]), tf.reshape(drec[..., 2 * units:],
                                                                  [-1, units]), transpose_a=True)
         du_zr = _recurrent_kernel_gradient(op, h0, h, drec[..., :2 * units])
-        return dxp, dh0, tf.concat([du_zr, du_h], axis=1), db, None, dprobe
+        return (*_input_gradients(op, _plus(dxp, dxp_out)), dh0,
+                tf.concat([du_zr, du_h], axis=1), db, None, dprobe)
 
     @tf.RegisterGradient("KerasFancyrnnRnnSequence")
     def _rnn_sequence(op, dh, dh_last, _):  # act: ReLU's σ(z_t), whose σ' has no gradient
-        _, h0, u, _, mask, probe = op.inputs
+        _, _, h0, u, _, mask, probe = op.inputs
         h, last, act = op.outputs
         (dh_last,) = _zeros_for_none((dh_last,), (last,))
         dz, dh0, db, dprobe = library().keras_fancyrnn_rnn_sequence_grad(
             _optional(dh, h), h, h0, u, dh_last, mask, probe, act,
             activation=_attr(op, "activation"), **_kernel_attrs(op))
-        return dz, dh0, _recurrent_kernel_gradient(op, h0, h, dz), db, None, dprobe
+        return (*_input_gradients(op, dz), dh0, _recurrent_kernel_gradient(op, h0, h, dz), db,
+                None, dprobe)
 
 
 def _register_sequence_second_derivatives():
@@ -458,6 +461,18 @@ def _register_projection_gradient():
         x, w = op.inputs
         return _projection_gradients(op, x, w, dy, *(op.get_attr(name) for name in
                                                      ("transpose_w", "reverse_0", "reverse_1")))
+
+
+def _input_gradients(op, dxp):
+    """``(dx, dw)`` of a sequence op (inputs ``x`` ``[B, T, D]`` and ``w``, attr ``reverse``) from
+    the gradient ``dxp`` ``[T, B, k H]`` of the ``x W`` it computed."""
+    x, w = op.inputs[:2]
+    return _projection_gradients(op, x, w, dxp, reverse_1=op.get_attr("reverse"))
+
+
+def _plus(grad, more):
+    """``grad + more``, ``more`` a gradient that may be ``None`` (zero)."""
+    return grad if more is None else grad + more
 
 
 def _projection_gradients(op, x, w, dy, transpose_w=False, reverse_0=False, reverse_1=False):

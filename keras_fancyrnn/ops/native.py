@@ -11,10 +11,11 @@ arithmetic. Two kinds of kernels remove that:
 - ``kernels/sequence.cc``: every timestep of an LSTM, GRU (either ``reset_after``) or tanh or
   ReLU SimpleRNN in one op (``lstm_sequence``, ``gru_sequence``, ``gru_before_sequence``,
   ``rnn_sequence``), and the step-by-step part of its gradient in another, which also sums the
-  bias gradient; ``project`` computes ``x W`` for all timesteps before it (from the layer's
-  batch-major input, time-major; the LSTM's op takes ``x`` and ``W`` and projects a few steps at
-  a time itself, writing its ``[T, B, ...]`` outputs only where a gradient reads them), and the
-  weight gradients ``dW`` and ``dU`` are ops of their own after it (``kernels/outer_sum.h``;
+  bias gradient. The forward op takes the layer's batch-major ``x`` and ``W`` and computes
+  ``x W`` itself, a few steps ahead of the recurrence, writing its ``[T, B, ...]`` outputs only
+  where an op of the graph reads them (a gradient does; inference need not). ``project``
+  (``x W`` for all timesteps, time-major) is the gradient of ``x``, and the weight gradients
+  ``dW`` and ``dU`` are ops of their own after the gradient op (``kernels/outer_sum.h``;
   registered in ``gradients.py``). Masks
   and the monitor's probes run in them too; the engine runs them wherever it does not need its
   loop (truncation, recurrent dropout, ``unroll``; benchmarks/sequence_kernels.py).
@@ -70,8 +71,7 @@ def project(x, kernel, go_backwards=False):
     """``x W`` for batch-major ``x`` ``[B, T, D]``, time-major: ``[T, B, n]``, the steps in
     reverse order with ``go_backwards``. One op (``KerasFancyrnnProject``) in place of a
     transpose and a matmul, with its gradient registered in ``keras_fancyrnn.ops.gradients``
-    (the same op for ``x``). (The bias is the sequence kernels' input: their gradient kernels
-    sum its gradient.)"""
+    (the same op for ``x``); the sequence ops' gradients of ``x`` run it."""
     return library().keras_fancyrnn_project(x, kernel, reverse_1=go_backwards, **_attrs())
 
 
@@ -88,20 +88,20 @@ def _attrs() -> dict:
     return {"product": product(), "spin": config.get("spinning_workers")}
 
 
-def _bias(bias, xp):
-    """The bias input of a sequence kernel: ``bias``, or zeros as wide as ``xp``'s rows (or
-    ``W``'s columns)."""
+def _bias(bias, w):
+    """The bias input of a sequence kernel: ``bias``, or zeros as wide as ``w``'s rows (``W``'s
+    columns)."""
     from keras_fancyrnn._tf import tf
 
     if bias is None:
-        return tf.zeros(tf.shape(xp)[-1:], xp.dtype)
-    return tf.convert_to_tensor(bias, xp.dtype)
+        return tf.zeros(tf.shape(w)[-1:], w.dtype)
+    return tf.convert_to_tensor(bias, w.dtype)
 
 
-def _extras(xp, mask, probes, states: int):
+def _extras(w, mask, probes, states: int):
     """The mask and probe inputs every sequence kernel takes after its own: ``mask`` ``[T, B]``
-    (bool) and ``probes[i]`` ``[T, B, H]`` for each of the first ``states`` states, each the empty
-    marker where absent."""
+    (bool) and ``probes[i]`` ``[T, B, H]`` (of ``w``'s dtype) for each of the first ``states``
+    states, each the empty marker where absent."""
     from keras_fancyrnn._tf import tf
 
     probes = probes or {}
@@ -110,8 +110,8 @@ def _extras(xp, mask, probes, states: int):
         raise ValueError(f"probes: state indices {sorted(unknown)} do not exist; this kernel "
                          f"has {states} state(s)")
     mask = tf.zeros([0], tf.bool) if mask is None else tf.cast(mask, tf.bool)
-    return [mask] + [tf.zeros([0], xp.dtype) if probes.get(i) is None
-                     else tf.convert_to_tensor(probes[i], xp.dtype) for i in range(states)]
+    return [mask] + [tf.zeros([0], w.dtype) if probes.get(i) is None
+                     else tf.convert_to_tensor(probes[i], w.dtype) for i in range(states)]
 
 
 def lstm_sequence(x, w, h0, c0, u, b=None, mask=None, probes=None, go_backwards=False):
@@ -133,32 +133,47 @@ def lstm_sequence(x, w, h0, c0, u, b=None, mask=None, probes=None, go_backwards=
     return h, [h_last, c_last]
 
 
-def gru_sequence(xp, h0, u, b_rec=None, b_in=None, mask=None, probes=None):
-    """All steps of a GRU (``reset_after=True``): ``(h [T, B, H], [h_T])`` from
-    ``xp = x W`` ``[T, B, 3H]``, ``h0``, the recurrent kernel ``u``, the recurrent bias ``b_rec``
-    and the input bias ``b_in`` (``None``: none); ``mask`` and ``probes`` as ``lstm_sequence``."""
-    h, _, h_last = library().keras_fancyrnn_gru_sequence(
-        xp, h0, u, _bias(b_rec, xp), _bias(b_in, xp), *_extras(xp, mask, probes, 1),
-        **_attrs())
+def gru_sequence(x, w, h0, u, b_rec=None, b_in=None, mask=None, probes=None,
+                 go_backwards=False):
+    """All steps of a GRU (``reset_after=True``): ``(h [T, B, H], [h_T])`` from ``x`` and ``w``
+    ``[D, 3H]`` as ``lstm_sequence``'s, ``h0``, the recurrent kernel ``u``, the recurrent bias
+    ``b_rec`` and the input bias ``b_in`` (``None``: none); ``mask``, ``probes`` and
+    ``go_backwards`` as ``lstm_sequence``'s."""
+    from keras_fancyrnn._tf import tf
+
+    w = tf.convert_to_tensor(w)
+    h, _, h_last, _ = library().keras_fancyrnn_gru_sequence(
+        x, w, h0, u, _bias(b_rec, w), _bias(b_in, w), *_extras(w, mask, probes, 1),
+        reverse=go_backwards, **_attrs())
     return h, [h_last]
 
 
-def gru_before_sequence(xp, h0, u, b=None, mask=None, probes=None):
+def gru_before_sequence(x, w, h0, u, b=None, mask=None, probes=None, go_backwards=False):
     """All steps of a GRU with ``reset_after=False`` (the reset gate before the product):
-    ``(h [T, B, H], [h_T])`` from ``xp = x W`` ``[T, B, 3H]``, ``h0``, ``u`` and the bias ``b``
-    (``None``: none); ``mask`` and ``probes`` as ``lstm_sequence``."""
-    h, _, _, h_last = library().keras_fancyrnn_gru_before_sequence(
-        xp, h0, u, _bias(b, xp), *_extras(xp, mask, probes, 1), **_attrs())
+    ``(h [T, B, H], [h_T])`` from ``x`` and ``w`` ``[D, 3H]`` as ``lstm_sequence``'s, ``h0``,
+    ``u`` and the bias ``b`` (``None``: none); ``mask``, ``probes`` and ``go_backwards`` as
+    ``lstm_sequence``'s."""
+    from keras_fancyrnn._tf import tf
+
+    w = tf.convert_to_tensor(w)
+    h, _, _, h_last, _ = library().keras_fancyrnn_gru_before_sequence(
+        x, w, h0, u, _bias(b, w), *_extras(w, mask, probes, 1), reverse=go_backwards,
+        **_attrs())
     return h, [h_last]
 
 
-def rnn_sequence(xp, h0, u, activation="tanh", b=None, mask=None, probes=None):
+def rnn_sequence(x, w, h0, u, activation="tanh", b=None, mask=None, probes=None,
+                 go_backwards=False):
     """All steps of a SimpleRNN with ``activation`` ``"tanh"`` or ``"relu"``:
-    ``(h [T, B, H], [h_T])`` from ``xp = x W`` ``[T, B, H]`` and the bias ``b`` (``None``:
-    none); ``mask`` and ``probes`` as ``lstm_sequence``."""
+    ``(h [T, B, H], [h_T])`` from ``x`` and ``w`` ``[D, H]`` as ``lstm_sequence``'s and the
+    bias ``b`` (``None``: none); ``mask``, ``probes`` and ``go_backwards`` as
+    ``lstm_sequence``'s."""
+    from keras_fancyrnn._tf import tf
+
+    w = tf.convert_to_tensor(w)
     h, h_last, _ = library().keras_fancyrnn_rnn_sequence(
-        xp, h0, u, _bias(b, xp), *_extras(xp, mask, probes, 1), activation=activation,
-        **_attrs())
+        x, w, h0, u, _bias(b, w), *_extras(w, mask, probes, 1), activation=activation,
+        reverse=go_backwards, **_attrs())
     return h, [h_last]
 
 

@@ -27,8 +27,8 @@ SEQUENCE_OPS = {"SimpleRNN": "KerasFancyrnnRnnSequence", "LSTM": "KerasFancyrnnL
                 "GRU": "KerasFancyrnnGruSequence", "SimpleRNN-relu": "KerasFancyrnnRnnSequence",
                 "GRU-before": "KerasFancyrnnGruBeforeSequence"}
 
-#: The op that projects a layer's batch-major inputs to the sequence ops' time-major ``x W``
-#: (forward, and the gradient with respect to the inputs).
+#: The op that projects between a layer's batch-major inputs and the sequence ops' time-major
+#: ``x W`` (the sequence ops' gradient with respect to their inputs).
 PROJECT_OP = "KerasFancyrnnProject"
 
 #: Every combination of the projection ops' three attrs (``KerasFancyrnnProject`` and the

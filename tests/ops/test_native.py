@@ -2,6 +2,7 @@
 versions of the LSTM / GRU equations, float64 finite differences, keras.layers with copied
 weights, and the cells' plain TensorFlow ops (second derivatives)."""
 
+import itertools
 
 import keras
 import numpy as np
@@ -307,36 +308,39 @@ def test_sequence_kernels_equal_keras(library, kind, go_backwards, product, rng)
     assert_each_close(grads, grads_ref, grads_64, chain, "gradient")
 
 
-def _sequence_loss(library, kind, weights, mask=None):
+def _sequence_loss(library, kind, weights, mask=None, reverse=False):
     """A float64 loss of the raw sequence op that uses every output (also ``z`` / ``rec`` and the
     final states, so every gradient input of the gradient kernels is exercised), as a function
-    of ``xp`` (the LSTM: ``x`` and ``w``), the rest and the probes; ``mask`` ``[T, B]`` or
-    ``None``."""
+    of ``x``, ``w``, the rest and the probes; ``mask`` ``[T, B]`` or ``None``; ``reverse``: the
+    steps last first."""
     mask = tf.zeros([0], tf.bool) if mask is None else tf.constant(mask)
 
     def last(*states):
         return sum(tf.reduce_sum(tf.sin((k + 2) * s)) for k, s in enumerate(states))
 
-    def lstm(x, w, h0, c0, u, b, p_h, p_c):  # its op projects batch-major x itself
-        z, h, c, h_last, c_last = library.keras_fancyrnn_lstm_sequence(x, w, h0, c0, u, b, mask,
-                                                                       p_h, p_c)
+    def lstm(x, w, h0, c0, u, b, p_h, p_c):
+        z, h, c, h_last, c_last = library.keras_fancyrnn_lstm_sequence(
+            x, w, h0, c0, u, b, mask, p_h, p_c, reverse=reverse)
         return tf.reduce_sum(h * weights[0] + c * c * weights[1]) + tf.reduce_sum(
             tf.sin(z)[..., :1]) + last(h_last, c_last)
 
-    def gru(xp, h0, u, b_rec, b_in, p_h):
-        h, rec, h_last = library.keras_fancyrnn_gru_sequence(xp, h0, u, b_rec, b_in, mask, p_h)
+    def gru(x, w, h0, u, b_rec, b_in, p_h):
+        h, rec, h_last, xp = library.keras_fancyrnn_gru_sequence(
+            x, w, h0, u, b_rec, b_in, mask, p_h, reverse=reverse)
         return tf.reduce_sum(h ** 3 * weights[0]) + tf.reduce_sum(tf.sin(rec)[..., :1]) + last(
-            h_last)
+            h_last) + tf.reduce_sum(tf.cos(xp)[..., -1:])
 
-    def rnn(xp, h0, u, b, p_h, activation="tanh"):
-        h, h_last, _ = library.keras_fancyrnn_rnn_sequence(xp, h0, u, b, mask, p_h,
-                                                           activation=activation)
+    def rnn(x, w, h0, u, b, p_h, activation="tanh"):
+        h, h_last, _ = library.keras_fancyrnn_rnn_sequence(x, w, h0, u, b, mask, p_h,
+                                                           activation=activation, reverse=reverse)
         return tf.reduce_sum(h ** 3 * weights[0]) + last(h_last)
 
-    def gru_before(xp, h0, u, b, p_h):
-        h, rec, rh, h_last = library.keras_fancyrnn_gru_before_sequence(xp, h0, u, b, mask, p_h)
+    def gru_before(x, w, h0, u, b, p_h):
+        h, rec, rh, h_last, xp = library.keras_fancyrnn_gru_before_sequence(
+            x, w, h0, u, b, mask, p_h, reverse=reverse)
         return (tf.reduce_sum(h ** 3 * weights[0]) + tf.reduce_sum(tf.sin(rec)[..., :1])
-                + tf.reduce_sum(rh * weights[1]) + last(h_last))
+                + tf.reduce_sum(rh * weights[1]) + last(h_last)
+                + tf.reduce_sum(tf.cos(xp)[..., -1:]))
 
     return {"LSTM": lstm, "GRU": gru, "SimpleRNN": rnn,
             "SimpleRNN-relu": lambda *a: rnn(*a, activation="relu"), "GRU-before": gru_before}[kind]
@@ -346,19 +350,16 @@ def _sequence_loss(library, kind, weights, mask=None):
 @pytest.mark.parametrize("kind", SEQUENCE_OPS)
 def test_sequence_kernel_gradients_equal_finite_differences(library, kind, masked, rng):
     """Every input's gradient, the (nonzero) probes' included, against float64 finite
-    differences; with a mask of every pattern."""
-    steps, batch, units = 4, 8, 3  # batch 8: two shards of four rows on two threads
+    differences; with a mask of every pattern, the steps then last first."""
+    # batch 8: two shards of four rows on two threads; 9 steps: two of the ops' chunks of x W
+    steps, batch, units, dim = 9, 8, 3, 2
     gates = GATES[kind]
     weights = rng.normal(size=(2, steps, batch, units))
     mask = mask_patterns(batch, steps, rng).T if masked else None
-    loss = _sequence_loss(library, kind, weights, mask)
-    rest = [tf.Variable(0.5 * rng.normal(size=(batch, units)))]
-    if kind == "LSTM":  # x [B, T, D] and w [D, 4H] in place of xp (steps 9: two chunks of steps)
-        steps, dim = 9, 2
-        weights = rng.normal(size=(2, steps, batch, units))
-        mask = mask_patterns(batch, steps, rng).T if masked else None
-        loss = _sequence_loss(library, kind, weights, mask)
-        rest.insert(0, tf.Variable(0.5 * rng.normal(size=(dim, gates * units))))
+    loss = _sequence_loss(library, kind, weights, mask, reverse=masked)
+    rest = [tf.Variable(0.5 * rng.normal(size=(dim, gates * units))),
+            tf.Variable(0.5 * rng.normal(size=(batch, units)))]
+    if kind == "LSTM":
         rest.append(tf.Variable(rng.normal(size=(batch, units))))
     rest.append(tf.Variable(0.5 * rng.normal(size=(units, gates * units))))
     # the biases: b (b_rec and b_in for the GRU), whose gradients the kernels sum
@@ -367,9 +368,8 @@ def test_sequence_kernel_gradients_equal_finite_differences(library, kind, maske
     # the probes of h (and c), added after each step
     rest.extend(tf.Variable(0.3 * rng.normal(size=(steps, batch, units)))
                 for _ in range(2 if kind == "LSTM" else 1))
-    xp = (rng.normal(size=(batch, steps, dim)) if kind == "LSTM"
-          else rng.normal(size=(steps, batch, gates * units)))
-    assert_gradients_match_finite_differences(lambda xp: loss(xp, *rest), xp, rest, rng)
+    x = rng.normal(size=(batch, steps, dim))
+    assert_gradients_match_finite_differences(lambda x: loss(x, *rest), x, rest, rng)
 
 
 @pytest.mark.parametrize("variant", ["plain", "masked", "probed"])
@@ -436,27 +436,27 @@ def test_sequence_kernels_reject_bad_shapes_naming_the_input(library):
                        match=r"KerasFancyrnnLstmSequence: input x must have shape \[2, \?, \?\]"):
         native.lstm_sequence(tf.zeros((3, 5, 4)), tf.zeros((4, 12)), tf.zeros((2, 3)),
                              tf.zeros((2, 3)), tf.zeros((3, 12)))
+    x = tf.zeros((2, 5, 4))  # batch 2, 5 steps
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"KerasFancyrnnGruSequence: input mask must have shape \[5, 2\]"):
-        native.gru_sequence(tf.zeros((5, 2, 9)), tf.zeros((2, 3)), tf.zeros((3, 9)),
+        native.gru_sequence(x, tf.zeros((4, 9)), tf.zeros((2, 3)), tf.zeros((3, 9)),
                             mask=tf.ones((2, 5), tf.bool))
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"input probe_h must have shape \[5, 2, 3\]"):
-        native.rnn_sequence(tf.zeros((5, 2, 3)), tf.zeros((2, 3)), tf.zeros((3, 3)),
+        native.rnn_sequence(x, tf.zeros((4, 3)), tf.zeros((2, 3)), tf.zeros((3, 3)),
                             probes={0: tf.zeros((5, 2, 4))})
     with pytest.raises(ValueError, match=r"probes: state indices \[1\] do not exist"):
-        native.rnn_sequence(tf.zeros((5, 2, 3)), tf.zeros((2, 3)), tf.zeros((3, 3)),
+        native.rnn_sequence(x, tf.zeros((4, 3)), tf.zeros((2, 3)), tf.zeros((3, 3)),
                             probes={1: tf.zeros((5, 2, 3))})
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"KerasFancyrnnRnnSequence: input b must have shape \[3\]"):
-        native.rnn_sequence(tf.zeros((5, 2, 3)), tf.zeros((2, 3)), tf.zeros((3, 3)),
+        native.rnn_sequence(x, tf.zeros((4, 3)), tf.zeros((2, 3)), tf.zeros((3, 3)),
                             b=tf.zeros((4,)))
     with pytest.raises(tf.errors.InvalidArgumentError,
-                       match=r"input xp must have shape \[5, 2, 9\]"):
-        native.gru_sequence(tf.zeros((5, 3, 9)), tf.zeros((2, 3)), tf.zeros((3, 9)),
-                            tf.zeros((9,)))
+                       match=r"KerasFancyrnnGruBeforeSequence: input w must have shape \[4, 9\]"):
+        native.gru_before_sequence(x, tf.zeros((4, 6)), tf.zeros((2, 3)), tf.zeros((3, 9)))
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"input h0 must have shape"):
-        native.rnn_sequence(tf.zeros((5, 2, 3)), tf.zeros((2, 3, 1)), tf.zeros((3, 3)))
+        native.rnn_sequence(x, tf.zeros((4, 3)), tf.zeros((2, 3, 1)), tf.zeros((3, 3)))
 
 
 @pytest.mark.parametrize("kind", SEQUENCE_OPS)
@@ -493,38 +493,89 @@ def test_sequence_kernels_equal_keras_at_a_larger_size(library, kind, product, r
         assert_close(a, b, chain, name=f"output {k}" if k == 0 else f"gradient {k - 1}")
 
 
-@pytest.mark.parametrize("steps", [1, 8, 17])
-@pytest.mark.parametrize("go_backwards", [False, True])
-def test_lstm_kernel_in_a_graph_without_gradients_equals_keras(library, steps, go_backwards,
-                                                              product, rng):
-    """In a graph that differentiates nothing (inference), the LSTM's op keeps only a few steps
-    of x W, h and c, writing just what the graph reads: its outputs and final states, with and
-    without a mask (every pattern), equal keras.layers' with copied weights, with each recurrent
-    product. 8 steps are one of the op's chunks of projected steps, 17 two and a part; batch 13
-    splits into shards of 6 and 7 rows."""
+@pytest.mark.parametrize("kind", SEQUENCE_OPS)
+@pytest.mark.parametrize("steps", [1, 17])
+def test_sequence_kernels_in_a_graph_without_gradients_equal_keras(library, kind, steps, product,
+                                                                   rng):
+    """In a graph that differentiates nothing (inference), a sequence op keeps only a few steps
+    of x W and of its states, writing just what the graph reads: the outputs and final states,
+    forwards and backwards, with and without a mask (every pattern), equal keras.layers' with
+    copied weights, with each recurrent product. 17 steps are two of the ops' chunks of
+    projected steps and a part; batch 13 splits into shards of 6 and 7 rows."""
+    name, extra = layer_kind(kind)
     x = tf.constant(rng.normal(size=(13, steps, 8)).astype("float32"))
-    states = [tf.constant(rng.normal(size=(13, 6)).astype("float32")) for _ in range(2)]
-    for return_sequences in (False, True):
-        for mask in (None, tf.constant(mask_patterns(13, steps, rng))):
-            ours, theirs = _copied("LSTM", rng, go_backwards=go_backwards, return_state=True,
-                                   return_sequences=return_sequences)
+    states = [tf.constant(rng.normal(size=(13, 6)).astype("float32"))
+              for _ in range(2 if name == "LSTM" else 1)]
+    for go_backwards, return_sequences, masked in itertools.product((False, True), repeat=3):
+        mask = tf.constant(mask_patterns(13, steps, rng)) if masked else None
+        args = dict(go_backwards=go_backwards, return_state=True,
+                    return_sequences=return_sequences)
+        ours, theirs = _copied(kind, rng, **args)
 
-            def call(layer, mask=mask):
-                return lambda x: layer(x, initial_state=states, mask=mask)
+        def call(layer, mask=mask):
+            return lambda x: layer(x, initial_state=states, mask=mask)
 
-            used = _native_ops(call(ours), x)
-            assert SEQUENCE_OPS["LSTM"] in used and "KerasFancyrnnProject" not in used, used
-            assert _products_in(call(ours), x) == {product}
-            exact = keras.layers.LSTM(6, return_sequences=return_sequences, return_state=True,
-                                      go_backwards=go_backwards, dtype="float64")
-            exact.build(x.shape)
-            exact.set_weights(theirs.get_weights())
-            want_64 = exact(tf.cast(x, "float64"), mask=mask,
-                            initial_state=[tf.cast(s, "float64") for s in states])
-            chain = rounding_chain(steps=steps, batch=13, dim=8, units=6)
-            assert_each_close(tf.function(call(ours))(x), call(theirs)(x), want_64, chain,
-                              f"output (return_sequences={return_sequences}, "
-                              f"masked={mask is not None})")
+        used = _native_ops(call(ours), x)
+        assert SEQUENCE_OPS[kind] in used and "KerasFancyrnnProject" not in used, used
+        assert _products_in(call(ours), x) == {product}
+        exact = getattr(keras.layers, name)(6, dtype="float64", **args, **extra)
+        exact.build(x.shape)
+        exact.set_weights(theirs.get_weights())
+        want_64 = exact(tf.cast(x, "float64"), mask=mask,
+                        initial_state=[tf.cast(s, "float64") for s in states])
+        chain = rounding_chain(steps=steps, batch=13, dim=8, units=6, gates=GATES[kind])
+        assert_each_close(tf.function(call(ours))(x), call(theirs)(x), want_64, chain,
+                          f"output ({args}, masked={masked})")
+
+
+@pytest.mark.parametrize("kind", SEQUENCE_OPS)
+def test_sequence_kernels_keep_their_values_whichever_outputs_are_read(library, kind, rng):
+    """An op that writes no sequence (a traced call that reads only the final state) gives the
+    final state to the bit of the same op writing every output (eagerly, where every output
+    counts as read), masked and backwards over three chunks of steps."""
+    name, extra = layer_kind(kind)
+    gates, batch, steps = GATES[kind], 11, 20
+    x = tf.constant(rng.normal(size=(batch, steps, 5)).astype("float32"))
+    w = tf.constant(rng.normal(size=(5, gates * 4)).astype("float32") / 2)
+    u = tf.constant(rng.normal(size=(4, gates * 4)).astype("float32") / 2)
+    h0 = tf.constant(rng.normal(size=(batch, 4)).astype("float32"))
+    mask = tf.constant(mask_patterns(batch, steps, rng).T)
+    run = {"LSTM": lambda: native.lstm_sequence(x, w, h0, -h0, u, mask=mask, go_backwards=True),
+           "GRU": lambda: native.gru_sequence(x, w, h0, u, mask=mask, go_backwards=True),
+           "GRU-before": lambda: native.gru_before_sequence(x, w, h0, u, mask=mask,
+                                                            go_backwards=True),
+           "SimpleRNN": lambda: native.rnn_sequence(x, w, h0, u, mask=mask, go_backwards=True),
+           "SimpleRNN-relu": lambda: native.rnn_sequence(x, w, h0, u, "relu", mask=mask,
+                                                         go_backwards=True)}[kind]
+    written = run()[1]
+    kept = tf.function(lambda: run()[1])()
+    for a, b in zip(kept, written, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_lstm_input_gradient_alone_equals_keras(library, rng):
+    """The gradient of the inputs alone (a frozen layer; saliency): TensorFlow prunes the
+    weight gradients nobody fetches, and with them the only reader of the LSTM's h sequence, so
+    its op writes z and c but not h; the gradient and the output equal keras.layers' with copied
+    weights."""
+    ours, theirs = _copied("LSTM", rng, return_sequences=False, go_backwards=True)
+    x = tf.constant(rng.normal(size=(9, 19, 8)).astype("float32"))
+
+    def call(layer):
+        def fn(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                out = layer(x)
+                loss = tf.reduce_sum(tf.sin(out))
+            return out, tape.gradient(loss, x)
+        return fn
+
+    exact = keras.layers.LSTM(6, go_backwards=True, dtype="float64")
+    exact.build(x.shape)
+    exact.set_weights(theirs.get_weights())
+    chain = rounding_chain(steps=19, batch=9, dim=8, units=6)
+    assert_each_close(tf.function(call(ours))(x), call(theirs)(x),
+                      call(exact)(tf.cast(x, "float64")), chain, "output and gradient")
 
 
 def test_gradients_of_unused_sequence_outputs_are_not_materialised(library, rng):
@@ -569,15 +620,14 @@ def test_sequence_kernels_with_no_timesteps(library, kind):
     derivatives (a loss on the final states straight through to the initial states)."""
     batch, units = 3, 4
     gates = GATES[kind]
-    xp = tf.zeros((0, batch, gates * units), tf.float64)
     x, w = tf.zeros((batch, 0, 2), tf.float64), tf.ones((2, gates * units), tf.float64)
     u = tf.fill((units, gates * units), tf.constant(0.1, tf.float64))
     h0 = tf.constant(np.linspace(-1, 1, batch * units).reshape(batch, units))
     run = {"LSTM": lambda h0: native.lstm_sequence(x, w, h0, h0 + 1, u),
-           "GRU": lambda h0: native.gru_sequence(xp, h0, u, tf.zeros((3 * units,), tf.float64)),
-           "SimpleRNN": lambda h0: native.rnn_sequence(xp, h0, u),
-           "SimpleRNN-relu": lambda h0: native.rnn_sequence(xp, h0, u, "relu"),
-           "GRU-before": lambda h0: native.gru_before_sequence(xp, h0, u)}[kind]
+           "GRU": lambda h0: native.gru_sequence(x, w, h0, u, tf.zeros((3 * units,), tf.float64)),
+           "SimpleRNN": lambda h0: native.rnn_sequence(x, w, h0, u),
+           "SimpleRNN-relu": lambda h0: native.rnn_sequence(x, w, h0, u, "relu"),
+           "GRU-before": lambda h0: native.gru_before_sequence(x, w, h0, u)}[kind]
     with tf.GradientTape() as outer:
         outer.watch(h0)
         with tf.GradientTape() as inner:

@@ -1,15 +1,15 @@
 // Whole-sequence recurrences (keras_fancyrnn.ops.native): every timestep of an LSTM, GRU or
 // SimpleRNN layer in one op, and its gradient in another.
 //
-// The input projection x W is an op of its own (Project, below) that runs before them for all
-// timesteps, but for the LSTM, whose op projects its inputs itself a few steps ahead of the
-// recurrence (StepInputs); the weight gradients sum_t x_t^T dz_t and sum_t h_{t-1}^T dz_t are
-// ops of their own after them (ProjectWeightGrad, RecurrentWeightGrad; outer_sum.h; the GRU with
-// reset_after=False takes TensorFlow's matmul for its U_h). What is left is the part that must
-// run step by step: h_{t-1} U (small_gemm.h), the gate equations (gate_math.h) and, backward,
-// dz_t U^T. The input bias is
-// an input here, not added to x W, so that the gradient kernels can sum its gradient over the
-// steps while each step's rows are in cache (a separate sum re-reads all of dz from memory).
+// Each forward op projects its inputs itself, x W a few steps ahead of the recurrence
+// (StepInputs), and writes its [T, B, ...] outputs only where the graph reads them (StateSteps);
+// the gradient of x is an op of its own (Project, below), as are the weight gradients
+// sum_t x_t^T dz_t and sum_t h_{t-1}^T dz_t after the gradient ops (ProjectWeightGrad,
+// RecurrentWeightGrad; outer_sum.h; the GRU with reset_after=False takes TensorFlow's matmul for
+// its U_h). What is left is the part that must run step by step: h_{t-1} U (small_gemm.h), the
+// gate equations (gate_math.h) and, backward, dz_t U^T. The input bias is an input here, not
+// added to x W, so that the gradient kernels can sum its gradient over the steps while each
+// step's rows are in cache (a separate sum re-reads all of dz from memory).
 // Batch rows do not interact, so the batch is split into one shard per thread of TensorFlow's
 // intra-op pool (run by shard_pool.h's workers) and each thread runs its rows through all
 // timesteps without waiting for the others.
@@ -17,12 +17,12 @@
 // Masks and the gradient monitor's probes run here too (see StateSteps and CarriedGrad below).
 //
 // Long (over 400 lines): eleven ops (the forward and the gradient of four recurrences, the
-// projection and the two weight gradients) and their registration, each written out for its
+// projection of a gradient and the two weight gradients) and their registration, each written out for its
 // cell; what they share is in the helpers above them and in kernel_util.h, gate_math.h,
 // small_gemm.h and outer_sum.h.
 //
-// Layouts are time-major (but for the inputs x [B, T, D] of the projection and the LSTM):
-// xp [T, B, k H], states [B, H], U [H, k H], sequences [T, B, H], mask [T, B].
+// Layouts are time-major (but for the inputs x [B, T, D]): xp [T, B, k H], states [B, H],
+// U [H, k H], sequences [T, B, H], mask [T, B].
 #include <algorithm>
 #include <limits>
 #include <memory>
@@ -165,8 +165,9 @@ template <typename T>
 class StateSteps {
  public:
   StateSteps(T* seq, const T* initial, int64_t B, int64_t H, int64_t lo, int64_t hi)
-      : seq_(seq), initial_(initial), B_(B), H_(H), lo_(lo), n_(hi - lo),
-        ring_(seq == nullptr ? 2 * n_ * H : 0) {}
+      : seq_(seq), initial_(initial), B_(B), H_(H), lo_(lo), n_(hi - lo) {
+    if (seq == nullptr) ring_.Reset(2 * n_ * H);
+  }
 
   // Row b of the state after step t.
   T* At(int64_t t, int64_t b) {
@@ -216,7 +217,9 @@ class StepInputs {
   StepInputs(const RecurrentKernel<T>& w, const T* x, int64_t S, int64_t D, bool reverse, T* seq,
              int64_t B, int64_t N, int64_t lo, int64_t hi)
       : w_(w), x_(x), S_(S), D_(D), reverse_(reverse), seq_(seq), B_(B), N_(N), lo_(lo),
-        n_(hi - lo), scratch_(seq == nullptr ? kChunk * n_ * N : 0) {}
+        n_(hi - lo) {
+    if (seq == nullptr) scratch_.Reset(kChunk * n_ * N);
+  }
 
   // Rows lo.. of step t (contiguous, N apart). The steps must be asked for in order.
   T* Step(int64_t t) {
@@ -295,7 +298,7 @@ class CarriedGrad {
 // The sizes of a sequence op: S steps (input `seq`'s first dimension) and the state's B and H
 // (input `state`, [B, H]); and its mask and probes, optional inputs checked against them.
 struct Dims {
-  int64_t S = 0, B = 0, H = 0;
+  int64_t S = 0, B = 0, H = 0, D = 0;  // D: the input width of an op that projects its inputs
 };
 
 inline bool ReadDims(Shapes& shapes, OpKernelContext* ctx, int state, int seq, Dims* d) {
@@ -375,42 +378,72 @@ T* SequenceOutput(OpKernelContext* ctx, int i, const TensorShape& shape) {
   return required ? out : nullptr;
 }
 
-template <typename T>
-class LstmSequence : public SequenceOp {
+// A forward op that projects its inputs itself: inputs x [B, T, D] (0), w [D, k H] (1), h0
+// [B, H] (2), then its own; attr `reverse`, the steps in reverse order (go_backwards).
+class ProjectingOp : public SequenceOp {
  public:
-  explicit LstmSequence(OpKernelConstruction* ctx) : SequenceOp(ctx) {
+  explicit ProjectingOp(OpKernelConstruction* ctx) : SequenceOp(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("reverse", &reverse_));
   }
 
-  void Compute(OpKernelContext* ctx) override {
+ protected:
+  // Reads the sizes (S and D from x, B and H from h0) and checks x, w for k gates and `inputs`;
+  // false where a check failed, which the op's status then says.
+  static bool Prepare(OpKernelContext* ctx, int64_t k, std::initializer_list<Input> inputs,
+                      Dims* d) {
     Shapes shapes(ctx);
     if (!shapes.Check(2, {-1, -1}) || !shapes.Check(0, {ctx->input(2).dim_size(0), -1, -1})) {
-      return;
+      return false;
     }
+    d->B = ctx->input(2).dim_size(0);
+    d->H = ctx->input(2).dim_size(1);
+    d->S = ctx->input(0).dim_size(1);
+    d->D = ctx->input(0).dim_size(2);
+    return shapes.Check(1, {d->D, k * d->H}) && CheckInputs(shapes, *d, inputs);
+  }
+
+  // w as the register block's operand, for this op's shards.
+  template <typename T>
+  RecurrentKernel<T> InputKernel(OpKernelContext* ctx, const Dims& d, int64_t k) const {
+    return Recurrent(ctx, d.B, Ptr<T>(ctx, 1), d.D, k * d.H, false);
+  }
+
+  // One shard's x w, steps in this op's order (StepInputs).
+  template <typename T>
+  StepInputs<T> Steps(const RecurrentKernel<T>& w, OpKernelContext* ctx, const Dims& d,
+                      int64_t k, T* seq, int64_t lo, int64_t hi) const {
+    return StepInputs<T>(w, Ptr<T>(ctx, 0), d.S, d.D, reverse_, seq, d.B, k * d.H, lo, hi);
+  }
+
+  bool reverse_ = false;
+};
+
+template <typename T>
+class LstmSequence : public ProjectingOp {
+ public:
+  using ProjectingOp::ProjectingOp;
+
+  void Compute(OpKernelContext* ctx) override {
     Dims d;
-    d.B = ctx->input(2).dim_size(0);
-    d.H = ctx->input(2).dim_size(1);
-    d.S = ctx->input(0).dim_size(1);
-    const int64_t S = d.S, B = d.B, H = d.H, D = ctx->input(0).dim_size(2);
-    if (!shapes.Check(1, {D, 4 * H}) ||
-        !CheckInputs(shapes, d, {{3, Is::kState}, {4, Is::kKernel, 4}, {5, Is::kBias, 4},
-                                 {6, Is::kMask}, {7, Is::kProbe}, {8, Is::kProbe}})) {
+    if (!Prepare(ctx, 4, {{3, Is::kState}, {4, Is::kKernel, 4}, {5, Is::kBias, 4},
+                          {6, Is::kMask}, {7, Is::kProbe}, {8, Is::kProbe}}, &d)) {
       return;
     }
+    const int64_t S = d.S, B = d.B, H = d.H;
     T* z = SequenceOutput<T>(ctx, 0, TensorShape({S, B, 4 * H}));
     T* h = SequenceOutput<T>(ctx, 1, TensorShape({S, B, H}));
     T* c = SequenceOutput<T>(ctx, 2, TensorShape({S, B, H}));
     T* h_last = Output<T>(ctx, 3, ctx->input(2).shape());
     T* c_last = Output<T>(ctx, 4, ctx->input(2).shape());
     if (!ctx->status().ok()) return;
-    const T *x = Ptr<T>(ctx, 0), *h_0 = Ptr<T>(ctx, 2), *c_0 = Ptr<T>(ctx, 3),
-            *probe_h = OptionalPtr<T>(ctx, 7), *probe_c = OptionalPtr<T>(ctx, 8);
+    const T *h_0 = Ptr<T>(ctx, 2), *c_0 = Ptr<T>(ctx, 3), *probe_h = OptionalPtr<T>(ctx, 7),
+            *probe_c = OptionalPtr<T>(ctx, 8);
     const bool* mask = OptionalPtr<bool>(ctx, 6);
-    const auto w = Recurrent(ctx, B, Ptr<T>(ctx, 1), D, 4 * H, false);
+    const auto w = InputKernel<T>(ctx, d, 4);
     const auto u = Recurrent(ctx, B, Ptr<T>(ctx, 4), H, 4 * H, false);
     const T* bias = Ptr<T>(ctx, 5);
     Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
-      StepInputs<T> zs(w, x, S, D, reverse_, z, B, 4 * H, lo, hi);
+      StepInputs<T> zs = Steps(w, ctx, d, 4, z, lo, hi);
       StateSteps<T> hs(h, h_0, B, H, lo, hi), cs(c, c_0, B, H, lo, hi);
       for (int64_t t = 0; t < S; ++t) {
         T* z_t = zs.Step(t);  // x_t w, rows lo..
@@ -427,14 +460,11 @@ class LstmSequence : public SequenceOp {
       cs.CopyLast(S, c_last);
     });
   }
-
- private:
-  bool reverse_ = false;
 };
 
 // Inputs dh, dc (gradients of the h and c sequences), dz_in (of the z output; each empty where
 // there is none, else [T, B, H] or [T, B, 4H]), z, c, c0, u, dh_last, dc_last [B, H], mask,
-// probe_h, probe_c. Outputs dz [T, B, 4H] (= d xp; in z's buffer where TensorFlow allows), dh0,
+// probe_h, probe_c. Outputs dz [T, B, 4H] (= d(x W); in z's buffer where TensorFlow allows), dh0,
 // dc0, db [4H] (the sum of dz over T and B), and the probes' gradients (empty where absent).
 template <typename T>
 class LstmSequenceGrad : public SequenceOp {
@@ -488,9 +518,11 @@ class LstmSequenceGrad : public SequenceOp {
 };
 
 // ---------------------------------------------------------------------------------------------
-// GRU (reset_after=True). Inputs xp [T, B, 3H] (x W), h0 [B, H], u [H, 3H], b_rec [3H],
-// b_in [3H] (the input bias: the gates see xp + b_in), mask, probe_h. Outputs h [T, B, H],
-// rec = h_{t-1} U + b_rec [T, B, 3H] (kept for the gradient), h_T [B, H].
+// GRU (reset_after=True). Inputs x [B, T, D], w [D, 3H], h0 [B, H], u [H, 3H], b_rec [3H],
+// b_in [3H] (the input bias: the gates see xp = x w plus b_in), mask, probe_h; attr `reverse`.
+// Outputs h [T, B, H], rec = h_{t-1} U + b_rec [T, B, 3H] (kept for the gradient), h_T [B, H],
+// xp [T, B, 3H] (for the gradient); h, rec and xp only where the graph reads them (LSTM
+// below).
 
 // Rows [lo, lo + n) of step t of xp [T, B, w] plus the bias b, into `out` [n, w].
 template <typename T>
@@ -499,35 +531,39 @@ void AddBias(const T* xp, const RowIn<T>& b, int64_t t, int64_t B, int64_t lo, R
 }
 
 template <typename T>
-class GruSequence : public SequenceOp {
+class GruSequence : public ProjectingOp {
  public:
-  using SequenceOp::SequenceOp;
+  using ProjectingOp::ProjectingOp;
 
   void Compute(OpKernelContext* ctx) override {
     Dims d;
-    if (!Prepare(ctx, 1, 0, {{0, Is::kSequence, 3}, {2, Is::kKernel, 3}, {3, Is::kBias, 3},
-                 {4, Is::kBias, 3}, {5, Is::kMask}, {6, Is::kProbe}}, &d)) return;
+    if (!Prepare(ctx, 3, {{3, Is::kKernel, 3}, {4, Is::kBias, 3}, {5, Is::kBias, 3},
+                          {6, Is::kMask}, {7, Is::kProbe}}, &d)) {
+      return;
+    }
     const int64_t S = d.S, B = d.B, H = d.H;
-    T* h = Output<T>(ctx, 0, TensorShape({S, B, H}));
-    T* rec = Output<T>(ctx, 1, ctx->input(0).shape());
-    T* h_last = Output<T>(ctx, 2, ctx->input(1).shape());
+    T* h = SequenceOutput<T>(ctx, 0, TensorShape({S, B, H}));
+    T* rec = SequenceOutput<T>(ctx, 1, TensorShape({S, B, 3 * H}));
+    T* h_last = Output<T>(ctx, 2, ctx->input(2).shape());
+    T* xp = SequenceOutput<T>(ctx, 3, TensorShape({S, B, 3 * H}));
     if (!ctx->status().ok()) return;
-    const T *xp = Ptr<T>(ctx, 0), *h_0 = Ptr<T>(ctx, 1), *probe_h = OptionalPtr<T>(ctx, 6);
-    const bool* mask = OptionalPtr<bool>(ctx, 5);
-    const auto u = Recurrent(ctx, B, Ptr<T>(ctx, 2), H, 3 * H, false);
-    const T* b_rec = Ptr<T>(ctx, 3);
-    const RowIn<T> b_in(Ptr<T>(ctx, 4), 3 * H);
+    const T *h_0 = Ptr<T>(ctx, 2), *probe_h = OptionalPtr<T>(ctx, 7);
+    const bool* mask = OptionalPtr<bool>(ctx, 6);
+    const auto w = InputKernel<T>(ctx, d, 3);
+    const auto u = Recurrent(ctx, B, Ptr<T>(ctx, 3), H, 3 * H, false);
+    const T* b_rec = Ptr<T>(ctx, 4);
+    const RowIn<T> b_in(Ptr<T>(ctx, 5), 3 * H);
     Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
       GruScratch<T> scratch(H);
       RowMat<T> xb(hi - lo, 3 * H);  // xp + b_in, this step's rows
-      StateSteps<T> hs(h, h_0, B, H, lo, hi);
+      StepInputs<T> xs = Steps(w, ctx, d, 3, xp, lo, hi);
+      StateSteps<T> hs(h, h_0, B, H, lo, hi), recs(rec, nullptr, B, 3 * H, lo, hi);
       for (int64_t t = 0; t < S; ++t) {
-        u.Multiply(hs.Prev(t, lo), hi - lo, At(rec, t, B, lo, 3 * H), false,
-                   RecurrentKernel<T>::kDense, RecurrentKernel<T>::kDense, b_rec);
-        AddBias(xp, b_in, t, B, lo, xb);
+        u.Multiply(hs.Prev(t, lo), hi - lo, recs.At(t, lo), false, RecurrentKernel<T>::kDense,
+                   RecurrentKernel<T>::kDense, b_rec);
+        xb = MatIn<T>(xs.Step(t), hi - lo, 3 * H).rowwise() + b_in;
         for (int64_t b = lo; b < hi; ++b) {
-          GruRow<T>(xb.row(b - lo).data(), At(rec, t, B, b, 3 * H), hs.Prev(t, b), hs.At(t, b), H,
-                    scratch);
+          GruRow<T>(xb.row(b - lo).data(), recs.At(t, b), hs.Prev(t, b), hs.At(t, b), H, scratch);
         }
         hs.EndStep(mask, probe_h, t);
       }
@@ -597,50 +633,56 @@ class GruSequenceGrad : public SequenceOp {
 };
 
 // ---------------------------------------------------------------------------------------------
-// GRU (reset_after=False: the reset gate before the product). Inputs xp [T, B, 3H] (x W),
-// h0 [B, H], u [H, 3H], b [3H] (the gates see xp + b), mask, probe_h. Outputs h [T, B, H]; rec
-// [T, B, 3H] = [h_{t-1} U_z, h_{t-1} U_r, (r h_{t-1}) U_h] and rh = r h_{t-1} [T, B, H] (kept for
-// the gradient); h_T [B, H]. Two dependent products a step: [U_z U_r] and U_h, blocks of u (rows
+// GRU (reset_after=False: the reset gate before the product). Inputs x [B, T, D], w [D, 3H],
+// h0 [B, H], u [H, 3H], b [3H] (the gates see xp = x w plus b), mask, probe_h; attr `reverse`.
+// Outputs h [T, B, H]; rec [T, B, 3H] = [h_{t-1} U_z, h_{t-1} U_r, (r h_{t-1}) U_h] and
+// rh = r h_{t-1} [T, B, H] (kept for the gradient); h_T [B, H]; xp [T, B, 3H] (for the
+// gradient); all but h_T only where the graph reads them (LSTM above). Two dependent products a step: [U_z U_r] and U_h, blocks of u (rows
 // 3H apart).
 
 template <typename T>
-class GruBeforeSequence : public SequenceOp {
+class GruBeforeSequence : public ProjectingOp {
  public:
-  using SequenceOp::SequenceOp;
+  using ProjectingOp::ProjectingOp;
 
   void Compute(OpKernelContext* ctx) override {
     Dims d;
-    if (!Prepare(ctx, 1, 0, {{0, Is::kSequence, 3}, {2, Is::kKernel, 3}, {3, Is::kBias, 3},
-                 {4, Is::kMask}, {5, Is::kProbe}}, &d)) return;
+    if (!Prepare(ctx, 3, {{3, Is::kKernel, 3}, {4, Is::kBias, 3}, {5, Is::kMask},
+                          {6, Is::kProbe}}, &d)) {
+      return;
+    }
     const int64_t S = d.S, B = d.B, H = d.H;
-    T* h = Output<T>(ctx, 0, TensorShape({S, B, H}));
-    T* rec = Output<T>(ctx, 1, ctx->input(0).shape());
-    T* rh = Output<T>(ctx, 2, TensorShape({S, B, H}));
-    T* h_last = Output<T>(ctx, 3, ctx->input(1).shape());
+    T* h = SequenceOutput<T>(ctx, 0, TensorShape({S, B, H}));
+    T* rec = SequenceOutput<T>(ctx, 1, TensorShape({S, B, 3 * H}));
+    T* rh = SequenceOutput<T>(ctx, 2, TensorShape({S, B, H}));
+    T* h_last = Output<T>(ctx, 3, ctx->input(2).shape());
+    T* xp = SequenceOutput<T>(ctx, 4, TensorShape({S, B, 3 * H}));
     if (!ctx->status().ok()) return;
-    const T *xp = Ptr<T>(ctx, 0), *h_0 = Ptr<T>(ctx, 1), *u = Ptr<T>(ctx, 2),
-            *probe_h = OptionalPtr<T>(ctx, 5);
-    const bool* mask = OptionalPtr<bool>(ctx, 4);
+    const T *h_0 = Ptr<T>(ctx, 2), *u = Ptr<T>(ctx, 3), *probe_h = OptionalPtr<T>(ctx, 6);
+    const bool* mask = OptionalPtr<bool>(ctx, 5);
+    const auto w = InputKernel<T>(ctx, d, 3);
     const auto u_zr = Recurrent(ctx, B, u, H, 2 * H, false, 3 * H);
     const auto u_h = Recurrent(ctx, B, u + 2 * H, H, H, false, 3 * H);
-    const RowIn<T> bias(Ptr<T>(ctx, 3), 3 * H);
+    const RowIn<T> bias(Ptr<T>(ctx, 4), 3 * H);
     Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
       const int64_t n = hi - lo;
       GruScratch<T> scratch(H);
       std::vector<T> z(n * H);
       RowMat<T> xb(n, 3 * H);  // xp + b, this step's rows
-      StateSteps<T> hs(h, h_0, B, H, lo, hi);
+      StepInputs<T> xs = Steps(w, ctx, d, 3, xp, lo, hi);
+      StateSteps<T> hs(h, h_0, B, H, lo, hi), recs(rec, nullptr, B, 3 * H, lo, hi),
+          rhs(rh, nullptr, B, H, lo, hi);
       for (int64_t t = 0; t < S; ++t) {
-        T* rec_t = At(rec, t, B, lo, 3 * H);
+        T* rec_t = recs.At(t, lo);
         u_zr.Multiply(hs.Prev(t, lo), n, rec_t, false, H, 3 * H);
-        AddBias(xp, bias, t, B, lo, xb);
+        xb = MatIn<T>(xs.Step(t), n, 3 * H).rowwise() + bias;
         for (int64_t b = lo; b < hi; ++b) {
-          GruBeforeGates<T>(xb.row(b - lo).data(), At(rec, t, B, b, 3 * H), hs.Prev(t, b),
-                            z.data() + (b - lo) * H, At(rh, t, B, b, H), H);
+          GruBeforeGates<T>(xb.row(b - lo).data(), recs.At(t, b), hs.Prev(t, b),
+                            z.data() + (b - lo) * H, rhs.At(t, b), H);
         }
-        u_h.Multiply(At(rh, t, B, lo, H), n, rec_t + 2 * H, false, H, 3 * H);
+        u_h.Multiply(rhs.At(t, lo), n, rec_t + 2 * H, false, H, 3 * H);
         for (int64_t b = lo; b < hi; ++b) {
-          GruBeforeRow<T>(xb.row(b - lo).data(), At(rec, t, B, b, 3 * H), hs.Prev(t, b),
+          GruBeforeRow<T>(xb.row(b - lo).data(), recs.At(t, b), hs.Prev(t, b),
                           z.data() + (b - lo) * H, hs.At(t, b), H, scratch);
         }
         hs.EndStep(mask, probe_h, t);
@@ -717,9 +759,10 @@ class GruBeforeSequenceGrad : public SequenceOp {
 };
 
 // ---------------------------------------------------------------------------------------------
-// SimpleRNN: h_t = σ(xp_t + h_{t-1} U), σ = tanh or ReLU (attr `activation`; ReLU for the IRNN
-// of Le, Jaitly & Hinton 2015). Inputs xp [T, B, H] (x W), h0 [B, H], u [H, H], b [H], mask,
-// probe_h. Outputs h [T, B, H] (in xp's buffer where TensorFlow allows), h_T [B, H] and, for
+// SimpleRNN: h_t = σ(x_t w + h_{t-1} U), σ = tanh or ReLU (attr `activation`; ReLU for the
+// IRNN of Le, Jaitly & Hinton 2015). Inputs x [B, T, D], w [D, H], h0 [B, H], u [H, H], b [H],
+// mask, probe_h; attr `reverse`. Outputs h [T, B, H] (only where the graph reads it: LSTM
+// above), h_T [B, H] and, for
 // ReLU with a probe, act = σ(z_t) [T, B, H] before the probe is added (else empty): the gradient
 // reads σ'(z_t) off it, where h_t - probe_t could round a small activation to 0 (for tanh,
 // h_t - probe_t is what the gradient reads, and it stays differentiable for second derivatives).
@@ -733,31 +776,34 @@ bool IsRelu(OpKernelConstruction* ctx) {
 }
 
 template <typename T>
-class RnnSequence : public SequenceOp {
+class RnnSequence : public ProjectingOp {
  public:
-  explicit RnnSequence(OpKernelConstruction* ctx) : SequenceOp(ctx), relu_(IsRelu(ctx)) {}
+  explicit RnnSequence(OpKernelConstruction* ctx) : ProjectingOp(ctx), relu_(IsRelu(ctx)) {}
 
   void Compute(OpKernelContext* ctx) override {
     Dims d;
-    if (!Prepare(ctx, 1, 0, {{0, Is::kSequence}, {2, Is::kKernel}, {3, Is::kBias}, {4, Is::kMask},
-                 {5, Is::kProbe}}, &d)) return;
+    if (!Prepare(ctx, 1, {{3, Is::kKernel}, {4, Is::kBias}, {5, Is::kMask}, {6, Is::kProbe}},
+                 &d)) {
+      return;
+    }
     const int64_t S = d.S, B = d.B, H = d.H;
-    const Tensor& xp = ctx->input(0);
-    T* h = Output<T>(ctx, 0, xp.shape(), 0);
-    T* h_last = Output<T>(ctx, 1, ctx->input(1).shape());
-    const bool keep_act = relu_ && ctx->input(5).dims() == 3;  // as the shape function says
+    T* h = SequenceOutput<T>(ctx, 0, TensorShape({S, B, H}));
+    T* h_last = Output<T>(ctx, 1, ctx->input(2).shape());
+    const bool keep_act = relu_ && ctx->input(6).dims() == 3;  // as the shape function says
     T* act = Output<T>(ctx, 2, keep_act ? TensorShape({S, B, H}) : TensorShape({0}));
     if (!keep_act) act = nullptr;
     if (!ctx->status().ok()) return;
-    if (h != Ptr<T>(ctx, 0)) std::copy_n(Ptr<T>(ctx, 0), xp.NumElements(), h);
-    const T *h_0 = Ptr<T>(ctx, 1), *probe_h = OptionalPtr<T>(ctx, 5);
-    const bool* mask = OptionalPtr<bool>(ctx, 4);
-    const auto u = Recurrent(ctx, B, Ptr<T>(ctx, 2), H, H, false);
-    const T* bias = Ptr<T>(ctx, 3);
+    const T *h_0 = Ptr<T>(ctx, 2), *probe_h = OptionalPtr<T>(ctx, 6);
+    const bool* mask = OptionalPtr<bool>(ctx, 5);
+    const auto w = InputKernel<T>(ctx, d, 1);
+    const auto u = Recurrent(ctx, B, Ptr<T>(ctx, 3), H, H, false);
+    const T* bias = Ptr<T>(ctx, 4);
     Shards(ctx, B, [&](int64_t lo, int64_t hi, int64_t) {
+      // where h is read, x_t w goes into its rows and becomes h_t there
+      StepInputs<T> zs = Steps(w, ctx, d, 1, h, lo, hi);
       StateSteps<T> hs(h, h_0, B, H, lo, hi);
       for (int64_t t = 0; t < S; ++t) {
-        MatOut<T> h_t(hs.At(t, lo), hi - lo, H);
+        MatOut<T> h_t(zs.Step(t), hi - lo, H);
         u.Multiply(hs.Prev(t, lo), hi - lo, h_t.data(), true, RecurrentKernel<T>::kDense,
                    RecurrentKernel<T>::kDense, bias);
         if (relu_) {
@@ -766,6 +812,7 @@ class RnnSequence : public SequenceOp {
           h_t = h_t.array().tanh().matrix();
         }
         if (act != nullptr) std::copy_n(h_t.data(), h_t.size(), At(act, t, B, lo, H));
+        if (h_t.data() != hs.At(t, lo)) std::copy_n(h_t.data(), h_t.size(), hs.At(t, lo));
         hs.EndStep(mask, probe_h, t);
       }
       hs.CopyLast(S, h_last);
@@ -777,7 +824,7 @@ class RnnSequence : public SequenceOp {
 };
 
 // Inputs dh (gradient of the h sequence: empty where there is none, else [T, B, H]), h, h0, u,
-// dh_last [B, H], mask, probe_h, act (the forward's). Outputs dz [T, B, H] (= d xp; in dh's
+// dh_last [B, H], mask, probe_h, act (the forward's). Outputs dz [T, B, H] (= d(x W); in dh's
 // buffer where TensorFlow allows), dh0, db [H] (the sum of dz over T and B), and the probe's
 // gradient. σ'(z_t) is read off σ(z_t): act where given, else h - probe_h (h without a probe).
 template <typename T>
@@ -830,17 +877,15 @@ class RnnSequenceGrad : public SequenceOp {
 };
 
 // ---------------------------------------------------------------------------------------------
-// The input projection, with the swap of the first two axes that takes a layer's batch-major x
-// to the time-major sequences above: x [P, Q, K] and w [K, N] (transpose_w: w [N, K], times
-// w^T) give y [Q, P, N], y[q, p] = x[p', q'] w, where p' = P - 1 - p if reverse_0 (else p) and
-// q' = Q - 1 - q if reverse_1 (else q). The forward projection is x [B, T, D] -> xp [T, B, kH]
-// (reverse_1: go_backwards); its gradient with respect to x is the same op on dxp with w
-// transposed and the two reverse attrs swapped. One op in place of a transpose and a matmul,
-// whose fixed costs are much of a call at small batches. Each thread takes its shard of [0, P)
-// and for each p multiplies its Q rows (contiguous in x) with w's packed panels: forward, the
-// batch rows its shard of the sequence op runs next, so that each core reads x W from its own
-// cache. Where P is too small to split, each thread takes a range of q and multiplies its P
-// rows.
+// The projection with the swap of the first two axes between a layer's batch-major x and the
+// time-major sequences above: x [P, Q, K] and w [K, N] (transpose_w: w [N, K], times w^T) give
+// y [Q, P, N], y[q, p] = x[p', q'] w, where p' = P - 1 - p if reverse_0 (else p) and
+// q' = Q - 1 - q if reverse_1 (else q). The gradient of a sequence op's x [B, T, D] is this op
+// on dxp [T, B, kH] with w transposed and reverse_0 for go_backwards. One op in place of a
+// transpose and a matmul, whose fixed costs are much of a call at small batches. Each thread
+// takes its shard of [0, P) and for each p multiplies its Q rows (contiguous in x) with w's
+// packed panels. Where P is too small to split, each thread takes a range of q and multiplies
+// its P rows.
 template <typename T>
 class Project : public SequenceOp {
  public:
@@ -1014,28 +1059,38 @@ absl::Status SequenceShapes(InferenceContext* ctx, int sequence, int state,
   return absl::OkStatus();
 }
 
+// The shapes of a forward op that projects its inputs (ProjectingOp: x [B, T, D], w [D, k H],
+// h0 [B, H]): outputs `per_unit` [T, B, H], `per_gate` [T, B, k H] and `per_state` h0's shape.
+// (Some of the sequences are empty where the graph does not read them: see LstmSequence.)
+absl::Status ProjectingShapes(InferenceContext* c, std::initializer_list<int> per_unit,
+                              std::initializer_list<int> per_gate,
+                              std::initializer_list<int> per_state) {
+  ::tensorflow::shape_inference::ShapeHandle x, w, state;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &x));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &w));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &state));
+  const auto steps = c->Dim(x, 1), batch = c->Dim(state, 0);
+  for (int k : per_unit) c->set_output(k, c->MakeShape({steps, batch, c->Dim(state, 1)}));
+  for (int k : per_gate) c->set_output(k, c->MakeShape({steps, batch, c->Dim(w, 1)}));
+  for (int k : per_state) c->set_output(k, state);
+  return absl::OkStatus();
+}
+
 }  // namespace
+
+// The attrs of the forward ops that project their inputs.
+#define KFR_PROJECTING_ATTRS                                     \
+  .Attr("T: {float, double}")                                    \
+  .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'") \
+  .Attr("spin: bool = true")                                     \
+  .Attr("reverse: bool = false")
 
 REGISTER_OP("KerasFancyrnnLstmSequence")
     .Input("x: T").Input("w: T").Input("h0: T").Input("c0: T").Input("u: T").Input("b: T")
     .Input("mask: bool").Input("probe_h: T").Input("probe_c: T")
     .Output("z: T").Output("h: T").Output("c: T").Output("h_last: T").Output("c_last: T")
-    .Attr("T: {float, double}")
-    .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
-    .Attr("spin: bool = true")
-    .Attr("reverse: bool = false")
-    .SetShapeFn([](InferenceContext* c) {
-      // (z, h and c where the graph reads them: see LstmSequence)
-      ::tensorflow::shape_inference::ShapeHandle x, w, state;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &x));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &w));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &state));
-      const auto steps = c->Dim(x, 1), batch = c->Dim(state, 0);
-      c->set_output(0, c->MakeShape({steps, batch, c->Dim(w, 1)}));
-      for (int k : {1, 2}) c->set_output(k, c->MakeShape({steps, batch, c->Dim(state, 1)}));
-      for (int k : {3, 4}) c->set_output(k, state);
-      return absl::OkStatus();
-    });
+    KFR_PROJECTING_ATTRS
+    .SetShapeFn([](InferenceContext* c) { return ProjectingShapes(c, {1, 2}, {0}, {3, 4}); });
 
 REGISTER_OP("KerasFancyrnnLstmSequenceGrad")
     .Input("dh: T").Input("dc: T").Input("dz_in: T").Input("z: T").Input("c: T").Input("c0: T")
@@ -1051,15 +1106,11 @@ REGISTER_OP("KerasFancyrnnLstmSequenceGrad")
     });
 
 REGISTER_OP("KerasFancyrnnGruSequence")
-    .Input("xp: T").Input("h0: T").Input("u: T").Input("b_rec: T").Input("b_in: T")
+    .Input("x: T").Input("w: T").Input("h0: T").Input("u: T").Input("b_rec: T").Input("b_in: T")
     .Input("mask: bool").Input("probe_h: T")
-    .Output("h: T").Output("rec: T").Output("h_last: T")
-    .Attr("T: {float, double}")
-    .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
-    .Attr("spin: bool = true")
-    .SetShapeFn([](InferenceContext* c) {
-      return SequenceShapes(c, 0, 1, {0}, {{1, 0}, {2, 1}});
-    });
+    .Output("h: T").Output("rec: T").Output("h_last: T").Output("xp: T")
+    KFR_PROJECTING_ATTRS
+    .SetShapeFn([](InferenceContext* c) { return ProjectingShapes(c, {0}, {1, 3}, {2}); });
 
 REGISTER_OP("KerasFancyrnnGruSequenceGrad")
     .Input("dh: T").Input("drec_in: T").Input("xp: T").Input("rec: T").Input("h: T")
@@ -1075,15 +1126,11 @@ REGISTER_OP("KerasFancyrnnGruSequenceGrad")
     });
 
 REGISTER_OP("KerasFancyrnnGruBeforeSequence")
-    .Input("xp: T").Input("h0: T").Input("u: T").Input("b: T")
+    .Input("x: T").Input("w: T").Input("h0: T").Input("u: T").Input("b: T")
     .Input("mask: bool").Input("probe_h: T")
-    .Output("h: T").Output("rec: T").Output("rh: T").Output("h_last: T")
-    .Attr("T: {float, double}")
-    .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
-    .Attr("spin: bool = true")
-    .SetShapeFn([](InferenceContext* c) {
-      return SequenceShapes(c, 0, 1, {0, 2}, {{1, 0}, {3, 1}});
-    });
+    .Output("h: T").Output("rec: T").Output("rh: T").Output("h_last: T").Output("xp: T")
+    KFR_PROJECTING_ATTRS
+    .SetShapeFn([](InferenceContext* c) { return ProjectingShapes(c, {0, 2}, {1, 4}, {3}); });
 
 REGISTER_OP("KerasFancyrnnGruBeforeSequenceGrad")
     .Input("dh: T").Input("drec_in: T").Input("drh_in: T").Input("xp: T").Input("rec: T")
@@ -1098,20 +1145,18 @@ REGISTER_OP("KerasFancyrnnGruBeforeSequenceGrad")
     });
 
 REGISTER_OP("KerasFancyrnnRnnSequence")
-    .Input("xp: T").Input("h0: T").Input("u: T").Input("b: T")
+    .Input("x: T").Input("w: T").Input("h0: T").Input("u: T").Input("b: T")
     .Input("mask: bool").Input("probe_h: T")
     .Output("h: T").Output("h_last: T").Output("act: T")
-    .Attr("T: {float, double}")
-    .Attr("product: {'auto', 'avx512', 'avx2', 'eigen'} = 'auto'")
-    .Attr("spin: bool = true")
+    KFR_PROJECTING_ATTRS
     .Attr("activation: {'tanh', 'relu'} = 'tanh'")
     .SetShapeFn([](InferenceContext* c) {
       std::string activation;
       TF_RETURN_IF_ERROR(c->GetAttr("activation", &activation));
-      auto probe = c->input(5);  // act: as the probe for ReLU, else empty
+      auto probe = c->input(6);  // act: as the probe for ReLU, else empty
       const bool probed = !c->RankKnown(probe) || c->Rank(probe) != 1;
       c->set_output(2, activation == "relu" && probed ? probe : c->Vector(0));
-      return SequenceShapes(c, 0, 1, {}, {{0, 0}, {1, 1}});
+      return ProjectingShapes(c, {0}, {}, {1});
     });
 
 REGISTER_OP("KerasFancyrnnRnnSequenceGrad")
