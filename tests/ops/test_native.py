@@ -459,6 +459,18 @@ def test_sequence_kernels_reject_bad_shapes_naming_the_input(library):
         native.rnn_sequence(x, tf.zeros((4, 3)), tf.zeros((2, 3, 1)), tf.zeros((3, 3)))
 
 
+def _sin_gradients(layer, weights=True):
+    """``x -> [y, ∂ℓ/∂x, ∂ℓ/∂(each weight)]`` of ``layer``, ``ℓ = Σ sin(y)`` (without the weights'
+    where not ``weights``)."""
+    def fn(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(tf.sin(y))
+        return [y, *tape.gradient(loss, [x, *(layer.trainable_weights if weights else [])])]
+    return fn
+
+
 @pytest.mark.parametrize("kind", SEQUENCE_OPS)
 def test_sequence_kernels_equal_keras_at_a_larger_size(library, kind, product, rng):
     """37 units: whole and partial column panels of the float32 product: the AVX-512 block's 48
@@ -477,15 +489,7 @@ def test_sequence_kernels_equal_keras_at_a_larger_size(library, kind, product, r
     theirs.set_weights(weights)
     x = tf.constant(rng.normal(size=(13, 5, 8)).astype("float32"))
 
-    def call(layer):
-        def fn(x):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                y = layer(x)
-                loss = tf.reduce_sum(tf.sin(y))
-            return [y, *tape.gradient(loss, [x, *layer.trainable_weights])]
-        return fn
-
+    call = _sin_gradients
     assert SEQUENCE_OPS[kind] + "Grad" in _native_ops(call(ours), x)
     assert _products_in(call(ours), x) == {product}
     chain = rounding_chain(steps=5, batch=13, dim=8, units=37, gates=GATES[kind])  # float32
@@ -562,13 +566,7 @@ def test_lstm_input_gradient_alone_equals_keras(library, rng):
     x = tf.constant(rng.normal(size=(9, 19, 8)).astype("float32"))
 
     def call(layer):
-        def fn(x):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                out = layer(x)
-                loss = tf.reduce_sum(tf.sin(out))
-            return out, tape.gradient(loss, x)
-        return fn
+        return _sin_gradients(layer, weights=False)
 
     exact = keras.layers.LSTM(6, go_backwards=True, dtype="float64")
     exact.build(x.shape)
